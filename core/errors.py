@@ -1,0 +1,118 @@
+"""Errors that `sft` shows to users.
+
+Every error a user can cause says *where* (file, line, row, field or config key) and,
+where one fits, offers a did-you-mean. The CLI prints these without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = [
+    "SftError",
+    "ConfigError",
+    "ConfigProblem",
+    "DataError",
+    "PluginError",
+    "UnknownPluginError",
+    "did_you_mean",
+]
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """Return " (did you mean 'x'?)" for the closest candidate, or "" when none is close."""
+    matches = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+class SftError(Exception):
+    """Base class of errors that carry a user-facing message. Exit code 1 unless overridden."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a config: the dotted key it concerns and what is wrong."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class ConfigError(SftError):
+    """Every problem found in a config, reported at once. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[ConfigProblem], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.problems)} config error(s){where}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class DataError(SftError):
+    """A problem with the training data, located as precisely as the source allows.
+
+    Args:
+        message: what is wrong.
+        source: file path or hub dataset name.
+        line: 1-based line in ``source`` (JSON/JSONL), when known.
+        row: 0-based row index within the source, when known.
+        field: the column or key concerned, when there is one.
+    """
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        line: int | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ):
+        self.message = message
+        self.source = source
+        self.line = line
+        self.row = row
+        self.field = field
+        super().__init__(self._render())
+
+    def located(self, **where) -> "DataError":
+        """Return a copy with the given location parts filled in where still unknown."""
+        parts = {k: getattr(self, k) for k in ("source", "line", "row", "field")}
+        for key, value in where.items():
+            if parts.get(key) is None:
+                parts[key] = value
+        return DataError(self.message, **parts)
+
+    def _render(self) -> str:
+        where = ""
+        if self.source:
+            where = self.source + (f":{self.line}" if self.line is not None else "")
+        bits = [b for b in (where, f"row {self.row}" if self.row is not None else "") if b]
+        if self.field:
+            bits.append(f"field '{self.field}'")
+        prefix = ", ".join(bits)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class PluginError(SftError):
+    """A plugin is broken or two plugins clash."""
+
+
+class UnknownPluginError(PluginError, ConfigError):
+    """A config names a plugin that is not registered."""
+
+    def __init__(self, kind: str, name: str, available: Sequence[str], key: str):
+        msg = f"unknown {kind} '{name}'{did_you_mean(name, available)}; available: {', '.join(sorted(available)) or 'none'}"
+        ConfigError.__init__(self, [ConfigProblem(key, msg)])

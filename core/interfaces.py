@@ -1,0 +1,206 @@
+"""The interfaces that plugins implement, one per plugin kind.
+
+Every registrable object has a ``name`` (what configs select it by), a ``version`` (part of
+cache keys and of ``sft plugins``), a one-line ``description`` and an optional ``options``
+dataclass. The options dataclass becomes the config node ``<section>.<name>`` (for example
+``export.gguf``), so it is validated, documented and listed by the same machinery as the
+core config. ``unsupported_reason`` lets any plugin say why it cannot run here; the core
+turns that into a clear error before any work starts, and the matrix tests skip with it.
+
+Heavy libraries (torch, transformers, ...) are imported inside methods, never at the top of
+a plugin module: ``sft --help`` and ``sft plugins`` import every plugin.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Collection, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .env import Environment
+
+__all__ = [
+    "ROLES",
+    "Message",
+    "Segment",
+    "Plugin",
+    "DatasetFormat",
+    "ChatTemplate",
+    "Logger",
+    "RunInfo",
+    "Exporter",
+    "ExportResult",
+    "TrainingBackend",
+    "KINDS",
+]
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation. ``role`` is one of :data:`ROLES`."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered text and whether its tokens are trained (get labels)."""
+
+    text: str
+    trained: bool
+
+
+class Plugin(ABC):
+    """What every registrable object has."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    #: A dataclass type whose fields become the config node ``<section>.<name>``; None for no options.
+    options: ClassVar[type | None] = None
+
+    def unsupported_reason(self, env: "Environment", options: Any = None) -> str | None:
+        """Why this plugin cannot run in ``env`` with ``options``, or None when it can."""
+        return None
+
+
+class DatasetFormat(Plugin):
+    """Turns one raw dataset row into one conversation.
+
+    The core handles files, the hub, splits and bad-row policy; it validates every returned
+    conversation (roles alternate, an assistant turn exists, nothing is empty) so formats
+    don't have to. A format only reads its columns.
+    """
+
+    #: Columns whose presence means "this is my format" for ``data.format: auto``.
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    def detect(self, columns: Collection[str], options: Any = None) -> bool:
+        """True when a dataset with these columns is in this format (used by ``format: auto``)."""
+        return bool(self.columns) and all(c in columns for c in self.columns)
+
+    @abstractmethod
+    def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
+        """Normalize ``row`` into a list of :class:`Message`.
+
+        Raise :class:`~sft.core.errors.DataError` with ``field=`` for a missing, null or
+        malformed field; the core adds the file, line and row.
+        """
+
+
+class ChatTemplate(Plugin):
+    """Owns everything about one chat format, so training, the saved tokenizer, GGUF and Ollama agree.
+
+    ``tokenizer`` arguments are Hugging Face tokenizers; templates that are pure text may
+    ignore them. Rendered text is tokenized *without* adding special tokens, so a template
+    that wants a BOS token puts it in its text.
+    """
+
+    @abstractmethod
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
+        """Render a whole conversation into segments.
+
+        Each assistant turn's content and its end-of-turn token(s) are in segments with
+        ``trained=True``; everything else is ``trained=False``. The concatenated text equals
+        what :meth:`jinja` renders for the same messages.
+        """
+
+    @abstractmethod
+    def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        """The text to feed the model so that it writes the next assistant turn."""
+
+    @abstractmethod
+    def stop_tokens(self, tokenizer: Any = None) -> list[str]:
+        """The stop strings, end-of-turn token first. The first one is trained at the end of every assistant turn."""
+
+    @abstractmethod
+    def jinja(self, tokenizer: Any = None) -> str:
+        """The Jinja ``chat_template`` installed into every saved tokenizer and GGUF."""
+
+    @abstractmethod
+    def ollama_template(self, tokenizer: Any = None) -> str:
+        """The Go-template ``TEMPLATE`` of an Ollama Modelfile for this format."""
+
+
+@dataclass
+class RunInfo:
+    """What a logger learns when a run starts."""
+
+    name: str
+    run_dir: str
+    config: dict[str, Any]
+    total_steps: int | None = None
+    resumed_from_step: int = 0
+
+
+class Logger(Plugin):
+    """Receives metrics. Instances are reused across runs, so :meth:`start` resets any state.
+
+    A logger that raises is reported once and disabled; the run continues.
+    """
+
+    @abstractmethod
+    def start(self, run: RunInfo, options: Any = None) -> None:
+        """Called once before the first training step."""
+
+    @abstractmethod
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Called at every logging step (train metrics) and after every evaluation (``eval_*`` keys)."""
+
+    @abstractmethod
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Called once with the final summary (also after a failed run, with ``status`` set)."""
+
+
+@dataclass
+class ExportResult:
+    """What one exporter produced. ``details`` is free-form JSON (sizes, timings, verification)."""
+
+    exporter: str
+    ok: bool
+    paths: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Exporter(Plugin):
+    """Writes a finished run out in one format. The adapter is always on disk before any exporter runs."""
+
+    def preflight(self, context: Any, options: Any = None) -> list[str]:
+        """Problems that would make :meth:`export` fail (disk, architecture, files), found before any work."""
+        return []
+
+    @abstractmethod
+    def export(self, context: Any, options: Any = None) -> ExportResult:
+        """Write the export under ``context.output_dir(self.name)`` and return what was written."""
+
+
+class TrainingBackend(Plugin):
+    """Loads a model and tokenizer for training and attaches LoRA, on one kind of hardware.
+
+    ``model.backend: auto`` picks the available backend with the highest ``priority``.
+    """
+
+    priority: ClassVar[int] = 0
+
+    @abstractmethod
+    def load(self, config: Any) -> tuple[Any, Any]:
+        """Load ``(model, tokenizer)`` as ``config.model`` asks (dtype, 4-bit, max_seq_length)."""
+
+    @abstractmethod
+    def prepare_for_training(self, model: Any, config: Any) -> Any:
+        """Attach LoRA (or prepare full fine-tuning) as ``config.lora``/``config.model.method`` ask; return the model."""
+
+
+#: The plugin kinds: kind name -> (hook name, interface, config section of its options).
+KINDS: dict[str, tuple[str, type, str]] = {
+    "dataset_format": ("register_dataset_formats", DatasetFormat, "data"),
+    "chat_template": ("register_chat_templates", ChatTemplate, "template"),
+    "logger": ("register_loggers", Logger, "loggers"),
+    "exporter": ("register_exporters", Exporter, "export"),
+    "backend": ("register_backends", TrainingBackend, "model"),
+}
