@@ -1,0 +1,87 @@
+"""The run directory: where a run's files live, and atomic updates of ``summary.json``.
+
+Layout (see DEVELOPERS.md)::
+
+    config.yaml  metrics.jsonl  loss.png  checkpoints/  adapter/  exports/<exporter>/  summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunDir", "atomic_write_text"]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, path: str | Path) -> "RunDir":
+        return cls(Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
+    def export_dir(self, exporter: str) -> Path:
+        return self.root / "exports" / exporter
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.summary_path.exists():
+            return {}
+        return json.loads(self.summary_path.read_text())
+
+    def update_summary(self, **values: Any) -> dict[str, Any]:
+        """Merge ``values`` into ``summary.json`` (top-level keys; ``exports`` is merged per exporter)."""
+        summary = self.read_summary()
+        for key, value in values.items():
+            if key == "exports" and isinstance(value, dict):
+                summary.setdefault("exports", {}).update(value)
+            else:
+                summary[key] = value
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
