@@ -226,12 +226,40 @@ def _describe_type(node: Any) -> str:
     return name
 
 
+#: Names users bring from other tools (Unsloth notebooks, Axolotl, argparse scripts) -> our key.
+KEY_ALIASES = {
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "scheduler": "lr_scheduler_type",
+    "warmup": "warmup_steps",
+    "max_seq_len": "max_seq_length",
+    "sequence_len": "max_seq_length",
+    "chat_template": "name",
+    "optimizer": "optim",
+    "output": "output_dir",
+}
+
+
+def _suggest_key(key: str, keys: Iterable[str]) -> str:
+    keys = list(keys)
+    alias = KEY_ALIASES.get(str(key))
+    if alias in keys:
+        return f" (did you mean '{alias}'?)"
+    return did_you_mean(key, keys)
+
+
 def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProblem]) -> None:
     """Assign ``raw`` onto ``schema`` key by key so that every bad key or value is reported."""
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in schema:
-            problems.append(ConfigProblem(path, f"unknown key{did_you_mean(key, schema.keys())}"))
+            problems.append(ConfigProblem(path, f"unknown key{_suggest_key(key, schema.keys())}"))
             continue
         child = schema._get_node(key)
         if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):

@@ -1,0 +1,95 @@
+"""Config: YAML + flags + key=value, every error at once, did-you-mean, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sft.core.config import load_config
+from sft.core.errors import ConfigError
+from sft.core.testing import make_plugin_manager
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return make_plugin_manager()
+
+
+def _sft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sft.core.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+
+
+def test_misspelled_section_exits_2_with_did_you_mean():
+    result = _sft("run", "traning.learning_rate=1")
+    assert result.returncode == 2
+    assert "did you mean 'training'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_two_errors_are_both_reported():
+    result = _sft("validate", "training.learning_rate=fast", "lora.rank=8")
+    assert result.returncode == 2
+    assert "training.learning_rate: expected float, got 'fast'" in result.stderr
+    assert "lora.rank: unknown key (did you mean 'r'?)" in result.stderr
+    assert "2 config error(s)" in result.stderr
+
+
+def test_bad_choice_and_unknown_plugin_get_did_you_mean(pm):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["training.lr_scheduler_type=cosin", "template.name=chatmll"], pm=pm)
+    text = str(info.value)
+    assert "'cosin' is not one of" in text and "did you mean 'cosine'" in text
+    assert "unknown chat template 'chatmll' (did you mean 'chatml'?)" in text
+
+
+def test_yaml_flags_and_overrides_in_order_of_precedence(tmp_path, pm):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-3\n  max_steps: 7\ntemplate:\n  name: chatml\n")
+    cfg = load_config(str(path), ["training.max_steps=9"], {"training.learning_rate": 5e-5}, pm=pm)
+    assert cfg.training.learning_rate == 5e-5
+    assert cfg.training.max_steps == 9
+    assert cfg.lora.r == 16  # untouched default
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, pm):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  max_steps: 3\n  learning_rate: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), pm=pm)
+    assert f"{path}:" in str(info.value)
+
+
+def test_repeatable_flags_map_to_lists(tmp_path):
+    result = _sft("validate", "--exporter", "lora", "--exporter", "nope", "--logger", "consol")
+    assert result.returncode == 2
+    assert "export.enabled: unknown exporter 'nope'" in result.stderr
+    assert "did you mean 'console'" in result.stderr
+
+
+def test_cross_field_problems_are_reported(pm):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["training.max_steps=0", "training.eval_strategy=steps"], pm=pm)
+    text = str(info.value)
+    assert "training.max_steps" in text and "training.eval_strategy" in text
+
+
+def test_nothing_heavy_loads_before_the_config_is_valid():
+    code = textwrap.dedent(
+        """
+        import sys
+        from click.testing import CliRunner
+        from sft.core.cli import cli
+        result = CliRunner().invoke(cli, ["run", "--dataset", "missing.json", "traning.x=1"])
+        assert result.exit_code == 2, result.output
+        print("HEAVY", [m for m in ("torch", "transformers", "datasets", "peft", "trl") if m in sys.modules])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
