@@ -1,20 +1,41 @@
-"""Metrics fan-out: every logged step goes to ``metrics.jsonl`` and to each enabled logger plugin.
+"""Metrics: the fan-out to loggers, ``metrics.jsonl``, the loss plot and ``sft report``.
 
-``metrics.jsonl`` is always written, whatever loggers are chosen. A logger that raises is
-reported once, with the error, and disabled; training continues.
+Every logged step goes to ``metrics.jsonl`` and to each enabled logger plugin
+(:class:`MetricsHub`). ``metrics.jsonl`` is always written, whatever loggers are chosen. A
+logger that raises is reported once, with the error and how to fix it, and disabled;
+training continues.
+
+At the end of a run :func:`write_loss_plot` draws ``loss.png`` from ``metrics.jsonl``
+(:func:`loss_series` returns the exact data it plots). ``sft report RUN_DIR`` is
+:func:`report_run`. The formatting helpers here are shared by the console logger and the report.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TextIO
 
+from .errors import SftError
 from .interfaces import Logger, RunInfo
 
-__all__ = ["MetricsHub", "read_metrics"]
+__all__ = [
+    "MetricsHub",
+    "read_metrics",
+    "LossSeries",
+    "loss_series",
+    "plot_loss",
+    "write_loss_plot",
+    "report_run",
+    "format_metric",
+    "format_duration",
+    "flatten_summary",
+    "summary_table",
+]
 
 
 class MetricsHub:
@@ -71,10 +92,11 @@ class MetricsHub:
 
 
 def _jsonable(value: Any) -> Any:
+    # .item() first: a 0-d tensor holding nan must become the string "nan" too (JSON has no nan).
+    if hasattr(value, "item"):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if hasattr(value, "item"):
-        return value.item()
     return value
 
 
@@ -84,3 +106,183 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# -- the loss plot ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossSeries:
+    """The data :func:`plot_loss` draws: train loss and eval loss against the optimizer step.
+
+    Non-finite losses (logged as the strings ``"nan"``/``"inf"``) are kept as float nan/inf so
+    a diverged run shows its gap instead of silently losing the points.
+    """
+
+    train_steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.train_steps and not self.eval_steps
+
+
+def loss_series(records_or_run_dir: str | Path | Sequence[Mapping[str, Any]]) -> LossSeries:
+    """Train and eval loss per step from ``metrics.jsonl`` records (or a run directory / file).
+
+    A record counts as train loss when it has ``loss`` and as eval loss when it has
+    ``eval_loss``; the trainer's end-of-run aggregate (``train_loss``) is not a step value and
+    is left out.
+    """
+    if isinstance(records_or_run_dir, (str, Path)):
+        records = read_metrics(records_or_run_dir)
+    else:
+        records = list(records_or_run_dir)
+    series = LossSeries()
+    for record in records:
+        if "loss" in record:
+            series.train_steps.append(int(record["step"]))
+            series.train_loss.append(float(record["loss"]))
+        if "eval_loss" in record:
+            series.eval_steps.append(int(record["step"]))
+            series.eval_loss.append(float(record["eval_loss"]))
+    return series
+
+
+#: Line colours of the plot; tests look for them in the PNG's pixels.
+TRAIN_COLOR = "#1f77b4"
+EVAL_COLOR = "#d62728"
+
+
+def plot_loss(series: LossSeries, title: str = "") -> Any:
+    """A matplotlib ``Figure`` with the train loss line and the eval loss line (markers).
+
+    Uses ``Figure`` + the Agg canvas directly, not ``pyplot``: no global backend switch, no
+    display needed, and nothing leaks between runs in one process.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if series.train_steps:
+        ax.plot(series.train_steps, series.train_loss, color=TRAIN_COLOR, linewidth=1.8, label="train loss")
+    if series.eval_steps:
+        ax.plot(series.eval_steps, series.eval_loss, color=EVAL_COLOR, linewidth=1.8, marker="o", label="eval loss")
+    if series.empty:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_loss_plot(run_dir: str | Path) -> Path:
+    """Draw ``loss.png`` in ``run_dir`` from its ``metrics.jsonl``; return the path.
+
+    Called at the end of every run and by ``sft report``. The file is written through a
+    temporary file and a rename, so a reader never sees half a PNG.
+    """
+    from .rundir import RunDir
+
+    rd = RunDir.of(run_dir)
+    if not rd.metrics.exists():
+        raise SftError(f"{rd.metrics}: no metrics file; is {rd.root} a run directory (sft run --output ...)?")
+    fig = plot_loss(loss_series(rd.metrics), title=rd.root.name)
+    tmp = rd.loss_plot.with_name(f".{rd.loss_plot.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, rd.loss_plot)
+    return rd.loss_plot
+
+
+# -- formatting shared by the console logger and `sft report` -----------------------------
+def format_metric(key: str, value: Any) -> str:
+    """A metric value for humans: lr in scientific notation, counters as integers, losses to 4 places."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if "learning_rate" in key or key == "lr":
+        return f"{value:.2e}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+        return f"{int(value):,}"
+    if "per_second" in key or key.endswith("_per_s"):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}"
+    if key == "epoch":
+        return f"{value:.2f}"
+    if abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def flatten_summary(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``summary.json`` as ``(dotted key, text)`` rows; lists are joined, nested mappings flattened."""
+    rows: list[tuple[str, str]] = []
+    for key, value in summary.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += flatten_summary(value, dotted + ".") if value else [(dotted, "-")]
+        elif isinstance(value, (list, tuple)):
+            rows.append((dotted, ", ".join(str(v) for v in value) if value else "-"))
+        elif "seconds" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((dotted, f"{value:.1f} ({format_duration(value)})"))
+        else:
+            rows.append((dotted, format_metric(key, value)))
+    return rows
+
+
+def summary_table(summary: Mapping[str, Any], title: str = "summary") -> Any:
+    """A rich ``Table`` of :func:`flatten_summary` rows (plain text when printed to a non-terminal)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE, show_header=True, header_style="bold")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, text in flatten_summary(summary):
+        table.add_row(key, text)
+    return table
+
+
+def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
+    """``sft report RUN_DIR``: regenerate ``loss.png`` and print the summary and the loss curve's ends.
+
+    Returns the plot's path. Works on an unfinished run (no ``summary.json`` yet) too.
+    """
+    from rich.console import Console
+
+    from .rundir import RunDir
+
+    rd = RunDir.of(run_dir)
+    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
+    plot = write_loss_plot(rd.root)
+    series = loss_series(rd.metrics)
+    summary = rd.read_summary()
+    if summary:
+        console.print(summary_table(summary, title=f"{rd.root.name}: summary.json"))
+    else:
+        console.print(f"{rd.summary_path}: not written yet (the run is unfinished or crashed)", markup=False)
+    for label, steps, losses in (("train loss", series.train_steps, series.train_loss),
+                                 ("eval loss", series.eval_steps, series.eval_loss)):
+        if steps:
+            console.print(f"{label}: {format_metric('loss', losses[0])} at step {steps[0]} -> "
+                          f"{format_metric('loss', losses[-1])} at step {steps[-1]} "
+                          f"({len(steps)} points)", markup=False)
+    console.print(f"loss plot: {plot}", markup=False)
+    return plot
