@@ -135,6 +135,8 @@ class RunInfo:
     config: dict[str, Any]
     total_steps: int | None = None
     resumed_from_step: int = 0
+    #: The model being trained, for loggers that watch gradients (``loggers.wandb.watch``); None when not given.
+    model: Any = field(default=None, repr=False, compare=False)
 
 
 class Logger(Plugin):
