@@ -1,0 +1,13 @@
+"""Example third-party plugins for `sft`, one of each kind.
+
+Each module is its own entry point in the ``sft`` group (see ``pyproject.toml``):
+
+- :mod:`.dolly`: the ``dolly`` dataset format (``instruction``/``context``/``response``);
+- :mod:`.vicuna`: the ``vicuna`` chat template (Vicuna v1.1);
+- :mod:`.csv_logger`: the ``csv`` logger (``metrics.csv`` in the run directory);
+- :mod:`.modelcard`: the ``modelcard`` exporter (a Hugging Face model card ``README.md``).
+
+Nothing heavy is imported here: ``sft plugins`` and ``sft --help`` import every plugin.
+"""
+
+__version__ = "0.1.0"
