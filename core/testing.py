@@ -3,9 +3,23 @@
 Installed as a pytest plugin (entry point ``pytest11: sft``), so any project that installs
 ``sft-forge`` gets these fixtures without a conftest::
 
-    def test_my_template(sft_plugin_manager, tiny_model_dir):
-        sft_plugin_manager.register(my_plugin_module, "my-plugin")
-        ...
+    from sft.core.testing import assert_exact_masking
+
+    def test_my_template(tiny_tokenizer):
+        assert_exact_masking(MyTemplate(), CONVERSATION, tiny_tokenizer)
+
+    def test_my_logger(sft_plugin_manager, tiny_model_dir, tmp_path):
+        sft_plugin_manager.register(my_logger_module, "my-logger")
+        run = train_tiny(tmp_path / "run", tiny_model_dir, "loggers.enabled=[mine]")
+        assert (run / "mine.log").exists()
+
+Fixtures: ``sft_plugin_manager`` (a fresh manager with the bundled plugins, installed as the
+process-wide one, so the CLI and ``load_config`` see what you register), ``tiny_model_dir``
+(a random 2-layer Llama with SmolLM2's real tokenizer), ``tiny_tokenizer``, ``smollm2_dir``,
+``tiny_run`` (a finished tiny run, trained once per session). Helpers:
+:func:`make_plugin_manager`, :func:`make_tiny_llama`, :func:`write_jsonl`,
+:func:`tiny_overrides`, :func:`tiny_config`, :func:`train_tiny`, :func:`run_sft`,
+:func:`assert_exact_masking`. See docs/testing-plugins.md.
 
 Heavy imports stay inside the fixtures: collecting tests must not import torch.
 """
@@ -19,7 +33,23 @@ from typing import Any, Iterator
 
 import pytest
 
-__all__ = ["make_plugin_manager", "make_tiny_llama", "tiny_model_dir", "sft_plugin_manager", "smollm2_dir"]
+__all__ = [
+    "make_plugin_manager",
+    "make_tiny_llama",
+    "write_jsonl",
+    "tiny_overrides",
+    "tiny_config",
+    "train_tiny",
+    "run_sft",
+    "assert_exact_masking",
+    "trained_spans",
+    "TINY_CONVERSATION",
+    "tiny_model_dir",
+    "tiny_tokenizer",
+    "tiny_run",
+    "sft_plugin_manager",
+    "smollm2_dir",
+]
 
 
 def make_plugin_manager(*plugins: Any, bundled: bool = True):
@@ -107,6 +137,173 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# -- tiny runs -----------------------------------------------------------------------------
+def tiny_overrides(output_dir: str | Path, model_dir: str | Path, dataset: str | Path | None = None,
+                   steps: int = 2) -> list[str]:
+    """``key=value`` overrides for a real run that takes seconds on a CPU.
+
+    LoRA r=4 on the tiny model, fp32, batch 2, ``steps`` optimizer steps, no warmup, no
+    checkpoints before the end, a 4-token generation, no loggers and no exporters (add yours).
+    ``dataset`` defaults to the embedded ``sft:identity``.
+    """
+    overrides = [
+        f"model.name={model_dir}",
+        "model.method=lora",
+        "model.dtype=float32",
+        "model.max_seq_length=256",
+        "lora.r=4",
+        "lora.lora_alpha=8",
+        f"training.output_dir={output_dir}",
+        f"training.max_steps={steps}",
+        "training.per_device_train_batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "training.warmup_steps=0",
+        "training.logging_steps=1",
+        "training.save_steps=1000",
+        "training.generation_max_new_tokens=4",
+        "loggers.enabled=[]",
+        "export.enabled=[]",
+    ]
+    if dataset is not None:
+        overrides.append(f"data.dataset={dataset}")
+    return overrides
+
+
+def tiny_config(output_dir: str | Path, model_dir: str | Path, *overrides: str, dataset: str | Path | None = None,
+                steps: int = 2, pm: Any = None) -> Any:
+    """A validated config for a tiny run: :func:`tiny_overrides` then ``overrides`` (``key=value``)."""
+    from .config import load_config
+
+    return load_config(overrides=[*tiny_overrides(output_dir, model_dir, dataset, steps), *overrides], pm=pm)
+
+
+def train_tiny(output_dir: str | Path, model_dir: str | Path, *overrides: str, dataset: str | Path | None = None,
+               steps: int = 2, pm: Any = None) -> Path:
+    """Train a real tiny run with :func:`tiny_config` and return its run directory.
+
+    Uses the process-wide plugin manager unless ``pm`` is given, so plugins registered on the
+    ``sft_plugin_manager`` fixture take part.
+    """
+    from .train import run_training
+
+    cfg = tiny_config(output_dir, model_dir, *overrides, dataset=dataset, steps=steps, pm=pm)
+    run_training(cfg)
+    return Path(output_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    """The tiny model's tokenizer (SmolLM2's real one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run directory: the tiny Llama trained 2 steps on ``sft:identity`` with ``chatml``.
+
+    It has ``config.yaml``, ``metrics.jsonl``, ``adapter/`` and ``summary.json``, and no
+    exports; hand it to an exporter (``sft.core.export.export_run(tiny_run, ["mine"])``) to test
+    one. Session-scoped and shared: do not modify it; copy it (``shutil.copytree``) first if
+    your test must. Trained with the bundled plugins only, whatever the test registers.
+    """
+    # The bundled plugins only, so the shared run is the same whichever test asks first.
+    return train_tiny(tmp_path_factory.mktemp("tiny-run") / "run", tiny_model_dir, pm=make_plugin_manager())
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+def run_sft(*args: str, input: str | None = None, check: bool = True) -> Any:
+    """Run ``sft ARGS...`` in this process (click's ``CliRunner``) and return the result.
+
+    The command sees the process-wide plugin manager, so with the ``sft_plugin_manager``
+    fixture it sees the plugins a test registered. ``result.stdout`` and ``result.stderr`` hold
+    the output and ``result.exit_code`` the status. With ``check`` (the default), a non-zero
+    status fails the test with the command's output.
+    """
+    from click.testing import CliRunner
+
+    from .cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+    if check and result.exit_code != 0:
+        pytest.fail(f"sft {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}", pytrace=False)
+    return result
+
+
+# -- masking ---------------------------------------------------------------------------------
+#: A conversation with a system turn and two exchanges, for template tests.
+TINY_CONVERSATION = (
+    ("system", "You are Forge."),
+    ("user", "Who are you?"),
+    ("assistant", "I'm Forge."),
+    ("user", "Say it again, in two lines."),
+    ("assistant", "I'm Forge.\nMade by sft-forge."),
+)
+
+
+def trained_spans(input_ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
+    """The decoded text of each maximal run of trained tokens, in order."""
+    spans: list[list[int]] = []
+    previous = 0
+    for token, trained in zip(input_ids, mask):
+        if trained and not previous:
+            spans.append([])
+        if trained:
+            spans[-1].append(token)
+        previous = trained
+    return [tokenizer.decode(span, skip_special_tokens=False) for span in spans]
+
+
+def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, tokenizer: Any = None) -> None:
+    """Assert that ``template`` trains exactly each assistant turn's content plus the end-of-turn token.
+
+    Renders ``conversation`` (``Message`` objects, ``{"role", "content"}`` dicts or
+    ``(role, content)`` pairs) and tokenizes it the way training does
+    (:func:`sft.core.templating.encode_rendered`), then decodes each run of trained tokens. There
+    must be one run per assistant turn, equal to ``content + EOT`` (EOT: the template's first
+    stop token). One leading space is allowed: in ``ASSISTANT: answer`` layouts the separating
+    space belongs to the answer's first BPE token. It also checks that the rendered text is what
+    the template's Jinja renders (the tokenizer saved with the adapter) and that the generation
+    prompt is a prefix of the text up to the first answer.
+    """
+    from .interfaces import Message
+    from .templating import as_messages, encode_rendered, end_of_turn, segments_text
+
+    messages = as_messages([Message(*m) if isinstance(m, (tuple, list)) else m for m in conversation])
+    segments = template.render(messages, tokenizer)
+    text = segments_text(segments)
+    [(ids, mask)] = encode_rendered(tokenizer, [segments])
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text, "tokenizing and decoding the rendered text changed it"
+    eot = end_of_turn(template, tokenizer)
+    expected = [m.content + eot for m in messages if m.role == "assistant"]
+    actual = trained_spans(ids, mask, tokenizer)
+    assert any(mask), f"template '{template.name}' trains no token at all (all labels masked):\n{text!r}"
+    assert len(actual) == len(expected), (
+        f"template '{template.name}': {len(actual)} trained spans for {len(expected)} assistant turns\n"
+        f"trained: {actual!r}\nexpected: {expected!r}")
+    for got, want in zip(actual, expected):
+        if got != want and not (got.startswith(" ") and got[1:] == want):
+            if got.rstrip() == want.rstrip() or not got.endswith(eot):
+                hint = f"; the end-of-turn token {eot!r} must be trained right after the content"
+            else:
+                hint = ""
+            raise AssertionError(f"template '{template.name}' trains {got!r}, expected exactly {want!r}{hint}")
+    jinja_text = _render_jinja(template, tokenizer, messages, add_generation_prompt=False)
+    assert jinja_text == text, (
+        f"template '{template.name}': jinja() renders differently from render():\n{jinja_text!r}\n{text!r}")
+    first_answer = next(i for i, m in enumerate(messages) if m.role == "assistant")
+    prompt = template.generation_prompt(messages[:first_answer], tokenizer)
+    assert text.startswith(prompt.rstrip(" ")), (
+        f"template '{template.name}': the generation prompt {prompt!r} is not how the training text continues")
+
+
+def _render_jinja(template: Any, tokenizer: Any, messages: Any, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        chat_template=template.jinja(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def pytest_configure(config: pytest.Config) -> None:

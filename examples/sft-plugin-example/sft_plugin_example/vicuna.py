@@ -17,8 +17,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sft.core import ChatTemplate, Message, Segment, hookimpl
+from sft.core import ChatTemplate, Message, Segment, SftError, hookimpl
 from sft.core.config import opt
+from sft.core.templating import as_messages, segments_text
 
 __all__ = ["VicunaTemplate", "VicunaOptions", "DEFAULT_SYSTEM", "register_chat_templates"]
 
@@ -62,7 +63,7 @@ class VicunaTemplate(ChatTemplate):
         return self.system_prompt, messages
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
-        system, turns = self._split_system(messages)
+        system, turns = self._split_system(as_messages(messages))
         eos = _eos(tokenizer)
         segments = [Segment(f"{system} ", False)]
         for message in turns:
@@ -72,11 +73,11 @@ class VicunaTemplate(ChatTemplate):
                 segments.append(Segment("ASSISTANT:", False))
                 segments.append(Segment(f" {message.content}{eos}", True))
             else:
-                raise ValueError(f"vicuna: a {message.role} turn can only come first")
+                raise SftError(f"chat template 'vicuna': a {message.role} turn can only come first")
         return _merge(segments)
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
-        return "".join(s.text for s in self.render(messages, tokenizer)) + "ASSISTANT:"
+        return segments_text(self.render(messages, tokenizer)) + "ASSISTANT:"
 
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
         # "USER:" as well: a model that has not learnt EOS yet still stops at the next turn.
@@ -98,13 +99,15 @@ class VicunaTemplate(ChatTemplate):
         )
 
     def ollama_template(self, tokenizer: Any = None) -> str:
+        # Walks .Messages like the bundled templates: a last user message is followed by the
+        # generation prompt; a last assistant message gets no EOS, so a prefilled answer continues.
         eos = _eos(tokenizer)
         return (
             "{{ if .System }}{{ .System }}{{ else }}" + self.system_prompt + "{{ end }} "
-            "{{ range .Messages }}"
-            "{{ if eq .Role \"user\" }}USER: {{ .Content }} "
-            "{{ else if eq .Role \"assistant\" }}ASSISTANT: {{ .Content }}" + eos + "{{ end }}"
-            "{{ end }}ASSISTANT:"
+            "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            '{{ if eq .Role "user" }}USER: {{ .Content }} {{ if $last }}ASSISTANT:{{ end }}'
+            '{{ else if eq .Role "assistant" }}ASSISTANT: {{ .Content }}{{ if not $last }}' + eos + "{{ end }}"
+            "{{ end }}{{ end }}"
         )
 
 
