@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 
 from sft.core import DataError, DatasetFormat, Message, hookimpl
 from sft.core.config import opt
+from sft.core.formats import require_text
 
 __all__ = ["DollyFormat", "DollyOptions", "register_dataset_formats"]
 
@@ -29,25 +30,16 @@ class DollyOptions:
         ["after", "before", "system"],
     )
     context_header: str = opt("Context:", "A line put above the context in the user turn (empty for none).")
-    system_prompt: Optional[str] = opt(None, "A system turn added to every conversation (ignored when context_position=system puts the context there).")
+    system_prompt: Optional[str] = opt(None, "A system turn added to every conversation (the context follows it when context_position=system).")
 
 
-def _text(row: Mapping[str, Any], key: str, required: bool) -> str:
-    """The stripped string in ``row[key]``; "" for an absent optional field.
-
-    Raises a :class:`DataError` naming the field when a required one is absent, null, empty or
-    not a string, so the core can report file:line and the row.
-    """
-    if key not in row or row[key] is None:
-        if required:
-            missing = "missing" if key not in row else "null"
-            raise DataError(f"{missing} field; a dolly row needs instruction and response (context is optional)", field=key)
+def _context(row: Mapping[str, Any]) -> str:
+    """The optional context: absent, null or blank means none; anything but text is an error."""
+    value = row.get("context")
+    if value is None:
         return ""
-    value = row[key]
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__} {value!r:.60}", field=key)
-    if required and not value.strip():
-        raise DataError("empty text", field=key)
+        raise DataError(f"expected text or null, got {type(value).__name__}", field="context")
     return value.strip()
 
 
@@ -62,16 +54,16 @@ class DollyFormat(DatasetFormat):
 
     def to_conversation(self, row: Mapping[str, Any], options: DollyOptions | None = None) -> list[Message]:
         options = options or DollyOptions()
-        instruction = _text(row, "instruction", required=True)
-        context = _text(row, "context", required=False)
-        response = _text(row, "response", required=True)
+        instruction = require_text(row, "instruction").strip()
+        context = _context(row)
+        response = require_text(row, "response").strip()
         messages: list[Message] = []
         user = instruction
-        if context and options.context_position == "system":
-            messages.append(Message("system", context))
-        elif options.system_prompt:
-            messages.append(Message("system", options.system_prompt))
-        if context and options.context_position != "system":
+        in_system = bool(context) and options.context_position == "system"
+        system = "\n\n".join(t for t in (options.system_prompt, context if in_system else "") if t)
+        if system:
+            messages.append(Message("system", system))
+        if context and not in_system:
             block = f"{options.context_header}\n{context}" if options.context_header else context
             user = f"{block}\n\n{instruction}" if options.context_position == "before" else f"{instruction}\n\n{block}"
         messages.append(Message("user", user))

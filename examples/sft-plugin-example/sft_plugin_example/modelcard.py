@@ -1,0 +1,175 @@
+"""The ``modelcard`` exporter: a Hugging Face model card for the run.
+
+Writes ``exports/modelcard/README.md``: YAML front matter (``base_model``, ``library_name``,
+``pipeline_tag``, ``tags``, ``datasets`` for hub datasets, ``license``, ``language``) and a body
+with the dataset, the chat template, the hyperparameters, the final losses, the token counts
+and the exports listed in ``summary.json``. With ``adapter_readme`` (the default) the same file
+replaces PEFT's placeholder ``adapter/README.md``, so uploading the adapter folder to the Hub
+carries a real card.
+
+It reads ``config.yaml`` and ``summary.json`` only, so it works on any finished run, and
+``sft export RUN --exporter modelcard`` refreshes it. List it last in ``export.enabled``: the
+card lists the exports that ran before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
+
+from sft.core import Exporter, ExportResult, SftError, hookimpl
+from sft.core.config import opt
+from sft.core.rundir import RunDir, atomic_write_text
+
+__all__ = ["ModelCardExporter", "ModelCardOptions", "render_model_card", "read_front_matter", "register_exporters"]
+
+#: Hyperparameters shown in the card, as (config key, label).
+HYPERPARAMETERS = (
+    ("model.method", "method"),
+    ("model.max_seq_length", "max sequence length"),
+    ("lora.r", "LoRA r"),
+    ("lora.lora_alpha", "LoRA alpha"),
+    ("lora.lora_dropout", "LoRA dropout"),
+    ("lora.target_modules", "LoRA target modules"),
+    ("training.learning_rate", "learning rate"),
+    ("training.lr_scheduler_type", "scheduler"),
+    ("training.per_device_train_batch_size", "batch size per device"),
+    ("training.gradient_accumulation_steps", "gradient accumulation steps"),
+    ("training.max_steps", "max steps"),
+    ("training.num_train_epochs", "epochs"),
+    ("training.warmup_steps", "warmup steps"),
+    ("training.weight_decay", "weight decay"),
+    ("training.optim", "optimizer"),
+    ("training.packing", "packing"),
+    ("training.seed", "seed"),
+)
+
+
+@dataclass
+class ModelCardOptions:
+    license: Optional[str] = opt(None, "The card's license (an SPDX-style Hub id such as apache-2.0); left out when null.")
+    language: List[str] = opt([], "Languages of the training data (ISO codes, e.g. [en]).")
+    tags: List[str] = opt([], "Extra Hub tags, added to sft, lora and the chat template's name.")
+    adapter_readme: bool = opt(True, "Also write the card to adapter/README.md, replacing PEFT's placeholder.")
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _is_hub_dataset(name: str) -> bool:
+    # A hub id looks like owner/name and is not a local path or the embedded dataset.
+    return "/" in name and not name.startswith(("sft:", ".", "/", "~")) and not Path(name).exists() and name.count("/") == 1
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "-" if value is None else str(value)
+
+
+def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], options: ModelCardOptions,
+                      run_name: str) -> str:
+    """The model card text: YAML front matter, then Markdown."""
+    import yaml
+
+    base_model = _get(config, "model.name")
+    dataset = str(_get(config, "data.dataset") or "")
+    template = _get(config, "template.name")
+    method = _get(config, "model.method")
+    front: dict[str, Any] = {"base_model": base_model, "library_name": "peft" if method != "full" else "transformers"}
+    if options.license:
+        front["license"] = options.license
+    if options.language:
+        front["language"] = list(options.language)
+    if _is_hub_dataset(dataset):
+        front["datasets"] = [dataset]
+    front["pipeline_tag"] = "text-generation"
+    front["tags"] = list(dict.fromkeys(["sft", "lora" if method != "full" else "full-fine-tune", str(template), *options.tags]))
+
+    lines = [f"# {run_name}", "", f"A fine-tune of [`{base_model}`](https://huggingface.co/{base_model}) made with "
+             f"`sft` ({method}), in the `{template}` chat format.", ""]
+    lines += ["## Training data", "", f"- dataset: `{dataset}` (format `{_get(config, 'data.format')}`, split "
+              f"`{_get(config, 'data.split')}`)"]
+    for key, label in (("rows", "rows"), ("train_rows", "training rows"), ("eval_rows", "evaluation rows"),
+                       ("tokens", "tokens"), ("trained_tokens", "trained tokens")):
+        value = summary.get(key) if not isinstance(summary.get("data"), Mapping) else summary["data"].get(key, summary.get(key))
+        if value is not None:
+            lines.append(f"- {label}: {_fmt(value)}")
+    lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {label} | `{_fmt(_get(config, key))}` |" for key, label in HYPERPARAMETERS if _get(config, key) is not None]
+    lines += ["", "## Results", ""]
+    results = [(label, summary.get(key)) for key, label in (
+        ("status", "status"), ("steps", "steps"), ("final_train_loss", "final train loss"),
+        ("final_eval_loss", "final eval loss"), ("train_loss", "mean train loss"),
+        ("tokens_per_second", "tokens/s"), ("train_seconds", "training time (s)"))]
+    results = [(label, value) for label, value in results if value is not None]
+    lines += [f"- {label}: {_fmt(value)}" for label, value in results] or ["- (no summary.json: the run did not finish)"]
+    exports = summary.get("exports") or {}
+    if exports:
+        lines += ["", "## Exports", "", "| exporter | ok | files |", "|---|---|---|"]
+        for name, result in exports.items():
+            if name == "modelcard" or not isinstance(result, Mapping):
+                continue
+            files = ", ".join(f"`{Path(p).name}`" for p in result.get("paths", [])) or "-"
+            lines.append(f"| {name} | {'yes' if result.get('ok') else 'no'} | {files} |")
+    lines += ["", "## Usage", "", "```bash", f"sft generate runs/{run_name} \"Who are you?\"", "```", ""]
+    header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()
+    return f"---\n{header}\n---\n\n" + "\n".join(lines)
+
+
+def read_front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card (what the Hub parses)."""
+    import yaml
+
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        raise ValueError("no YAML front matter (--- ... ---) at the top")
+    return yaml.safe_load(text[4:text.index("\n---\n", 4)]) or {}
+
+
+class ModelCardExporter(Exporter):
+    """Writes a Hugging Face model card from the run's config and summary."""
+
+    name = "modelcard"
+    version = "1"
+    description = "A Hugging Face model card (README.md with YAML front matter) from config.yaml and summary.json."
+    options = ModelCardOptions
+
+    def preflight(self, context: Any, options: ModelCardOptions | None = None) -> list[str]:
+        run = RunDir.of(context.run_dir)
+        return [] if run.config.exists() else [f"{run.config}: missing; is {run.root} a run directory?"]
+
+    def export(self, context: Any, options: ModelCardOptions | None = None) -> ExportResult:
+        import yaml
+
+        options = options or ModelCardOptions()
+        run = RunDir.of(context.run_dir)
+        if not run.config.exists():
+            raise SftError(f"{run.config}: missing; the model card is written from a run's config.yaml")
+        config = yaml.safe_load(run.config.read_text()) or {}
+        text = render_model_card(config, run.read_summary(), options, run.root.name)
+        out = Path(context.output_dir(self.name)) / "README.md"
+        atomic_write_text(out, text)
+        paths = [str(out)]
+        if options.adapter_readme and run.adapter.is_dir():
+            atomic_write_text(run.adapter / "README.md", text)
+            paths.append(str(run.adapter / "README.md"))
+        # Verify: the front matter parses back and names the base model the run trained.
+        front = read_front_matter(out.read_text())
+        verified = front.get("base_model") == _get(config, "model.name")
+        return ExportResult(self.name, ok=verified, paths=paths,
+                            details={"verified": verified, "front_matter": front},
+                            error=None if verified else "the card's base_model does not match the run's model.name")
+
+
+@hookimpl
+def register_exporters(register) -> None:
+    register(ModelCardExporter())
