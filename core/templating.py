@@ -1,0 +1,224 @@
+"""Shared machinery for chat templates: turn-based rendering, Jinja/Ollama generation, and masks.
+
+Most chat formats are "each role's content between a fixed prefix and suffix". A template
+plugin describes that with :class:`Turn` values on a :class:`TurnTemplate` subclass, and gets
+``render``, ``generation_prompt``, ``jinja`` and ``ollama_template`` generated from the same
+strings, so the training text, the saved tokenizer's chat_template and the Ollama TEMPLATE
+cannot drift apart.
+
+:func:`encode_rendered` turns rendered segments into token ids plus the trained-token mask. It
+tokenizes the *whole* text once (so the ids are exactly what the tokenizer produces at
+inference) and maps each token's character span back onto the segments: a token is trained
+when any of its characters lies in a trained segment. No marker strings are searched for.
+
+Nothing here imports transformers; the tokenizer is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+from .errors import SftError
+from .interfaces import ChatTemplate, Message, Segment
+
+__all__ = [
+    "Turn",
+    "TurnTemplate",
+    "segments_text",
+    "trained_text",
+    "encode_rendered",
+    "end_of_turn",
+    "as_messages",
+]
+
+
+def segments_text(segments: Sequence[Segment]) -> str:
+    """The rendered text of ``segments``."""
+    return "".join(s.text for s in segments)
+
+
+def trained_text(segments: Sequence[Segment]) -> str:
+    """The text of the trained segments only (what decoding the trained tokens should give)."""
+    return "".join(s.text for s in segments if s.trained)
+
+
+def as_messages(messages: Sequence[Any]) -> list[Message]:
+    """Accept :class:`Message` objects or ``{"role", "content"}`` dicts (what HF tools pass)."""
+    return [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+
+
+def end_of_turn(template: ChatTemplate, tokenizer: Any = None) -> str:
+    """The template's end-of-turn token: the first of its stop tokens."""
+    stops = template.stop_tokens(tokenizer)
+    if not stops:
+        raise SftError(f"chat template '{template.name}' declares no stop tokens; the first must be its end-of-turn token")
+    return stops[0]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """How one role renders: ``prefix + content + suffix``.
+
+    For the assistant role the end-of-turn token comes between the content and ``suffix``;
+    content and EOT are trained, ``prefix`` and ``suffix`` are not.
+    """
+
+    prefix: str
+    suffix: str = ""
+
+
+def _jinja_literal(text: str) -> str:
+    # A Jinja expression, not raw template text: HF compiles chat templates with
+    # trim_blocks/lstrip_blocks, which would eat newlines that follow a block tag.
+    # JSON escapes (\n, \", \uXXXX) are valid Jinja string-literal escapes.
+    return "{{ " + json.dumps(text) + " }}" if text else ""
+
+
+class TurnTemplate(ChatTemplate):
+    """A chat template described by a prefix/suffix per role.
+
+    Subclasses set the class attributes below and get every :class:`ChatTemplate` method.
+    ``eot`` None means "the tokenizer's eos token" (the Alpaca style). ``default_system`` is
+    rendered as a system turn when a conversation has none.
+    """
+
+    bos: ClassVar[str] = ""
+    system: ClassVar[Turn] = Turn("")
+    user: ClassVar[Turn] = Turn("")
+    assistant: ClassVar[Turn] = Turn("")
+    default_system: ClassVar[str | None] = None
+    eot: ClassVar[str | None] = None
+    #: Stop strings after the EOT (other tokens that also end a turn in this family).
+    extra_stops: ClassVar[tuple[str, ...]] = ()
+    #: Used for the EOT when ``eot`` is None and no tokenizer is given (e.g. docs, Ollama without a tokenizer).
+    fallback_eot: ClassVar[str] = "</s>"
+
+    # -- the contract -------------------------------------------------------------------
+    def stop_tokens(self, tokenizer: Any = None) -> list[str]:
+        eot = self.eot
+        if eot is None:
+            eot = getattr(tokenizer, "eos_token", None) or self.fallback_eot
+        return [eot] + [s for s in self.extra_stops if s != eot]
+
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
+        messages = as_messages(messages)
+        eot = end_of_turn(self, tokenizer)
+        segments: list[Segment] = []
+        head = self.bos
+        if self.default_system is not None and (not messages or messages[0].role != "system"):
+            head += self.system.prefix + self.default_system + self.system.suffix
+        if head:
+            segments.append(Segment(head, False))
+        for message in messages:
+            turn = self._turn(message.role)
+            if message.role == "assistant":
+                segments.append(Segment(turn.prefix, False))
+                segments.append(Segment(message.content + eot, True))
+                if turn.suffix:
+                    segments.append(Segment(turn.suffix, False))
+            else:
+                segments.append(Segment(turn.prefix + message.content + turn.suffix, False))
+        return [s for s in segments if s.text]
+
+    def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        return segments_text(self.render(messages, tokenizer)) + self.assistant.prefix
+
+    def jinja(self, tokenizer: Any = None) -> str:
+        eot = end_of_turn(self, tokenizer)
+        lit = _jinja_literal
+        parts = [lit(self.bos)]
+        if self.default_system is not None:
+            parts.append("{% if not messages or messages[0]['role'] != 'system' %}"
+                         + lit(self.system.prefix + self.default_system + self.system.suffix) + "{% endif %}")
+        parts.append("{% for message in messages %}")
+        parts.append("{% if message['role'] == 'system' %}" + lit(self.system.prefix)
+                     + "{{ message['content'] }}" + lit(self.system.suffix))
+        parts.append("{% elif message['role'] == 'user' %}" + lit(self.user.prefix)
+                     + "{{ message['content'] }}" + lit(self.user.suffix))
+        parts.append("{% elif message['role'] == 'assistant' %}" + lit(self.assistant.prefix)
+                     + "{{ message['content'] }}" + lit(eot + self.assistant.suffix))
+        parts.append("{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}")
+        parts.append("{% endfor %}")
+        parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix) + "{% endif %}")
+        return "".join(parts)
+
+    def ollama_template(self, tokenizer: Any = None) -> str:
+        """Ollama's Go template, walking ``.Messages``.
+
+        No BOS: llama.cpp adds it from the GGUF's ``add_bos_token`` metadata. The last
+        assistant message gets no EOT so a prefilled answer continues; a last user message
+        is followed by the assistant prefix (the generation prompt).
+        """
+        eot = end_of_turn(self, tokenizer)
+        sys_default = ""
+        if self.default_system is not None:
+            sys_default = "{{ else }}" + self.system.prefix + self.default_system + self.system.suffix
+        return (
+            "{{ if .System }}" + self.system.prefix + "{{ .System }}" + self.system.suffix + sys_default + "{{ end }}"
+            "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            '{{ if eq .Role "user" }}' + self.user.prefix + "{{ .Content }}" + self.user.suffix
+            + "{{ if $last }}" + self.assistant.prefix + "{{ end }}"
+            '{{ else if eq .Role "assistant" }}' + self.assistant.prefix + "{{ .Content }}"
+            + "{{ if not $last }}" + eot + self.assistant.suffix + "{{ end }}"
+            "{{ end }}{{ end }}"
+        )
+
+    def _turn(self, role: str) -> Turn:
+        if role not in ("system", "user", "assistant"):
+            raise SftError(f"chat template '{self.name}' cannot render role '{role}'")
+        return getattr(self, role)
+
+
+def encode_rendered(
+    tokenizer: Any,
+    rendered: Sequence[Sequence[Segment]],
+    train_on: str = "assistant",
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize rendered conversations and compute each one's trained-token mask.
+
+    Args:
+        tokenizer: a *fast* Hugging Face tokenizer (offsets are needed).
+        rendered: one list of segments per conversation.
+        train_on: ``assistant`` trains the tokens overlapping trained segments; ``all`` trains every token.
+
+    Returns:
+        ``(input_ids, mask)`` per conversation, ``mask[i] == 1`` where token ``i`` is trained.
+        A token that straddles a segment boundary (say ``"\\n\\n"`` when the content itself
+        starts with a newline) is trained, because it produces trained text.
+    """
+    import numpy as np
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise SftError(
+            f"loss masking needs a fast tokenizer (with offsets); {type(tokenizer).__name__} is not one")
+    texts = [segments_text(segs) for segs in rendered]
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out: list[tuple[list[int], list[int]]] = []
+    for segs, text, ids, offsets in zip(rendered, texts, enc["input_ids"], enc["offset_mapping"]):
+        if train_on == "all":
+            out.append((list(ids), [1] * len(ids)))
+            continue
+        # Per-character trained flags as a prefix sum: token (a, b) is trained when
+        # cum[b] - cum[a] > 0, i.e. some character in [a, b) is trained.
+        flags = np.zeros(len(text), dtype=np.int32)
+        pos = 0
+        for seg in segs:
+            end = pos + len(seg.text)
+            if seg.trained:
+                flags[pos:end] = 1
+            pos = end
+        cum = np.concatenate(([0], np.cumsum(flags)))
+        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = spans[:, 0], spans[:, 1]
+        mask = (cum[ends] - cum[starts]) > 0
+        # Zero-width spans carry no characters; they follow the character they sit on.
+        empty = starts == ends
+        if empty.any() and len(text):
+            at = np.minimum(starts[empty], len(text) - 1)
+            mask[empty] = flags[at] > 0
+        out.append((list(ids), mask.astype(np.int8).tolist()))
+    return out
