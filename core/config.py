@@ -262,7 +262,8 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
             problems.append(ConfigProblem(path, f"unknown key{_suggest_key(key, schema.keys())}"))
             continue
         child = schema._get_node(key)
-        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+        # An Optional[dict] field holding None reports NoneType: it takes a plain value (null or a dict).
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None, type(None)):
             if not isinstance(value, dict):
                 problems.append(ConfigProblem(path, f"expected a mapping of options, got {value!r}"))
             else:
