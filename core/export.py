@@ -1,0 +1,602 @@
+"""Export orchestration: what every exporter shares, preflight, running, and ``sft export``.
+
+The training core calls :func:`run_exporters` once the adapter is on disk; ``sft export
+RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads the run's
+``config.yaml`` (plus overrides) and exports from ``RUN_DIR/adapter``. Either way:
+
+1. every selected exporter's ``unsupported_reason`` and ``preflight`` run before any work
+   (free disk for the expected size, architecture, tokenizer files, missing extras);
+2. the exporters run in order; one that raises is recorded as failed (``ok=False`` with the
+   error) and the next one still runs. Files are written under a temporary name and
+   renamed when complete, so a failure never deletes or truncates earlier outputs;
+3. each result is written into ``summary.json`` (``exports.<name>``) as soon as it is
+   known, and printed.
+
+:class:`ExportContext` holds what exporters share and builds it lazily, once: the
+tokenizer from the adapter, the merged 16-bit HF folder (``gguf`` reuses the folder
+``merged_16bit`` wrote, or merges into a temporary one), greedy reference tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import SftError
+from .interfaces import ExportResult, Exporter, Message
+from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from .env import Environment
+    from .plugins import PluginManager
+
+__all__ = [
+    "ExportContext",
+    "MERGED_MARKER",
+    "run_exporters",
+    "export_run",
+    "preflight_exporters",
+    "replace_dir",
+    "dir_size",
+    "adapter_embedding_rows",
+]
+
+#: A merged 16-bit HF folder carries this file: which adapter and dtype it was merged from.
+MERGED_MARKER = ".sft-merged.json"
+#: Free disk kept in hand beyond the estimates (10%).
+DISK_MARGIN = 1.10
+DEFAULT_VERIFY_PROMPT = "What is the capital of France?"
+
+
+def _say(message: str) -> None:
+    print(f"[sft] {message}", flush=True)
+
+
+def dir_size(path: str | Path) -> int:
+    """Total bytes of the files under ``path`` (or of the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``, replacing what was there only once ``tmp`` is complete."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_params(files: Sequence[Path]) -> int:
+    """Parameter count from safetensors headers (no tensor is read)."""
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+class ExportContext:
+    """What exporters share for one run. Everything heavy is built on first use and cached.
+
+    Args:
+        run_dir: the run directory (``config.yaml``, ``adapter/``, ``exports/``).
+        config: the resolved config (the run's, plus any ``sft export`` overrides).
+        pm: the plugin manager the config was validated with.
+    """
+
+    def __init__(self, run_dir: RunDir | str | Path, config: "DictConfig", pm: "PluginManager"):
+        from .config import plugin_options
+
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir.of(run_dir)
+        self.config = config
+        self.pm = pm
+        self.template = pm.get("chat_template", config.template.name, "template.name")
+        self.template_options = plugin_options(config, "chat_template", config.template.name, pm)
+        self._cache: dict[str, Any] = {}
+        self._reserved_bytes = 0
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir.adapter
+
+    def output_dir(self, name: str) -> Path:
+        """``<run>/exports/<name>`` (created). Exporters write only here."""
+        path = self.run_dir.export_dir(name)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Scratch space inside the run (same filesystem, so renames are atomic); removed by :meth:`close`."""
+        path = self.run_dir.root / "exports" / ".tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def name(self) -> str:
+        """A file-name stem for exports: the run name, else the run folder's name."""
+        return self.config.training.run_name or self.run_dir.root.resolve().name
+
+    def close(self) -> None:
+        """Drop temporary folders and cached models."""
+        shutil.rmtree(self.run_dir.root / "exports" / ".tmp", ignore_errors=True)
+        self._cache.clear()
+
+    # -- environment and base model ----------------------------------------------------------
+    @property
+    def env(self) -> "Environment":
+        from .env import current_environment
+
+        return current_environment()
+
+    @property
+    def is_full_model(self) -> bool:
+        """True when the run trained every weight (``adapter/`` holds a whole model, no LoRA)."""
+        return not (self.adapter_dir / "adapter_config.json").is_file() and (self.adapter_dir / "config.json").is_file()
+
+    @property
+    def trained_in_4bit(self) -> bool:
+        """Whether training loaded the base quantized to 4 bits (QLoRA on CUDA; on CPU qlora falls back to lora)."""
+        return self.config.model.method == "qlora" and self.env.cuda
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` arguments for the base model (revision, gguf_file, trust_remote_code)."""
+        m = self.config.model
+        kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+        if m.revision:
+            kwargs["revision"] = m.revision
+        if m.gguf_file:
+            kwargs["gguf_file"] = m.gguf_file
+        return kwargs
+
+    @property
+    def base_model(self) -> str:
+        """Local folder or hub id of the base model (the embedded default resolves offline)."""
+        from .models import resolve_model
+
+        return resolve_model(self.config.model.name)
+
+    def base_config(self) -> dict[str, Any]:
+        """The base model's ``config.json`` as a dict."""
+        if "base_config" not in self._cache:
+            from transformers import AutoConfig
+
+            try:
+                cfg = AutoConfig.from_pretrained(self.base_model, **self.model_kwargs())
+            except (OSError, ValueError) as exc:
+                raise SftError(f"model.name: cannot read the config of '{self.config.model.name}': {exc}") from None
+            self._cache["base_config"] = cfg.to_dict()
+        return self._cache["base_config"]
+
+    def base_local_dir(self) -> Path | None:
+        """The folder holding the base weights (a local path or the hub cache), or None when not on disk."""
+        path = Path(self.base_model)
+        if path.is_dir():
+            return path
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(self.base_model, revision=self.config.model.revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: the estimate falls back to the config
+            return None
+
+    def parameter_count(self) -> int:
+        """Parameters of the base model, from its weight headers (nothing is loaded)."""
+        if "params" in self._cache:
+            return self._cache["params"]
+        count = 0
+        local = self.base_local_dir()
+        if local is not None and self.config.model.gguf_file:
+            import gguf
+
+            count = sum(int(t.n_elements) for t in gguf.GGUFReader(str(local / self.config.model.gguf_file)).tensors)
+        elif local is not None and list(local.glob("*.safetensors")):
+            count = _safetensors_params(sorted(local.glob("*.safetensors")))
+        if not count:
+            c = self.base_config()
+            h, layers, vocab = c.get("hidden_size", 0), c.get("num_hidden_layers", 0), c.get("vocab_size", 0)
+            count = vocab * h * 2 + layers * (4 * h * h + 3 * h * c.get("intermediate_size", 4 * h))
+        self._cache["params"] = count
+        return count
+
+    # -- tokenizer and template --------------------------------------------------------------
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the run's tokenizer lives: the adapter folder (it carries the template's chat_template)."""
+        return self.adapter_dir
+
+    @property
+    def tokenizer(self) -> Any:
+        """The run's tokenizer, with the template's Jinja as its ``chat_template``."""
+        if "tokenizer" not in self._cache:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            except (OSError, ValueError) as exc:
+                raise SftError(f"{self.tokenizer_dir}: cannot load the run's tokenizer: {exc}") from None
+            tok.chat_template = self.template.jinja(tok)
+            self._cache["tokenizer"] = tok
+        return self._cache["tokenizer"]
+
+    def tokenizer_problems(self) -> list[str]:
+        """Missing tokenizer files in the adapter folder (checked before any work)."""
+        d = self.tokenizer_dir
+        if not d.is_dir():
+            return [f"{d}: the run has no adapter folder; train first (sft run) or point sft export at a finished run"]
+        if not (d / "tokenizer_config.json").is_file():
+            return [f"{d}: missing tokenizer_config.json (the training core saves the tokenizer next to the adapter)"]
+        if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return [f"{d}: missing tokenizer files (tokenizer.json, tokenizer.model or vocab.json)"]
+        return []
+
+    @property
+    def eot_token(self) -> str:
+        """The template's end-of-turn token (its first stop token)."""
+        stops = self.template.stop_tokens(self.tokenizer)
+        if not stops:
+            raise SftError(f"chat template '{self.template.name}' declares no stop tokens")
+        return stops[0]
+
+    def verify_prompt(self, text: str | None = None) -> str:
+        """The generation prompt (template-rendered) used to check exports."""
+        question = text or self.config.training.generation_prompt or DEFAULT_VERIFY_PROMPT
+        return self.template.generation_prompt([Message("user", question)], self.tokenizer)
+
+    def save_tokenizer(self, path: str | Path) -> None:
+        """Save the run's tokenizer (template chat_template included) into ``path``."""
+        self.tokenizer.save_pretrained(str(path))
+
+    # -- disk ----------------------------------------------------------------------------------
+    def disk_problem(self, expected_bytes: int, what: str) -> str | None:
+        """Reserve ``expected_bytes`` on the run's filesystem; a message when they will not fit.
+
+        Reservations add up across preflights, so two exporters that each fit alone but not
+        together are caught before either starts.
+        """
+        self._reserved_bytes += int(expected_bytes)
+        free = shutil.disk_usage(self.run_dir.root if self.run_dir.root.exists() else Path.cwd()).free
+        needed = int(self._reserved_bytes * DISK_MARGIN)
+        if needed > free:
+            return (f"not enough free disk for {what}: about {_gb(expected_bytes)} needed "
+                    f"({_gb(needed)} for all selected exports with a 10% margin), {_gb(free)} free on "
+                    f"{self.run_dir.root}")
+        return None
+
+    def merged_bytes(self) -> int:
+        """Expected size of a merged 16-bit model."""
+        return 2 * self.parameter_count()
+
+    # -- merging -------------------------------------------------------------------------------
+    def adapter_fingerprint(self) -> str:
+        """sha256 of the adapter weights and config: identifies what a merged folder was merged from."""
+        if "fingerprint" not in self._cache:
+            h = hashlib.sha256()
+            files = sorted(self.adapter_dir.glob("*.safetensors")) + sorted(self.adapter_dir.glob("*config.json"))
+            for f in files:
+                h.update(f.name.encode())
+                h.update(_sha256(f).encode())
+            self._cache["fingerprint"] = h.hexdigest()
+        return self._cache["fingerprint"]
+
+    def resolve_merge_dtype(self, dtype: str = "auto") -> str:
+        """``auto`` is the base's own 16-bit dtype, else bfloat16."""
+        if dtype != "auto":
+            return dtype
+        stored = str(self.base_config().get("dtype") or self.base_config().get("torch_dtype") or "")
+        return stored if stored in ("bfloat16", "float16") else "bfloat16"
+
+    def merge_problems(self) -> list[str]:
+        """Why a merged 16-bit model cannot be built here (checked in preflight)."""
+        problems = self.tokenizer_problems()
+        if self.is_full_model:
+            return problems
+        if not (self.adapter_dir / "adapter_config.json").is_file():
+            problems.append(f"{self.adapter_dir}: no adapter_config.json; the run has no LoRA adapter to merge")
+        quant = self.base_config().get("quantization_config")
+        if quant and not self.env.cuda:
+            problems.append(f"the base model '{self.config.model.name}' is stored quantized "
+                            f"({quant.get('quant_method', 'unknown method')}); merging needs its weights "
+                            f"dequantized to 16-bit, which bitsandbytes does only on CUDA")
+        return problems
+
+    def _find_merged(self, dtype: str | None) -> Path | None:
+        cached = self._cache.get("merged_dir")
+        if cached is not None and Path(cached).is_dir():
+            if dtype is None or json.loads((Path(cached) / MERGED_MARKER).read_text())["dtype"] == dtype:
+                return Path(cached)
+        exports = self.run_dir.root / "exports"
+        for marker in sorted(exports.glob(f"*/{MERGED_MARKER}")) if exports.is_dir() else []:
+            info = json.loads(marker.read_text())
+            if info.get("adapter") == self.adapter_fingerprint() and (dtype is None or info.get("dtype") == dtype):
+                return marker.parent
+        return None
+
+    def has_merged(self) -> bool:
+        """Whether a merged folder for this adapter already exists (so a merge costs no disk)."""
+        return self._find_merged(None) is not None
+
+    def merged_model_dir(self, dtype: str | None = None) -> Path:
+        """A merged 16-bit HF folder for this run's adapter, built once and shared.
+
+        Reuses any export folder whose marker matches the adapter (what ``merged_16bit``
+        wrote, even in an earlier ``sft export``); else merges into the context's temporary
+        folder. ``dtype`` None accepts any 16-bit dtype already merged, else ``auto``.
+        """
+        found = self._find_merged(dtype)
+        if found is not None:
+            self._cache["merged_dir"] = found
+            return found
+        resolved = self.resolve_merge_dtype(dtype or "auto")
+        out = self.tmp_dir / f"merged-{resolved}"
+        self.write_merged(out, resolved)
+        self._cache["merged_dir"] = out
+        return out
+
+    def adopt_merged(self, dest: Path, dtype: str) -> dict[str, Any]:
+        """Put a merged folder of ``dtype`` at ``dest``: moved from the temporary one, copied from an export, or merged now."""
+        source = self._find_merged(dtype)
+        if source is not None and source.resolve() == dest.resolve():
+            return {"reused": str(dest)}
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        if source is None:
+            details = self.write_merged(partial, dtype)
+        elif self.tmp_dir in source.parents:
+            source.rename(partial)
+            details = {"moved_from": str(source)}
+        else:
+            shutil.copytree(source, partial)
+            details = {"copied_from": str(source)}
+        replace_dir(partial, dest)
+        self._cache["merged_dir"] = dest
+        return details
+
+    def load_adapted_model(self, dtype: str) -> Any:
+        """The base model in ``dtype`` (never 4-bit) with the run's adapter attached, unmerged (a ``PeftModel``).
+
+        A base stored quantized (bitsandbytes) is dequantized first, on CUDA only. For a
+        full fine-tune, the trained model itself.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        load_dtype = getattr(torch, dtype)
+        if self.is_full_model:
+            return AutoModelForCausalLM.from_pretrained(str(self.adapter_dir), dtype=load_dtype)
+        kwargs = self.model_kwargs()
+        quantized = bool(self.base_config().get("quantization_config"))
+        if quantized and not self.env.cuda:
+            raise SftError(self.merge_problems()[-1])
+        if self.env.cuda:
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=load_dtype, **kwargs)
+        if quantized:
+            # What Unsloth does too: merge into the dequantized weights, never into 4-bit ones.
+            model = model.dequantize().to(load_dtype)
+        rows = adapter_embedding_rows(self.adapter_dir)
+        if rows and rows != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(self.adapter_dir))
+
+    def load_merged_model(self, dtype: str) -> Any:
+        """Base + adapter merged, returned in ``dtype``. On CPU the merge runs in float32 for accuracy."""
+        import torch
+
+        model = self.load_adapted_model(dtype if self.env.cuda else "float32")
+        if not self.is_full_model:
+            model = model.merge_and_unload()
+        return model.to(getattr(torch, dtype))
+
+    def merge_details(self, merged_dir: Path) -> dict[str, Any]:
+        """What a merged folder's marker says (adapter, dtype, whether training used 4 bits ...)."""
+        marker = Path(merged_dir) / MERGED_MARKER
+        return json.loads(marker.read_text()) if marker.is_file() else {}
+
+    def write_merged(self, out: Path, dtype: str) -> dict[str, Any]:
+        """Merge the adapter into a ``dtype`` base and save an HF folder (weights, tokenizer, marker) at ``out``."""
+        start = time.perf_counter()
+        partial = out.with_name(out.name + ".writing")
+        shutil.rmtree(partial, ignore_errors=True)
+        model = self.load_merged_model(dtype)
+        model.config.dtype = dtype
+        eot_id = self.tokenizer.convert_tokens_to_ids(self.eot_token)
+        eos = [t for t in dict.fromkeys([eot_id, self.tokenizer.eos_token_id]) if isinstance(t, int) and t >= 0]
+        if getattr(model, "generation_config", None) is not None and eos:
+            # So plain transformers generation stops at the template's end of turn.
+            model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+            if self.tokenizer.pad_token_id is not None:
+                model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.save_pretrained(str(partial))
+        self.save_tokenizer(partial)
+        marker = {
+            "adapter": self.adapter_fingerprint(),
+            "dtype": dtype,
+            "base_model": self.config.model.name,
+            "trained_in_4bit": self.trained_in_4bit,
+            "base_was_quantized": bool(self.base_config().get("quantization_config")),
+            "merge_seconds": round(time.perf_counter() - start, 2),
+        }
+        (partial / MERGED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        del model
+        if out.exists():
+            replace_dir(partial, out)
+        else:
+            partial.rename(out)
+        return marker
+
+    # -- reference generation ------------------------------------------------------------------
+    def reference_greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
+        """Greedy tokens of the merged HF model (loaded in float32 with plain transformers) after ``prompt_ids``."""
+        key = ("greedy", tuple(prompt_ids), n)
+        if key in self._cache:
+            return self._cache[key]
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.merged_model_dir()), dtype=torch.float32)
+        model.eval()
+        out: list[int] = []
+        ids = torch.tensor([list(prompt_ids)])
+        past = None
+        with torch.no_grad():
+            for _ in range(n):
+                res = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                nxt = int(res.logits[0, -1].argmax())
+                out.append(nxt)
+                ids = torch.tensor([[nxt]])
+        del model
+        self._cache[key] = out
+        return out
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def adapter_embedding_rows(adapter_dir: Path) -> int | None:
+    """Rows of the embedding the adapter saved (it does when training added tokens), else None."""
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    for key, info in header.items():
+        if "embed_tokens" in key and key.endswith("weight") and "lora_" not in key:
+            return int(info["shape"][0])
+    return None
+
+
+# -- running ------------------------------------------------------------------------------------
+def preflight_exporters(context: ExportContext, names: Sequence[str]) -> dict[str, list[str]]:
+    """Every problem each exporter can see before work starts: name -> messages (empty when fine)."""
+    from .config import plugin_options
+
+    problems: dict[str, list[str]] = {}
+    for name in names:
+        exporter: Exporter = context.pm.get("exporter", name, "export.enabled")
+        options = plugin_options(context.config, "exporter", name, context.pm)
+        found: list[str] = []
+        try:
+            reason = exporter.unsupported_reason(context.env, options)
+            found = [reason] if reason else list(exporter.preflight(context, options))
+        except SftError as exc:
+            found = [str(exc)]
+        except Exception as exc:  # noqa: BLE001 - a broken preflight fails its exporter, not the run
+            found = [f"preflight raised {type(exc).__name__}: {exc}"]
+        problems[name] = found
+    return problems
+
+
+def _result_json(result: ExportResult, seconds: float) -> dict[str, Any]:
+    return {"ok": result.ok, "paths": result.paths, "details": result.details, "error": result.error,
+            "seconds": round(seconds, 2)}
+
+
+def _describe(result: ExportResult, seconds: float) -> str:
+    if not result.ok:
+        return f"export {result.exporter}: FAILED after {seconds:.1f}s: {result.error}"
+    size = sum(dir_size(p) for p in result.paths if Path(p).exists())
+    line = f"export {result.exporter}: ok, {len(result.paths)} path(s), {_gb(size)}, {seconds:.1f}s"
+    verify = result.details.get("verify")
+    if isinstance(verify, dict) and "summary" in verify:
+        line += f"; verify: {verify['summary']}"
+    return line
+
+
+def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
+    from .config import plugin_options
+
+    if not names:
+        return []
+    problems = preflight_exporters(context, names)
+    for name, found in problems.items():
+        for p in found:
+            _say(f"export {name}: preflight: {p}")
+    results: list[ExportResult] = []
+    for name in names:
+        start = time.perf_counter()
+        if problems[name]:
+            result = ExportResult(name, ok=False, error="preflight: " + "; ".join(problems[name]))
+        else:
+            exporter = context.pm.get("exporter", name)
+            options = plugin_options(context.config, "exporter", name, context.pm)
+            _say(f"export {name}: starting")
+            try:
+                result = exporter.export(context, options)
+                if not isinstance(result, ExportResult):
+                    raise TypeError(f"exporter '{name}' returned {type(result).__name__}, not ExportResult")
+            except SftError as exc:
+                result = ExportResult(name, ok=False, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one exporter's crash must not lose the others
+                tb = traceback.format_exc(limit=-3)
+                print(tb, file=sys.stderr)
+                result = ExportResult(name, ok=False, error=f"{type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - start
+        results.append(result)
+        context.run_dir.update_summary(exports={name: _result_json(result, seconds)})
+        _say(_describe(result, seconds))
+    return results
+
+
+def run_exporters(cfg: "DictConfig", run_dir: str | Path | RunDir, pm: "PluginManager | None" = None) -> list[ExportResult]:
+    """Run ``cfg.export.enabled`` on a finished run (the adapter is already saved). Never raises for an exporter's failure."""
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    context = ExportContext(run_dir, cfg, pm)
+    try:
+        return _run(context, list(cfg.export.enabled))
+    finally:
+        context.close()
+
+
+def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequence[str] = (),
+               pm: "PluginManager | None" = None) -> list[ExportResult]:
+    """``sft export RUN_DIR --exporter X [key=value ...]``: export a finished run from its adapter on disk.
+
+    The run's ``config.yaml`` plus ``overrides`` is validated like any config (unknown
+    exporters and options get a did-you-mean); ``exporters`` replaces ``export.enabled``.
+    """
+    from .config import load_config
+
+    rd = RunDir.of(run_dir)
+    if not rd.config.is_file():
+        raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
+    if not rd.adapter.is_dir():
+        raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
+    cfg = load_config(str(rd.config), overrides=list(overrides), flags={"export.enabled": list(exporters)}, pm=pm)
+    return run_exporters(cfg, rd, pm)

@@ -1,0 +1,207 @@
+"""The ``gguf`` exporter: GGUF files for llama.cpp and Ollama, converted offline and verified.
+
+From the merged 16-bit HF model (the one ``merged_16bit`` wrote, or a temporary merge):
+
+- ``f16``, ``bf16``, ``q8_0`` are written in pure Python (``sft.core.gguf_convert``);
+- ``q2_k``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``, ``q6_k`` come from llama.cpp's quantizer
+  (llama-cpp-python) applied to one F16 intermediate, shared by all of them;
+- next to each ``<name>-<QUANT>.gguf`` goes ``<name>-<QUANT>.Modelfile`` for Ollama, whose
+  TEMPLATE and stop lines come from the run's chat-template plugin;
+- with ``export.verify`` (default) each file is loaded in llama.cpp and its greedy tokens
+  compared with the merged HF model's (``sft.core.gguf_verify``).
+
+A quant that fails is reported and the others still get written; files appear only when
+complete (``.partial`` then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+from sft.core import hookimpl
+from sft.core.config import opt
+from sft.core.errors import SftError
+from sft.core.export import ExportContext
+from sft.core.gguf_convert import (
+    ALL_QUANTS,
+    LLAMA_CPP_QUANTS,
+    LLAMA_EXTRA_INSTALL,
+    PYTHON_QUANTS,
+    architecture_problem,
+    convert_to_gguf,
+    gguf_tensor_types,
+    llama_cpp_available,
+    quant_bits,
+    quantize_with_llama_cpp,
+    tokenizer_problem,
+)
+from sft.core.interfaces import ExportResult, Exporter
+
+__all__ = ["GgufOptions", "GgufExporter", "modelfile_text", "register_exporters"]
+
+
+@dataclass
+class GgufOptions:
+    quants: List[str] = opt(["q8_0"], "GGUF quant types to write. f16, bf16, q8_0 need nothing else; the K-quants need llama-cpp-python (pip install 'sft-forge[llama]').", ALL_QUANTS)
+    name: Optional[str] = opt(None, "File-name stem of the GGUF and Modelfile (default: the run name).")
+    modelfile: bool = opt(True, "Write an Ollama Modelfile next to each GGUF.")
+    verify_prompt: Optional[str] = opt(None, "User message whose answer verification compares (default: training.generation_prompt, else a fixed question).")
+    verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model.")
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def modelfile_text(gguf_file: str, template: Any, tokenizer: Any = None) -> str:
+    """An Ollama Modelfile for ``gguf_file`` (a path relative to the Modelfile) and the run's template."""
+    go_template = template.ollama_template(tokenizer)
+    if '"""' in go_template:
+        raise SftError(f"chat template '{template.name}': its Ollama template contains \"\"\", which a Modelfile cannot quote")
+    lines = [
+        f"# Ollama Modelfile written by sft for {gguf_file} (chat template '{template.name}').",
+        f"# ollama create <model-name> -f {Path(gguf_file).stem}.Modelfile",
+        f"FROM ./{gguf_file}",
+        f'TEMPLATE """{go_template}"""',
+    ]
+    lines += [f"PARAMETER stop {_quote(s)}" for s in template.stop_tokens(tokenizer)]
+    return "\n".join(lines) + "\n"
+
+
+class GgufExporter(Exporter):
+    name = "gguf"
+    version = "1"
+    description = "GGUF for llama.cpp/Ollama (f16, bf16, q8_0 in Python; K-quants via llama.cpp), with Modelfile and verification"
+    options = GgufOptions
+
+    def preflight(self, context: ExportContext, options: GgufOptions | None = None) -> list[str]:
+        options = options or GgufOptions()
+        problems = context.merge_problems()
+        if not options.quants:
+            problems.append("export.gguf.quants is empty; name at least one of " + ", ".join(ALL_QUANTS))
+        if (arch := architecture_problem(context.base_config())):
+            problems.append(arch)
+        if (tok := tokenizer_problem(context.tokenizer_dir)):
+            problems.append(tok)
+        elif not problems:
+            from sft.core.gguf_convert import detect_pre_tokenizer
+
+            try:
+                detect_pre_tokenizer(context.tokenizer, context.tokenizer_dir)
+            except SftError as exc:
+                problems.append(str(exc))
+        k_quants = [q for q in options.quants if q in LLAMA_CPP_QUANTS]
+        if k_quants and not llama_cpp_available():
+            problems.append(f"{', '.join(k_quants)} need llama.cpp's quantizer: {LLAMA_EXTRA_INSTALL}; "
+                            f"or keep to {', '.join(PYTHON_QUANTS)}")
+        if context.config.export.verify and not llama_cpp_available():
+            problems.append(f"GGUF verification loads each file in llama.cpp: {LLAMA_EXTRA_INSTALL}, "
+                            f"or turn it off with export.verify=false")
+        params = context.parameter_count()
+        expected = sum(params * quant_bits(q) / 8 for q in options.quants)
+        if k_quants and "f16" not in options.quants:
+            expected += params * 2  # the F16 intermediate
+        if not context.has_merged():
+            expected += context.merged_bytes()  # the temporary merge
+        if (disk := context.disk_problem(int(expected), f"the gguf export ({', '.join(options.quants)})")):
+            problems.append(disk)
+        return problems
+
+    def export(self, context: ExportContext, options: GgufOptions | None = None) -> ExportResult:
+        options = options or GgufOptions()
+        start = time.perf_counter()
+        out_dir = context.output_dir(self.name)
+        stem = options.name or context.name
+        merged = context.merged_model_dir()
+        quants = list(dict.fromkeys(options.quants))
+        files: dict[str, Path] = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in quants}
+        per_quant: dict[str, dict[str, Any]] = {}
+        errors: dict[str, str] = {}
+
+        convert_args = dict(tokenizer=context.tokenizer, tokenizer_dir=context.tokenizer_dir,
+                            chat_template=context.template.jinja(context.tokenizer),
+                            eot_token=context.eot_token, name=stem)
+        # One F16 file feeds every K-quant: the requested f16 output when there is one,
+        # else a temporary file.
+        f16_source: Path | None = None
+        if "f16" in quants or any(q in LLAMA_CPP_QUANTS for q in quants):
+            target = files.get("f16") or context.tmp_dir / f"{stem}-F16-intermediate.gguf"
+            try:
+                info = convert_to_gguf(merged, target, "f16", **convert_args)
+                f16_source = target
+                if "f16" in files:
+                    per_quant["f16"] = info
+            except SftError as exc:
+                errors["f16 (intermediate)" if "f16" not in files else "f16"] = str(exc)
+        for quant in quants:
+            if quant == "f16":
+                continue
+            try:
+                if quant in PYTHON_QUANTS:
+                    per_quant[quant] = convert_to_gguf(merged, files[quant], quant, **convert_args)
+                elif f16_source is None:
+                    errors[quant] = "no F16 intermediate to quantize from (its conversion failed)"
+                else:
+                    per_quant[quant] = quantize_with_llama_cpp(f16_source, files[quant], quant)
+            except SftError as exc:
+                errors[quant] = str(exc)
+        for quant, info in per_quant.items():
+            info["tensor_types"] = dict(Counter(gguf_tensor_types(files[quant]).values()))
+            if options.modelfile:
+                modelfile = files[quant].with_suffix(".Modelfile")
+                _write_text(modelfile, modelfile_text(files[quant].name, context.template, context.tokenizer))
+                info["modelfile"] = str(modelfile)
+
+        verify: dict[str, Any] = {}
+        if context.config.export.verify and per_quant:
+            verify = self._verify(context, options, files, per_quant, errors)
+        paths = [info["path"] for info in per_quant.values()] + [info["modelfile"] for info in per_quant.values() if "modelfile" in info]
+        details: dict[str, Any] = {
+            "quants": per_quant,
+            "merged_from": str(merged),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        if verify:
+            details["verify"] = verify
+        if errors:
+            details["errors"] = errors
+            return ExportResult(self.name, ok=False, paths=paths, details=details,
+                                error="; ".join(f"{q}: {e}" for q, e in errors.items()))
+        return ExportResult(self.name, ok=True, paths=paths, details=details)
+
+    def _verify(self, context: ExportContext, options: GgufOptions, files: dict[str, Path],
+                per_quant: dict[str, dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
+        from sft.core.gguf_verify import verify_gguf
+
+        prompt = context.verify_prompt(options.verify_prompt)
+        prompt_ids = context.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        reference = context.reference_greedy(prompt_ids, options.verify_tokens)
+        lines = []
+        for quant, info in per_quant.items():
+            try:
+                record = verify_gguf(files[quant], quant, prompt, prompt_ids, reference, threads=os.cpu_count())
+            except SftError as exc:
+                errors[quant] = f"verification: {exc}"
+                continue
+            info["verify"] = record
+            lines.append(f"{quant}: {record['summary']}")
+            if not record["ok"]:
+                errors[quant] = f"verification failed: {record['summary']}"
+        return {"prompt": prompt, "reference_text": context.tokenizer.decode(reference),
+                "summary": "; ".join(lines)}
+
+
+def _write_text(path: Path, text: str) -> None:
+    from sft.core.rundir import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+@hookimpl
+def register_exporters(register):
+    register(GgufExporter())
