@@ -1,0 +1,429 @@
+"""QLoRA training throughput: `sft run` (Unsloth backend) against raw Unsloth and plain transformers.
+
+One command measures every setup on the same workload and prints one table::
+
+    python bench/train_throughput.py --tokenizer DIR            # all setups
+    python bench/train_throughput.py --setups sft,unsloth       # a subset
+
+The workload (issue 7): the Llama-3.1-8B shape (hidden 4096, intermediate 14336, 32 layers,
+32 heads, 8 KV heads, vocab 128256, untied), random-init in bf16 on the GPU and saved with
+safetensors; QLoRA r=16 on all 7 linear projections, rsLoRA, adamw_8bit; batches of
+8 x 2048 tokens, one optimizer step per batch, gradient checkpointing on.
+
+Setups, each in its own subprocess so peaks don't mix and Unsloth's patches can't reach
+the transformers baseline:
+
+- ``sft``: ``sft.core.train.run_training`` with ``model.backend=unsloth`` (``training.memory=default``);
+- ``sft-auto``: the same with ``training.memory=auto``;
+- ``unsloth``: a plain Unsloth + TRL script with the same settings;
+- ``hf``: transformers + peft + bitsandbytes (NF4, sdpa attention, gradient checkpointing);
+- ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
+  process, k changed between segments (each segment: 1 warm-up step, then ``--curve-steps``).
+
+tokens/s = batch x seq_len x measured steps / their wall time, taken at each logging step
+after ``torch.cuda.synchronize()``, from the end of warm-up step ``--warmup`` on. Peak is
+``torch.cuda.max_memory_allocated()`` over the whole subprocess (load and probe included);
+curve peaks are per segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+RESULT_TAG = "BENCH_RESULT "
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+
+
+# -- workload -------------------------------------------------------------------------------
+def create_model(model_dir: Path, tokenizer_dir: str) -> None:
+    """Random-init the 8B shape in bf16 directly on the GPU and save it (safetensors) with the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**LLAMA_8B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(model_dir)
+    print(f"created {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params) "
+          f"in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def workload_text(tokenizer: Any, seq_len: int) -> str:
+    """Plain words that tokenize to more than ``seq_len`` tokens (rows are truncated to seq_len)."""
+    words = [f"item{i % 211} is {i * 7919 % 1000} units," for i in range(seq_len)]
+    text = " ".join(words)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > seq_len + 64
+    return text
+
+
+def token_rows(tokenizer: Any, rows: int, seq_len: int) -> list[list[int]]:
+    """``rows`` sequences of exactly ``seq_len`` tokens, each a different window of the workload text."""
+    ids = tokenizer(workload_text(tokenizer, seq_len * 2), add_special_tokens=False)["input_ids"]
+    return [ids[(r * 37) % (len(ids) - seq_len):][:seq_len] for r in range(rows)]
+
+
+# -- timing ---------------------------------------------------------------------------------
+class StepClock:
+    """Wall time at each optimizer step's log, after a CUDA synchronize."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+
+    def tick(self, step: int) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.times[int(step)] = time.perf_counter()
+
+    def tokens_per_s(self, warmup: int, tokens_per_step: int) -> tuple[float, int]:
+        steps = sorted(s for s in self.times if s >= warmup)
+        if len(steps) < 2:
+            raise RuntimeError(f"too few timed steps after warm-up: {sorted(self.times)}")
+        first, last = steps[0], steps[-1]
+        return tokens_per_step * (last - first) / (self.times[last] - self.times[first]), last - first
+
+
+def trainer_callback(clock: StepClock, on_step_begin=None):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if on_step_begin is not None:
+                on_step_begin(state.global_step + 1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                clock.tick(state.global_step)
+
+    return Clock()
+
+
+def sft_args(out: str, steps: int, batch: int, seq_len: int, gradient_checkpointing: bool, **extra: Any):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=5, weight_decay=0.01, optim="adamw_8bit",
+        bf16=True, logging_steps=1, save_strategy="no", report_to="none", seed=3407, max_length=seq_len,
+        packing=False, gradient_checkpointing=gradient_checkpointing, dataset_num_proc=1, **extra)
+
+
+def peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+# -- setups ---------------------------------------------------------------------------------
+def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[str, Any]:
+    """A plain Unsloth notebook: FastLanguageModel + get_peft_model + TRL's SFTTrainer."""
+    from unsloth import FastLanguageModel  # first: Unsloth patches transformers and TRL on import
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        str(a.model_dir), max_seq_length=a.seq, load_in_4bit=True, dtype=None, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=True)
+    clock = StepClock()
+    segments: list[tuple[int, int, int]] = []  # (k, first step, last step)
+    if curve:
+        from unsloth.models._utils import skip_checkpointing
+        from unsloth_zoo.block_swap import find_decoder_layers
+
+        def set_skip(k: int) -> None:
+            for layer in find_decoder_layers(model):
+                layer.__dict__.pop("_unsloth_skip_checkpoint", None)
+            skip_checkpointing(model, k)
+
+        # Segment i: a warm-up step w (the global warm-up for the first), then curve_steps
+        # timed steps; k is switched and the peak reset as its warm-up step begins.
+        w = a.warmup
+        for k in curve:
+            segments.append((k, w, w + a.curve_steps))
+            w += a.curve_steps + 1
+        peaks: dict[int, float] = {}
+
+        def on_step_begin(step: int) -> None:
+            for i, (k, warm, _end) in enumerate(segments):
+                if step == (1 if i == 0 else warm):
+                    if i:
+                        peaks[segments[i - 1][0]] = peak_gib()
+                    set_skip(k)
+                    torch.cuda.reset_peak_memory_stats()
+        steps = segments[-1][2]
+    else:
+        on_step_begin = None
+        steps = a.warmup + a.steps
+    rows = token_rows(tokenizer, steps * a.batch, a.seq)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=dataset,
+        args=sft_args(str(a.work / "unsloth-out"), steps, a.batch, a.seq, True),
+        callbacks=[trainer_callback(clock, on_step_begin)])
+    trainer.train()
+    result = {"versions": versions()}
+    if not curve:
+        tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
+        return {**result, "tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib()}
+    points = []
+    peaks[segments[-1][0]] = peak_gib()
+    layers = len(find_decoder_layers(model))
+    for k, warm, end in segments:
+        sub = StepClock()
+        sub.times = {s: t for s, t in clock.times.items() if warm <= s <= end}
+        tps, n = sub.tokens_per_s(warm, a.batch * a.seq)
+        points.append({"skip": k, "checkpointed": layers - k, "tokens_per_s": tps, "measured_steps": n,
+                       "peak_gib": peaks[k]})
+    return {**result, "curve": points}
+
+
+def run_hf(a: argparse.Namespace) -> dict[str, Any]:
+    """transformers + peft + bitsandbytes, as the PEFT QLoRA guide does it."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             use_rslora=True, bias="none", task_type="CAUSAL_LM"))
+    steps = a.warmup + a.steps
+    dataset = Dataset.from_dict({"input_ids": token_rows(tokenizer, steps * a.batch, a.seq)})
+    clock = StepClock()
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=dataset,
+        args=sft_args(str(a.work / "hf-out"), steps, a.batch, a.seq, True,
+                      gradient_checkpointing_kwargs={"use_reentrant": False}),
+        callbacks=[trainer_callback(clock)])
+    trainer.train()
+    tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
+    return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions()}
+
+
+def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
+    """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin."""
+    from sft.core import hookimpl
+    from sft.core.config import load_config
+    from sft.core.interfaces import Logger
+    from sft.core.plugins import get_plugin_manager
+    from sft.core.train import run_training
+    from transformers import AutoTokenizer
+
+    clock = StepClock()
+
+    class BenchClock(Logger):
+        """Times each logged optimizer step (the bench's only hook into the run)."""
+
+        name = "bench-clock"
+        description = "wall time per logged step, CUDA synchronized"
+
+        def start(self, run, options=None) -> None:
+            clock.times.clear()
+
+        def log(self, step, metrics) -> None:
+            if "loss" in metrics:
+                clock.tick(step)
+
+        def finish(self, summary) -> None:
+            pass
+
+    class Plugin:
+        @hookimpl
+        def register_loggers(self, register):
+            register(BenchClock())
+
+    pm = get_plugin_manager()
+    pm.register(Plugin(), "bench-clock")
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    steps = a.warmup + a.steps
+    text = workload_text(tokenizer, a.seq)
+    data = a.work / "sft-data.jsonl"
+    with data.open("w") as f:
+        for r in range(steps * a.batch):
+            convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
+            f.write(json.dumps({"conversations": convo}) + "\n")
+    out = a.work / f"sft-run-{memory}"
+    overrides = [
+        f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
+        "lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.use_rslora=true",
+        "lora.use_gradient_checkpointing=auto", f"lora.target_modules=[{','.join(TARGETS)}]",
+        f"data.dataset={data}", "data.format=sharegpt", "data.train_on=all",
+        f"training.output_dir={out}", f"training.per_device_train_batch_size={a.batch}",
+        "training.gradient_accumulation_steps=1", f"training.max_steps={steps}", "training.optim=adamw_8bit",
+        "training.learning_rate=2e-4", "training.logging_steps=1", f"training.save_steps={steps + 100}",
+        f"training.memory={memory}", "training.generation_max_new_tokens=4",
+        "loggers.enabled=[bench-clock]", "export.enabled=[]",
+    ]
+    cfg = load_config(None, overrides, pm=pm)
+    run_training(cfg)
+    tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions(),
+            "memory_plan": _find(summary, "memory_plan"),
+            "train_tokens": _find(summary, "tokens")}
+
+
+def _find(obj: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in a nested summary."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for value in obj.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"device": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda)}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "unsloth", "unsloth_zoo", "triton", "sft-forge"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# -- driver ---------------------------------------------------------------------------------
+def worker(a: argparse.Namespace) -> None:
+    setup = a.worker
+    if setup == "create":
+        create_model(a.model_dir, a.tokenizer)
+        return
+    result = {
+        "sft": lambda: run_sft(a, "default"),
+        "sft-auto": lambda: run_sft(a, "auto"),
+        "unsloth": lambda: run_unsloth(a),
+        "hf": lambda: run_hf(a),
+        "curve": lambda: run_unsloth(a, curve=[int(k) for k in a.curve.split(",")]),
+    }[setup]()
+    print(RESULT_TAG + json.dumps({"setup": setup, **result}), flush=True)
+
+
+LABELS = {
+    "sft": "sft run (unsloth, memory=default)",
+    "unsloth": "raw Unsloth (gc=\"unsloth\")",
+    "hf": "transformers+peft+bnb (sdpa, gc)",
+    "sft-auto": "sft run (unsloth, memory=auto)",
+}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    ref = results.get("unsloth", {})
+    lines = ["| setup | tokens/s | x raw Unsloth | peak GiB | x raw Unsloth |", "|---|---:|---:|---:|---:|"]
+    for setup in ("sft", "unsloth", "hf", "sft-auto"):
+        r = results.get(setup)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {LABELS[setup]} | failed: {r['error']} | | | |")
+            continue
+        tps = f"{r['tokens_per_s']:,.0f}"
+        mem = f"{r['peak_gib']:.2f}"
+        rt = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if "tokens_per_s" in ref else "-"
+        rm = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if "peak_gib" in ref else "-"
+        lines.append(f"| {LABELS[setup]} | {tps} | {rt} | {mem} | {rm} |")
+    curve = results.get("curve", {}).get("curve")
+    if curve:
+        lines += ["", "| layers checkpointed (of 32) | skip k | tokens/s | peak GiB |", "|---:|---:|---:|---:|"]
+        for p in curve:
+            lines.append(f"| {p['checkpointed']} | {p['skip']} | {p['tokens_per_s']:,.0f} | {p['peak_gib']:.2f} |")
+    plan = results.get("sft-auto", {}).get("memory_plan")
+    if plan:
+        lines += ["", f"memory=auto plan: {json.dumps(plan)}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setups", default="sft,unsloth,hf,sft-auto,curve")
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sft-bench/llama-3.1-8b-shape"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/sft-bench"))
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder for the random model (default: embedded SmolLM2).")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="Measured steps after warm-up.")
+    p.add_argument("--curve", default="0,8,16,24,32", help="checkpoint_skip_layers values for the curve.")
+    p.add_argument("--curve-steps", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    p.add_argument("--timeout", type=int, default=900, help="Seconds per setup subprocess.")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.worker:
+        worker(a)
+        return
+    if a.tokenizer is None:
+        from sft.core.models import embedded_model_dir
+
+        a.tokenizer = str(embedded_model_dir())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, __file__, "--model-dir", str(a.model_dir), "--work", str(a.work), "--tokenizer", a.tokenizer,
+            "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
+            "--curve", a.curve, "--curve-steps", str(a.curve_steps)]
+    if not (a.model_dir / "config.json").exists():
+        subprocess.run(base + ["--worker", "create"], env=env, check=True)
+    results: dict[str, dict[str, Any]] = {}
+    for setup in a.setups.split(","):
+        start = time.perf_counter()
+        print(f"== {setup}", flush=True)
+        try:
+            proc = subprocess.run(base + ["--worker", setup], env=env, capture_output=True, text=True, timeout=a.timeout)
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            proc = None
+        (a.work / f"{setup}.log").write_text(output)
+        found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
+        if found:
+            results[setup] = json.loads(found[-1])
+        else:
+            tail = [l for l in output.splitlines() if l.strip()][-3:]
+            results[setup] = {"error": (tail[-1] if tail else "no output")[:200]}
+            print("\n".join(output.splitlines()[-40:]), flush=True)
+        print(f"   {time.perf_counter() - start:.0f}s: {json.dumps(results[setup])[:400]}", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
