@@ -59,9 +59,12 @@ class MetricsHub:
             getattr(logger, method)(*args)
         except Exception as exc:  # noqa: BLE001 - a broken logger must not stop training
             self.disabled[logger.name] = f"{type(exc).__name__}: {exc}"
+            # An SftError already says how to fix it; anything else gets the generic advice.
+            fix = "" if isinstance(exc, SftError) else (
+                f" Fix its options under loggers.{logger.name} or drop it from loggers.enabled.")
             print(
-                f"[sft] logger '{logger.name}' failed in {method}() and is now disabled: {exc}. "
-                f"Fix its options under loggers.{logger.name} or drop it from loggers.enabled.",
+                f"[sft] logger '{logger.name}' failed in {method}() and is now disabled; training continues. "
+                f"{type(exc).__name__}: {exc}{fix}",
                 file=sys.stderr,
             )
 
