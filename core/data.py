@@ -342,16 +342,6 @@ def _load_hub(source: Source, split: str) -> Any:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
-@dataclass
-class _Split:
-    """The raw rows of one split and a hash of where they came from."""
-
-    rows: list[Any]
-    refs: list[RowRef]
-    fingerprint: str
-    columns: list[str]
-
-
 def _fingerprint_split(source: Source, split: str, key: str) -> tuple[str, Any]:
     """A content hash for ``split`` of ``source``, plus what reading it needs (files or a hub dataset)."""
     name, start, stop = parse_split(split, key)
@@ -430,12 +420,22 @@ def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str],
 
 
 def load_template(cfg: Any, pm: "PluginManager | None" = None) -> ChatTemplate:
-    """The :class:`ChatTemplate` named by ``cfg.template.name``.
+    """The :class:`ChatTemplate` named by ``cfg.template.name``, with its options applied.
 
-    Templates take no options through the interface (their methods have no ``options``
-    argument), so this returns the registered object itself.
+    A template with an ``options`` dataclass gets the config node ``template.<name>``; since
+    the interface's methods take no options, a template that has options provides
+    ``configure(options) -> ChatTemplate`` returning a configured copy, and that copy is used.
     """
-    return _pm(pm).get("chat_template", cfg.template.name, "template.name")
+    from .config import plugin_options
+
+    pm = _pm(pm)
+    name = cfg.template.name
+    template = pm.get("chat_template", name, "template.name")
+    options = plugin_options(cfg, "chat_template", name, pm)
+    configure = getattr(template, "configure", None)
+    if options is not None and callable(configure):
+        template = configure(options)
+    return template
 
 
 # -- the tokenizer ----------------------------------------------------------------------

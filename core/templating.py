@@ -31,6 +31,7 @@ __all__ = [
     "encode_rendered",
     "end_of_turn",
     "as_messages",
+    "token_runs",
 ]
 
 
@@ -222,3 +223,15 @@ def encode_rendered(
             mask[empty] = flags[at] > 0
         out.append((list(ids), mask.astype(np.int8).tolist()))
     return out
+
+
+def token_runs(input_ids: Sequence[int], mask: Sequence[int]) -> list[tuple[bool, list[int]]]:
+    """Split a row into maximal runs of trained / untrained tokens: ``[(trained, ids), ...]``."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, flag in zip(input_ids, mask):
+        trained = bool(flag)
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return runs
