@@ -193,9 +193,10 @@ def train_tiny(output_dir: str | Path, model_dir: str | Path, *overrides: str, d
     return Path(output_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_tokenizer(tiny_model_dir: Path) -> Any:
-    """The tiny model's tokenizer (SmolLM2's real one)."""
+    """The tiny model's tokenizer (SmolLM2's real one), loaded fresh for each test (the data
+    pipeline adapts the tokenizer it is given to the template, so it is never shared)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -51,6 +51,12 @@ class DollyFormat(DatasetFormat):
     description = "Dolly-style rows: instruction, optional context, response (databricks-dolly-15k)."
     options = DollyOptions
     columns = ("instruction", "context", "response")
+    #: Valid raw rows, for docs and for sft's matrix tests (every format x template x exporter).
+    sample_rows = (
+        {"instruction": "Who are you?", "context": "", "response": "I'm Forge.", "category": "open_qa"},
+        {"instruction": "Summarize the text.", "context": "Forge is a small assistant\nmade by sft-forge.",
+         "response": "A small assistant.", "category": "summarization"},
+    )
 
     def to_conversation(self, row: Mapping[str, Any], options: DollyOptions | None = None) -> list[Message]:
         options = options or DollyOptions()

@@ -7,8 +7,8 @@ and the exports listed in ``summary.json``. With ``adapter_readme`` (the default
 replaces PEFT's placeholder ``adapter/README.md``, so uploading the adapter folder to the Hub
 carries a real card.
 
-It reads ``config.yaml`` and ``summary.json`` only, so it works on any finished run, and
-``sft export RUN --exporter modelcard`` refreshes it. List it last in ``export.enabled``: the
+It needs no model, only the run's config and ``summary.json``, so it works on any finished run
+and ``sft export RUN --exporter modelcard`` refreshes it. List it last in ``export.enabled``: the
 card lists the exports that ran before it.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from sft.core import Exporter, ExportResult, SftError, hookimpl
+from sft.core import Exporter, ExportResult, hookimpl
 from sft.core.config import opt
 from sft.core.rundir import RunDir, atomic_write_text
 
@@ -143,26 +143,21 @@ class ModelCardExporter(Exporter):
     description = "A Hugging Face model card (README.md with YAML front matter) from config.yaml and summary.json."
     options = ModelCardOptions
 
-    def preflight(self, context: Any, options: ModelCardOptions | None = None) -> list[str]:
-        run = RunDir.of(context.run_dir)
-        return [] if run.config.exists() else [f"{run.config}: missing; is {run.root} a run directory?"]
-
     def export(self, context: Any, options: ModelCardOptions | None = None) -> ExportResult:
-        import yaml
+        """Write the card from ``context.config`` (the run's config plus any ``sft export`` overrides)."""
+        from omegaconf import OmegaConf
 
         options = options or ModelCardOptions()
-        run = RunDir.of(context.run_dir)
-        if not run.config.exists():
-            raise SftError(f"{run.config}: missing; the model card is written from a run's config.yaml")
-        config = yaml.safe_load(run.config.read_text()) or {}
-        text = render_model_card(config, run.read_summary(), options, run.root.name)
+        run: RunDir = context.run_dir
+        config = OmegaConf.to_container(context.config, resolve=True)
+        text = render_model_card(config, run.read_summary(), options, context.name)
         out = Path(context.output_dir(self.name)) / "README.md"
         atomic_write_text(out, text)
         paths = [str(out)]
         if options.adapter_readme and run.adapter.is_dir():
             atomic_write_text(run.adapter / "README.md", text)
             paths.append(str(run.adapter / "README.md"))
-        # Verify: the front matter parses back and names the base model the run trained.
+        # Verify: the front matter parses back (as the Hub parses it) and names the trained base model.
         front = read_front_matter(out.read_text())
         verified = front.get("base_model") == _get(config, "model.name")
         return ExportResult(self.name, ok=verified, paths=paths,
