@@ -8,7 +8,6 @@ as plain text with no control codes, so logs stay greppable.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +61,8 @@ class ConsoleLogger(Logger):
         self._first_step = 0
         self._started = 0.0
         self._last: dict[str, float] = {}
+        #: (cumulative tokens, monotonic time) at the previous logging step
+        self._token_mark: tuple[float | None, float] = (None, 0.0)
 
     # -- Logger ----------------------------------------------------------------------------
     def start(self, run: RunInfo, options: ConsoleOptions | None = None) -> None:
@@ -73,6 +74,7 @@ class ConsoleLogger(Logger):
         self._total = run.total_steps
         self._first_step = run.resumed_from_step
         self._started = time.monotonic()
+        self._token_mark = (0.0 if not run.resumed_from_step else None, self._started)
         stream: TextIO = sys.stderr if self._options.stream == "stderr" else sys.stdout
         style = self._options.style
         if style == "auto":
@@ -92,6 +94,7 @@ class ConsoleLogger(Logger):
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         is_eval = any(k.startswith("eval_") for k in metrics)
         if not is_eval:
+            metrics = self._with_token_rate(metrics)
             self._last.update({k: v for k, v in metrics.items() if _is_number(v)})
         self._print(self.format_line(step, metrics))
         if self._progress is not None and not is_eval:
@@ -123,6 +126,18 @@ class ConsoleLogger(Logger):
         if eta is not None and not is_eval:
             parts.append(f"eta {format_duration(eta)}")
         return "  ".join(parts)
+
+    def _with_token_rate(self, metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Add ``tokens_per_second`` from the cumulative ``tokens`` count when the trainer did not send it."""
+        tokens = metrics.get("tokens")
+        if "tokens_per_second" in metrics or not _is_number(tokens) or isinstance(tokens, str):
+            return metrics
+        now = time.monotonic()
+        last_tokens, last_time = self._token_mark
+        self._token_mark = (float(tokens), now)
+        if last_tokens is None or now <= last_time:
+            return metrics
+        return {**metrics, "tokens_per_second": (float(tokens) - last_tokens) / (now - last_time)}
 
     def eta(self, step: int) -> float | None:
         """Seconds left, from the mean time per step since :meth:`start` (None when unknown)."""
