@@ -254,12 +254,14 @@ def summary_table(summary: Mapping[str, Any], title: str = "summary") -> Any:
     """A rich ``Table`` of :func:`flatten_summary` rows (plain text when printed to a non-terminal)."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, box=box.SIMPLE, show_header=True, header_style="bold")
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
     for key, text in flatten_summary(summary):
-        table.add_row(key, text)
+        # Text, not str: values such as a generated "[INST] ..." are data, never rich markup.
+        table.add_row(Text(key), Text(text))
     return table
 
 

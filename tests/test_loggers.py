@@ -238,7 +238,8 @@ def test_console_auto_mode_is_plain_when_not_a_terminal() -> None:
         logger.start(RunInfo("pipe", "/tmp/pipe", {}, total_steps=2))
         logger.log(1, {"loss": 2.0, "learning_rate": 2e-4, "grad_norm": 0.5, "epoch": 0.5})
         logger.log(2, {"loss": float("nan"), "tokens": 4096})
-        logger.finish({})
+        logger.finish({"generation": {"text": "[/bold] Hi![INST]"}})  # data, not rich markup
+    assert "generation.text   [/bold] Hi![INST]" in out.getvalue()
     lines = out.getvalue().splitlines()
     assert lines[1].startswith("step 1/2  loss 2.0000  lr 2.00e-04  grad_norm 0.5000  epoch 0.50")
     assert lines[2].startswith("step 2/2  loss nan  tok/s ")  # rate from the cumulative token count
