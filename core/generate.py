@@ -1,0 +1,159 @@
+"""Generation with a trained run: ``sft generate``, ``sft chat`` and the quick check after training.
+
+Everything goes through :func:`generate_reply`, so the quick generation that training prints
+and stores in ``summary.json`` renders and stops exactly like ``sft generate`` does: the
+run's chat template builds the prompt (:meth:`ChatTemplate.generation_prompt`), decoding is
+greedy, and it stops at the template's stop tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import SftError
+from .interfaces import Message
+
+if TYPE_CHECKING:
+    from .interfaces import ChatTemplate
+
+__all__ = ["generate_reply", "load_run", "generate_from_run", "chat_with_run", "first_user_prompt"]
+
+
+def first_user_prompt(conversations: Sequence[Sequence[Message]]) -> list[Message] | None:
+    """The messages up to and including the first user turn of the first conversation (system turn kept)."""
+    for conversation in conversations:
+        head: list[Message] = []
+        for message in conversation:
+            head.append(message)
+            if message.role == "user":
+                return head
+    return None
+
+
+def _stop_ids(tokenizer: Any, stops: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Stop strings that are one token become ids (fast); the others stay strings."""
+    ids, strings = [], []
+    for stop in stops:
+        encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            strings.append(stop)
+    return ids, strings
+
+
+def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", messages: Sequence[Message],
+                   max_new_tokens: int = 128, stream: bool = False) -> str:
+    """Greedy-decode the next assistant turn for ``messages``; return its text without stop tokens.
+
+    With ``stream``, the text is printed to stdout as it is produced (``TextStreamer``).
+    """
+    import torch
+
+    prompt = template.generation_prompt(list(messages), tokenizer)
+    encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    device = next(model.parameters()).device
+    encoded = {k: v.to(device) for k, v in encoded.items()}
+    stops = template.stop_tokens(tokenizer)
+    stop_ids, stop_strings = _stop_ids(tokenizer, stops)
+    kwargs: dict[str, Any] = {}
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    if stream:
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                # Sampling knobs from the model's generation_config would only raise warnings.
+                temperature=None, top_p=None, top_k=None,
+                eos_token_id=stop_ids or tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                use_cache=True,
+                **kwargs,
+            )
+    finally:
+        if was_training:
+            model.train()
+    new = output[0, encoded["input_ids"].shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=False)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    text = text[:cut]
+    for special in (tokenizer.pad_token, tokenizer.eos_token):
+        if special:
+            text = text.replace(special, "")
+    return text.strip()
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
+    """Load ``(model, tokenizer, template, cfg)`` of a finished run: the base model plus the run's adapter.
+
+    The tokenizer comes from ``adapter/`` (it carries the template's chat_template and any
+    added tokens); the template plugin is the one named in the run's ``config.yaml``.
+    """
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_template
+    from .env import current_environment
+    from .models import resolve_model
+    from .rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    if not run.config.is_file():
+        raise SftError(f"{run.root}: not a run directory (no config.yaml)")
+    if not run.adapter.is_dir():
+        raise SftError(f"{run.root}: the run has no adapter/ yet (did training finish?)")
+    cfg = OmegaConf.load(run.config)
+    template = load_template(cfg)
+    env = current_environment()
+    dtype = torch.float32 if not env.cuda else (torch.bfloat16 if env.bf16 else torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    if (run.adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        kwargs = {"revision": cfg.model.revision} if cfg.model.get("revision") else {}
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=dtype, **kwargs)
+        if base.get_input_embeddings().num_embeddings < len(tokenizer):
+            base.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(base, run.adapter)
+    else:  # full fine-tuning saves the whole model there
+        model = AutoModelForCausalLM.from_pretrained(run.adapter, dtype=dtype)
+    if env.cuda:
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer, template, cfg
+
+
+def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128) -> str:
+    """``sft generate RUN_DIR PROMPT``: stream the run's answer to ``prompt`` and return it."""
+    model, tokenizer, template, _cfg = load_run(run_dir)
+    return generate_reply(model, tokenizer, template, [Message("user", prompt)], max_new_tokens, stream=True)
+
+
+def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256) -> None:
+    """``sft chat RUN_DIR``: a terminal chat; an empty line or end of input quits."""
+    model, tokenizer, template, _cfg = load_run(run_dir)
+    history: list[Message] = []
+    print(f"Chatting with {Path(run_dir)} (template {template.name}). Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append(Message("user", line))
+        sys.stdout.write("bot> ")
+        sys.stdout.flush()
+        reply = generate_reply(model, tokenizer, template, history, max_new_tokens, stream=True)
+        history.append(Message("assistant", reply))

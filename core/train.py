@@ -1,0 +1,400 @@
+"""``sft run``: one training run, from a validated config to a finished run directory.
+
+The order matters and is what makes a run safe to interrupt or to fail late:
+
+1. the run directory (``training.output_dir``, else ``runs/<run_name or timestamp>``) and
+   its resolved ``config.yaml``; with ``--resume``, the last *complete* checkpoint in it;
+2. the backend (``model.backend``; ``auto`` picks the available one with the highest
+   priority: Unsloth on CUDA, transformers + PEFT elsewhere);
+3. tokenizer and data (:mod:`sft.core.data`): every data error surfaces before the model
+   weights load;
+4. model + LoRA from the backend, then TRL's SFTTrainer (:mod:`sft.core.trainer`) with the
+   pre-tokenized rows: labels are built from the ``assistant_masks`` column, so only
+   trained tokens get labels;
+5. metrics to ``metrics.jsonl`` and the enabled loggers at every logging step;
+6. ``adapter/`` (PEFT adapter + tokenizer carrying the template's chat_template), then
+   ``loss.png``, the quick generation and ``summary.json``, so the result is on disk
+   before any exporter starts;
+7. the exporters in ``export.enabled``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backends import notice, select_backend
+from .errors import SftError
+from .rundir import RunDir, atomic_write_text
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from .env import Environment
+    from .plugins import PluginManager
+
+__all__ = ["run_training", "resolve_run_dir", "training_arguments", "build_trainer"]
+
+
+# -- the run directory ----------------------------------------------------------------------
+def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Path = "runs") -> RunDir:
+    """Where this run lives: ``training.output_dir``, else ``runs/<run_name>``, else ``runs/<timestamp>``.
+
+    With ``resume`` and neither set, the most recent run under ``runs/`` that has checkpoints.
+    """
+    t = cfg.training
+    if t.output_dir:
+        return RunDir.of(Path(t.output_dir).expanduser())
+    root = Path(runs_root)
+    if t.run_name:
+        return RunDir.of(root / str(t.run_name))
+    if resume:
+        candidates = sorted((p for p in root.glob("*/checkpoints") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise SftError(f"--resume: no run with checkpoints under {root}/; name one with --output or training.run_name")
+        chosen = candidates[-1].parent
+        notice(f"--resume: continuing the most recent run with checkpoints, {chosen}")
+        return RunDir.of(chosen)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return RunDir.of(path)
+
+
+def _check_fresh(run: RunDir) -> None:
+    """A new (non-resumed) run must not overwrite a previous run's results."""
+    leftovers = [p.name for p in (run.checkpoints, run.adapter) if p.exists() and any(p.iterdir())]
+    if leftovers:
+        raise SftError(
+            f"{run.root} already holds a run ({', '.join(leftovers)}/); continue it with --resume, "
+            f"or choose another directory (--output or training.run_name)")
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []
+
+
+# -- hyperparameters --------------------------------------------------------------------------
+_EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool) -> Any:
+    """The ``trl.SFTConfig`` for ``cfg.training`` (HF TrainingArguments names map one to one).
+
+    CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
+    together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
+    (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+    """
+    import torch
+    from trl import SFTConfig
+
+    from .backends import resolve_dtype
+
+    t = cfg.training
+    optim = t.optim
+    if optim == "auto":
+        optim = "adamw_8bit" if env.cuda else "adamw_torch"
+        if not env.cuda:
+            notice("training.optim=auto: adamw_torch on CPU (8-bit AdamW needs CUDA)")
+    elif optim in _EIGHT_BIT and not env.cuda:
+        notice(f"training.optim={optim} needs CUDA (bitsandbytes); using adamw_torch on CPU")
+        optim = "adamw_torch"
+    dtype = resolve_dtype(cfg, env)
+    bf16 = t.bf16 if t.bf16 is not None else (env.cuda and dtype == torch.bfloat16)
+    fp16 = t.fp16 if t.fp16 is not None else (env.cuda and dtype == torch.float16)
+    eval_strategy = t.eval_strategy
+    if eval_strategy == "auto":
+        eval_strategy = "steps" if has_eval else "no"
+    if not has_eval:
+        eval_strategy = "no"
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=float(t.learning_rate),
+        lr_scheduler_type=t.lr_scheduler_type,
+        per_device_train_batch_size=int(t.per_device_train_batch_size),
+        per_device_eval_batch_size=int(t.per_device_eval_batch_size),
+        gradient_accumulation_steps=int(t.gradient_accumulation_steps),
+        num_train_epochs=float(t.num_train_epochs),
+        max_steps=int(t.max_steps),
+        optim=optim,
+        weight_decay=float(t.weight_decay),
+        # transformers 5: warmup_steps < 1 is a fraction of all steps (warmup_ratio is gone).
+        warmup_steps=warmup,
+        max_grad_norm=float(t.max_grad_norm),
+        seed=int(t.seed),
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        # Never hide a NaN/inf loss from the logs (the trainer stops on it anyway).
+        logging_nan_inf_filter=False,
+        eval_strategy=eval_strategy,
+        eval_steps=int(t.eval_steps or t.logging_steps * 10),
+        save_strategy="steps",
+        save_steps=int(t.save_steps),
+        save_total_limit=int(t.save_total_limit),
+        bf16=bool(bf16),
+        fp16=bool(fp16),
+        # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU).
+        gradient_checkpointing=False,
+        use_cpu=not env.cuda,
+        packing=bool(t.packing),
+        # Rows are already truncated to model.max_seq_length by the data pipeline; packing
+        # needs the length to fill its bins.
+        max_length=int(cfg.model.max_seq_length) if t.packing else None,
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
+def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env: "Environment",
+                  output_dir: str | Path, trained_positions_loss: bool, callbacks: list[Any] = ()) -> Any:
+    """The SFTTrainer subclass of :mod:`sft.core.trainer` on the prepared rows (also used by ``bench/``)."""
+    import logging
+
+    from .trainer import trainer_class
+
+    args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None)
+    # TRL warns that padding-free packing wants FlashAttention; transformers >= 5 keeps packed
+    # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Flash Attention" not in record.getMessage())
+    return trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        trained_positions_loss=trained_positions_loss,
+    )
+
+
+# -- the run ----------------------------------------------------------------------------------
+def _say(message: str) -> None:
+    print(f"[sft] {message}", file=sys.stderr)
+
+
+def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
+    from .config import plugin_options
+
+    return [(pm.get("logger", name, "loggers.enabled"), plugin_options(cfg, "logger", name, pm))
+            for name in cfg.loggers.enabled]
+
+
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
+    """Write ``adapter/`` through a temporary folder, so a crash never leaves half an adapter."""
+    tmp = run.root / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = run.root / ".adapter.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.adapter.exists():
+        run.adapter.rename(old)
+    tmp.rename(run.adapter)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
+    t = cfg.training
+    if t.max_steps > 0:
+        return int(t.max_steps)
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    return max(1, math.ceil(len(trainer.train_dataset) / per_step * float(t.num_train_epochs)))
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    for record in reversed(records):
+        if key in record and isinstance(record[key], (int, float)):
+            return float(record[key])
+    return None
+
+
+def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" = None) -> Path:
+    """Train as ``cfg`` says and return the run directory. See the module docstring for the stages.
+
+    Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
+    that says what to change; the run directory keeps whatever was finished.
+    """
+    from omegaconf import OmegaConf
+
+    from . import checkpoints
+    from .config import config_to_yaml
+    from .env import current_environment
+
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    started = time.perf_counter()
+    durations: dict[str, float] = {}
+
+    run = resolve_run_dir(cfg, resume)
+    resume_from = None
+    if resume:
+        last = checkpoints.last_complete(run.checkpoints, notify=notice)
+        if last is None:
+            raise SftError(f"--resume: no complete checkpoint in {run.checkpoints}; run again without --resume")
+        resume_from = last
+        if run.config.is_file():
+            changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(run.config)),
+                                    OmegaConf.to_container(cfg, resolve=True))
+            if changed:
+                notice(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}")
+        _say(f"resuming {run.root} from {last.path.name} (step {last.step})")
+    else:
+        _check_fresh(run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.config, config_to_yaml(cfg))
+
+    env = current_environment()
+    backend = select_backend(cfg, pm, env)
+    if hasattr(backend, "prepare_environment"):
+        backend.prepare_environment()
+    if not env.cuda:
+        notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
+
+    # Data before weights: a bad row fails in seconds, not after the model loads.
+    from .data import build_datasets, describe_stats, load_template, prepare_tokenizer
+    from .models import load_tokenizer
+
+    tick = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    template = load_template(cfg, pm)
+    prepare_tokenizer(tokenizer, template, cfg)
+    data = build_datasets(cfg, pm, tokenizer)
+    durations["data"] = time.perf_counter() - tick
+    _say(f"data: {describe_stats(data.stats)}")
+
+    tick = time.perf_counter()
+    model, _backend_tokenizer = backend.load(cfg)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        # The template's end-of-turn or pad token was added to the vocabulary.
+        model.resize_token_embeddings(len(tokenizer))
+    model = backend.prepare_for_training(model, cfg)
+    durations["load"] = time.perf_counter() - tick
+
+    from .interfaces import RunInfo
+    from .metrics import MetricsHub, read_metrics
+    from .trainer import NonFiniteLossError, metrics_callback
+
+    hub = MetricsHub(run.root, _loggers(cfg, pm))
+    callback = metrics_callback(hub)
+    trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
+                            trained_positions_loss=getattr(backend, "trained_positions_loss", False),
+                            callbacks=[callback])
+    name = run.root.name
+    hub.start(RunInfo(name=name, run_dir=str(run.root), config=OmegaConf.to_container(cfg, resolve=True),
+                      total_steps=_total_steps(cfg, trainer),
+                      resumed_from_step=resume_from.step if resume_from else 0, model=model))
+    base_summary: dict[str, Any] = {
+        "run_name": name,
+        "run_dir": str(run.root),
+        "backend": backend.name,
+        "device": env.device_name,
+        "method": cfg.model.method,
+        "model": cfg.model.name,
+        "dataset": data.stats,
+        "resumed_from": str(resume_from.path) if resume_from else None,
+    }
+
+    tick = time.perf_counter()
+    tokens_before = 0
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+        if data.eval is not None and trainer.args.eval_strategy != "no":
+            records = read_metrics(run.metrics)
+            evaluated = any("eval_loss" in r and r["step"] == trainer.state.global_step for r in records)
+            if not evaluated:
+                trainer.evaluate()
+    except BaseException as exc:
+        status = "nan" if isinstance(exc, NonFiniteLossError) else (
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        summary = run.update_summary(**base_summary, status=status, error=str(exc),
+                                     steps=trainer.state.global_step,
+                                     durations={**durations, "train": time.perf_counter() - tick})
+        hub.finish(summary)
+        raise
+    durations["train"] = time.perf_counter() - tick
+    if resume_from is not None:
+        tokens_before = _resumed_tokens(resume_from.path)
+
+    tick = time.perf_counter()
+    _save_adapter(trainer.model, tokenizer, run)
+    durations["save"] = time.perf_counter() - tick
+    _say(f"adapter saved: {run.adapter}")
+
+    from . import metrics as metrics_module
+
+    if hasattr(metrics_module, "write_loss_plot") and run.metrics.exists():
+        try:
+            metrics_module.write_loss_plot(run.root)
+        except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run
+            notice(f"could not write loss.png: {exc}")
+
+    generation = _quick_generation(cfg, trainer.model, tokenizer, template, data)
+    durations["generation"] = generation.pop("seconds")
+
+    records = read_metrics(run.metrics) if run.metrics.exists() else []
+    tokens = int(trainer.state.num_input_tokens_seen)
+    summary = run.update_summary(
+        **base_summary,
+        status="ok",
+        error=None,
+        steps=int(trainer.state.global_step),
+        epochs=round(float(trainer.state.epoch or 0.0), 4),
+        tokens=tokens,
+        tokens_per_second=round((tokens - tokens_before) / max(durations["train"], 1e-9), 2),
+        train_loss=_last(records, "loss"),
+        eval_loss=_last(records, "eval_loss"),
+        mean_train_loss=round(float(result.training_loss), 6),
+        generation=generation,
+        durations={k: round(v, 2) for k, v in {**durations, "total": time.perf_counter() - started}.items()},
+    )
+    hub.finish(summary)
+
+    if list(cfg.export.enabled):
+        from .export import run_exporters
+
+        run_exporters(cfg, run, pm)
+    return run.root
+
+
+def _resumed_tokens(checkpoint: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _quick_generation(cfg: "DictConfig", model: Any, tokenizer: Any, template: Any, data: Any) -> dict[str, Any]:
+    """Answer the configured prompt (default: the first eval row's user turn, else the first train row's)."""
+    from .generate import first_user_prompt, generate_reply
+    from .interfaces import Message
+
+    tick = time.perf_counter()
+    if cfg.training.generation_prompt:
+        messages = [Message("user", str(cfg.training.generation_prompt))]
+    else:
+        messages = first_user_prompt(data.eval_conversations) or first_user_prompt(data.train_conversations) or []
+    if not messages:
+        return {"prompt": None, "text": None, "seconds": 0.0}
+    text = generate_reply(model, tokenizer, template, messages, cfg.training.generation_max_new_tokens)
+    prompt = messages[-1].content
+    print(f"\nquick generation\n  prompt: {prompt}\n  answer: {text}\n", flush=True)
+    return {"prompt": prompt, "text": text, "seconds": time.perf_counter() - tick}

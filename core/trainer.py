@@ -1,0 +1,185 @@
+"""The trainer `sft` runs: TRL's SFTTrainer with atomic checkpoints, a NaN guard and a lean loss.
+
+:func:`trainer_class` builds (once, lazily: it imports TRL) a subclass of ``trl.SFTTrainer``:
+
+- **Loss at trained positions only** (backends with ``trained_positions_loss``, the CPU
+  path): the model's output head runs only on the hidden states whose next token is
+  trained (``logits_to_keep`` as a boolean mask), and the cross-entropy is normalised by
+  the number of trained tokens in the accumulated batch, like the Trainer's own loss. On
+  SmolLM2-135M the 49k-word head is a fifth of the model; skipping it at prompt and padding
+  positions, and skipping TRL's per-step entropy/accuracy metrics, is what lifts CPU
+  throughput above a plain PyTorch loop (``bench/cpu_throughput.py``).
+- **NaN/inf guard**: a non-finite loss stops the run with :class:`NonFiniteLossError`
+  naming the step; a checkpoint is never written from non-finite weights, so the last one
+  on disk is the last good one.
+- **Atomic checkpoints** through :mod:`sft.core.checkpoints`: the Trainer writes into a
+  staging folder, which is renamed into place and marked ``COMPLETE``; rotation never
+  deletes the newest complete checkpoint.
+- **Token counting**: ``state.num_input_tokens_seen`` counts the non-padding tokens of
+  every training micro-batch; it is saved with each checkpoint, so it survives a resume.
+
+:func:`metrics_callback` sends every logging step to the :class:`~sft.core.metrics.MetricsHub`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import SftError
+
+if TYPE_CHECKING:
+    from .metrics import MetricsHub
+
+__all__ = ["NonFiniteLossError", "trainer_class", "metrics_callback", "TRAIN_METRICS"]
+
+#: The keys of a training log record (besides ``step``), in order.
+TRAIN_METRICS = ("loss", "learning_rate", "grad_norm", "epoch", "tokens", "tokens_per_second")
+
+
+class NonFiniteLossError(SftError):
+    """The loss (or the weights about to be checkpointed) became NaN or infinite."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: str | None = None):
+        self.step = step
+        keep = (f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint
+                else "no checkpoint had been written yet")
+        super().__init__(
+            f"training stopped at step {step}: {what}. This usually means the learning rate is too high "
+            f"(training.learning_rate) or fp16 overflowed (try bf16 or float32); {keep}.")
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_class() -> type:
+    """The ``SFTTrainer`` subclass (built on first use: importing TRL is slow)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    from . import checkpoints
+
+    class SftTrainer(SFTTrainer):
+        """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
+
+        def __init__(self, *args: Any, trained_positions_loss: bool = False, **kwargs: Any):
+            self.trained_positions_loss = trained_positions_loss
+            self._staging: Path | None = None
+            super().__init__(*args, **kwargs)
+
+        # -- loss ----------------------------------------------------------------------
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.trained_positions_loss:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            inputs = dict(inputs)
+            inputs.pop("_prediction_loss_only", None)
+            labels = inputs.pop("labels")
+            # Position i predicts token i+1; the collator already masks sequence starts.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            keep = targets != -100
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[keep], reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / keep.sum().clamp(min=1)
+            else:
+                loss = loss / num_items_in_batch
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if "attention_mask" in inputs:
+                seen = int(inputs["attention_mask"].sum())
+            else:
+                seen = int(inputs["input_ids"].numel())
+            self.state.num_input_tokens_seen += seen
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLossError(self.state.global_step + 1, f"the loss is {loss.item()}",
+                                         self._last_checkpoint())
+            return loss
+
+        # -- checkpoints -----------------------------------------------------------------
+        def _last_checkpoint(self) -> str | None:
+            last = checkpoints.last_complete(self.args.output_dir)
+            return str(last.path) if last else None
+
+        def _get_output_dir(self, trial):
+            if self._staging is not None:
+                return str(self._staging)
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteLossError(step, f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})",
+                                         self._last_checkpoint())
+            root = Path(self.args.output_dir)
+            self._staging = checkpoints.staging_dir(root, step)
+            written = self._staging / f"checkpoint-{step}"
+            try:
+                # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
+                Trainer._save_checkpoint(self, model, trial)
+            finally:
+                self._staging = None
+            checkpoints.commit_checkpoint(written, root, step)
+            checkpoints.rotate(root, self.args.save_total_limit)
+
+    return SftTrainer
+
+
+def metrics_callback(hub: "MetricsHub") -> Any:
+    """A ``TrainerCallback`` that sends every train log and every evaluation to ``hub``.
+
+    Train records carry :data:`TRAIN_METRICS`; ``tokens`` is the cumulative count of
+    non-padding training tokens (``state.num_input_tokens_seen``) and ``tokens_per_second``
+    the rate since the previous record. Eval records carry ``eval_loss`` (and the other
+    ``eval_*`` values the Trainer reports).
+    """
+    from transformers import TrainerCallback
+
+    class _Metrics(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_time = time.perf_counter()
+            self.last_tokens = 0
+            self.final: dict[str, Any] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.last_tokens = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            step = state.global_step
+            if "train_runtime" in logs:  # the Trainer's end-of-training summary
+                self.final = logs
+                return
+            if any(k.startswith("eval_") for k in logs):
+                record = {k: v for k, v in logs.items() if k.startswith("eval_") and _number(v)}
+                record["epoch"] = logs.get("epoch", state.epoch)
+                hub.log(step, record)
+                return
+            if "loss" not in logs:
+                return
+            now = time.perf_counter()
+            tokens = int(state.num_input_tokens_seen)
+            elapsed = max(now - self.last_time, 1e-9)
+            record = {
+                "loss": logs.get("loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "epoch": logs.get("epoch", state.epoch),
+                "tokens": tokens,
+                "tokens_per_second": (tokens - self.last_tokens) / elapsed,
+            }
+            self.last_time, self.last_tokens = now, tokens
+            hub.log(step, {k: v for k, v in record.items() if v is not None})
+
+    return _Metrics()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,116 @@
+"""The ``transformers`` training backend: plain transformers + PEFT, on any device.
+
+This is what ``model.backend: auto`` picks without a CUDA GPU. On CPU it trains in float32
+without gradient checkpointing (bf16 autocast plus checkpointing is ~23x slower on a small
+CPU), and ``model.method: qlora`` falls back to ``lora`` with a one-line notice, because
+4-bit bitsandbytes kernels need CUDA.
+
+The loss is computed only at trained positions (``trained_positions_loss``), which the
+trainer in :mod:`sft.core.train` honours: the output head then projects a few hundred hidden
+states instead of every position of the batch onto the 49k-word vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft.core import hookimpl
+from sft.core.interfaces import TrainingBackend
+
+__all__ = ["TransformersBackend"]
+
+
+class TransformersBackend(TrainingBackend):
+    """AutoModelForCausalLM + PEFT LoRA; runs anywhere torch runs."""
+
+    name = "transformers"
+    version = "1"
+    description = "transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU"
+    priority = 10
+    #: The trainer computes the loss only where a label is trained (see module docstring).
+    trained_positions_loss = True
+
+    def load(self, config: Any) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from sft.core.backends import notice, resolve_dtype
+        from sft.core.env import current_environment
+        from sft.core.errors import SftError
+        from sft.core.models import load_tokenizer, resolve_model
+
+        env = current_environment()
+        method = config.model.method
+        kwargs: dict[str, Any] = {"trust_remote_code": bool(config.model.trust_remote_code)}
+        if config.model.revision:
+            kwargs["revision"] = config.model.revision
+        if config.model.gguf_file:
+            kwargs["gguf_file"] = config.model.gguf_file
+        dtype = resolve_dtype(config, env)
+        if method == "qlora":
+            if env.cuda:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype)
+            else:
+                notice("model.method=qlora needs CUDA (4-bit bitsandbytes); training LoRA on a float32 base instead")
+        path = resolve_model(config.model.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        except OSError as exc:
+            raise SftError(f"model.name: cannot load '{config.model.name}': {exc}") from None
+        if env.cuda and "quantization_config" not in kwargs:
+            model = model.to("cuda")
+        # The KV cache is useless in training, and with it transformers cannot tell packed
+        # sequences apart from position_ids (they would attend to each other).
+        model.config.use_cache = False
+        # Rows the data pipeline adds to the vocabulary are found against this count later.
+        model._sft_loaded_vocab = model.get_input_embeddings().num_embeddings
+        torch.manual_seed(int(config.lora.random_state))
+        return model, load_tokenizer(config.model)
+
+    def prepare_for_training(self, model: Any, config: Any) -> Any:
+        import torch
+
+        from sft.core.backends import lora_settings
+        from sft.core.env import current_environment
+
+        env = current_environment()
+        new_rows = list(range(getattr(model, "_sft_loaded_vocab", 0), model.get_input_embeddings().num_embeddings))
+        use_ckpt = config.lora.use_gradient_checkpointing
+        checkpointing = use_ckpt in ("true", "unsloth") or (use_ckpt == "auto" and env.cuda)
+        if config.model.method == "full":
+            model.requires_grad_(True)
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return model
+
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        settings = lora_settings(config)
+        loftq = settings.pop("loftq_config")
+        extra: dict[str, Any] = {}
+        if loftq:
+            from peft import LoftQConfig
+
+            extra = {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(**loftq)}
+        if new_rows:
+            # Tokens the template added (an end-of-turn token the base model lacks) start as
+            # mean embeddings; train just those rows so the model learns to emit them.
+            extra["trainable_token_indices"] = {"embed_tokens": new_rows}
+        # LoRA's A matrices are drawn from torch's global RNG: seed it for reproducible runs.
+        torch.manual_seed(int(config.lora.random_state))
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **settings, **extra)
+        return get_peft_model(model, peft_config)
+
+
+@hookimpl
+def register_backends(register):
+    register(TransformersBackend())

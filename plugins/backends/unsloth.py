@@ -1,0 +1,110 @@
+"""The ``unsloth`` training backend: Unsloth's FastLanguageModel, on a CUDA GPU.
+
+``model.backend: auto`` prefers it (higher priority) wherever CUDA is available. unsloth
+raises at import on a machine without a GPU, so it is imported only inside methods, and
+only after :meth:`UnslothBackend.unsupported_reason` has found CUDA.
+
+Unsloth patches transformers, TRL and PEFT when it is imported; :meth:`prepare_environment`
+imports it before the trainer imports TRL so that every patch applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft.core import hookimpl
+from sft.core.interfaces import TrainingBackend
+
+__all__ = ["UnslothBackend", "ALL_LINEAR"]
+
+#: What ``target_modules: [all-linear]`` means for Unsloth: every linear layer of a decoder block.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class UnslothBackend(TrainingBackend):
+    """FastLanguageModel.from_pretrained + get_peft_model (QLoRA 4-bit, LoRA 16-bit or full)."""
+
+    name = "unsloth"
+    version = "1"
+    description = "Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning"
+    priority = 100
+    #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
+    trained_positions_loss = False
+
+    def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
+        if not env.cuda:
+            return "needs a CUDA GPU"
+        import importlib.util
+
+        if importlib.util.find_spec("unsloth") is None:
+            return "the unsloth package is not installed (pip install unsloth)"
+        return None
+
+    def prepare_environment(self) -> None:
+        """Import unsloth before transformers, TRL and PEFT are used, so its patches apply."""
+        import unsloth  # noqa: F401
+
+    def load(self, config: Any) -> tuple[Any, Any]:
+        self.prepare_environment()
+        import torch
+        from unsloth import FastLanguageModel
+
+        from sft.core.models import resolve_model
+
+        dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
+        method = config.model.method
+        kwargs: dict[str, Any] = {}
+        if config.model.revision:
+            kwargs["revision"] = config.model.revision
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=resolve_model(config.model.name),
+            max_seq_length=int(config.model.max_seq_length),
+            dtype=dtype,  # None: bf16 where supported, else fp16
+            load_in_4bit=method == "qlora",
+            full_finetuning=method == "full",
+            trust_remote_code=bool(config.model.trust_remote_code),
+            use_gradient_checkpointing=self._checkpointing(config),
+            random_state=int(config.lora.random_state),
+            **kwargs,
+        )
+        model._sft_loaded_vocab = model.get_input_embeddings().num_embeddings
+        return model, tokenizer
+
+    @staticmethod
+    def _checkpointing(config: Any) -> Any:
+        value = config.lora.use_gradient_checkpointing
+        return {"auto": "unsloth", "unsloth": "unsloth", "true": True, "false": False}[value]
+
+    def prepare_for_training(self, model: Any, config: Any) -> Any:
+        if config.model.method == "full":
+            return model
+        from unsloth import FastLanguageModel
+
+        from sft.core.backends import lora_settings
+
+        settings = lora_settings(config)
+        if settings["target_modules"] == "all-linear":
+            settings["target_modules"] = list(ALL_LINEAR)
+        extra: dict[str, Any] = {}
+        new_rows = list(range(getattr(model, "_sft_loaded_vocab", 0), model.get_input_embeddings().num_embeddings))
+        if new_rows:
+            # An end-of-turn token the base model lacks was added: its embedding must train.
+            extra["modules_to_save"] = ["embed_tokens", "lm_head"]
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=settings["r"],
+            target_modules=settings["target_modules"],
+            lora_alpha=settings["lora_alpha"],
+            lora_dropout=settings["lora_dropout"],
+            bias=settings["bias"],
+            use_gradient_checkpointing=self._checkpointing(config),
+            random_state=int(config.lora.random_state),
+            use_rslora=settings["use_rslora"],
+            loftq_config=settings["loftq_config"],
+            **extra,
+        )
+
+
+@hookimpl
+def register_backends(register):
+    register(UnslothBackend())
