@@ -1,0 +1,54 @@
+"""Shared helpers for the data-pipeline tests (imported by tests/test_data_*.py and test_templates*.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sft.core.config import load_config
+from sft.core.templating import end_of_turn
+
+FIXTURES = Path(__file__).parent / "data"
+#: The project's shared sample data: ../shared/data next to the checkout (absent on a clean CI checkout).
+SHARED = Path(os.environ.get("SFT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+REAL_SHAREGPT = SHARED / "fastchat_dummy_conversation.json"
+REAL_ALPACA = SHARED / "fastchat_alpaca_cleaned_1000.json"
+
+
+def data_config(model_dir: Any, dataset: Any, *overrides: str, pm: Any = None):
+    """A validated config that reads ``dataset`` with ``model_dir``'s tokenizer; caching off unless overridden."""
+    return load_config(overrides=[f"model.name={model_dir}", f"data.dataset={dataset}", "data.cache_dir='off'",
+                                  *overrides], pm=pm)
+
+
+def fresh_tokenizer(model_dir: Any):
+    """A new tokenizer object: the pipeline adapts the one it is given, so tests never share one."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def decoded_spans(ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
+    """The decoded text of each maximal run of trained tokens."""
+    from sft.core.templating import token_runs
+
+    return [tokenizer.decode(run, skip_special_tokens=False) for trained, run in token_runs(ids, mask) if trained]
+
+
+def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any) -> int:
+    """Every training row trains exactly its assistant contents, each followed by the EOT.
+
+    One leading space is tolerated, as in :func:`sft.core.testing.assert_exact_masking`: in
+    ``ASSISTANT: answer`` layouts the separating space is part of the answer's first token.
+    Returns the number of rows checked.
+    """
+    eot = end_of_turn(template, tokenizer)
+    ids_col, mask_col = prepared.train["input_ids"], prepared.train["assistant_masks"]
+    assert len(ids_col) == len(prepared.train_conversations)
+    for i, (ids, mask, conversation) in enumerate(zip(ids_col, mask_col, prepared.train_conversations)):
+        got = decoded_spans(ids, mask, tokenizer)
+        want = [m.content + eot for m in conversation if m.role == "assistant"]
+        ok = len(got) == len(want) and all(g == w or (g.startswith(" ") and g[1:] == w) for g, w in zip(got, want))
+        assert ok, f"row {i} with template '{template.name}': trained {got!r}, expected {want!r}"
+    return len(ids_col)

@@ -1,0 +1,75 @@
+"""The acceptance matrix: every registered dataset format × every registered chat template.
+
+The registry is iterated (the process-wide plugin manager, entry points included), so a
+third-party format or template installed next to sft-forge joins the matrix by itself. Each
+pair runs the real pipeline (:func:`build_datasets`) on every source the format recognises:
+the small fixtures in tests/data, and the shared sample files in ../shared/data when they
+exist (a clean CI checkout may not have them). Decoding the trained tokens of every row must
+give exactly that row's assistant contents, each followed by the template's EOT token.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft.core.data import build_datasets, load_template, read_rows
+from sft.core.plugins import get_plugin_manager
+
+from datakit import FIXTURES, REAL_ALPACA, REAL_SHAREGPT, assert_rows_exact, data_config, fresh_tokenizer
+
+PM = get_plugin_manager()
+FORMATS = sorted(PM.registry("dataset_format"))
+TEMPLATES = sorted(PM.registry("chat_template"))
+
+
+def _real_as_messages(tmp_path):
+    """The shared ShareGPT file rewritten as OpenAI messages (in tmp, never in the repo), so the
+    messages format also runs on real content."""
+    rows = json.loads(REAL_SHAREGPT.read_text())
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    path = tmp_path / "real_messages.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": roles[t["from"]], "content": t["value"]}
+                                                      for t in r["conversations"]]}) + "\n" for r in rows))
+    return path
+
+
+def _sources(tmp_path):
+    sources = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+    for real in (REAL_SHAREGPT, REAL_ALPACA):
+        if real.is_file():
+            sources.append(real)
+    if REAL_SHAREGPT.is_file():
+        sources.append(_real_as_messages(tmp_path))
+    return sources
+
+
+def _columns(path) -> list[str]:
+    rows, _ = read_rows(str(path))
+    return sorted({k for r in rows[:100] for k in r})
+
+
+@pytest.mark.parametrize("template_name", TEMPLATES)
+@pytest.mark.parametrize("format_name", FORMATS)
+def test_every_format_with_every_template_trains_exactly_the_answers(format_name, template_name, smollm2_dir, tmp_path):
+    fmt = PM.get("dataset_format", format_name)
+    sources = [p for p in _sources(tmp_path) if fmt.detect(_columns(p))]
+    if not sources:
+        pytest.skip(f"no fixture or shared file is in the '{format_name}' format")
+    checked = 0
+    for source in sources:
+        cfg = data_config(smollm2_dir, source, f"data.format={format_name}", f"template.name={template_name}", pm=PM)
+        tokenizer = fresh_tokenizer(smollm2_dir)
+        template = load_template(cfg, PM)
+        prepared = build_datasets(cfg, PM, tokenizer)
+        assert prepared.stats["skipped"]["count"] == 0, prepared.stats["skipped"]
+        assert prepared.stats["train_rows"] == prepared.stats["rows"]
+        checked += assert_rows_exact(prepared, tokenizer, template)
+    assert checked > 0
+
+
+def test_the_shared_files_are_in_the_matrix_when_present():
+    if not REAL_SHAREGPT.is_file():
+        pytest.skip(f"{REAL_SHAREGPT} is absent (a clean checkout): the matrix ran on the in-repo fixtures only")
+    assert {"sharegpt", "alpaca", "messages"} <= set(FORMATS)

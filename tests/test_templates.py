@@ -1,0 +1,203 @@
+"""Chat-template plugins: exact masks, Jinja identical to render(), saved tokenizers, stop tokens, Ollama text.
+
+Every registered template is checked (third-party ones included); the bundled ones also
+against the reference text of their model family.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sft.core.config import load_config
+from sft.core.data import load_template, prepare_tokenizer
+from sft.core.interfaces import Message
+from sft.core.plugins import get_plugin_manager
+from sft.core.templating import as_messages, end_of_turn, segments_text
+from sft.core.testing import TINY_CONVERSATION, assert_exact_masking
+
+from datakit import fresh_tokenizer
+
+PM = get_plugin_manager()
+TEMPLATES = sorted(PM.registry("chat_template"))
+
+CONVERSATIONS = [
+    [Message(*m) for m in TINY_CONVERSATION],
+    [Message("user", "Hi"), Message("assistant", "Hello!")],
+    # Characters that Jinja, JSON escaping or BPE merges could mangle.
+    [Message("user", 'Quote "this" and {{ that }} and {% this %}\\n'),
+     Message("assistant", "Tabs\tand\nnewlines,\n\n  indents, ünïcödé — and 'quotes'.")],
+]
+
+
+def _prepared(name, model_dir, *overrides):
+    cfg = load_config(overrides=[f"model.name={model_dir}", f"template.name={name}", *overrides], pm=PM)
+    tokenizer = fresh_tokenizer(model_dir)
+    template = load_template(cfg, PM)
+    prepare_tokenizer(tokenizer, template, cfg)
+    return template, tokenizer
+
+
+def _jinja(tokenizer, template, messages, generation=False):
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                         chat_template=template.jinja(tokenizer), tokenize=False,
+                                         add_generation_prompt=generation)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_template_trains_exactly_the_answers_and_jinja_renders_the_same(name, smollm2_dir):
+    template, tokenizer = _prepared(name, smollm2_dir)
+    for conversation in CONVERSATIONS:
+        assert_exact_masking(template, conversation, tokenizer)
+        assert _jinja(tokenizer, template, conversation) == segments_text(template.render(conversation, tokenizer))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_generation_prompt_is_what_jinja_renders_with_add_generation_prompt(name, smollm2_dir):
+    template, tokenizer = _prepared(name, smollm2_dir)
+    for conversation in CONVERSATIONS:
+        last_answer = max(i for i, m in enumerate(conversation) if m.role == "assistant")
+        prompt = conversation[:last_answer]
+        assert template.generation_prompt(prompt, tokenizer) == _jinja(tokenizer, template, prompt, generation=True)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_saved_tokenizer_carries_the_template_eot_and_a_distinct_pad(name, smollm2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    template, tokenizer = _prepared(name, smollm2_dir)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    conversation = CONVERSATIONS[0]
+    dicts = [{"role": m.role, "content": m.content} for m in conversation]
+    assert reloaded.apply_chat_template(dicts, tokenize=False) == segments_text(template.render(conversation, reloaded))
+    eot = end_of_turn(template, reloaded)
+    assert reloaded.eos_token == eot
+    assert len(reloaded(eot, add_special_tokens=False)["input_ids"]) == 1
+    assert reloaded.pad_token is not None and reloaded.pad_token_id != reloaded.eos_token_id
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_stop_tokens_start_with_the_trained_eot_and_ollama_template_is_well_formed(name, smollm2_dir):
+    template, tokenizer = _prepared(name, smollm2_dir)
+    stops = template.stop_tokens(tokenizer)
+    assert stops and len(set(stops)) == len(stops)
+    go = template.ollama_template(tokenizer)
+    assert ".Messages" in go or ".Prompt" in go
+    opened = go.count("{{ if ") + go.count("{{- if ") + go.count("{{ range ") + go.count("{{- range ")
+    assert opened == go.count("{{ end }}") + go.count("{{- end }}"), go
+    assert "<|" not in stops[0] or stops[0] in go  # a marker-token EOT closes each past answer
+
+
+# -- the bundled templates against their families' reference texts -----------------------------
+REFERENCE = [Message("system", "S"), Message("user", "U"), Message("assistant", "A")]
+
+
+def test_chatml_matches_smollm2s_own_chat_template(smollm2_dir):
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    own = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in CONVERSATIONS[0]],
+                                        tokenize=False)
+    template = PM.get("chat_template", "chatml")
+    assert segments_text(template.render(CONVERSATIONS[0], tokenizer)) == own
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("chatml", "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"),
+    ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"),
+    ("phi3", "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\nA<|end|>\n"),
+    ("alpaca", "S\n\n### Instruction:\nU\n\n### Response:\nA</s>\n\n"),
+])
+def test_bundled_templates_render_their_reference_text(name, expected):
+    template = PM.get("chat_template", name)
+    assert segments_text(template.render(REFERENCE)) == expected  # no tokenizer: alpaca's EOT is </s>
+
+
+def test_alpaca_template_uses_the_tinyllama_article_prompt_and_the_tokenizers_eos(smollm2_dir):
+    template, tokenizer = _prepared("alpaca", smollm2_dir)
+    text = segments_text(template.render([Message("user", "Add 2 and 2."), Message("assistant", "4")], tokenizer))
+    assert text == ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\n### Instruction:\nAdd 2 and 2.\n\n### Response:\n4<|im_end|>\n\n")
+    assert template.stop_tokens(tokenizer)[0] == tokenizer.eos_token == "<|im_end|>"
+
+
+# -- the tokenizer template ---------------------------------------------------------------------
+def test_tokenizer_template_uses_the_models_own_template_and_finds_its_eot(smollm2_dir):
+    template, tokenizer = _prepared("tokenizer", smollm2_dir)
+    assert template.stop_tokens(tokenizer)[0] == "<|im_end|>"
+    assert template.jinja(tokenizer) == fresh_tokenizer(smollm2_dir).chat_template
+    go = template.ollama_template(tokenizer)
+    assert "You are a helpful AI assistant named SmolLM" in go  # its default system prompt
+    assert "<|im_start|>assistant\n" in go
+
+
+@pytest.mark.parametrize("jinja, error", [
+    # The turn count at the top changes as turns are added: not prefix-preserving.
+    ("{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "not prefix-preserving"),
+    # Answers are never closed by a special token: the model could not learn to stop.
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+     "{% if add_generation_prompt %}assistant: {% endif %}", "does not end assistant turn"),
+    # Answers are upper-cased: their text cannot be found.
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']|upper }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "changes the text of assistant turn"),
+])
+def test_tokenizer_template_refuses_templates_it_cannot_mask_exactly(jinja, error, smollm2_dir):
+    from sft.core.errors import SftError
+
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    tokenizer.chat_template = jinja
+    tokenizer.eos_token = "<|endoftext|>"  # so the answer-closing check has an EOT that is absent
+    template = PM.get("chat_template", "tokenizer")
+    with pytest.raises(SftError, match=error):
+        template.render(as_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "hello"}]),
+                        tokenizer)
+
+
+def test_tokenizer_template_without_a_chat_template_says_so(smollm2_dir):
+    from sft.core.errors import SftError
+
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    tokenizer.chat_template = None
+    with pytest.raises(SftError, match="has no chat_template; set template.name"):
+        PM.get("chat_template", "tokenizer").render([Message("user", "a"), Message("assistant", "b")], tokenizer)
+
+
+# -- prepare_tokenizer ----------------------------------------------------------------------------
+def test_missing_eot_is_added_as_one_special_token(smollm2_dir):
+    cfg = load_config(overrides=[f"model.name={smollm2_dir}", "template.name=llama3"], pm=PM)
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    before = len(tokenizer)
+    assert len(tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"]) > 1
+    added = prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg)
+    assert added == 1 and len(tokenizer) == before + 1
+    assert tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"] == [before]
+    assert tokenizer.eos_token == "<|eot_id|>"
+    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 0  # idempotent
+
+
+def test_missing_eot_is_an_error_when_asked(smollm2_dir):
+    from sft.core.errors import ConfigError
+
+    cfg = load_config(overrides=[f"model.name={smollm2_dir}", "template.name=llama3",
+                                 "template.on_missing_eot=error"], pm=PM)
+    with pytest.raises(ConfigError, match=r"template.on_missing_eot: the end-of-turn token '<\|eot_id\|>'"):
+        prepare_tokenizer(fresh_tokenizer(smollm2_dir), load_template(cfg, PM), cfg)
+
+
+def test_pad_equal_to_eos_is_replaced_by_an_existing_token(smollm2_dir):
+    cfg = load_config(overrides=[f"model.name={smollm2_dir}"], pm=PM)
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 0
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.chat_template == PM.get("chat_template", "chatml").jinja(tokenizer)
+
+
+def test_pad_is_added_when_no_existing_token_fits(smollm2_dir):
+    cfg = load_config(overrides=[f"model.name={smollm2_dir}"], pm=PM)
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    tokenizer.unk_token = None
+    before = len(tokenizer)
+    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 1
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == before
