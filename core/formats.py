@@ -52,6 +52,10 @@ def require_list(row: Mapping[str, Any], key: str, prefix: str = "") -> list:
     return list(value)
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word == "assistant" else f"a {word}"
+
+
 def validate_conversation(messages: Sequence[Message]) -> None:
     """Check a normalized conversation; raise :class:`DataError` naming the turn at fault.
 
@@ -75,8 +79,8 @@ def validate_conversation(messages: Sequence[Message]) -> None:
                 raise DataError(f"{where}: a system turn may only come first")
             continue
         if message.role != expected:
-            previous = f"a {messages[i - 1].role} turn" if i else "the start"
-            raise DataError(f"{where}: roles must alternate user/assistant: a {message.role} turn follows "
+            previous = f"{_a(messages[i - 1].role)} turn" if i else "the start"
+            raise DataError(f"{where}: roles must alternate user/assistant: {_a(message.role)} turn follows "
                             f"{previous} (expected {expected})")
         expected = "assistant" if expected == "user" else "user"
     if not any(m.role == "assistant" for m in messages):

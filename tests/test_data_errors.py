@@ -1,0 +1,190 @@
+"""Every bad input stops before any model loads, with a message that names the place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft.core.data import build_datasets
+from sft.core.errors import ConfigError, DataError
+from sft.core.testing import write_jsonl
+
+from datakit import FIXTURES, data_config, fresh_tokenizer
+
+GOOD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+
+
+def _build(model_dir, dataset, *overrides):
+    return build_datasets(data_config(model_dir, dataset, *overrides), None, fresh_tokenizer(model_dir))
+
+
+def _sharegpt(*turns):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_json_syntax_error_names_file_and_line(smollm2_dir, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": "d",}\n]\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON"):
+        _build(smollm2_dir, path)
+
+
+def test_jsonl_syntax_error_names_file_and_line(smollm2_dir, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + '{"conversations": [}\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON"):
+        _build(smollm2_dir, path)
+
+
+def test_csv_with_a_missing_value_names_the_line_row_and_field(smollm2_dir, tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('instruction,input,output\nSay hi,,hi\n"Two\nlines",,\n')
+    with pytest.raises(DataError, match=rf"^{path}:3, row 1, field 'output': empty text"):
+        _build(smollm2_dir, path)
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"instruction": "Say hi"}, "output", "missing field"),
+    ({"instruction": "Say hi", "output": None}, "output", "null value"),
+    ({"instruction": "  ", "output": "hi"}, "instruction", "empty text"),
+    ({"instruction": "Say hi", "output": 3}, "output", "expected text, got int"),
+])
+def test_missing_null_or_empty_field_names_file_line_row_and_field(row, field, message, smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}, row])
+    with pytest.raises(DataError, match=rf"^{path}:2, row 1, field '{field}': {message}"):
+        _build(smollm2_dir, path, "data.format=alpaca")
+
+
+def test_json_array_rows_are_located_by_the_line_their_object_starts_on(smollm2_dir, tmp_path):
+    path = tmp_path / "sharegpt.json"
+    rows = [GOOD, GOOD, _sharegpt(("human", "Hi"), ("gpt", ""))]
+    path.write_text(json.dumps(rows, indent=2))
+    line = path.read_text().splitlines().index("  {", 2) + 1  # the third object's first line
+    starts = [i + 1 for i, text in enumerate(path.read_text().splitlines()) if text == "  {"]
+    assert len(starts) == 3 and starts[2] >= line
+    with pytest.raises(DataError, match=rf"^{path}:{starts[2]}, row 2, field 'conversations\[1\].value': empty text"):
+        _build(smollm2_dir, path)
+
+
+@pytest.mark.parametrize("turns, message", [
+    ((("human", "Hi"), ("gpt", "Hello"), ("human", "More?")), "turn 2: the conversation ends with an unanswered user turn"),
+    ((("system", "Be brief."), ("human", "Hi")), "no assistant turn"),
+    ((("gpt", "Hello"),), "turn 0: roles must alternate user/assistant: an assistant turn follows the start"),
+    ((("human", "Hi"), ("human", "Hi?"), ("gpt", "Hello")), "turn 1: roles must alternate user/assistant: a user turn follows a user turn"),
+    ((("human", "Hi"), ("gpt", "Hello"), ("system", "late")), "turn 2: a system turn may only come first"),
+])
+def test_conversations_with_bad_roles_are_named(turns, message, smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, _sharegpt(*turns)])
+    with pytest.raises(DataError, match=rf"^{path}:2, row 1: .*{message}"):
+        _build(smollm2_dir, path)
+
+
+def test_no_assistant_turn_is_named(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "system", "content": "Be brief."}]}])
+    with pytest.raises(DataError, match=rf"^{path}:1, row 0: no assistant turn"):
+        _build(smollm2_dir, path)
+
+
+def test_unknown_speaker_gets_a_did_you_mean(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [_sharegpt(("humam", "Hi"), ("gpt", "Hello"))])
+    with pytest.raises(DataError, match=r"field 'conversations\[0\].from': unknown speaker 'humam' \(did you mean 'human'\?\)"):
+        _build(smollm2_dir, path)
+
+
+def test_unknown_messages_role_gets_a_did_you_mean(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "usr", "content": "Hi"},
+                                                            {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(DataError, match=r"row 0, field 'messages\[0\].role': unknown role 'usr' \(did you mean 'user'\?\)"):
+        _build(smollm2_dir, path)
+
+
+def test_skip_policy_counts_prints_and_records_bad_rows(smollm2_dir, tmp_path, capsys):
+    rows = [GOOD] * 18 + [_sharegpt(("human", "Hi"), ("gpt", "")), _sharegpt(("gpt", "Hello"))]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    prepared = _build(smollm2_dir, path, "data.on_bad_row=skip", "data.max_bad_fraction=0.2")
+    skipped = prepared.stats["skipped"]
+    assert skipped["count"] == 2 and prepared.stats["train_rows"] == 18 and prepared.stats["rows"] == 20
+    assert skipped["reasons"] == {"conversations[N].value: empty text": 1,
+                                  "turn N: roles must alternate user/assistant: an assistant turn follows the start (expected user)": 1}
+    assert skipped["examples"][0].startswith(f"{path}:19, row 18, field 'conversations[1].value'")
+    err = capsys.readouterr().err
+    assert "skipped 2 of 20 rows (data.on_bad_row=skip)" in err and f"{path}:19" in err
+
+
+def test_too_many_bad_rows_is_an_error_even_when_skipping(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD] * 9 + [_sharegpt(("gpt", "Hello"))])
+    with pytest.raises(DataError, match=r"1 of 10 rows are bad \(10.0%\), more than data.max_bad_fraction=0.05; "
+                                        rf"the first: {path}:10, row 9"):
+        _build(smollm2_dir, path, "data.on_bad_row=skip")
+
+
+def test_truncated_rows_are_counted_and_a_fully_masked_row_is_a_bad_row(smollm2_dir, tmp_path):
+    long_question = "Please answer this question after reading it slowly. " * 4
+    rows = [GOOD, _sharegpt(("human", long_question), ("gpt", "Yes."))]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=rf"^{path}:2, row 1: no trained token left after truncation to "
+                                        r"model.max_seq_length=16"):
+        _build(smollm2_dir, path, "model.max_seq_length=16")
+    prepared = _build(smollm2_dir, path, "model.max_seq_length=16", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
+    assert prepared.stats["fully_masked"] == 1 and prepared.stats["truncated"] == 1
+    assert prepared.stats["train_rows"] == 1 and prepared.stats["skipped"]["count"] == 1
+    assert prepared.stats["max_tokens"] <= 16
+
+
+def test_every_row_fully_masked_is_an_error_whatever_the_policy(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [_sharegpt(("human", "word " * 40), ("gpt", "Yes."))] * 3)
+    with pytest.raises(DataError, match="no training row has a trained token"):
+        _build(smollm2_dir, path, "model.max_seq_length=16", "data.on_bad_row=skip", "data.max_bad_fraction=1.0")
+
+
+def test_auto_format_that_is_ambiguous_lists_the_candidates(smollm2_dir, tmp_path):
+    row = dict(GOOD, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    path = write_jsonl(tmp_path / "both.jsonl", [row])
+    with pytest.raises(DataError, match=r"data.format=auto is ambiguous: .* match the formats messages, sharegpt; "
+                                        r"set data.format to one of them"):
+        _build(smollm2_dir, path)
+
+
+def test_auto_format_with_no_match_lists_the_formats(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Hi", "answer": "Hello"}])
+    with pytest.raises(DataError, match=r"no dataset format recognises the columns \(question, answer\); "
+                                        r"set data.format to one of: .*alpaca.*messages.*sharegpt"):
+        _build(smollm2_dir, path)
+
+
+def test_hub_dataset_offline_names_the_dataset_and_the_hub(smollm2_dir, monkeypatch):
+    import datasets  # noqa: F401 - imported so its offline flag exists to be set
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what an offline machine has
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'sft-forge-tests/no-such-dataset': "
+                                        r"the Hugging Face Hub cannot be reached"):
+        _build(smollm2_dir, "sft-forge-tests/no-such-dataset")
+
+
+@pytest.mark.parametrize("dataset, error, message", [
+    ("sft:identty", ConfigError, r"data.dataset: no packaged dataset 'sft:identty' \(did you mean 'identity'\?\)"),
+    ("./no/such/file.jsonl", DataError, r"^./no/such/file.jsonl: no such file or folder"),
+])
+def test_unknown_sources_are_named(dataset, error, message, smollm2_dir):
+    with pytest.raises(error, match=message):
+        _build(smollm2_dir, dataset)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.split=test"], r"data.split: a single file has only the split 'train', not 'test'"),
+    (["data.split=train[x:]"], r"data.split: 'train\[x:\]' is not a split like"),
+    (["data.test_size=3.0"], r"data.test_size: 3.0 leaves no training rows out of 3"),
+])
+def test_bad_split_settings_name_the_key(overrides, message, smollm2_dir):
+    with pytest.raises(ConfigError, match=message):
+        _build(smollm2_dir, FIXTURES / "sharegpt.json", *overrides)
+
+
+def test_a_folder_without_the_split_lists_the_splits(smollm2_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    write_jsonl(tmp_path / "validation.jsonl", [GOOD])
+    with pytest.raises(ConfigError, match=r"data.eval_split: the folder .* has no split 'valid' \(did you mean "
+                                          r"'validation'\?\); splits: train, validation"):
+        _build(smollm2_dir, tmp_path, "data.eval_split=valid")
