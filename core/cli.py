@@ -137,15 +137,15 @@ def plugins(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([p.to_json() for p in listing], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("plugin", "kinds", "provides", "distribution", "version", "status")
+    rows = [("plugin", "kinds", "provides", "distribution", "version", "status")]
     for p in listing:
         provides = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(p.provides.items()))
-        status = "ok" if p.error is None else f"[red]failed[/red]: {p.error}"
-        table.add_row(p.name, ", ".join(p.kinds), provides, p.distribution or "-", p.version or "-", status)
-    Console(soft_wrap=False).print(table)
+        status = "ok" if p.error is None else f"failed: {p.error}"
+        rows.append((p.name, ", ".join(p.kinds), provides or "-", p.distribution or "-", p.version or "-", status))
+    # Plain aligned columns, never truncated: the listing is read in pipes and CI logs too.
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
 
 
 @cli.command("export")
