@@ -90,7 +90,7 @@ class UnslothBackend(TrainingBackend):
         if new_rows:
             # An end-of-turn token the base model lacks was added: its embedding must train.
             extra["modules_to_save"] = ["embed_tokens", "lm_head"]
-        return FastLanguageModel.get_peft_model(
+        model = FastLanguageModel.get_peft_model(
             model,
             r=settings["r"],
             target_modules=settings["target_modules"],
@@ -103,6 +103,35 @@ class UnslothBackend(TrainingBackend):
             loftq_config=settings["loftq_config"],
             **extra,
         )
+        if config.training.memory == "auto" and self._checkpointing(config):
+            plan_checkpoint_skips(model, config)
+        return model
+
+
+def plan_checkpoint_skips(model: Any, config: Any) -> None:
+    """``training.memory=auto``: let as many layers skip checkpointing as free VRAM allows.
+
+    The policy (probe, budget, choice) is :func:`sft.core.memory.plan_checkpointing`; this
+    supplies Unsloth's way to mark layers (``get_peft_model(checkpoint_skip_layers=k)``'s
+    ``skip_checkpointing``), undoing the previous marks first so the probe can try several k.
+    """
+    from unsloth.models._utils import skip_checkpointing
+    from unsloth_zoo.block_swap import find_decoder_layers
+
+    from sft.core.backends import notice
+    from sft.core.memory import plan_checkpointing
+
+    layers = find_decoder_layers(model)
+
+    def set_skip(k: int) -> None:
+        for layer in layers:
+            layer.__dict__.pop("_unsloth_skip_checkpoint", None)
+        skip_checkpointing(model, k)
+
+    plan = plan_checkpointing(model, len(layers), int(config.training.per_device_train_batch_size),
+                              int(config.model.max_seq_length), set_skip)
+    model._sft_memory_plan = plan.to_json()
+    notice(plan.describe())
 
 
 @hookimpl

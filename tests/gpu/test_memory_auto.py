@@ -1,0 +1,55 @@
+"""``training.memory=auto`` on Unsloth: the probe picks a plan, applies it, and leaves no trace."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sft.core.testing import make_plugin_manager, write_jsonl
+
+from .synthetic import learnable_rows
+
+pytestmark = pytest.mark.gpu
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _train(model_dir: Path, work: Path, memory: str) -> Path:
+    from sft.core.config import load_config
+    from sft.core.train import run_training
+
+    data = work / "codes.jsonl"
+    if not data.exists():
+        write_jsonl(data, learnable_rows(64))
+    cfg = load_config(overrides=[
+        f"model.name={model_dir}", "model.backend=unsloth", "model.method=qlora", "model.max_seq_length=128",
+        f"data.dataset={data}", "template.name=chatml", f"training.output_dir={work / memory}",
+        "training.max_steps=4", "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
+        "training.warmup_steps=0", "training.learning_rate=1e-3", "training.logging_steps=1",
+        "training.save_steps=1000", "training.generation_max_new_tokens=2", f"training.memory={memory}",
+        "loggers.enabled=[]", "export.enabled=[]",
+    ], pm=make_plugin_manager())
+    return run_training(cfg)
+
+
+def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, tmp_path: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    default = _train(small_llama_dir, tmp_path, "default")
+    assert "memory=auto" not in capfd.readouterr().err
+    auto = _train(small_llama_dir, tmp_path, "auto")
+    err = capfd.readouterr().err
+    plan = re.search(r"memory=auto: (\d+) of (\d+) layers checkpointed", err)
+    assert plan, err[-2000:]
+    # A 4-layer model with a batch of 4 x 128 tokens fits any GPU many times over.
+    assert plan.groups() == ("0", "4")
+    # The probe cleared its gradients and restored the RNG: the first step's loss (before any
+    # update) is the default run's, and the runs stay together after it.
+    a, d = _losses(auto), _losses(default)
+    assert len(a) == len(d) == 4
+    assert a[0] == pytest.approx(d[0], rel=1e-3)
+    assert a == pytest.approx(d, rel=3e-2)
