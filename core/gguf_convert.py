@@ -29,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ __all__ = [
     "convert_to_gguf",
     "quantize_with_llama_cpp",
     "gguf_tensor_types",
+    "read_gguf_header",
     "quiet_native_output",
 ]
 
@@ -484,24 +486,29 @@ def _write_vocab(writer: Any, tokenizer: Any, tokenizer_dir: str | Path, vocab_s
 
 @contextlib.contextmanager
 def quiet_native_output() -> Iterator[Path]:
-    """Send what C code writes to stdout/stderr (llama.cpp logs) to a temporary file; yields its path."""
+    """Send llama.cpp's logs to a temporary file; yields its path.
+
+    llama.cpp writes from C (file descriptors 1 and 2) and, through llama-cpp-python's log
+    callback, to Python's ``sys.stderr``; both are redirected.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     fd, log = tempfile.mkstemp(prefix="sft-llama-", suffix=".log")
     saved = os.dup(1), os.dup(2)
+    saved_py = sys.stdout, sys.stderr
+    text = open(fd, "w", buffering=1)  # owns fd
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = sys.stderr = text
         yield Path(log)
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved_py
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
-        os.close(fd)
-
+        text.close()
 
 
 # -- llama.cpp quantizer ------------------------------------------------------------------------
@@ -539,20 +546,64 @@ def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, thread
             "seconds": round(time.perf_counter() - start, 2), "fallback_tensors": fallbacks}
 
 
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(metadata, tensor types)`` of a little-endian GGUF, read straight from its header.
+
+    Metadata arrays are returned as their length (``{"array": n}``), so a 100k-token
+    vocabulary is skipped, not parsed: ``gguf.GGUFReader`` builds every array element and
+    takes seconds on one. Tensor types are ggml type names (``Q4_K``, ``Q5_0`` ...).
+    """
+    import gguf
+
+    def scalar(f: Any, vtype: int) -> Any:
+        fmt = _SCALAR_FORMATS[vtype]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string(f: Any) -> str:
+        return f.read(scalar(f, 10)).decode("utf-8", errors="replace")
+
+    def skip(f: Any, vtype: int, count: int) -> None:
+        if vtype == 8:
+            for _ in range(count):
+                f.seek(scalar(f, 10), 1)
+        elif vtype == 9:
+            for _ in range(count):
+                inner, n = scalar(f, 4), scalar(f, 10)
+                skip(f, inner, n)
+        else:
+            f.seek(struct.calcsize(_SCALAR_FORMATS[vtype]) * count, 1)
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SftError(f"{path}: not a GGUF file")
+        scalar(f, 4)  # version
+        n_tensors, n_kv = scalar(f, 10), scalar(f, 10)
+        for _ in range(n_kv):
+            key = string(f)
+            vtype = scalar(f, 4)
+            if vtype == 8:
+                metadata[key] = string(f)
+            elif vtype == 9:
+                inner, n = scalar(f, 4), scalar(f, 10)
+                skip(f, inner, n)
+                metadata[key] = {"array": n}
+            else:
+                metadata[key] = scalar(f, vtype)
+        for _ in range(n_tensors):
+            name = string(f)
+            n_dims = scalar(f, 4)
+            f.seek(8 * n_dims, 1)
+            types[name] = gguf.GGMLQuantizationType(scalar(f, 4)).name
+            scalar(f, 10)  # offset
+    return metadata, types
+
+
 def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """GGUF tensor name -> ggml type name (``Q4_K``, ``Q5_0`` ...), read from the file header."""
-    import gguf
+    return read_gguf_header(path)[1]
 
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: t.tensor_type.name for t in reader.tensors}
-
-
-def iter_metadata(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """``(key, value)`` for every scalar/string metadata field of a GGUF (arrays skipped)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
-            continue
-        yield key, field.contents()

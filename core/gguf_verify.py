@@ -114,7 +114,6 @@ def verify_gguf(
         "prefix_match": prefix,
         "agreement": round(agreement, 4),
         "tokens": tokens,
-        "reference": list(reference),
         "text": text,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -192,7 +192,7 @@ class GgufExporter(Exporter):
             lines.append(f"{quant}: {record['summary']}")
             if not record["ok"]:
                 errors[quant] = f"verification failed: {record['summary']}"
-        return {"prompt": prompt, "reference_text": context.tokenizer.decode(reference),
+        return {"prompt": prompt, "reference": reference, "reference_text": context.tokenizer.decode(reference),
                 "summary": "; ".join(lines)}
 
 
@@ -200,6 +200,7 @@ def _write_text(path: Path, text: str) -> None:
     from sft.core.rundir import atomic_write_text
 
     atomic_write_text(path, text)
+    path.chmod(0o644)  # mkstemp made it private; a Modelfile is meant to be shared
 
 
 @hookimpl

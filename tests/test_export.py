@@ -1,0 +1,324 @@
+"""Exporters on the tiny random Llama: lora, merged_16bit, merged_4bit (refused on CPU), gguf,
+preflight, failure isolation and ``sft export`` retries.
+
+The finished runs are built by hand (tiny Llama + a PEFT LoRA adapter whose B matrices are
+non-zero, so merging changes the weights, + the tokenizer prepared by the data pipeline +
+config.yaml), exactly the layout ``sft run`` leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sft.core import hookimpl
+from sft.core.interfaces import ExportResult, Exporter
+from sft.core.testing import make_plugin_manager, run_sft
+
+
+def build_run(run_dir: Path, model_dir: Path, *overrides: str, b_std: float = 0.02, seed: int = 0) -> Path:
+    """A finished run directory: config.yaml + adapter/ (LoRA with random non-zero B + tokenizer)."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.core.config import load_config
+    from sft.core.data import prepare_tokenizer
+
+    pm = make_plugin_manager()
+    cfg = load_config(overrides=[f"model.name={model_dir}", "model.method=lora", "lora.r=4", "lora.lora_alpha=8",
+                                 f"training.output_dir={run_dir}", *overrides], pm=pm)
+    template = pm.get("chat_template", cfg.template.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    added = prepare_tokenizer(tokenizer, template, cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_std)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(run_dir / "adapter"), save_embedding_layers=bool(added))
+    tokenizer.save_pretrained(str(run_dir / "adapter"))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}) + "\n")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_run(tmp_path_factory.mktemp("tiny-finished") / "run", tiny_model_dir)
+
+
+@pytest.fixture
+def run_dir(tiny_finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny finished run."""
+    return Path(shutil.copytree(tiny_finished_run, tmp_path / "run"))
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def llama_cpp_metadata(path: Path) -> dict[str, str]:
+    """The GGUF's metadata as llama.cpp itself reads it (vocabulary only, no weights)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        return {**llm.metadata, "n_vocab": str(llm.n_vocab())}
+    finally:
+        llm.close()
+
+
+def test_lora_export_carries_adapter_and_chat_template(run_dir: Path, sft_plugin_manager) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_sft("export", run_dir, "--exporter", "lora")
+    assert "export lora: ok" in result.output
+    out = run_dir / "exports" / "lora"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert isinstance(PeftModel.from_pretrained(base, out), PeftModel)
+    record = summary(run_dir)["exports"]["lora"]
+    assert record["ok"] and record["details"]["verify"]["lora_tensors"] > 0
+    assert summary(run_dir)["status"] == "completed"  # the training summary is kept
+
+
+def test_merged_16bit_matches_base_plus_adapter(run_dir: Path, sft_plugin_manager) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_sft("export", run_dir, "--exporter", "merged_16bit")
+    out = run_dir / "exports" / "merged_16bit"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    cfg_name = json.loads((out / ".sft-merged.json").read_text())["base_model"]
+    base = AutoModelForCausalLM.from_pretrained(cfg_name, dtype=torch.float32)
+    plain_base = AutoModelForCausalLM.from_pretrained(cfg_name, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, run_dir / "adapter")
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2, 198]])
+    with torch.no_grad():
+        want, got, before = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, plain_base(input_ids=ids).logits
+    # Close to base+adapter (bf16 storage), and the adapter really changed the model.
+    assert (got - want).norm() / want.norm() < 0.02
+    assert (before - want).norm() > 10 * (got - want).norm()
+    details = summary(run_dir)["exports"]["merged_16bit"]["details"]
+    assert details["verify"]["ok"] and details["trained_in_4bit"] is False
+
+
+def test_merged_4bit_refused_on_cpu_with_reason(run_dir: Path, sft_plugin_manager) -> None:
+    result = run_sft("export", run_dir, "--exporter", "merged_4bit", check=False)
+    assert result.exit_code == 1
+    error = summary(run_dir)["exports"]["merged_4bit"]["error"]
+    assert "needs a CUDA GPU" in error and "bitsandbytes" in error
+    assert not (run_dir / "exports" / "merged_4bit").exists()
+
+
+def test_gguf_f16_tiny_verified_with_metadata_and_modelfile(run_dir: Path, sft_plugin_manager) -> None:
+    from transformers import AutoTokenizer
+
+    from sft.core.gguf_convert import gguf_tensor_types
+
+    run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[f16]", "export.gguf.name=tiny")
+    path = run_dir / "exports" / "gguf" / "tiny-F16.gguf"
+    fields = llama_cpp_metadata(path)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    template = sft_plugin_manager.get("chat_template", "chatml")
+    assert fields["general.architecture"] == "llama"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
+    assert fields["tokenizer.chat_template"] == template.jinja(tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eos_token_id"] == str(im_end) == fields["tokenizer.ggml.eot_token_id"]
+    assert fields["tokenizer.ggml.padding_token_id"] == str(tokenizer.pad_token_id) != str(im_end)
+    assert fields["llama.block_count"] == "2" and fields["llama.embedding_length"] == "64"
+    assert fields["n_vocab"] == str(len(tokenizer))
+    types = Counter(gguf_tensor_types(path).values())
+    assert types == {"F16": 2 * 7 + 2, "F32": 2 * 2 + 1}  # 7 matrices per block + embed + output; norms F32
+
+    record = summary(run_dir)["exports"]["gguf"]
+    verify = record["details"]["quants"]["f16"]["verify"]
+    assert record["ok"] and verify["ok"] and verify["prompt_ids_match"] and verify["tokens_match"]
+    assert verify["tokens"] == record["details"]["verify"]["reference"] and len(verify["tokens"]) == 16
+
+    modelfile = (run_dir / "exports" / "gguf" / "tiny-F16.Modelfile").read_text()
+    assert "FROM ./tiny-F16.gguf\n" in modelfile
+    assert f'TEMPLATE """{template.ollama_template(tokenizer)}"""\n' in modelfile
+    assert modelfile.rstrip().endswith('PARAMETER stop "<|im_end|>"')
+    # Reusing a merge: no merged_16bit was requested, so the temporary merge is gone.
+    assert not (run_dir / "exports" / ".tmp").exists()
+
+
+def test_gguf_refuses_non_llama_architecture(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    qwen.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    run = build_run(tmp_path / "run", tmp_path / "qwen")
+    result = run_sft("export", run, "--exporter", "gguf", "--exporter", "lora", check=False)
+    assert result.exit_code == 1
+    exports = summary(run)["exports"]
+    assert exports["lora"]["ok"]  # the other exporter still ran
+    assert "Llama family only" in exports["gguf"]["error"] and "Qwen2ForCausalLM" in exports["gguf"]["error"]
+    assert exports["gguf"]["error"].startswith("preflight:")
+    assert not (run / "exports" / "gguf").exists()  # nothing written: refused before any work
+
+
+def test_preflight_reports_missing_tokenizer_and_disk(run_dir: Path, sft_plugin_manager, monkeypatch) -> None:
+    import shutil as shutil_module
+
+    (run_dir / "adapter" / "tokenizer.json").unlink()
+    run_sft("export", run_dir, "--exporter", "gguf", check=False)
+    assert "missing tokenizer file" in summary(run_dir)["exports"]["gguf"]["error"]
+
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real(p)._replace(free=1000))
+    result = run_sft("export", run_dir, "--exporter", "merged_16bit", check=False)
+    assert result.exit_code == 1
+    error = summary(run_dir)["exports"]["merged_16bit"]["error"]
+    assert "not enough free disk for the merged_16bit export" in error
+    assert not (run_dir / "exports" / "merged_16bit").exists()
+
+
+def test_unknown_exporter_gets_did_you_mean(run_dir: Path, sft_plugin_manager) -> None:
+    result = run_sft("export", run_dir, "--exporter", "gguff", check=False)
+    assert result.exit_code == 2
+    assert "did you mean 'gguf'" in result.output
+
+
+def test_unknown_quant_is_a_config_error(run_dir: Path, sft_plugin_manager) -> None:
+    result = run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q4_k_n]", check=False)
+    assert result.exit_code == 2
+    assert "export.gguf.quants" in result.output and "did you mean 'q4_k_m'" in result.output
+
+
+def test_export_needs_a_finished_run(tmp_path: Path, sft_plugin_manager) -> None:
+    (tmp_path / "config.yaml").write_text("{}\n")
+    result = run_sft("export", tmp_path, "--exporter", "lora", check=False)
+    assert result.exit_code == 1 and "adapter" in result.output
+
+
+# -- failure isolation and retries ----------------------------------------------------------------
+class FlakyExporter(Exporter):
+    """Fails while the run folder holds a FAIL file, then writes one file."""
+
+    name = "flaky"
+    description = "test exporter that fails on demand"
+
+    def export(self, context, options=None) -> ExportResult:
+        if (context.run_dir.root / "FAIL").exists():
+            raise RuntimeError("injected failure")
+        out = context.output_dir(self.name) / "done.txt"
+        out.write_text("ok\n")
+        return ExportResult(self.name, ok=True, paths=[str(out)])
+
+
+class FlakyPlugin:
+    @hookimpl
+    def register_exporters(self, register):
+        register(FlakyExporter())
+
+
+def test_injected_failure_keeps_other_outputs_and_sft_export_retries(run_dir: Path, sft_plugin_manager) -> None:
+    sft_plugin_manager.register(FlakyPlugin(), "flaky-plugin")
+    (run_dir / "FAIL").write_text("")
+    result = run_sft("export", run_dir, "--exporter", "lora", "--exporter", "flaky", "--exporter", "gguf",
+                     "export.gguf.quants=[f16]", check=False)
+    assert result.exit_code == 1
+    exports = summary(run_dir)["exports"]
+    assert exports["lora"]["ok"] and exports["gguf"]["ok"]  # before and after the failure
+    assert not exports["flaky"]["ok"] and "injected failure" in exports["flaky"]["error"]
+    kept = {p: p.stat().st_mtime_ns for p in (run_dir / "exports").rglob("*") if p.is_file()}
+    assert any(p.suffix == ".gguf" for p in kept) and any(p.name == "adapter_model.safetensors" for p in kept)
+
+    (run_dir / "FAIL").unlink()
+    run_sft("export", run_dir, "--exporter", "flaky")
+    exports = summary(run_dir)["exports"]
+    assert exports["flaky"]["ok"] and exports["lora"]["ok"] and exports["gguf"]["ok"]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # untouched by the retry
+
+
+def test_k_quant_without_llama_cpp_fails_clearly_then_retry_succeeds(run_dir: Path, sft_plugin_manager, monkeypatch) -> None:
+    # A real failure: llama-cpp-python missing (an import of it fails, as on a machine without it).
+    run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[f16]")
+    f16 = run_dir / "exports" / "gguf" / f"{run_dir.name}-F16.gguf"
+    before = f16.stat().st_mtime_ns
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "llama_cpp", None)
+        result = run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q4_k_m]", check=False)
+    assert result.exit_code == 1
+    error = summary(run_dir)["exports"]["gguf"]["error"]
+    assert "pip install 'sft-forge[llama]'" in error and "q4_k_m" in error
+    assert f16.stat().st_mtime_ns == before  # the earlier GGUF is intact
+
+    run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q4_k_m]", "export.gguf.verify_tokens=4")
+    record = summary(run_dir)["exports"]["gguf"]
+    q4 = record["details"]["quants"]["q4_k_m"]
+    # hidden_size 64 is not a multiple of 256: llama.cpp falls back (q5_0, q8_0) for every matrix.
+    assert q4["fallback_tensors"] > 0 and not any(t.endswith("_K") for t in q4["tensor_types"])
+    assert record["ok"] and 0 <= q4["verify"]["agreement"] <= 1 and q4["verify"]["prompt_ids_match"]
+    assert f16.exists() and not list((run_dir / "exports").rglob("*F16-intermediate*"))
+
+
+def test_gguf_with_added_eot_token(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
+    """llama3 on SmolLM2's vocabulary: the EOT is added, embeddings resized; the GGUF carries it."""
+    from transformers import AutoTokenizer
+
+    run = build_run(tmp_path / "run", tiny_model_dir, "template.name=llama3")
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    assert len(tokenizer) > 49152
+    run_sft("export", run, "--exporter", "gguf", "export.gguf.quants=[f16]")
+    fields = llama_cpp_metadata(run / "exports" / "gguf" / "run-F16.gguf")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert fields["tokenizer.ggml.eot_token_id"] == fields["tokenizer.ggml.eos_token_id"] == str(eot)
+    assert fields["llama.vocab_size"] == fields["n_vocab"] == str(len(tokenizer))
+    assert summary(run)["exports"]["gguf"]["details"]["quants"]["f16"]["verify"]["tokens_match"]
+    modelfile = (run / "exports" / "gguf" / "run-F16.Modelfile").read_text()
+    assert 'PARAMETER stop "<|eot_id|>"' in modelfile and "<|start_header_id|>" in modelfile
+
+
+def test_export_context_reuses_merged_export(run_dir: Path, sft_plugin_manager) -> None:
+    """gguf after merged_16bit converts from the merged export instead of merging again."""
+    run_sft("export", run_dir, "--exporter", "merged_16bit", "--exporter", "gguf", "export.gguf.quants=[f16]", "export.verify=false")
+    details = summary(run_dir)["exports"]["gguf"]["details"]
+    assert details["merged_from"] == str(run_dir / "exports" / "merged_16bit")
+    assert "verify" not in details
+
+
+def test_exporter_options_listed_with_choices() -> None:
+    from sft.core.config import build_schema, iter_schema_fields
+
+    fields = {k: f for k, f, _ in iter_schema_fields(build_schema(make_plugin_manager()))}
+    assert fields["export.gguf.quants"].metadata["choices"] == ("f16", "bf16", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+    assert "export.merged_16bit.dtype" in fields and "export.merged_4bit.quant_type" in fields
+
+
+def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
+    from sft.core.config import load_config
+    from sft.core.export import ExportContext
+
+    pm = make_plugin_manager()
+    context = ExportContext(run_dir, load_config(str(run_dir / "config.yaml"), pm=pm), pm)
+    assert context.resolve_merge_dtype("auto") == "bfloat16"  # the tiny base is stored in float32
+    assert context.resolve_merge_dtype("float16") == "float16"
+    (run_dir / "adapter" / "adapter_config.json").unlink()
+    assert any("no adapter_config.json" in p for p in context.merge_problems())
