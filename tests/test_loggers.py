@@ -106,11 +106,13 @@ def _config(run_dir: Path, model_dir: Path, pm: Any):
         "training.warmup_steps=0",
         "training.learning_rate=1e-3",
         "data.test_size=4.0",
-        "export.enabled=[]",
+        "export.enabled=[lora]",
         "loggers.enabled=[console,wandb,broken]",
         "loggers.console.style=plain",
         "loggers.wandb.mode=offline",
         "loggers.wandb.tags=[test]",
+        "loggers.wandb.watch=gradients",
+        "loggers.wandb.watch_log_freq=2",
     ], pm=pm)
 
 
@@ -153,8 +155,11 @@ def _train_with_transformers(cfg: Any, pm: Any) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[ToHub()])
     result = trainer.train()
+    adapter = run_dir.export_dir("lora")
+    model.save_pretrained(adapter)
     summary = run_dir.update_summary(status="ok", steps=result.global_step, train_loss=result.training_loss,
-                                     train_seconds=result.metrics["train_runtime"], exports={})
+                                     train_seconds=result.metrics["train_runtime"],
+                                     exports={"lora": {"ok": True, "paths": [str(adapter)]}})
     hub.finish(summary)
     write_loss_plot(run_dir.root)
 
@@ -432,10 +437,19 @@ def test_wandb_offline_run_has_the_same_loss_series_as_metrics_jsonl(logged_run:
     assert [h["train/learning_rate"] for h in history if "train/loss" in h] == \
         [r["learning_rate"] for r in records if "loss" in r]
 
+    # watch=gradients: wandb.watch's histograms of the gradients arrived too.
+    assert any(key.startswith("gradients/") for h in history for key in h), sorted(history[-1])
     assert run == {"name": "run", "project": "sft", "tags": ["test"]}
     assert config["training"]["max_steps"] == MAX_STEPS and config["loggers"]["wandb"]["mode"] == "offline"
     assert summary["sft"]["steps"] == MAX_STEPS and summary["sft"]["status"] == "ok"
-    assert summary["exports"] == {}
+
+
+def test_wandb_summary_has_the_export_paths(logged_run: LoggedRun) -> None:
+    """The loggers finish after the exports, so the W&B run lists the paths of what was exported."""
+    _history, _config, summary, _run = _wandb_run(logged_run.run_dir)
+    exported = json.loads((logged_run.run_dir / "summary.json").read_text())["exports"]
+    assert exported["lora"]["paths"]
+    assert summary.get("exports") == {"lora": exported["lora"]["paths"]}
 
 
 def test_wandb_api_key_is_never_written(logged_run: LoggedRun) -> None:

@@ -39,6 +39,7 @@ class WandbOptions:
     tags: List[str] = opt([], "Tags on the W&B run.")
     notes: Optional[str] = opt(None, "Notes on the W&B run.")
     watch: Optional[str] = opt(None, "wandb.watch the model: false, gradients, parameters or all (default: WANDB_WATCH, else false).", _WATCH)
+    watch_log_freq: Optional[int] = opt(None, "With watch: log histograms every this many backward passes (default: max(100, training.logging_steps), as transformers does; histograms are slow).")
     mode: Optional[str] = opt(None, "online, offline (sync later with `wandb sync`) or disabled (default: WANDB_MODE, else online).", _MODES)
 
 
@@ -52,6 +53,7 @@ class WandbLogger(Logger):
 
     def __init__(self) -> None:
         self._run: Any = None
+        self._watched = False
 
     def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
         import importlib.util
@@ -84,7 +86,9 @@ class WandbLogger(Logger):
                 dir=run.run_dir,
                 # A logger must never block training on a login prompt; see the error below.
                 settings=wandb.Settings(login_timeout=0) if mode == "online" else None,
-                reinit="create_new",
+                # finish_previous also makes this run wandb.run, the global that wandb.watch's
+                # hooks log through (with create_new they would crash inside backward()).
+                reinit="finish_previous",
             )
         except Exception as exc:  # noqa: BLE001 - turn wandb's many failure types into one actionable message
             raise SftError(
@@ -101,8 +105,10 @@ class WandbLogger(Logger):
                 print(f"[sft] loggers.wandb.watch={watch} ignored: the trainer did not pass the model to the loggers",
                       file=sys.stderr)
             else:
-                logging_steps = (run.config.get("training") or {}).get("logging_steps") or 10
-                self._run.watch(run.model, log=watch, log_freq=int(logging_steps))
+                logging_steps = int((run.config.get("training") or {}).get("logging_steps") or 1)
+                freq = options.watch_log_freq or max(100, logging_steps)
+                self._run.watch(run.model, log=watch, log_freq=int(freq))
+                self._watched = True
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if self._run is None:
@@ -113,6 +119,7 @@ class WandbLogger(Logger):
         run, self._run = self._run, None
         if run is None:
             return
+        self._unwatch(run)
         exports = export_paths(summary)
         values = {k: v for k, v in summary.items() if k != "exports"}
         run.summary.update({"sft": values, "exports": exports})
@@ -123,7 +130,14 @@ class WandbLogger(Logger):
         """A run that crashed before ``finish`` left its W&B run open; close it as failed."""
         if self._run is not None:
             run, self._run = self._run, None
+            self._unwatch(run)
             run.finish(exit_code=1)
+
+    def _unwatch(self, run: Any) -> None:
+        """Remove wandb.watch's hooks: the model outlives the W&B run (quick generation, exports)."""
+        if self._watched:
+            self._watched = False
+            run.unwatch()
 
 
 def wandb_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
