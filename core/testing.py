@@ -189,8 +189,7 @@ def train_tiny(output_dir: str | Path, model_dir: str | Path, *overrides: str, d
     from .train import run_training
 
     cfg = tiny_config(output_dir, model_dir, *overrides, dataset=dataset, steps=steps, pm=pm)
-    run_training(cfg)
-    return Path(output_dir)
+    return Path(run_training(cfg, pm=pm))
 
 
 @pytest.fixture

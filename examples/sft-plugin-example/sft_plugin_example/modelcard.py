@@ -97,20 +97,23 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
 
     lines = [f"# {run_name}", "", f"A fine-tune of [`{base_model}`](https://huggingface.co/{base_model}) made with "
              f"`sft` ({method}), in the `{template}` chat format.", ""]
-    lines += ["## Training data", "", f"- dataset: `{dataset}` (format `{_get(config, 'data.format')}`, split "
-              f"`{_get(config, 'data.split')}`)"]
-    for key, label in (("rows", "rows"), ("train_rows", "training rows"), ("eval_rows", "evaluation rows"),
-                       ("tokens", "tokens"), ("trained_tokens", "trained tokens")):
-        value = summary.get(key) if not isinstance(summary.get("data"), Mapping) else summary["data"].get(key, summary.get(key))
-        if value is not None:
-            lines.append(f"- {label}: {_fmt(value)}")
+    data = summary.get("dataset") if isinstance(summary.get("dataset"), Mapping) else {}
+    lines += ["## Training data", "", f"- dataset: `{dataset}` (format `{data.get('format', _get(config, 'data.format'))}`, "
+              f"split `{_get(config, 'data.split')}`)"]
+    for key, label in (("rows", "rows read"), ("train_rows", "training rows"), ("eval_rows", "evaluation rows"),
+                       ("train_tokens", "training tokens"), ("trained_tokens", "trained (assistant) tokens"),
+                       ("truncated", "truncated rows"), ("fully_masked", "rows with no trained token (dropped)")):
+        if data.get(key) is not None:
+            lines.append(f"- {label}: {_fmt(data[key])}")
     lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {label} | `{_fmt(_get(config, key))}` |" for key, label in HYPERPARAMETERS if _get(config, key) is not None]
     lines += ["", "## Results", ""]
+    durations = summary.get("durations") if isinstance(summary.get("durations"), Mapping) else {}
     results = [(label, summary.get(key)) for key, label in (
-        ("status", "status"), ("steps", "steps"), ("final_train_loss", "final train loss"),
-        ("final_eval_loss", "final eval loss"), ("train_loss", "mean train loss"),
-        ("tokens_per_second", "tokens/s"), ("train_seconds", "training time (s)"))]
+        ("status", "status"), ("steps", "optimizer steps"), ("epochs", "epochs"), ("train_loss", "final train loss"),
+        ("eval_loss", "final eval loss"), ("mean_train_loss", "mean train loss"), ("tokens", "tokens seen"),
+        ("tokens_per_second", "tokens/s"), ("backend", "backend"), ("device", "device"))]
+    results.append(("training time (s)", durations.get("train")))
     results = [(label, value) for label, value in results if value is not None]
     lines += [f"- {label}: {_fmt(value)}" for label, value in results] or ["- (no summary.json: the run did not finish)"]
     exports = summary.get("exports") or {}
@@ -121,7 +124,16 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
                 continue
             files = ", ".join(f"`{Path(p).name}`" for p in result.get("paths", [])) or "-"
             lines.append(f"| {name} | {'yes' if result.get('ok') else 'no'} | {files} |")
-    lines += ["", "## Usage", "", "```bash", f"sft generate runs/{run_name} \"Who are you?\"", "```", ""]
+    lines += ["", "## Usage", "", "With `sft`, from the run directory:", "", "```bash",
+              f"sft generate runs/{run_name} \"Who are you?\"", "```", "",
+              "With PEFT, from this folder (the tokenizer carries the chat template):", "", "```python",
+              "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+              "path = \"adapter\"  # the folder holding this card and adapter_model.safetensors",
+              "model = AutoPeftModelForCausalLM.from_pretrained(path)",
+              "tokenizer = AutoTokenizer.from_pretrained(path)",
+              "inputs = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Who are you?\"}],",
+              "    add_generation_prompt=True, return_dict=True, return_tensors=\"pt\")",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```", ""]
     header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()
     return f"---\n{header}\n---\n\n" + "\n".join(lines)
 
