@@ -31,6 +31,8 @@ __all__ = [
     "plot_loss",
     "write_loss_plot",
     "report_run",
+    "namespaced",
+    "export_paths",
     "format_metric",
     "format_duration",
     "flatten_summary",
@@ -202,6 +204,35 @@ def write_loss_plot(run_dir: str | Path) -> Path:
     fig.savefig(tmp, format="png")
     os.replace(tmp, rd.loss_plot)
     return rd.loss_plot
+
+
+def namespaced(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metric names for dashboards (W&B, TensorBoard): ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``.
+
+    The same names as transformers' own W&B and TensorBoard callbacks, so dashboards people
+    already have keep working.
+    """
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key.startswith("eval_"):
+            out[f"eval/{key[len('eval_'):]}"] = value
+        else:
+            out[f"train/{key}"] = value
+    return out
+
+
+def export_paths(summary: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Exporter name -> the paths it wrote, from ``summary["exports"]`` (``{name: {"paths": [...]}}``)."""
+    out: dict[str, list[str]] = {}
+    for name, result in (summary.get("exports") or {}).items():
+        if isinstance(result, Mapping):
+            paths = result.get("paths") or []
+        elif isinstance(result, (list, tuple)):
+            paths = result
+        else:
+            paths = [result]
+        out[str(name)] = [str(p) for p in paths]
+    return out
 
 
 # -- formatting shared by the console logger and `sft report` -----------------------------

@@ -12,6 +12,7 @@ path); until then it goes through a real transformers ``Trainer`` whose callback
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -40,6 +41,9 @@ EVAL_STEPS = 2
 #: A fake key in W&B's format: it must not show up in any file or any output of the run.
 FAKE_API_KEY = "0123456789abcdef0123456789abcdef0badc0de"
 ESCAPE = re.compile(r"\x1b|\r|\x07")
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+#: The loggers of the shared run, all at once (tensorboard is an optional extra).
+LOGGERS = ["console", "wandb", *(["tensorboard"] if HAS_TENSORBOARD else []), "broken"]
 
 
 class BrokenLogger(Logger):
@@ -107,7 +111,7 @@ def _config(run_dir: Path, model_dir: Path, pm: Any):
         "training.learning_rate=1e-3",
         "data.test_size=4.0",
         "export.enabled=[lora]",
-        "loggers.enabled=[console,wandb,broken]",
+        f"loggers.enabled=[{','.join(LOGGERS)}]",
         "loggers.console.style=plain",
         "loggers.wandb.mode=offline",
         "loggers.wandb.tags=[test]",
@@ -460,7 +464,8 @@ def test_wandb_api_key_is_never_written(logged_run: LoggedRun) -> None:
 
 
 def test_wandb_logs_export_paths_and_redacts_secrets() -> None:
-    from sft.plugins.loggers.wandb import export_paths, redact, wandb_metrics
+    from sft.core.metrics import export_paths
+    from sft.plugins.loggers.wandb import redact, wandb_metrics
 
     summary = {"exports": {"lora": {"ok": True, "paths": ["runs/x/exports/lora"]},
                            "gguf": {"ok": True, "paths": ["a.gguf", Path("Modelfile")]}}}
@@ -469,3 +474,21 @@ def test_wandb_logs_export_paths_and_redacts_secrets() -> None:
         "train/global_step": 3, "train/loss": 1.0, "eval/loss": 2.0}
     assert redact({"a": {"hf_token": "x", "api_key": "y", "n": 1}, "l": [{"password": "p"}]}) == {
         "a": {"hf_token": "<redacted>", "api_key": "<redacted>", "n": 1}, "l": [{"password": "<redacted>"}]}
+
+
+# -- tensorboard ------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install 'sft-forge[tensorboard]')")
+def test_tensorboard_event_files_have_the_same_loss_series_as_metrics_jsonl(logged_run: LoggedRun) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logged_run.run_dir / "tensorboard")).Reload()
+    records = read_metrics(logged_run.run_dir)
+    # TensorBoard stores scalars as float32.
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss"), ("train/learning_rate", "learning_rate")):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [s for s, _ in logged] == [s for s, _ in expected], tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+    texts = {tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]}
+    assert '"max_steps": %d' % MAX_STEPS in texts["config/text_summary"]
+    assert '"status": "ok"' in texts["summary/text_summary"]

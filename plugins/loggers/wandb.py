@@ -22,8 +22,9 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
+from sft.core.metrics import export_paths, namespaced
 
-__all__ = ["WandbLogger", "WandbOptions", "wandb_metrics", "export_paths", "register_loggers"]
+__all__ = ["WandbLogger", "WandbOptions", "wandb_metrics", "redact", "register_loggers"]
 
 _MODES = ["online", "offline", "disabled"]
 _WATCH = ["false", "gradients", "parameters", "all"]
@@ -141,28 +142,8 @@ class WandbLogger(Logger):
 
 
 def wandb_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """sft metric names to W&B names: ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``."""
-    out: dict[str, Any] = {"train/global_step": int(step)}
-    for key, value in metrics.items():
-        if key.startswith("eval_"):
-            out[f"eval/{key[len('eval_'):]}"] = value
-        else:
-            out[f"train/{key}"] = value
-    return out
-
-
-def export_paths(summary: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Exporter name -> the paths it wrote, from ``summary["exports"]`` (``{name: {"paths": [...]}}``)."""
-    out: dict[str, list[str]] = {}
-    for name, result in (summary.get("exports") or {}).items():
-        if isinstance(result, Mapping):
-            paths = result.get("paths") or []
-        elif isinstance(result, (list, tuple)):
-            paths = result
-        else:
-            paths = [result]
-        out[str(name)] = [str(p) for p in paths]
-    return out
+    """sft metric names to W&B names (``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``) plus the step."""
+    return {"train/global_step": int(step), **namespaced(metrics)}
 
 
 def redact(config: Any) -> Any:
