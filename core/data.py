@@ -291,8 +291,7 @@ _READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".par
 
 def _hash_files(files: Sequence[Path]) -> str:
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
+    for f in files:  # contents in order; names don't matter (a renamed copy hits the cache)
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -783,6 +782,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
     if root is not None:
         cached = _load_cached(root / key)
         if cached is not None:
+            cached.stats["source"] = source.describe()
             _report_skipped(cached.stats, quiet)
             return cached
 

@@ -1,0 +1,190 @@
+"""Sources, splits, eval sets, train_on and the content-addressed cache of the data pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from sft.core.data import build_datasets, read_rows
+from sft.core.interfaces import Message
+from sft.core.testing import write_jsonl
+
+from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
+
+
+def _build(model_dir, dataset, *overrides, tokenizer=None):
+    return build_datasets(data_config(model_dir, dataset, *overrides), None, tokenizer or fresh_tokenizer(model_dir))
+
+
+def _first_answers(prepared):
+    return [next(m.content for m in c if m.role == "assistant") for c in prepared.train_conversations]
+
+
+# -- sources ------------------------------------------------------------------------------------
+def test_every_local_file_type_and_a_folder_of_them(smollm2_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, _ = read_rows(str(FIXTURES / "alpaca.jsonl"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "alpaca.parquet")
+    for source in (FIXTURES / "alpaca.jsonl", FIXTURES / "alpaca.csv", tmp_path / "alpaca.parquet"):
+        prepared = _build(smollm2_dir, source)
+        assert prepared.stats["format"] == "alpaca" and prepared.stats["train_rows"] == 3
+    assert _first_answers(_build(smollm2_dir, tmp_path / "alpaca.parquet")) == ["Red, green and violet.",
+                                                                                "The cat slept on the mat.", "Cheerful."]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "alpaca.jsonl", folder / "part-a.jsonl")
+    shutil.copy(FIXTURES / "alpaca.csv", folder / "part-b.csv")
+    assert _build(smollm2_dir, folder).stats["train_rows"] == 6
+
+
+def test_alpaca_input_is_appended_to_the_instruction(smollm2_dir):
+    prepared = _build(smollm2_dir, FIXTURES / "alpaca.jsonl")
+    assert prepared.train_conversations[1] == [
+        Message("user", "Turn this sentence into the past tense.\n\nThe cat sleeps on the mat."),
+        Message("assistant", "The cat slept on the mat.")]
+
+
+def test_json_lines_saved_as_json_are_read(smollm2_dir, tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text((FIXTURES / "messages.jsonl").read_text())
+    assert _build(smollm2_dir, path).stats["format"] == "messages"
+
+
+def test_the_packaged_default_dataset(smollm2_dir):
+    prepared = _build(smollm2_dir, "sft:identity")
+    assert prepared.stats["rows"] >= 50 and prepared.stats["format"] == "sharegpt"
+
+
+def test_sharegpt_mapping_override_reads_other_keys_and_role_names(smollm2_dir, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"speaker": "customer", "text": "Is it open?"},
+                                                             {"speaker": "agent", "text": "Until six."}]}])
+    prepared = _build(smollm2_dir, path, "data.format=sharegpt", "data.sharegpt.conversations_key=dialog",
+                      "data.sharegpt.role_key=speaker", "data.sharegpt.content_key=text",
+                      "data.sharegpt.user=[customer]", "data.sharegpt.assistant=[agent]")
+    assert prepared.train_conversations == [[Message("user", "Is it open?"), Message("assistant", "Until six.")]]
+
+
+# -- splits -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split, answers", [
+    ("train[:2]", ["Red, green and violet.", "The cat slept on the mat."]),
+    ("train[1:]", ["The cat slept on the mat.", "Cheerful."]),
+    ("train[-1:]", ["Cheerful."]),
+    ("train[:34%]", ["Red, green and violet."]),
+])
+def test_split_slicing(split, answers, smollm2_dir):
+    prepared = _build(smollm2_dir, FIXTURES / "alpaca.jsonl", f"data.split={split}")
+    assert _first_answers(prepared) == answers and prepared.stats["rows"] == len(answers)
+
+
+def test_test_size_fraction_and_count_are_seeded(smollm2_dir, tmp_path):
+    rows = [{"instruction": f"Say the number {i}.", "output": f"{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "numbers.jsonl", rows)
+    a = _build(smollm2_dir, path, "data.test_size=0.25", "training.seed=1")
+    b = _build(smollm2_dir, path, "data.test_size=5.0", "training.seed=1")
+    c = _build(smollm2_dir, path, "data.test_size=5.0", "training.seed=2")
+    assert (a.stats["train_rows"], a.stats["eval_rows"]) == (15, 5)
+    assert a.eval_conversations == b.eval_conversations  # same seed, same rows
+    assert b.eval_conversations != c.eval_conversations
+    evals = {m.content for conv in b.eval_conversations for m in conv}
+    assert not evals & {m.content for conv in b.train_conversations for m in conv}
+    assert len(b.eval) == 5 and b.eval.column_names == ["input_ids", "assistant_masks"]
+
+
+def test_eval_split_from_a_folder_or_a_file(smollm2_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"instruction": "One?", "output": "1"}, {"instruction": "Two?", "output": "2"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"instruction": "Three?", "output": "3"}])
+    prepared = _build(smollm2_dir, tmp_path, "data.eval_split=test")
+    assert (prepared.stats["train_rows"], prepared.stats["eval_rows"]) == (2, 1)
+    assert prepared.eval_conversations[0][0].content == "Three?"
+    other = _build(smollm2_dir, tmp_path / "train.jsonl", f"data.eval_split={tmp_path / 'test.jsonl'}")
+    assert other.eval_conversations == prepared.eval_conversations
+
+
+# -- masks ----------------------------------------------------------------------------------------
+def test_train_on_all_trains_every_token(smollm2_dir):
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    prepared = _build(smollm2_dir, FIXTURES / "messages.jsonl", "data.train_on=all", tokenizer=tokenizer)
+    row = prepared.train[1]
+    assert set(row["assistant_masks"]) == {1}
+    assert decoded_spans(row["input_ids"], row["assistant_masks"], tokenizer) == [
+        "<|im_start|>system\nAnswer in one short sentence.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
+        "<|im_start|>assistant\nAir scatters blue light more than red light.<|im_end|>\n"]
+    assert prepared.stats["trained_tokens"] == prepared.stats["train_tokens"]
+
+
+def test_a_token_straddling_the_answer_start_is_trained(smollm2_dir):
+    from sft.core.interfaces import Segment
+    from sft.core.templating import encode_rendered
+
+    # "x=" + "=y": BPE makes one token "==" of the prompt's "=" and the answer's "="; it produces
+    # answer text, so it is trained (decoding the trained tokens then shows one extra "=").
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    [(ids, mask)] = encode_rendered(tokenizer, [[Segment("x=", False), Segment("=y", True)]])
+    assert [tokenizer.decode([i]) for i in ids] == ["x", "==", "y"]
+    assert mask == [0, 1, 1]
+
+
+# -- cache ----------------------------------------------------------------------------------------
+def test_cache_hit_returns_the_same_data(smollm2_dir, tmp_path):
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    first = _build(smollm2_dir, FIXTURES / "sharegpt.json", cache, "data.test_size=1.0")
+    second = _build(smollm2_dir, FIXTURES / "sharegpt.json", cache, "data.test_size=1.0")
+    assert (first.stats["cache"], second.stats["cache"]) == ("miss", "hit")
+    assert first.train["input_ids"] == second.train["input_ids"]
+    assert first.eval["assistant_masks"] == second.eval["assistant_masks"]
+    assert first.train_conversations == second.train_conversations
+    assert first.eval_conversations == second.eval_conversations
+    assert {k: v for k, v in first.stats.items() if k != "cache"} == {k: v for k, v in second.stats.items() if k != "cache"}
+
+
+def _key(model_dir, dataset, *overrides, tokenizer=None):
+    return _build(model_dir, dataset, *overrides, tokenizer=tokenizer).stats["cache_key"]
+
+
+def test_cache_key_changes_with_the_data_file_contents(smollm2_dir, tmp_path):
+    path = tmp_path / "chat.json"
+    shutil.copy(FIXTURES / "sharegpt.json", path)
+    before = _key(smollm2_dir, path)
+    path.write_text(path.read_text().replace("About 5 ml.", "About 5 millilitres."))
+    assert _key(smollm2_dir, path) != before
+
+
+def test_cache_key_changes_with_the_format_name_version_and_options(smollm2_dir, monkeypatch):
+    from sft.plugins.datasets.sharegpt import ShareGPT
+
+    base = _key(smollm2_dir, FIXTURES / "sharegpt.json")
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.sharegpt.system=[system,sys]") != base
+    monkeypatch.setattr(ShareGPT, "version", "2")
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json") != base
+
+
+def test_cache_key_changes_with_the_template_name_and_version(smollm2_dir, monkeypatch):
+    from sft.plugins.templates.chatml import ChatML
+
+    base = _key(smollm2_dir, FIXTURES / "sharegpt.json")
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "template.name=phi3") != base
+    monkeypatch.setattr(ChatML, "version", "2")
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json") != base
+
+
+def test_cache_key_changes_with_the_tokenizer(smollm2_dir):
+    base = _key(smollm2_dir, FIXTURES / "sharegpt.json")
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    tokenizer.add_tokens(["<|new_token|>"], special_tokens=True)
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", tokenizer=tokenizer) != base
+
+
+@pytest.mark.parametrize("override", ["model.max_seq_length=64", "data.train_on=all", "data.on_bad_row=skip",
+                                      "data.test_size=1.0", "data.split=train[:2]"])
+def test_cache_key_changes_with_length_masking_and_split_options(override, smollm2_dir):
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", override) != _key(smollm2_dir, FIXTURES / "sharegpt.json")
+
+
+def test_cache_key_is_stable(smollm2_dir, tmp_path):
+    copy = tmp_path / "same.json"
+    copy.write_text((FIXTURES / "sharegpt.json").read_text())
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json") == _key(smollm2_dir, copy)  # contents, not paths
