@@ -274,11 +274,16 @@ def flatten_summary(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[
             rows += flatten_summary(value, dotted + ".") if value else [(dotted, "-")]
         elif isinstance(value, (list, tuple)):
             rows.append((dotted, ", ".join(str(v) for v in value) if value else "-"))
-        elif "seconds" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif _is_duration(dotted) and isinstance(value, (int, float)) and not isinstance(value, bool):
             rows.append((dotted, f"{value:.1f} ({format_duration(value)})"))
         else:
             rows.append((dotted, format_metric(key, value)))
     return rows
+
+
+def _is_duration(dotted_key: str) -> bool:
+    """``train_seconds``, ``durations.train``: values in seconds (but not ``tokens_per_second``)."""
+    return dotted_key.endswith("seconds") or dotted_key.startswith("durations.") or ".durations." in dotted_key
 
 
 def summary_table(summary: Mapping[str, Any], title: str = "summary") -> Any:

@@ -492,3 +492,14 @@ def test_tensorboard_event_files_have_the_same_loss_series_as_metrics_jsonl(logg
     texts = {tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]}
     assert '"max_steps": %d' % MAX_STEPS in texts["config/text_summary"]
     assert '"status": "ok"' in texts["summary/text_summary"]
+
+
+def test_summary_rows_flatten_nested_keys_and_show_durations() -> None:
+    from sft.core.metrics import flatten_summary
+
+    rows = dict(flatten_summary({
+        "steps": 60, "train_loss": 1.23456, "tokens_per_second": 5120.4, "exports": {"lora": {"paths": ["a", "b"]}},
+        "durations": {"train": 75.3}, "error": None, "skipped": [],
+    }))
+    assert rows == {"steps": "60", "train_loss": "1.2346", "tokens_per_second": "5,120",
+                    "exports.lora.paths": "a, b", "durations.train": "75.3 (1m15s)", "error": "None", "skipped": "-"}
