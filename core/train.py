@@ -145,7 +145,7 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         bf16=bool(bf16),
         fp16=bool(fp16),
         # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU).
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=not env.cuda,
         packing=bool(t.packing),
         # Rows are already truncated to model.max_seq_length by the data pipeline; packing
@@ -171,7 +171,9 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
     # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
     logging.getLogger("trl.trainer.sft_trainer").addFilter(
         lambda record: "Flash Attention" not in record.getMessage())
-    return trainer_class()(
+    from transformers import PrinterCallback
+
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -180,6 +182,18 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
         callbacks=list(callbacks),
         trained_positions_loss=trained_positions_loss,
     )
+    # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _quiet_progress_bars() -> None:
+    """The console logger shows progress; the libraries' own bars would interleave with it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -264,6 +278,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     backend = select_backend(cfg, pm, env)
     if hasattr(backend, "prepare_environment"):
         backend.prepare_environment()
+    _quiet_progress_bars()
     if not env.cuda:
         notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
 
@@ -364,12 +379,14 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         generation=generation,
         durations={k: round(v, 2) for k, v in {**durations, "total": time.perf_counter() - started}.items()},
     )
-    hub.finish(summary)
+    # The loggers finish after the exports, so their summary (console table, W&B) has the export paths.
+    try:
+        if list(cfg.export.enabled):
+            from .export import run_exporters
 
-    if list(cfg.export.enabled):
-        from .export import run_exporters
-
-        run_exporters(cfg, run, pm)
+            run_exporters(cfg, run, pm)
+    finally:
+        hub.finish(run.read_summary() or summary)
     return run.root
 
 
