@@ -1,12 +1,10 @@
 """Loggers, metrics.jsonl, loss.png and `sft report`, checked on one real tiny training run.
 
-The run trains the random tiny Llama for a few steps with evaluation on, with three loggers at
-once: ``console`` (plain, as in CI), ``wandb`` (offline) and ``broken`` (a test plugin that
-raises on its second ``log``). Every test below reads what that run left behind.
-
-When ``sft.core.train.run_training`` exists the run goes through it (the real ``sft run``
-path); until then it goes through a real transformers ``Trainer`` whose callback feeds the same
-:class:`~sft.core.metrics.MetricsHub` that the training core uses.
+The run is ``sft run``'s own ``run_training`` on the random tiny Llama and the embedded
+dataset: a few steps, evaluation on, the ``lora`` export, and the loggers all at once:
+``console`` (plain, as in CI), ``wandb`` (offline), ``tensorboard`` (when installed) and
+``broken`` (a test plugin that raises on its second ``log``). Every test below reads what that
+run left behind.
 """
 
 from __future__ import annotations
@@ -75,18 +73,6 @@ class BrokenPlugin:
         register(self.logger)
 
 
-class _StandInTemplatePlugin:
-    @hookimpl
-    def register_chat_templates(self, register) -> None:
-        from sft.core.interfaces import ChatTemplate
-
-        class ChatML(ChatTemplate):
-            name = "chatml"
-            render = generation_prompt = stop_tokens = jinja = ollama_template = None  # type: ignore[assignment]
-
-        register(ChatML())
-
-
 @dataclass
 class LoggedRun:
     run_dir: Path
@@ -120,66 +106,15 @@ def _config(run_dir: Path, model_dir: Path, pm: Any):
     ], pm=pm)
 
 
-def _train_with_transformers(cfg: Any, pm: Any) -> None:
-    """A real tiny Trainer run feeding MetricsHub, the stand-in until the training core lands."""
-    import datasets
-    import torch
-    from omegaconf import OmegaConf
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
-
-    from sft.core.config import plugin_options
-    from sft.core.rundir import RunDir
-
-    run_dir = RunDir.of(cfg.training.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)
-    texts = [f"Question {i}: what is {i} plus {i}? Answer: {2 * i}." for i in range(24)]
-    rows = datasets.Dataset.from_dict({"text": texts}).map(
-        lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
-    split = rows.train_test_split(test_size=int(cfg.data.test_size), seed=cfg.training.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=torch.float32)
-    hub = MetricsHub(run_dir.root, [(pm.get("logger", name), plugin_options(cfg, "logger", name, pm))
-                                    for name in cfg.loggers.enabled])
-
-    class ToHub(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            hub.start(RunInfo(run_dir.root.name, str(run_dir.root), OmegaConf.to_container(cfg),
-                              total_steps=state.max_steps, model=model))
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if "train_runtime" not in logs:  # the end-of-run aggregate belongs in the summary
-                hub.log(state.global_step, logs)
-
-    t = cfg.training
-    args = TrainingArguments(
-        output_dir=str(run_dir.checkpoints), max_steps=t.max_steps, logging_steps=t.logging_steps,
-        eval_strategy="steps", eval_steps=t.eval_steps, per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size, learning_rate=t.learning_rate,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=t.seed)
-    trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[ToHub()])
-    result = trainer.train()
-    adapter = run_dir.export_dir("lora")
-    model.save_pretrained(adapter)
-    summary = run_dir.update_summary(status="ok", steps=result.global_step, train_loss=result.training_loss,
-                                     train_seconds=result.metrics["train_runtime"],
-                                     exports={"lora": {"ok": True, "paths": [str(adapter)]}})
-    hub.finish(summary)
-    write_loss_plot(run_dir.root)
-
-
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> LoggedRun:
     from sft.core import plugins
     from sft.core.testing import make_plugin_manager
+    from sft.core.train import run_training
 
     run_dir = tmp_path_factory.mktemp("logged") / "run"
     broken = BrokenPlugin()
     pm = make_plugin_manager((broken, "broken-logger"))
-    if not pm.registry("chat_template"):
-        # Only until the template plugins land: the config must name a template, the
-        # stand-in trainer never renders one.
-        pm.register(_StandInTemplatePlugin(), "stand-in-template")
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plugins, "_manager", pm)
@@ -189,12 +124,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         mp.delenv("WANDB_DIR", raising=False)
         cfg = _config(run_dir, tiny_model_dir, pm)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                from sft.core.train import run_training
-            except ImportError:
-                _train_with_transformers(cfg, pm)
-            else:
-                run_training(cfg)
+            run_training(cfg, pm=pm)
     return LoggedRun(run_dir, out.getvalue(), err.getvalue(), broken.logger)
 
 
@@ -311,8 +241,8 @@ def test_sft_report_regenerates_the_plot_and_prints_the_summary(logged_run: Logg
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((logged_run.run_dir / "summary.json").read_text())
-    assert f"steps" in result.output and str(summary["steps"]) in result.output
-    assert f"train loss: " in result.output and f"at step {MAX_STEPS}" in result.output
+    assert "steps" in result.output and str(summary["steps"]) in result.output
+    assert "train loss: " in result.output and f"at step {MAX_STEPS}" in result.output
     assert str(png) in result.output
 
 
