@@ -68,17 +68,16 @@ def create_model(model_dir: Path, tokenizer_dir: str) -> None:
           f"in {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def workload_text(tokenizer: Any, seq_len: int) -> str:
-    """Plain words that tokenize to more than ``seq_len`` tokens (rows are truncated to seq_len)."""
-    words = [f"item{i % 211} is {i * 7919 % 1000} units," for i in range(seq_len)]
-    text = " ".join(words)
-    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > seq_len + 64
-    return text
+def workload_text(seq_len: int) -> str:
+    """Plain words, about 4 tokens a word with the SmolLM2 tokenizer: well over ``seq_len``
+    tokens, so every row is truncated to exactly ``seq_len`` (the sft run's summary checks it)."""
+    return " ".join(f"item{i % 211} is {i * 7919 % 1000} units," for i in range(seq_len))
 
 
 def token_rows(tokenizer: Any, rows: int, seq_len: int) -> list[list[int]]:
     """``rows`` sequences of exactly ``seq_len`` tokens, each a different window of the workload text."""
-    ids = tokenizer(workload_text(tokenizer, seq_len * 2), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(workload_text(seq_len * 2), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 * seq_len
     return [ids[(r * 37) % (len(ids) - seq_len):][:seq_len] for r in range(rows)]
 
 
@@ -238,8 +237,8 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
     from sft.core.interfaces import Logger
     from sft.core.plugins import get_plugin_manager
     from sft.core.train import run_training
-    from transformers import AutoTokenizer
 
+    # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()
 
     class BenchClock(Logger):
@@ -265,9 +264,8 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
 
     pm = get_plugin_manager()
     pm.register(Plugin(), "bench-clock")
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     steps = a.warmup + a.steps
-    text = workload_text(tokenizer, a.seq)
+    text = workload_text(a.seq)
     data = a.work / "sft-data.jsonl"
     with data.open("w") as f:
         for r in range(steps * a.batch):
@@ -288,22 +286,11 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
     cfg = load_config(None, overrides, pm=pm)
     run_training(cfg)
     tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["tokens"] != steps * a.batch * a.seq:
+        raise RuntimeError(f"sft run trained {summary['tokens']} tokens, not {steps} x {a.batch} x {a.seq}")
     return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions(),
-            "memory_plan": _find(summary, "memory_plan"),
-            "train_tokens": _find(summary, "tokens")}
-
-
-def _find(obj: Any, key: str) -> Any:
-    """The first value of ``key`` anywhere in a nested summary."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for value in obj.values():
-            found = _find(value, key)
-            if found is not None:
-                return found
-    return None
+            "train_tokens": summary.get("tokens"), "steps": summary.get("steps")}
 
 
 def versions() -> dict[str, str]:
@@ -366,7 +353,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {p['checkpointed']} | {p['skip']} | {p['tokens_per_s']:,.0f} | {p['peak_gib']:.2f} |")
     plan = results.get("sft-auto", {}).get("memory_plan")
     if plan:
-        lines += ["", f"memory=auto plan: {json.dumps(plan)}"]
+        lines += ["", f"sft run, {plan}"]
     return "\n".join(lines)
 
 
@@ -414,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
         if found:
             results[setup] = json.loads(found[-1])
+            plan = [line.split("] ", 1)[-1] for line in output.splitlines() if "memory=auto:" in line]
+            if plan:
+                results[setup]["memory_plan"] = plan[-1]
         else:
             tail = [l for l in output.splitlines() if l.strip()][-3:]
             results[setup] = {"error": (tail[-1] if tail else "no output")[:200]}

@@ -382,12 +382,33 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     # The loggers finish after the exports, so their summary (console table, W&B) has the export paths.
     try:
         if list(cfg.export.enabled):
-            from .export import run_exporters
+            if getattr(backend, "exports_in_subprocess", False):
+                _export_in_subprocess(run, list(cfg.export.enabled))
+            else:
+                from .export import run_exporters
 
-            run_exporters(cfg, run, pm)
+                run_exporters(cfg, run, pm)
     finally:
         hub.finish(run.read_summary() or summary)
     return run.root
+
+
+def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
+    """``sft export RUN --exporter ...`` in a fresh interpreter, for a backend that patches libraries process-wide.
+
+    Unsloth rewrites transformers' model classes in place when imported; the exporters load
+    plain transformers models (the merge, the reference generation) that those patches break.
+    Like the in-process path, a failed export is reported (by the child) and never raises.
+    """
+    import subprocess
+
+    args = [sys.executable, "-m", "sft.core.cli", "export", str(run.root)]
+    for name in exporters:
+        args += ["--exporter", name]
+    code = subprocess.run(args).returncode
+    if code not in (0, 1):  # 1: some exporter failed and said so
+        notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "
+               + " ".join(f"--exporter {name}" for name in exporters))
 
 
 def _resumed_tokens(checkpoint: Path) -> int:

@@ -30,6 +30,10 @@ class UnslothBackend(TrainingBackend):
     priority = 100
     #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
     trained_positions_loss = False
+    #: Unsloth patches transformers' model classes process-wide, which breaks the exporters'
+    #: plain transformers models (CPU forwards hit Triton kernels, generation wants
+    #: Unsloth-only attributes): run them in a fresh process.
+    exports_in_subprocess = True
 
     def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
         if not env.cuda:

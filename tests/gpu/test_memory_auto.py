@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import make_plugin_manager, write_jsonl
+from sft.core.testing import write_jsonl
 
-from .synthetic import learnable_rows
+from .support import learnable_rows, sft_run
 
 pytestmark = pytest.mark.gpu
 
@@ -19,30 +19,25 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def _train(model_dir: Path, work: Path, memory: str) -> Path:
-    from sft.core.config import load_config
-    from sft.core.train import run_training
-
+def _train(model_dir: Path, work: Path, memory: str) -> tuple[Path, str]:
     data = work / "codes.jsonl"
     if not data.exists():
         write_jsonl(data, learnable_rows(64))
-    cfg = load_config(overrides=[
+    out = work / memory
+    proc = sft_run(
         f"model.name={model_dir}", "model.backend=unsloth", "model.method=qlora", "model.max_seq_length=128",
-        f"data.dataset={data}", "template.name=chatml", f"training.output_dir={work / memory}",
+        f"data.dataset={data}", "template.name=chatml", f"training.output_dir={out}",
         "training.max_steps=4", "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
         "training.warmup_steps=0", "training.learning_rate=1e-3", "training.logging_steps=1",
         "training.save_steps=1000", "training.generation_max_new_tokens=2", f"training.memory={memory}",
-        "loggers.enabled=[]", "export.enabled=[]",
-    ], pm=make_plugin_manager())
-    return run_training(cfg)
+        "loggers.enabled=[]", "export.enabled=[]", log=work / f"{memory}.log")
+    return out, proc.stderr
 
 
-def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, tmp_path: Path,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
-    default = _train(small_llama_dir, tmp_path, "default")
-    assert "memory=auto" not in capfd.readouterr().err
-    auto = _train(small_llama_dir, tmp_path, "auto")
-    err = capfd.readouterr().err
+def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, tmp_path: Path) -> None:
+    default, err_default = _train(small_llama_dir, tmp_path, "default")
+    assert "memory=auto" not in err_default
+    auto, err = _train(small_llama_dir, tmp_path, "auto")
     plan = re.search(r"memory=auto: (\d+) of (\d+) layers checkpointed", err)
     assert plan, err[-2000:]
     # A 4-layer model with a batch of 4 x 128 tokens fits any GPU many times over.

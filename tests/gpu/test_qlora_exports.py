@@ -14,33 +14,31 @@ from typing import Any
 
 import pytest
 
-from sft.core.testing import make_plugin_manager, write_jsonl
+from sft.core.testing import write_jsonl
 
-from .synthetic import CODES, QUESTION, learnable_rows
+from .support import CODES, QUESTION, learnable_rows, sft_run
 
 pytestmark = pytest.mark.gpu
 
 STEPS = 80
+EXPORTS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 
 
 @pytest.fixture(scope="module")
 def gpu_run(small_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sft.core.config import load_config
-    from sft.core.train import run_training
-
+    """One `sft run` on the GPU: QLoRA on Unsloth, then every export (with verification)."""
     work = tmp_path_factory.mktemp("gpu-run")
     data = write_jsonl(work / "codes.jsonl", learnable_rows())
     out = work / "run"
-    cfg = load_config(overrides=[
+    sft_run(
         f"model.name={small_llama_dir}", "model.backend=unsloth", "model.method=qlora", "model.max_seq_length=128",
         "lora.r=16", "lora.lora_alpha=32", f"data.dataset={data}", "data.format=sharegpt", "template.name=chatml",
         f"training.output_dir={out}", f"training.max_steps={STEPS}", "training.per_device_train_batch_size=8",
         "training.gradient_accumulation_steps=1", "training.learning_rate=3e-3", "training.warmup_steps=5",
         "training.logging_steps=1", "training.save_steps=1000", "training.generation_max_new_tokens=12",
         f"training.generation_prompt={QUESTION.format('red')}", "loggers.enabled=[]",
-        "export.enabled=[lora,merged_16bit,merged_4bit,gguf]", "export.gguf.quants=[q8_0,q4_k_m]",
-    ], pm=make_plugin_manager())
-    run_training(cfg)
+        f"export.enabled=[{','.join(EXPORTS)}]", "export.gguf.quants=[q8_0,q4_k_m]",
+        log=work / "sft-run.log")
     return out
 
 
@@ -70,9 +68,13 @@ def test_every_export_written(gpu_run: Path) -> None:
     assert merged4["quantization_config"]["load_in_4bit"] is True
     ggufs = sorted(p.name for p in (exports / "gguf").glob("*.gguf"))
     assert len(ggufs) == 2 and any("Q8_0" in g for g in ggufs) and any("Q4_K_M" in g for g in ggufs), ggufs
-    text = json.dumps(summary(gpu_run))
-    for name in ("lora", "merged_16bit", "merged_4bit", "gguf"):
-        assert name in text
+    # Each exporter reported success, the gguf one after llama.cpp matched the merged model's
+    # greedy tokens (export.verify is on by default).
+    exports_summary = summary(gpu_run)["exports"]
+    for name in EXPORTS:
+        assert exports_summary[name]["ok"], (name, exports_summary[name]["error"])
+    verified = exports_summary["gguf"]["details"]["quants"]
+    assert all(verified[q]["verify"]["ok"] for q in ("q8_0", "q4_k_m")), verified
 
 
 def _generate_hf(model: Any, tokenizer: Any, color: str) -> str:
