@@ -9,6 +9,7 @@ pipeline, trainer, exporters) uses it.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from typing import Any, Mapping
 import pytest
 
 from sft.core import (
-    ChatTemplate,
     DataError,
     DatasetFormat,
     Exporter,
@@ -26,14 +26,13 @@ from sft.core import (
     Logger,
     Message,
     RunInfo,
-    Segment,
     TrainingBackend,
     hookimpl,
     hookspecs,
 )
 from sft.core.config import opt
 from sft.core.interfaces import KINDS
-from sft.core.templating import Turn, TurnTemplate, trained_text
+from sft.core.templating import Turn, TurnTemplate
 from sft.core.testing import tiny_config, train_tiny, trained_spans, write_jsonl
 
 TESTS = Path(__file__).parent
@@ -138,3 +137,150 @@ def test_hook_register_chat_templates(sft_plugin_manager, tiny_model_dir, tiny_t
     answers = [m.content + "<|im_end|>" for m in conversation if m.role == "assistant"]
     assert trained_spans(row["input_ids"], row["assistant_masks"], tiny_tokenizer) == answers
     assert tiny_tokenizer.chat_template == BracketTemplate().configure(BracketOptions("<ANS>")).jinja(tiny_tokenizer)
+
+
+# -- register_loggers -----------------------------------------------------------------------
+class RecordingLogger(Logger):
+    name = "recorder"
+    description = "keeps every call"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def start(self, run: RunInfo, options: Any = None) -> None:
+        self.calls = [("start", run)]
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.calls.append(("log", (step, dict(metrics))))
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        self.calls.append(("finish", dict(summary)))
+
+
+class LoggerPlugin:
+    def __init__(self) -> None:
+        self.logger = RecordingLogger()
+
+    @hookimpl
+    def register_loggers(self, register):
+        register(self.logger)
+
+
+def test_hook_register_loggers(sft_plugin_manager, tiny_model_dir, tmp_path: Path):
+    plugin = LoggerPlugin()
+    sft_plugin_manager.register(plugin, "recorder-plugin")
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "loggers.enabled=[recorder]", "data.test_size=2",
+                     "training.eval_strategy=steps", "training.eval_steps=2")
+    calls = plugin.logger.calls
+    kinds = [kind for kind, _ in calls]
+    assert kinds[0] == "start" and kinds[-1] == "finish" and kinds.count("log") >= 3
+    info: RunInfo = calls[0][1]
+    assert Path(info.run_dir) == run and info.total_steps == 2 and info.config["loggers"]["enabled"] == ["recorder"]
+    logged = [payload for kind, payload in calls if kind == "log"]
+    train_steps = [step for step, metrics in logged if "loss" in metrics]
+    assert train_steps == [1, 2] and all(metrics["loss"] > 0 for _, metrics in logged if "loss" in metrics)
+    assert any("eval_loss" in metrics for _, metrics in logged)
+    # The same events that went to metrics.jsonl, and the final summary.json.
+    assert len(logged) == len((run / "metrics.jsonl").read_text().splitlines())
+    assert calls[-1][1]["status"] == "ok" and calls[-1][1]["steps"] == 2
+
+
+# -- register_exporters ---------------------------------------------------------------------
+@dataclass
+class ManifestOptions:
+    filename: str = opt("MANIFEST.txt", "Where the list goes.")
+
+
+class ManifestExporter(Exporter):
+    """Lists the adapter's files: proves it ran on the run it was given, with its options."""
+
+    name = "manifest"
+    description = "adapter file list"
+    options = ManifestOptions
+
+    def export(self, context: Any, options: ManifestOptions | None = None) -> ExportResult:
+        out = context.output_dir(self.name) / options.filename
+        out.write_text("\n".join(sorted(p.name for p in context.adapter_dir.iterdir())) + "\n")
+        return ExportResult(self.name, ok=True, paths=[str(out)], details={"template": context.template.name})
+
+
+class NeedsGpuExporter(ManifestExporter):
+    name = "needs_gpu"
+
+    def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
+        return None if env.cuda else "needs a CUDA GPU (test exporter)"
+
+
+class ExporterPlugin:
+    @hookimpl
+    def register_exporters(self, register):
+        register(ManifestExporter())
+        register(NeedsGpuExporter())
+
+
+def test_hook_register_exporters(sft_plugin_manager, tiny_run: Path, tmp_path: Path):
+    from sft.core.config import load_config
+    from sft.core.env import current_environment
+    from sft.core.export import run_exporters
+    from sft.core.rundir import RunDir
+
+    sft_plugin_manager.register(ExporterPlugin(), "exporter-plugin")
+    run = RunDir.of(shutil.copytree(tiny_run, tmp_path / "run"))
+    cfg = load_config(str(run.config), ["export.enabled=[manifest,needs_gpu]", "export.manifest.filename=files.txt"])
+    manifest, gpu = run_exporters(cfg, run)
+    assert manifest.ok and manifest.details == {"template": "chatml"}
+    listed = (run.export_dir("manifest") / "files.txt").read_text().split()
+    assert "adapter_model.safetensors" in listed and "tokenizer_config.json" in listed
+    assert run.read_summary()["exports"]["manifest"]["ok"]
+    if not current_environment().cuda:  # refused before any work, with the plugin's reason
+        assert not gpu.ok and "needs a CUDA GPU (test exporter)" in gpu.error
+        assert not run.export_dir("needs_gpu").exists()
+
+
+# -- register_backends ----------------------------------------------------------------------
+class RecordingBackend(TrainingBackend):
+    """transformers + PEFT written out in the test, recording that the trainer called it."""
+
+    name = "recording"
+    description = "records load/prepare calls"
+    priority = -1  # never chosen by auto over the bundled ones
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def load(self, config: Any) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from sft.core.models import load_tokenizer
+
+        self.calls.append(f"load {config.model.name}")
+        return AutoModelForCausalLM.from_pretrained(config.model.name, dtype=torch.float32), load_tokenizer(config.model)
+
+    def prepare_for_training(self, model: Any, config: Any) -> Any:
+        from peft import LoraConfig, get_peft_model
+
+        from sft.core.backends import lora_settings
+
+        self.calls.append(f"prepare r={config.lora.r}")
+        settings = {k: v for k, v in lora_settings(config).items() if v is not None}
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+
+
+class BackendPlugin:
+    def __init__(self) -> None:
+        self.backend = RecordingBackend()
+
+    @hookimpl
+    def register_backends(self, register):
+        register(self.backend)
+
+
+def test_hook_register_backends(sft_plugin_manager, tiny_model_dir, tmp_path: Path):
+    plugin = BackendPlugin()
+    sft_plugin_manager.register(plugin, "backend-plugin")
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "model.backend=recording")
+    assert plugin.backend.calls == [f"load {tiny_model_dir}", "prepare r=4"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["backend"] == "recording" and summary["steps"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
