@@ -39,7 +39,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError, ConfigProblem, DataError, SftError, did_you_mean
@@ -604,13 +605,15 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
 
 def _to_dataset(encoded: _Encoded) -> Any:
     import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
 
-    features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "assistant_masks": datasets.List(datasets.Value("int8")),
+    # Arrow arrays straight from the lists: Dataset.from_dict would encode row by row.
+    table = pa.table({
+        "input_ids": pa.array(encoded.input_ids, type=pa.list_(pa.int32())),
+        "assistant_masks": pa.array(encoded.masks, type=pa.list_(pa.int8())),
     })
-    return datasets.Dataset.from_dict({"input_ids": encoded.input_ids, "assistant_masks": encoded.masks},
-                                      features=features)
+    return datasets.Dataset(InMemoryTable(table))
 
 
 # -- cache ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ format produced it, so a plugin never has to re-implement role or emptiness chec
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import DataError
 from .interfaces import ROLES, Message

@@ -7,7 +7,8 @@ missing, null or empty. An optional ``system`` column becomes the system prompt.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from sft.core import hookimpl
 from sft.core.errors import DataError
