@@ -153,13 +153,25 @@ def test_cache_key_changes_with_the_data_file_contents(smollm2_dir, tmp_path):
     assert _key(smollm2_dir, path) != before
 
 
-def test_cache_key_changes_with_the_format_name_version_and_options(smollm2_dir, monkeypatch):
+def test_cache_key_changes_with_the_format_name_version_and_options(smollm2_dir, monkeypatch, sft_plugin_manager):
+    from sft.core import hookimpl
     from sft.plugins.datasets.sharegpt import ShareGPT
 
-    base = _key(smollm2_dir, FIXTURES / "sharegpt.json")
-    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.sharegpt.system=[system,sys]") != base
+    class Renamed(ShareGPT):
+        name = "sharegpt_copy"  # the same reader under another name
+
+    class Plugin:
+        @hookimpl
+        def register_dataset_formats(self, register):
+            register(Renamed())
+
+    sft_plugin_manager.register(Plugin(), "renamed-format")
+    base = _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt")
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt_copy") != base
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt",
+                "data.sharegpt.system=[system,sys]") != base
     monkeypatch.setattr(ShareGPT, "version", "2")
-    assert _key(smollm2_dir, FIXTURES / "sharegpt.json") != base
+    assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt") != base
 
 
 def test_cache_key_changes_with_the_template_name_and_version(smollm2_dir, monkeypatch):
