@@ -1,9 +1,10 @@
-"""Exporters on the tiny random Llama: lora, merged_16bit, merged_4bit (refused on CPU), gguf,
-preflight, failure isolation and ``sft export`` retries.
+"""Exporters: lora, merged_16bit, merged_4bit (refused on CPU), gguf, preflight, failure
+isolation and ``sft export`` retries, on tiny runs trained by the real training core, plus the
+SmolLM2 acceptance run (``sft run`` with the embedded default, then the exporters).
 
-The finished runs are built by hand (tiny Llama + a PEFT LoRA adapter whose B matrices are
-non-zero, so merging changes the weights, + the tokenizer prepared by the data pipeline +
-config.yaml), exactly the layout ``sft run`` leaves behind.
+Where a test needs a property training for two steps does not give, the run is built by hand
+in the same layout (:func:`build_run`): an adapter whose B matrices are large and random, so a
+merge that dropped the adapter could not pass for a correct one.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from sft.core.interfaces import ExportResult, Exporter
 from sft.core.testing import make_plugin_manager, run_sft
 
 
-def build_run(run_dir: Path, model_dir: Path, *overrides: str, b_std: float = 0.02, seed: int = 0) -> Path:
-    """A finished run directory: config.yaml + adapter/ (LoRA with random non-zero B + tokenizer)."""
+def build_run(run_dir: Path, model_dir: Path | str, *overrides: str, b_std: float = 0.02, seed: int = 0) -> Path:
+    """A finished run directory in ``sft run``'s layout: config.yaml + adapter/ (LoRA with random B + tokenizer)."""
     import torch
     from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
@@ -30,11 +31,13 @@ def build_run(run_dir: Path, model_dir: Path, *overrides: str, b_std: float = 0.
 
     from sft.core.config import load_config
     from sft.core.data import prepare_tokenizer
+    from sft.core.models import resolve_model
 
     pm = make_plugin_manager()
     cfg = load_config(overrides=[f"model.name={model_dir}", "model.method=lora", "lora.r=4", "lora.lora_alpha=8",
                                  f"training.output_dir={run_dir}", *overrides], pm=pm)
     template = pm.get("chat_template", cfg.template.name)
+    model_dir = resolve_model(str(model_dir))  # the embedded default resolves to its local folder
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     added = prepare_tokenizer(tokenizer, template, cfg)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -50,19 +53,19 @@ def build_run(run_dir: Path, model_dir: Path, *overrides: str, b_std: float = 0.
     peft_model.save_pretrained(str(run_dir / "adapter"), save_embedding_layers=bool(added))
     tokenizer.save_pretrained(str(run_dir / "adapter"))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "ok"}) + "\n")
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def tiny_finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_run(tmp_path_factory.mktemp("tiny-finished") / "run", tiny_model_dir)
+@pytest.fixture
+def run_dir(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the test kit's tiny run (trained 2 steps by the training core, chatml)."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
 @pytest.fixture
-def run_dir(tiny_finished_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny finished run."""
-    return Path(shutil.copytree(tiny_finished_run, tmp_path / "run"))
+def random_b_run(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    return build_run(tmp_path / "run", tiny_model_dir)
 
 
 def summary(run: Path) -> dict:
@@ -95,29 +98,29 @@ def test_lora_export_carries_adapter_and_chat_template(run_dir: Path, sft_plugin
     assert isinstance(PeftModel.from_pretrained(base, out), PeftModel)
     record = summary(run_dir)["exports"]["lora"]
     assert record["ok"] and record["details"]["verify"]["lora_tensors"] > 0
-    assert summary(run_dir)["status"] == "completed"  # the training summary is kept
+    assert summary(run_dir)["status"] == "ok" and summary(run_dir)["steps"] == 2  # the training summary is kept
 
 
-def test_merged_16bit_matches_base_plus_adapter(run_dir: Path, sft_plugin_manager) -> None:
+def test_merged_16bit_matches_base_plus_adapter(random_b_run: Path, sft_plugin_manager) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_sft("export", run_dir, "--exporter", "merged_16bit")
-    out = run_dir / "exports" / "merged_16bit"
+    run_sft("export", random_b_run, "--exporter", "merged_16bit")
+    out = random_b_run / "exports" / "merged_16bit"
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     cfg_name = json.loads((out / ".sft-merged.json").read_text())["base_model"]
     base = AutoModelForCausalLM.from_pretrained(cfg_name, dtype=torch.float32)
     plain_base = AutoModelForCausalLM.from_pretrained(cfg_name, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, run_dir / "adapter")
+    adapted = PeftModel.from_pretrained(base, random_b_run / "adapter")
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2, 198]])
     with torch.no_grad():
         want, got, before = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, plain_base(input_ids=ids).logits
     # Close to base+adapter (bf16 storage), and the adapter really changed the model.
     assert (got - want).norm() / want.norm() < 0.02
     assert (before - want).norm() > 10 * (got - want).norm()
-    details = summary(run_dir)["exports"]["merged_16bit"]["details"]
+    details = summary(random_b_run)["exports"]["merged_16bit"]["details"]
     assert details["verify"]["ok"] and details["trained_in_4bit"] is False
 
 
@@ -280,10 +283,12 @@ def test_k_quant_without_llama_cpp_fails_clearly_then_retry_succeeds(run_dir: Pa
 
 
 def test_gguf_with_added_eot_token(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
-    """llama3 on SmolLM2's vocabulary: the EOT is added, embeddings resized; the GGUF carries it."""
+    """llama3 on SmolLM2's vocabulary: training adds the EOT and resizes the embeddings; the GGUF carries it."""
     from transformers import AutoTokenizer
 
-    run = build_run(tmp_path / "run", tiny_model_dir, "template.name=llama3")
+    from sft.core.testing import train_tiny
+
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "template.name=llama3", pm=sft_plugin_manager)
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     assert len(tokenizer) > 49152
     run_sft("export", run, "--exporter", "gguf", "export.gguf.quants=[f16]")
@@ -322,3 +327,65 @@ def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
     assert context.resolve_merge_dtype("float16") == "float16"
     (run_dir / "adapter" / "adapter_config.json").unlink()
     assert any("no adapter_config.json" in p for p in context.merge_problems())
+
+
+# -- acceptance on SmolLM2 (the embedded default model) -------------------------------------------
+@pytest.mark.slow
+def test_smollm2_default_run_exports_lora_merged_and_verified_gguf(tmp_path: Path, smollm2_dir: Path,
+                                                                   sft_plugin_manager) -> None:
+    """``sft run`` on the embedded default (SmolLM2-135M-Instruct, chatml), a short run, exporting
+    lora, merged_16bit and gguf f16 + q8_0 + q4_k_m as part of the run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sft.core.config import DEFAULT_MODEL
+    from sft.core.gguf_convert import gguf_tensor_types
+    from sft.core.testing import train_tiny
+
+    run = train_tiny(tmp_path / "smol", DEFAULT_MODEL, "training.run_name=smol", "training.learning_rate=1e-3",
+                     "export.enabled=[lora,merged_16bit,gguf]", "export.gguf.quants=[f16,q8_0,q4_k_m]",
+                     pm=sft_plugin_manager)
+    assert summary(run)["status"] == "ok"
+    exports = summary(run)["exports"]
+    assert all(exports[name]["ok"] for name in ("lora", "merged_16bit", "gguf")), exports
+
+    # The merged folder, reloaded with plain transformers, gives logits close to base + adapter.
+    merged = AutoModelForCausalLM.from_pretrained(run / "exports" / "merged_16bit", dtype=torch.float32)
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+                                        run / "adapter")
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 0.02
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+    gguf = exports["gguf"]["details"]
+    assert gguf["merged_from"] == str(run / "exports" / "merged_16bit")  # reused, not merged twice
+    for quant in ("f16", "q8_0"):
+        verify = gguf["quants"][quant]["verify"]
+        assert verify["prompt_ids_match"] and verify["tokens_match"], (quant, verify)
+        assert verify["tokens"] == gguf["verify"]["reference"]
+    q4 = gguf["quants"]["q4_k_m"]
+    assert q4["verify"]["prompt_ids_match"] and q4["verify"]["agreement"] >= 0.5
+    # hidden_size 576 is not a multiple of 256: llama.cpp keeps K-quants for the 1536-wide
+    # ffn_down rows and falls back to q5_0 (and q8_0) for the 576-wide ones.
+    types = gguf_tensor_types(run / "exports" / "gguf" / "smol-Q4_K_M.gguf")
+    assert types["blk.0.ffn_down.weight"] in ("Q4_K", "Q6_K") and types["blk.0.attn_q.weight"] == "Q5_0"
+    assert q4["fallback_tensors"] > 100
+
+    modelfile = (run / "exports" / "gguf" / "smol-Q4_K_M.Modelfile").read_text()
+    assert modelfile.splitlines()[2:] == [
+        "FROM ./smol-Q4_K_M.gguf",
+        *'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+         '{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
+         '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+         '{{ if $last }}<|im_start|>assistant\n{{ end }}'
+         '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}'
+         '{{ if not $last }}<|im_end|>\n{{ end }}{{ end }}{{ end }}"""'.split("\n"),
+        'PARAMETER stop "<|im_end|>"',
+    ]
+    assert sorted(p.name for p in (run / "exports" / "gguf").iterdir()) == [
+        "smol-F16.Modelfile", "smol-F16.gguf", "smol-Q4_K_M.Modelfile", "smol-Q4_K_M.gguf",
+        "smol-Q8_0.Modelfile", "smol-Q8_0.gguf"]
