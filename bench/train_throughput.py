@@ -94,6 +94,11 @@ class StepClock:
         torch.cuda.synchronize()
         self.times[int(step)] = time.perf_counter()
 
+    def step_seconds(self, warmup: int) -> list[float]:
+        """Each measured step's wall time, for spotting hiccups behind a low mean."""
+        steps = sorted(s for s in self.times if s >= warmup)
+        return [round(self.times[b] - self.times[a], 4) for a, b in zip(steps, steps[1:])]
+
     def tokens_per_s(self, warmup: int, tokens_per_step: int) -> tuple[float, int]:
         steps = sorted(s for s in self.times if s >= warmup)
         if len(steps) < 2:
@@ -187,7 +192,8 @@ def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[s
     result = {"versions": versions()}
     if not curve:
         tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
-        return {**result, "tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib()}
+        return {**result, "tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(),
+                "step_seconds": clock.step_seconds(a.warmup)}
     points = []
     peaks[segments[-1][0]] = peak_gib()
     layers = len(find_decoder_layers(model))
@@ -227,7 +233,8 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
         callbacks=[trainer_callback(clock)])
     trainer.train()
     tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
-    return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions()}
+    return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions(),
+            "step_seconds": clock.step_seconds(a.warmup)}
 
 
 def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
@@ -290,7 +297,7 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
     if summary["tokens"] != steps * a.batch * a.seq:
         raise RuntimeError(f"sft run trained {summary['tokens']} tokens, not {steps} x {a.batch} x {a.seq}")
     return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions(),
-            "train_tokens": summary.get("tokens"), "steps": summary.get("steps")}
+            "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"]}
 
 
 def versions() -> dict[str, str]:
