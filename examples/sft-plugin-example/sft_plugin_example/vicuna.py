@@ -49,8 +49,8 @@ class VicunaTemplate(ChatTemplate):
     options = VicunaOptions
 
     def __init__(self, options: VicunaOptions | None = None) -> None:
-        # Templates are registered once and shared; the options a run chooses are applied by
-        # the core through `configure` when it exists, else the defaults hold.
+        # One instance is registered and shared; for a run, the core calls configure() with
+        # the config's template.vicuna options and uses the copy it returns.
         self.system_prompt = (options or VicunaOptions()).system_prompt
 
     def configure(self, options: VicunaOptions | None) -> "VicunaTemplate":

@@ -2,7 +2,7 @@
 
 from sft.core.testing import assert_exact_masking
 
-from sft_plugin_example.vicuna import DEFAULT_SYSTEM, VicunaTemplate
+from sft_plugin_example.vicuna import DEFAULT_SYSTEM, VicunaOptions, VicunaTemplate
 
 
 def test_vicuna_trains_exactly_the_answers_and_eos(tiny_tokenizer):
@@ -19,3 +19,10 @@ def test_vicuna_without_a_system_turn_uses_the_default_and_matches_fastchat(tiny
 
 def test_vicuna_stops_on_eos_first():
     assert VicunaTemplate().stop_tokens() == ["</s>", "USER:"]
+
+
+def test_vicuna_system_prompt_option(tiny_tokenizer):
+    template = VicunaTemplate().configure(VicunaOptions(system_prompt='Be "brief".'))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert template.generation_prompt(messages[:1]) == 'Be "brief". USER: Hi ASSISTANT:'
+    assert_exact_masking(template, messages, tiny_tokenizer)  # the Jinja carries the option too
