@@ -37,9 +37,9 @@ import random
 import re
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -762,6 +762,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
 
     fp, handle = _fingerprint_split(source, cfg.data.split, "data.split")
     eval_handle = eval_source = None
+    eval_spec = ""
     if cfg.data.eval_split:
         eval_source = source
         eval_spec = str(cfg.data.eval_split)

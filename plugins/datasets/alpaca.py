@@ -7,7 +7,7 @@ missing, null or empty. An optional ``system`` column becomes the system prompt.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from sft.core import hookimpl

@@ -7,8 +7,8 @@ the config, e.g. ``data.sharegpt.role_key: role`` and ``data.sharegpt.content_ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, List
 
 from sft.core import hookimpl
