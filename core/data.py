@@ -432,6 +432,9 @@ def load_template(cfg: Any, pm: "PluginManager | None" = None) -> ChatTemplate:
     name = cfg.template.name
     template = pm.get("chat_template", name, "template.name")
     options = plugin_options(cfg, "chat_template", name, pm)
+    if isinstance(options, Mapping) and template.options is not None:
+        # A run's config.yaml loaded as plain YAML (sft generate/export) gives a dict here.
+        options = template.options(**options)
     configure = getattr(template, "configure", None)
     if options is not None and callable(configure):
         template = configure(options)

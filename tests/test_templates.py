@@ -201,3 +201,41 @@ def test_pad_is_added_when_no_existing_token_fits(smollm2_dir):
     before = len(tokenizer)
     assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 1
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == before
+
+
+# -- template options ---------------------------------------------------------------------------
+def test_template_options_are_applied_through_configure_also_from_a_saved_config(sft_plugin_manager):
+    from dataclasses import dataclass
+
+    from omegaconf import OmegaConf
+
+    from sft.core import hookimpl
+    from sft.core.config import config_to_yaml, opt
+    from sft.core.templating import Turn, TurnTemplate
+
+    @dataclass
+    class GreeterOptions:
+        greeting: str = opt("Hello.", "The system prompt used when a conversation has none.")
+
+    class Greeter(TurnTemplate):
+        name = "greeter"
+        options = GreeterOptions
+        user = Turn("Q: ", "\n")
+        assistant = Turn("A: ", "\n")
+        system = Turn("", "\n")
+        eot = "<|im_end|>"
+
+        def configure(self, options):
+            return type("ConfiguredGreeter", (Greeter,), {"default_system": options.greeting})()
+
+    class Plugin:
+        @hookimpl
+        def register_chat_templates(self, register):
+            register(Greeter())
+
+    sft_plugin_manager.register(Plugin(), "greeter")
+    cfg = load_config(overrides=["template.name=greeter", "template.greeter.greeting=Hi there."])
+    for config in (cfg, OmegaConf.create(config_to_yaml(cfg))):  # as built, and as a run's config.yaml reads back
+        template = load_template(config)
+        assert segments_text(template.render([Message("user", "x"), Message("assistant", "y")])) == \
+            "Hi there.\nQ: x\nA: y<|im_end|>\n"
