@@ -121,8 +121,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sft_plugin_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fresh plugin manager with the bundled plugins, installed as the process-wide one.
 
-    Register test plugins on it with ``sft_plugin_manager.register(obj, "name")``; the CLI and
-    ``load_config`` in this test see them. It is dropped after the test.
+    Installed third-party plugins are left out, so a test does not depend on what else is
+    installed (yours included: register it). Register test plugins on it with
+    ``sft_plugin_manager.register(module_or_object, "name")``; ``load_config``,
+    ``run_training``, ``export_run`` and the CLI in this test see them. Dropped after the test.
     """
     from . import plugins
 
