@@ -239,3 +239,40 @@ def test_template_options_are_applied_through_configure_also_from_a_saved_config
         template = load_template(config)
         assert segments_text(template.render([Message("user", "x"), Message("assistant", "y")])) == \
             "Hi there.\nQ: x\nA: y<|im_end|>\n"
+
+
+# -- Ollama -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_ollama_template_renders_the_generation_prompt_the_model_was_trained_on(name, smollm2_dir):
+    from gotemplate import render_go_template
+
+    template, tokenizer = _prepared(name, smollm2_dir)
+    for conversation in CONVERSATIONS:
+        last_answer = max(i for i, m in enumerate(conversation) if m.role == "assistant")
+        prompt = conversation[:last_answer]
+        system = next((m.content for m in prompt if m.role == "system"), "")
+        # What Ollama passes: .System from the system messages, .Messages with every message.
+        data = {"System": system, "Messages": [{"Role": m.role, "Content": m.content} for m in prompt]}
+        rendered = render_go_template(template.ollama_template(tokenizer), data)
+        expected = template.generation_prompt(prompt, tokenizer)
+        # The BOS is llama.cpp's to add (from the GGUF metadata), not the TEMPLATE's.
+        bos = getattr(template, "bos", "")
+        assert rendered in (expected, expected[len(bos):] if bos and expected.startswith(bos) else expected), (
+            f"template '{name}': Ollama renders\n{rendered!r}\nbut training/generation uses\n{expected!r}")
+
+
+@pytest.mark.parametrize("source", ["chatml", "llama3", "phi3", "alpaca"])
+def test_tokenizer_template_derives_ollama_text_from_other_families(source, smollm2_dir):
+    from gotemplate import render_go_template
+
+    # A model that ships this family's format: its EOT is a token, its chat_template is the family's.
+    named, tokenizer = _prepared(source, smollm2_dir)
+    if getattr(named, "bos", ""):
+        tokenizer.bos_token = named.bos  # and its BOS is written by the template
+    template = PM.get("chat_template", "tokenizer")
+    assert template.stop_tokens(tokenizer)[0] == named.stop_tokens(tokenizer)[0]
+    prompt = CONVERSATIONS[0][:-1]
+    data = {"System": prompt[0].content, "Messages": [{"Role": m.role, "Content": m.content} for m in prompt]}
+    rendered = render_go_template(template.ollama_template(tokenizer), data)
+    assert rendered == named.generation_prompt(prompt, tokenizer).removeprefix(getattr(named, "bos", ""))
+    assert_exact_masking(template, CONVERSATIONS[0], tokenizer)

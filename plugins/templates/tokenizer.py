@@ -14,7 +14,6 @@ off each role's prefix and suffix; templates that don't fit that shape are refus
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from sft.core import hookimpl
@@ -108,38 +107,46 @@ class TokenizerTemplate(ChatTemplate):
         ua = _apply(tokenizer, [Message("user", _U), Message("assistant", _A)])
         uau = _apply(tokenizer, [Message("user", _U), Message("assistant", _A), Message("user", _U2)])
         su = _apply(tokenizer, [Message("system", _S), Message("user", _U)])
-        try:
-            user_suffix = u[u.index(_U) + len(_U):]
-            assistant_prefix = ug[len(u):]
-            assistant_suffix = ua[ua.index(_A) + len(_A) + len(eot):]
-            user_prefix = uau[len(ua):uau.index(_U2)]
-            head = u[: u.index(_U) - len(user_prefix)]
-            system_part = su[: su.index(_U) - len(user_prefix)]
-            bos = os.path.commonprefix([head, system_part[: system_part.index(_S)]])
-            system_prefix = system_part[len(bos): system_part.index(_S)]
-            system_suffix = system_part[system_part.index(_S) + len(_S):]
-            default = head[len(bos):]
-            if default:
-                if not (default.startswith(system_prefix) and default.endswith(system_suffix)):
-                    raise ValueError("default system prompt")
-                default = default[len(system_prefix): len(default) - len(system_suffix)]
-        except ValueError:
-            default = None
-            bos = None
-        derived = type("DerivedTurns", (TurnTemplate,), {
-            "name": "tokenizer-derived", "bos": bos or "", "eot": eot,
-            "system": Turn(system_prefix, system_suffix) if bos is not None else Turn(""),
-            "user": Turn(user_prefix, user_suffix) if bos is not None else Turn(""),
-            "assistant": Turn(assistant_prefix, assistant_suffix) if bos is not None else Turn(""),
-            "default_system": default or None,
-        })()
         probe = [Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d")]
-        for conversation in (probe, [Message("system", "s")] + probe):
-            mine = "".join(s.text for s in derived.render(conversation, tokenizer))
-            if bos is None or mine != _apply(tokenizer, conversation):
-                raise SftError("template 'tokenizer': this chat_template is not a fixed prefix/suffix per role, so no "
-                               "Ollama template can be derived from it; choose a named template for Ollama export")
-        return derived
+        # Text before the first turn is either a BOS or the start of the system turn; try both readings.
+        for bos in dict.fromkeys(["", getattr(tokenizer, "bos_token", None) or ""]):
+            try:
+                derived = _derive(bos, eot, u, ug, ua, uau, su)
+            except ValueError:
+                continue
+            if all("".join(s.text for s in derived.render(c, tokenizer)) == _apply(tokenizer, c)
+                   for c in (probe, [Message("system", "s")] + probe)):
+                return derived
+        raise SftError("template 'tokenizer': this chat_template is not a fixed prefix/suffix per role, so no "
+                       "Ollama template can be derived from it; choose a named template for Ollama export")
+
+
+def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str) -> TurnTemplate:
+    """A :class:`TurnTemplate` from the sentinel renders, reading ``bos`` as the text's BOS (ValueError: no fit)."""
+    def cut(text: str, start: int, end: int) -> str:
+        if start < 0 or end < start:
+            raise ValueError("sentinels out of order")
+        return text[start:end]
+
+    user_suffix = u[u.index(_U) + len(_U):]
+    if not ug.startswith(u) or not su.startswith(bos) or not u.startswith(bos):
+        raise ValueError("not prefix-shaped")
+    assistant_prefix = ug[len(u):]
+    assistant_suffix = ua[ua.index(_A) + len(_A) + len(eot):]
+    user_prefix = cut(uau, len(ua), uau.index(_U2))
+    head = cut(u, len(bos), u.index(_U) - len(user_prefix))
+    system_prefix = cut(su, len(bos), su.index(_S))
+    system_suffix = cut(su, su.index(_S) + len(_S), su.index(_U) - len(user_prefix))
+    default = None
+    if head:
+        if not (head.startswith(system_prefix) and head.endswith(system_suffix)):
+            raise ValueError("the text before the first user turn is not a system turn")
+        default = head[len(system_prefix): len(head) - len(system_suffix)]
+    return type("DerivedTurns", (TurnTemplate,), {
+        "name": "tokenizer-derived", "bos": bos, "eot": eot, "default_system": default,
+        "system": Turn(system_prefix, system_suffix), "user": Turn(user_prefix, user_suffix),
+        "assistant": Turn(assistant_prefix, assistant_suffix),
+    })()
 
 
 @hookimpl
