@@ -580,16 +580,19 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
     out = _Encoded()
     max_len = int(cfg.model.max_seq_length)
     for lo in range(0, len(conversations), ENCODE_BATCH):
-        batch = conversations[lo:lo + ENCODE_BATCH]
+        batch: list[tuple[list[Message], RowRef]] = []
         rendered = []
-        for conversation, ref in zip(batch, refs[lo:lo + ENCODE_BATCH]):
+        for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
             try:
                 rendered.append(template.render(conversation, tokenizer))
-            except SftError as exc:
-                raise DataError(f"template '{template.name}' cannot render this row: {exc}",
-                                source=ref.source, line=ref.line, row=ref.row) from None
+            except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
+                detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+                bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
+                                  source=ref.source, line=ref.line, row=ref.row))
+                continue
+            batch.append((conversation, ref))
         encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
-        for conversation, ref, (ids, mask) in zip(batch, refs[lo:lo + ENCODE_BATCH], encoded):
+        for (conversation, ref), (ids, mask) in zip(batch, encoded):
             truncated = len(ids) > max_len
             if truncated:
                 ids, mask = ids[:max_len], mask[:max_len]

@@ -188,3 +188,34 @@ def test_a_folder_without_the_split_lists_the_splits(smollm2_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"data.eval_split: the folder .* has no split 'valid' \(did you mean "
                                           r"'validation'\?\); splits: train, validation"):
         _build(smollm2_dir, tmp_path, "data.eval_split=valid")
+
+
+def test_a_row_the_template_cannot_render_is_a_bad_row(smollm2_dir, tmp_path, sft_plugin_manager):
+    from sft.core import hookimpl
+    from sft.core.templating import Turn, TurnTemplate
+
+    class NoSystem(TurnTemplate):
+        """A format without a system role (like Gemma's), refusing system turns."""
+
+        name = "nosystem"
+        user = Turn("U: ", "\n")
+        assistant = Turn("A: ", "\n")
+        eot = "<|im_end|>"
+
+        def render(self, messages, tokenizer=None):
+            if messages[0].role == "system":
+                raise DataError("this template has no system role")
+            return super().render(messages, tokenizer)
+
+    class Plugin:
+        @hookimpl
+        def register_chat_templates(self, register):
+            register(NoSystem())
+
+    sft_plugin_manager.register(Plugin(), "nosystem")
+    path = FIXTURES / "sharegpt.json"  # its second conversation has a system turn
+    with pytest.raises(DataError, match=rf"^{path}:\d+, row 1: template 'nosystem' cannot render this row: "
+                                        r"this template has no system role"):
+        _build(smollm2_dir, path, "template.name=nosystem")
+    prepared = _build(smollm2_dir, path, "template.name=nosystem", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
+    assert prepared.stats["skipped"]["count"] == 1 and prepared.stats["train_rows"] == 2
