@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -279,6 +280,7 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
             convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
             f.write(json.dumps({"conversations": convo}) + "\n")
     out = a.work / f"sft-run-{memory}"
+    shutil.rmtree(out, ignore_errors=True)  # sft run refuses to overwrite a finished run
     overrides = [
         f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
         "lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.use_rslora=true",
