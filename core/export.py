@@ -55,6 +55,8 @@ MERGED_MARKER = ".sft-merged.json"
 #: Free disk kept in hand beyond the estimates (10%).
 DISK_MARGIN = 1.10
 DEFAULT_VERIFY_PROMPT = "What is the capital of France?"
+#: Models up to this size (float32 bytes) stay loaded between verifications of one export run.
+KEEP_MODEL_BYTES = 2_000_000_000
 
 
 def _say(message: str) -> None:
@@ -379,6 +381,9 @@ class ExportContext:
             details = {"copied_from": str(source)}
         replace_dir(partial, dest)
         self._cache["merged_dir"] = dest
+        cached = self._cache.get("reference_model")
+        if source is not None and cached is not None and cached[0] == source:
+            self._cache["reference_model"] = (dest, cached[1])  # same weights, new place
         return details
 
     def load_adapted_model(self, dtype: str) -> Any:
@@ -415,9 +420,27 @@ class ExportContext:
         import torch
 
         model = self.load_adapted_model(dtype if self.env.cuda else "float32")
+        if not self.env.cuda and self.config.export.verify:
+            # base + adapter (unmerged, float32) on the verify prompt: the reference the merged
+            # folder is checked against, taken now rather than loading the base a second time.
+            ids = self.tokenizer(self.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                self._cache["unmerged_logits"] = (ids, model(input_ids=ids).logits[0].float())
         if not self.is_full_model:
             model = model.merge_and_unload()
         return model.to(getattr(torch, dtype))
+
+    def unmerged_logits(self, ids: Any) -> Any:
+        """Logits of base + adapter (unmerged, float32) for ``ids`` (1 x n): the reference for a merge."""
+        import torch
+
+        cached = self._cache.get("unmerged_logits")
+        if cached is not None and torch.equal(cached[0], ids):
+            return cached[1]
+        model = self.load_adapted_model("float32")
+        with torch.no_grad():
+            # On CUDA the adapted model sits on the GPU; the merged reference it is compared with is on the CPU.
+            return model(input_ids=ids.to(model.device)).logits[0].float().cpu()
 
     def merge_details(self, merged_dir: Path) -> dict[str, Any]:
         """What a merged folder's marker says (adapter, dtype, whether training used 4 bits ...)."""
@@ -463,10 +486,8 @@ class ExportContext:
         if key in self._cache:
             return self._cache[key]
         import torch
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.merged_model_dir()), dtype=torch.float32)
-        model.eval()
+        model = self.merged_reference_model()
         out: list[int] = []
         ids = torch.tensor([list(prompt_ids)])
         past = None
@@ -477,9 +498,27 @@ class ExportContext:
                 nxt = int(res.logits[0, -1].argmax())
                 out.append(nxt)
                 ids = torch.tensor([[nxt]])
-        del model
         self._cache[key] = out
         return out
+
+    def merged_reference_model(self) -> Any:
+        """The merged folder loaded in float32 with plain transformers: what exports are checked against.
+
+        Kept in memory for the next check when it is small (under :data:`KEEP_MODEL_BYTES`), so
+        merged_16bit's and gguf's verifications load it once.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        path = self.merged_model_dir()
+        cached = self._cache.get("reference_model")
+        if cached is not None and cached[0] == path:
+            return cached[1]
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model.eval()
+        if 4 * self.parameter_count() <= KEEP_MODEL_BYTES:
+            self._cache["reference_model"] = (path, model)
+        return model
 
 
 def _gb(n: float) -> str:

@@ -380,7 +380,7 @@ def convert_to_gguf(
 
     if quant not in PYTHON_QUANTS:
         raise SftError(f"quant '{quant}' is not written in Python; use one of {', '.join(PYTHON_QUANTS)}")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = _read_json(model_dir / "config.json")
     problem = architecture_problem(config) or tokenizer_problem(tokenizer_dir)
@@ -417,6 +417,7 @@ def convert_to_gguf(
         "path": str(out_path),
         "bytes": out_path.stat().st_size,
         "seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(time.process_time() - cpu, 2),
         "tensors": len(plan),
         "tokenizer_pre": pre,
     }
@@ -525,7 +526,7 @@ def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, thread
 
     import llama_cpp
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     dst = Path(dst)
     partial = dst.with_name(dst.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
@@ -543,7 +544,8 @@ def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, thread
     fallbacks = output.count("falling back to")
     os.replace(partial, dst)
     return {"quant": quant, "path": str(dst), "bytes": dst.stat().st_size,
-            "seconds": round(time.perf_counter() - start, 2), "fallback_tensors": fallbacks}
+            "seconds": round(time.perf_counter() - start, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+            "fallback_tensors": fallbacks}
 
 
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -39,36 +39,24 @@ class Merged4Options:
     double_quant: bool = opt(True, "Quantize the quantization constants too (bnb_4bit_use_double_quant).")
 
 
-def _verify_logits(context: ExportContext, merged_dir) -> dict[str, Any]:
-    """Merged folder reloaded with plain transformers vs base + adapter (PEFT, unmerged): logits on the verify prompt."""
+def _verify_logits(context: ExportContext) -> dict[str, Any]:
+    """The merged folder reloaded with plain transformers vs base + adapter (PEFT, unmerged), on the verify prompt."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     ids = context.tokenizer(context.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
     with torch.no_grad():
-        got = merged(input_ids=ids).logits[0].float()
-    del merged
-    reference = _unmerged_logits(context, ids)
+        got = context.merged_reference_model()(input_ids=ids).logits[0].float()
+    reference = context.unmerged_logits(ids)
     diff = (got - reference).abs()
     rel = float(diff.norm() / reference.norm().clamp_min(1e-12))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
     # 16-bit storage rounds each weight by up to 2^-8 (bf16) relative; 2% relative logit
     # error leaves room for that across layers while catching a missing or doubled delta.
-    ok = rel < 0.02
     summary = f"logits vs base+adapter: relative error {rel:.4f}, top-1 agreement {top1:.2%}"
-    if not ok:
+    if rel >= 0.02:
         raise SftError(f"merged model verification failed: {summary} (expected relative error < 0.02)")
-    return {"ok": ok, "summary": summary, "relative_error": rel, "max_abs_diff": float(diff.max()),
+    return {"ok": True, "summary": summary, "relative_error": rel, "max_abs_diff": float(diff.max()),
             "top1_agreement": top1}
-
-
-def _unmerged_logits(context: ExportContext, ids: Any) -> Any:
-    import torch
-
-    model = context.load_adapted_model("float32")
-    with torch.no_grad():
-        return model(input_ids=ids).logits[0].float()
 
 
 class Merged16Exporter(Exporter):
@@ -96,7 +84,7 @@ class Merged16Exporter(Exporter):
             details["note"] = "training used a 4-bit base (qlora); the merge reloaded the base in 16-bit"
         if context.config.export.verify:
             # Raises before an earlier merged export (if any) is replaced.
-            details["verify"] = _verify_logits(context, merged)
+            details["verify"] = _verify_logits(context)
         details.update(context.adopt_merged(final, dtype))
         details["bytes"] = dir_size(final)
         details["seconds"] = round(time.perf_counter() - start, 2)
