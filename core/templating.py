@@ -186,8 +186,9 @@ def encode_rendered(
 
     Returns:
         ``(input_ids, mask)`` per conversation, ``mask[i] == 1`` where token ``i`` is trained.
-        A token that straddles a segment boundary (say ``"\\n\\n"`` when the content itself
-        starts with a newline) is trained, because it produces trained text.
+        A token that straddles a segment boundary (BPE merging a prompt ending in ``=`` with
+        an answer starting with ``=`` into ``==``) is trained, because it produces trained text.
+        The offsets are those of ``tokenizer(text, return_offsets_mapping=True)``.
     """
     import numpy as np
 
