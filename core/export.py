@@ -489,7 +489,7 @@ class ExportContext:
 
         model = self.merged_reference_model()
         out: list[int] = []
-        ids = torch.tensor([list(prompt_ids)])
+        ids = torch.tensor([list(prompt_ids)], device=model.device)
         past = None
         with torch.no_grad():
             for _ in range(n):
@@ -497,7 +497,7 @@ class ExportContext:
                 past = res.past_key_values
                 nxt = int(res.logits[0, -1].argmax())
                 out.append(nxt)
-                ids = torch.tensor([[nxt]])
+                ids = torch.tensor([[nxt]], device=model.device)
         self._cache[key] = out
         return out
 
@@ -514,7 +514,8 @@ class ExportContext:
         cached = self._cache.get("reference_model")
         if cached is not None and cached[0] == path:
             return cached[1]
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        device = {"device_map": {"": 0}} if self.env.cuda else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **device)
         model.eval()
         if 4 * self.parameter_count() <= KEEP_MODEL_BYTES:
             self._cache["reference_model"] = (path, model)

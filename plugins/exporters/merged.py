@@ -45,7 +45,8 @@ def _verify_logits(context: ExportContext) -> dict[str, Any]:
 
     ids = context.tokenizer(context.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        got = context.merged_reference_model()(input_ids=ids).logits[0].float()
+        model = context.merged_reference_model()
+        got = model(input_ids=ids.to(model.device)).logits[0].float().cpu()
     reference = context.unmerged_logits(ids)
     diff = (got - reference).abs()
     rel = float(diff.norm() / reference.norm().clamp_min(1e-12))
