@@ -199,3 +199,18 @@ def test_cache_key_is_stable(smollm2_dir, tmp_path):
     copy = tmp_path / "same.json"
     copy.write_text((FIXTURES / "sharegpt.json").read_text())
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json") == _key(smollm2_dir, copy)  # contents, not paths
+
+
+def test_the_backend_fast_path_tokenizes_like_the_tokenizer_call(smollm2_dir):
+    from sft.core.data import load_template
+    from sft.core.templating import encode_rendered, segments_text
+
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    prepared = _build(smollm2_dir, FIXTURES / "sharegpt.json", tokenizer=tokenizer)
+    template = load_template(data_config(smollm2_dir, FIXTURES / "sharegpt.json"))
+    rendered = [template.render(c, tokenizer) for c in prepared.train_conversations]
+    fast = encode_rendered(tokenizer, rendered)
+    assert [ids for ids, _ in fast] == tokenizer([segments_text(r) for r in rendered],
+                                                 add_special_tokens=False)["input_ids"]
+    tokenizer.backend_tokenizer.enable_truncation(100_000)  # any backend state sends it through tokenizer(...)
+    assert encode_rendered(tokenizer, rendered) == fast
