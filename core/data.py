@@ -685,8 +685,12 @@ def _store_cached(path: Path, data: "PreparedData") -> None:
 
     from datasets.utils import logging as ds_logging
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    except OSError as exc:
+        _echo(f"data: not caching the tokenized dataset ({exc})")  # an optimisation; never fail a run for it
+        return
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()  # a "Saving the dataset" bar per run is noise
     try:
@@ -697,11 +701,12 @@ def _store_cached(path: Path, data: "PreparedData") -> None:
                 "eval_conversations": _conv_to_json(data.eval_conversations)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         (tmp / "COMPLETE").write_text("")
-        if path.exists():
+        if path.exists():  # a damaged entry (a complete one would have been a hit)
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)  # atomic: a reader sees the whole entry or none
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation; never fail a run for it
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _echo(f"data: not caching the tokenized dataset ({exc})")
     finally:
         if bars:
             ds_logging.enable_progress_bar()

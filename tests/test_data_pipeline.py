@@ -214,3 +214,21 @@ def test_the_backend_fast_path_tokenizes_like_the_tokenizer_call(smollm2_dir):
                                                  add_special_tokens=False)["input_ids"]
     tokenizer.backend_tokenizer.enable_truncation(100_000)  # any backend state sends it through tokenizer(...)
     assert encode_rendered(tokenizer, rendered) == fast
+
+
+def test_an_unwritable_cache_is_reported_and_the_run_goes_on(smollm2_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    prepared = _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={blocker / 'cache'}")
+    assert prepared.stats["train_rows"] == 3
+    assert "data: not caching the tokenized dataset" in capsys.readouterr().err
+
+
+def test_a_damaged_cache_entry_is_rebuilt(smollm2_dir, tmp_path):
+    cache = tmp_path / "cache"
+    first = _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={cache}")
+    entry = cache / first.stats["cache_key"]
+    (entry / "meta.json").write_text("{truncated")
+    again = _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={cache}")
+    assert again.stats["cache"] == "miss" and again.train["input_ids"] == first.train["input_ids"]
+    assert _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={cache}").stats["cache"] == "hit"
