@@ -389,3 +389,46 @@ def test_smollm2_default_run_exports_lora_merged_and_verified_gguf(tmp_path: Pat
     assert sorted(p.name for p in (run / "exports" / "gguf").iterdir()) == [
         "smol-F16.Modelfile", "smol-F16.gguf", "smol-Q4_K_M.Modelfile", "smol-Q4_K_M.gguf",
         "smol-Q8_0.Modelfile", "smol-Q8_0.gguf"]
+
+
+# -- conversion against transformers, logit by logit ----------------------------------------------
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256, "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("shape", ["gqa", "llama3-rope"])
+def test_f16_gguf_logits_match_transformers(shape: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """llama.cpp's logits of the converted F16 file equal transformers' on 100 positions.
+
+    Larger initial weights (0.1) make attention depend on position, so a wrong q/k permutation
+    (relative error ~2%) or missing llama3 rope factors (~50% at later positions) fail this.
+    """
+    import llama_cpp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.core.gguf_convert import convert_to_gguf, gguf_tensor_types
+    from sft.core.testing import make_tiny_llama
+
+    extra = {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 2048} if shape == "llama3-rope" else {}
+    model_dir = make_tiny_llama(tmp_path / "model", tokenizer_dir=tiny_model_dir, initializer_range=0.1, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = tmp_path / "model.gguf"
+    info = convert_to_gguf(model_dir, out, "f16", tokenizer=tokenizer, tokenizer_dir=model_dir,
+                           chat_template=None, eot_token="<|im_end|>", name="tiny")
+    assert ("rope_freqs.weight" in gguf_tensor_types(out)) == (shape == "llama3-rope")
+    assert info["tokenizer_pre"] == "smollm" and not out.with_name("model.gguf.partial").exists()
+
+    ids = list(range(100, 400, 3))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(out), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    error = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert error.max() < 0.005, f"relative logit error up to {error.max():.4f} (position {error.argmax()})"
