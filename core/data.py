@@ -740,6 +740,20 @@ def _echo(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _hold_out(conversations: list, refs: list, test_size: float, seed: int) -> tuple[tuple[list, list], tuple[list, list]]:
+    """Split rows into ``(train, eval)`` pairs of (conversations, refs); ``test_size`` rows drawn with ``seed``.
+
+    Both keep the source order; the same seed always holds out the same rows.
+    """
+    n_eval = _eval_count(test_size, len(conversations))
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = ([c for i, c in enumerate(conversations) if i not in held], [r for i, r in enumerate(refs) if i not in held])
+    evals = ([conversations[i] for i in sorted(held)], [refs[i] for i in sorted(held)])
+    return train, evals
+
+
 def _eval_count(test_size: float, n: int) -> int:
     if test_size <= 0:
         return 0
@@ -816,20 +830,15 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
         total += len(erows)
         train_convs, train_refs = conversations, kept
     else:
-        n_eval = _eval_count(float(cfg.data.test_size), len(conversations))
-        order = list(range(len(conversations)))
-        random.Random(int(cfg.training.seed)).shuffle(order)
-        eval_idx = set(order[:n_eval])
-        train_convs = [c for i, c in enumerate(conversations) if i not in eval_idx]
-        train_refs = [r for i, r in enumerate(kept) if i not in eval_idx]
-        eval_convs = [conversations[i] for i in sorted(eval_idx)]
-        eval_refs = [kept[i] for i in sorted(eval_idx)]
+        (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
+            conversations, kept, float(cfg.data.test_size), int(cfg.training.seed))
 
     train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
     eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
     if not train_enc.input_ids:
+        first = f"; the first: {bad.errors[0]}" if bad.errors else ""
         raise DataError("no training row has a trained token: every row is fully masked or bad "
-                        f"(check template '{template.name}', data.train_on and model.max_seq_length)",
+                        f"(check template '{template.name}', data.train_on and model.max_seq_length){first}",
                         source=source.describe())
     bad.check(total)
 
