@@ -293,6 +293,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     data = build_datasets(cfg, pm, tokenizer)
     durations["data"] = time.perf_counter() - tick
     _say(f"data: {describe_stats(data.stats)}")
+    from .export import preflight_before_training
+
+    preflight_before_training(cfg, run, pm)  # an export that cannot work stops the run before training
 
     tick = time.perf_counter()
     model, _backend_tokenizer = backend.load(cfg)
