@@ -45,6 +45,7 @@ __all__ = [
     "run_exporters",
     "export_run",
     "preflight_exporters",
+    "preflight_before_training",
     "replace_dir",
     "dir_size",
     "adapter_embedding_rows",
@@ -112,9 +113,13 @@ class ExportContext:
         run_dir: the run directory (``config.yaml``, ``adapter/``, ``exports/``).
         config: the resolved config (the run's, plus any ``sft export`` overrides).
         pm: the plugin manager the config was validated with.
+        before_training: preflight only, before the adapter exists (see
+            :func:`preflight_before_training`): the tokenizer comes from the base model and
+            the adapter files are not checked.
     """
 
-    def __init__(self, run_dir: RunDir | str | Path, config: "DictConfig", pm: "PluginManager"):
+    def __init__(self, run_dir: RunDir | str | Path, config: "DictConfig", pm: "PluginManager",
+                 before_training: bool = False):
         from .config import plugin_options
 
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir.of(run_dir)
@@ -122,6 +127,7 @@ class ExportContext:
         self.pm = pm
         self.template = pm.get("chat_template", config.template.name, "template.name")
         self.template_options = plugin_options(config, "chat_template", config.template.name, pm)
+        self.before_training = before_training
         self._cache: dict[str, Any] = {}
         self._reserved_bytes = 0
 
@@ -163,6 +169,8 @@ class ExportContext:
     @property
     def is_full_model(self) -> bool:
         """True when the run trained every weight (``adapter/`` holds a whole model, no LoRA)."""
+        if self.before_training:
+            return self.config.model.method == "full"
         return not (self.adapter_dir / "adapter_config.json").is_file() and (self.adapter_dir / "config.json").is_file()
 
     @property
@@ -233,7 +241,12 @@ class ExportContext:
     # -- tokenizer and template --------------------------------------------------------------
     @property
     def tokenizer_dir(self) -> Path:
-        """Where the run's tokenizer lives: the adapter folder (it carries the template's chat_template)."""
+        """Where the run's tokenizer lives: the adapter folder (it carries the template's chat_template).
+
+        Before training, the base model's folder (when it is on disk).
+        """
+        if self.before_training:
+            return self.base_local_dir() or Path(self.base_model)
         return self.adapter_dir
 
     @property
@@ -253,7 +266,11 @@ class ExportContext:
     def tokenizer_problems(self) -> list[str]:
         """Missing tokenizer files in the adapter folder (checked before any work)."""
         d = self.tokenizer_dir
-        if not d.is_dir():
+        if self.before_training:
+            # Training loads (and fails on) the base tokenizer itself; only a folder on disk can be checked here.
+            if not d.is_dir() or self.config.model.gguf_file:
+                return []
+        elif not d.is_dir():
             return [f"{d}: the run has no adapter folder; train first (sft run) or point sft export at a finished run"]
         if not (d / "tokenizer_config.json").is_file():
             return [f"{d}: missing tokenizer_config.json (the training core saves the tokenizer next to the adapter)"]
@@ -317,13 +334,22 @@ class ExportContext:
         stored = str(self.base_config().get("dtype") or self.base_config().get("torch_dtype") or "")
         return stored if stored in ("bfloat16", "float16") else "bfloat16"
 
+    def adapter_problems(self) -> list[str]:
+        """Missing adapter files (none are expected before training)."""
+        if self.before_training or self.is_full_model:
+            return []
+        problems = []
+        if not (self.adapter_dir / "adapter_config.json").is_file():
+            problems.append(f"{self.adapter_dir}: no adapter_config.json; the run has no LoRA adapter")
+        if not any((self.adapter_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            problems.append(f"{self.adapter_dir}: no adapter_model.safetensors; the run has no LoRA weights")
+        return problems
+
     def merge_problems(self) -> list[str]:
         """Why a merged 16-bit model cannot be built here (checked in preflight)."""
-        problems = self.tokenizer_problems()
+        problems = self.tokenizer_problems() + self.adapter_problems()
         if self.is_full_model:
             return problems
-        if not (self.adapter_dir / "adapter_config.json").is_file():
-            problems.append(f"{self.adapter_dir}: no adapter_config.json; the run has no LoRA adapter to merge")
         quant = self.base_config().get("quantization_config")
         if quant and not self.env.cuda:
             problems.append(f"the base model '{self.config.model.name}' is stored quantized "
@@ -558,6 +584,28 @@ def preflight_exporters(context: ExportContext, names: Sequence[str]) -> dict[st
             found = [f"preflight raised {type(exc).__name__}: {exc}"]
         problems[name] = found
     return problems
+
+
+def preflight_before_training(cfg: "DictConfig", run_dir: str | Path | RunDir, pm: "PluginManager") -> None:
+    """Check ``cfg.export.enabled`` before training starts; raise one :class:`SftError` listing every problem.
+
+    The training core calls this before the model weights load, so an export that cannot
+    work (architecture, missing llama-cpp-python, disk, CPU-only ``merged_4bit`` ...) stops
+    the run in seconds instead of after training. The full preflight runs again after
+    training, with the adapter on disk.
+    """
+    names = list(cfg.export.enabled)
+    if not names:
+        return
+    context = ExportContext(run_dir, cfg, pm, before_training=True)
+    try:
+        problems = preflight_exporters(context, names)
+    finally:
+        context._cache.clear()
+    lines = [f"  - {name}: {p}" for name, found in problems.items() for p in found]
+    if lines:
+        raise SftError("export.enabled: these exports cannot work, so training did not start (fix them, "
+                       "or drop the exporter and run sft export later):\n" + "\n".join(lines))
 
 
 def _result_json(result: ExportResult, seconds: float) -> dict[str, Any]:

@@ -220,6 +220,19 @@ def test_export_needs_a_finished_run(tmp_path: Path, sft_plugin_manager) -> None
     assert result.exit_code == 1 and "adapter" in result.output
 
 
+def test_sft_run_checks_exports_before_training(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
+    """An export that cannot work stops ``sft run`` before the model loads, with every reason."""
+    from sft.core.testing import tiny_overrides
+
+    out = tmp_path / "run"
+    result = run_sft("run", *tiny_overrides(out, tiny_model_dir), "export.enabled=[lora,merged_4bit,gguf]",
+                     "export.gguf.quants=[q8_0]", check=False)
+    assert result.exit_code == 1
+    assert "training did not start" in result.output and "merged_4bit needs a CUDA GPU" in result.output
+    assert "lora:" not in result.output and "gguf:" not in result.output  # those two can work
+    assert not (out / "adapter").exists() and not (out / "metrics.jsonl").exists()
+
+
 # -- failure isolation and retries ----------------------------------------------------------------
 class FlakyExporter(Exporter):
     """Fails while the run folder holds a FAIL file, then writes one file."""

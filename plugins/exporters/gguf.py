@@ -86,7 +86,9 @@ class GgufExporter(Exporter):
             problems.append("export.gguf.quants is empty; name at least one of " + ", ".join(ALL_QUANTS))
         if (arch := architecture_problem(context.base_config())):
             problems.append(arch)
-        if (tok := tokenizer_problem(context.tokenizer_dir)):
+        if not context.tokenizer_dir.is_dir():
+            pass  # before training, a base model that is not on disk yet: training checks its tokenizer
+        elif (tok := tokenizer_problem(context.tokenizer_dir)):
             problems.append(tok)
         elif not problems:
             from sft.core.gguf_convert import detect_pre_tokenizer

@@ -29,12 +29,7 @@ class LoraExporter(Exporter):
     def preflight(self, context: ExportContext, options: Any = None) -> list[str]:
         if context.is_full_model:
             return ["the run trained every weight (model.method=full); there is no LoRA adapter. Use merged_16bit"]
-        problems = context.tokenizer_problems()
-        for required in ("adapter_config.json",):
-            if not (context.adapter_dir / required).is_file():
-                problems.append(f"{context.adapter_dir}: missing {required}")
-        if not any((context.adapter_dir / f).is_file() for f in ADAPTER_FILES[1:3]):
-            problems.append(f"{context.adapter_dir}: missing adapter_model.safetensors")
+        problems = context.tokenizer_problems() + context.adapter_problems()
         size = sum(dir_size(context.adapter_dir / f) for f in ADAPTER_FILES if (context.adapter_dir / f).exists())
         if (problem := context.disk_problem(size + 20_000_000, "the lora export")):
             problems.append(problem)
