@@ -363,7 +363,7 @@ class ExportContext:
             if dtype is None or json.loads((Path(cached) / MERGED_MARKER).read_text())["dtype"] == dtype:
                 return Path(cached)
         exports = self.run_dir.root / "exports"
-        for marker in sorted(exports.glob(f"*/{MERGED_MARKER}")) if exports.is_dir() else []:
+        for marker in (sorted(exports.glob(f"*/{MERGED_MARKER}")) if exports.is_dir() else []):
             info = json.loads(marker.read_text())
             if info.get("adapter") == self.adapter_fingerprint() and (dtype is None or info.get("dtype") == dtype):
                 return marker.parent

@@ -334,7 +334,11 @@ def _tensor_data(item: _Planned, where: dict[str, Path], config: dict[str, Any])
             data = _permute(data, config.get("num_key_value_heads") or config["num_attention_heads"])
     if item.qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
-    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), item.qtype)
+    out = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), item.qtype)
+    if item.qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(out).all():
+        # bf16 weights can exceed float16's range (65504); llama.cpp would compute with inf.
+        raise SftError(f"tensor '{item.source}' has values beyond float16's range; export bf16 (or q8_0) instead of f16")
+    return out
 
 
 def _nbytes_and_dtype(item: _Planned) -> tuple[Any, tuple[int, ...], int]:

@@ -84,6 +84,8 @@ class GgufExporter(Exporter):
         problems = context.merge_problems()
         if not options.quants:
             problems.append("export.gguf.quants is empty; name at least one of " + ", ".join(ALL_QUANTS))
+        if options.verify_tokens < 1:
+            problems.append(f"export.gguf.verify_tokens must be at least 1, got {options.verify_tokens}")
         if (arch := architecture_problem(context.base_config())):
             problems.append(arch)
         if not context.tokenizer_dir.is_dir():
@@ -162,7 +164,8 @@ class GgufExporter(Exporter):
         verify: dict[str, Any] = {}
         if context.config.export.verify and per_quant:
             verify = self._verify(context, options, files, per_quant, errors)
-        paths = [info["path"] for info in per_quant.values()] + [info["modelfile"] for info in per_quant.values() if "modelfile" in info]
+        paths = [info["path"] for info in per_quant.values()]
+        paths += [info["modelfile"] for info in per_quant.values() if "modelfile" in info]
         details: dict[str, Any] = {
             "quants": per_quant,
             "merged_from": str(merged),
