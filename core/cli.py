@@ -93,6 +93,13 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
 @click.option("--dry-run", is_flag=True, help="Validate and preview the data (tokenizer only), then stop.")
 def run(resume: bool, dry_run: bool, **kwargs) -> None:
     """Train: sft run [CONFIG.yaml] [key=value ...]. With no arguments, runs the embedded default."""
+    args = kwargs["args"]
+    no_config = not any(a.endswith((".yaml", ".yml")) for a in args)
+    if no_config and kwargs["dataset"] is None and not any(a.startswith("data.dataset=") for a in args):
+        # The embedded default (sft:identity) trains with its own recipe, below the user's overrides.
+        from .train import embedded_recipe_overrides
+
+        kwargs["args"] = (*embedded_recipe_overrides(), *args)
     cfg = _load_config(**kwargs)
     if dry_run:
         from .preview import preview
