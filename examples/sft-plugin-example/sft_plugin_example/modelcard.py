@@ -77,14 +77,20 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], options: ModelCardOptions,
-                      run_name: str) -> str:
-    """The model card text: YAML front matter, then Markdown."""
+                      run_name: str, trained_in_4bit: bool | None = None) -> str:
+    """The model card text: YAML front matter, then Markdown.
+
+    ``trained_in_4bit`` False for a ``qlora`` config means the run fell back to LoRA on a
+    16/32-bit base (no CUDA); the card says what actually happened.
+    """
     import yaml
 
     base_model = _get(config, "model.name")
     dataset = str(_get(config, "data.dataset") or "")
     template = _get(config, "template.name")
     method = _get(config, "model.method")
+    if method == "qlora" and trained_in_4bit is False:
+        method = "lora"  # qlora was asked for, but 4-bit needs CUDA
     front: dict[str, Any] = {"base_model": base_model, "library_name": "peft" if method != "full" else "transformers"}
     if options.license:
         front["license"] = options.license
@@ -106,7 +112,8 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
         if data.get(key) is not None:
             lines.append(f"- {label}: {_fmt(data[key])}")
     lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {label} | `{_fmt(_get(config, key))}` |" for key, label in HYPERPARAMETERS if _get(config, key) is not None]
+    lines += [f"| {label} | `{_fmt(method if key == 'model.method' else _get(config, key))}` |"
+              for key, label in HYPERPARAMETERS if _get(config, key) is not None]
     lines += ["", "## Results", ""]
     durations = summary.get("durations") if isinstance(summary.get("durations"), Mapping) else {}
     results = [(label, summary.get(key)) for key, label in (
@@ -162,7 +169,8 @@ class ModelCardExporter(Exporter):
         options = options or ModelCardOptions()
         run: RunDir = context.run_dir
         config = OmegaConf.to_container(context.config, resolve=True)
-        text = render_model_card(config, run.read_summary(), options, context.name)
+        text = render_model_card(config, run.read_summary(), options, context.name,
+                                 trained_in_4bit=getattr(context, "trained_in_4bit", None))
         out = Path(context.output_dir(self.name)) / "README.md"
         atomic_write_text(out, text)
         paths = [str(out)]

@@ -20,3 +20,10 @@ def test_modelcard_describes_the_run(sft_plugin_manager, tiny_run, tmp_path):
     assert front["license"] == "apache-2.0" and "chatml" in front["tags"]
     assert "## Hyperparameters" in text and "| LoRA r | `4` |" in text
     assert (run / "adapter" / "README.md").read_text() == text
+
+
+def test_modelcard_says_lora_when_qlora_fell_back_on_cpu():
+    config = {"model": {"name": "base", "method": "qlora"}, "template": {"name": "chatml"}, "data": {"dataset": "o/d"}}
+    card = modelcard.render_model_card(config, {}, modelcard.ModelCardOptions(), "run", trained_in_4bit=False)
+    front = modelcard.read_front_matter(card)
+    assert "lora" in front["tags"] and front["datasets"] == ["o/d"] and "| method | `lora` |" in card
