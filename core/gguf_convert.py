@@ -518,26 +518,37 @@ def quiet_native_output() -> Iterator[Path]:
 
 # -- llama.cpp quantizer ------------------------------------------------------------------------
 def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> dict[str, Any]:
-    """Quantize the F16 GGUF ``src`` to ``dst`` with llama.cpp's ``llama_model_quantize``.
+    """Quantize the F16 GGUF ``src`` to ``dst`` with llama.cpp's ``llama_model_quantize``, in a worker process.
 
     Raises :class:`SftError` naming what to install when llama-cpp-python is missing.
+    Returns the quant, path, size, wall and CPU seconds and how many tensors fell back to
+    another type (rows not a multiple of the K-quant block).
     """
     if quant not in LLAMA_CPP_QUANTS:
         raise SftError(f"quant '{quant}' is not made by llama.cpp's quantizer; use one of {', '.join(LLAMA_CPP_QUANTS)}")
     if not llama_cpp_available():
         raise SftError(f"the {quant} quant needs llama.cpp's quantizer: {LLAMA_EXTRA_INSTALL}")
+    from .llama_worker import run_in_worker
+
+    start = time.perf_counter()
+    result = run_in_worker("quantize", {"src": str(src), "dst": str(dst), "quant": quant, "threads": threads})
+    return {**result, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def quantize_here(src: str, dst: str, quant: str, threads: int | None = None) -> dict[str, Any]:
+    """The quantization itself, in this process (the worker's side of :func:`quantize_with_llama_cpp`)."""
     import ctypes
 
     import llama_cpp
 
-    start, cpu = time.perf_counter(), time.process_time()
-    dst = Path(dst)
-    partial = dst.with_name(dst.name + ".partial")
+    cpu = time.process_time()
+    out = Path(dst)
+    partial = out.with_name(out.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_QUANTS[quant])
     params.nthread = threads or os.cpu_count() or 1
-    # llama.cpp prints a line per tensor (and every fallback) from C; keep it out of the
-    # console and show its tail only when quantization fails.
+    # llama.cpp prints a line per tensor (and per fallback); keep it for the fallback count
+    # and for the error message.
     with quiet_native_output() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
     output = log.read_text(errors="replace")
@@ -545,11 +556,9 @@ def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, thread
     if rc != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise SftError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src}:\n{output[-2000:]}")
-    fallbacks = output.count("falling back to")
-    os.replace(partial, dst)
-    return {"quant": quant, "path": str(dst), "bytes": dst.stat().st_size,
-            "seconds": round(time.perf_counter() - start, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
-            "fallback_tensors": fallbacks}
+    os.replace(partial, out)
+    return {"quant": quant, "path": str(out), "bytes": out.stat().st_size,
+            "cpu_seconds": round(time.process_time() - cpu, 2), "fallback_tensors": output.count("falling back to")}
 
 
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

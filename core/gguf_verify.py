@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from .errors import SftError
 from .gguf_convert import LLAMA_EXTRA_INSTALL, quiet_native_output
 
-__all__ = ["EXACT_QUANTS", "verify_gguf"]
+__all__ = ["EXACT_QUANTS", "verify_gguf", "verify_here"]
 
 #: Quants whose greedy tokens must equal the HF model's.
 EXACT_QUANTS = ("f16", "bf16", "q8_0")
@@ -59,7 +59,30 @@ def verify_gguf(
 
     The record has ``ok``, ``summary``, the tokens and texts, ``prompt_ids_match``,
     ``tokens_match``, ``prefix_match`` (leading equal tokens) and ``agreement``.
+    It runs in a worker process that never imports torch (see :mod:`sft.core.llama_worker`).
     """
+    try:
+        import llama_cpp  # noqa: F401 - only to say what to install before starting a worker
+    except ImportError:
+        raise SftError(f"GGUF verification loads the file with llama.cpp: {LLAMA_EXTRA_INSTALL}, "
+                       f"or turn verification off with export.verify=false") from None
+    from .llama_worker import run_in_worker
+
+    return run_in_worker("verify", {"path": str(path), "quant": quant, "prompt": prompt,
+                                    "hf_prompt_ids": list(hf_prompt_ids), "reference": list(reference),
+                                    "exact": exact, "threads": threads})
+
+
+def verify_here(
+    path: str,
+    quant: str,
+    prompt: str,
+    hf_prompt_ids: Sequence[int],
+    reference: Sequence[int],
+    exact: bool | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The verification itself, in this process (the worker's side of :func:`verify_gguf`)."""
     try:
         import llama_cpp
     except ImportError:

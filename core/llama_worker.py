@@ -1,0 +1,83 @@
+"""llama.cpp work (K-quant quantization, GGUF verification) in a fresh Python process.
+
+Why not in the exporting process: by then torch has run the merge and the reference model,
+and its OpenMP threads busy-wait next to ggml's own thread pool. On a 2-core machine one
+GGUF verification took 6 to 13 s there against 0.5 s in a process that never imported torch.
+A separate process also keeps a crash in native code to one export instead of the run, and
+its logs (a line per tensor from the quantizer) out of the console.
+
+Parent side: :func:`run_in_worker`. Child side: ``python -m sft.core.llama_worker TASK
+REQUEST.json RESULT.json``, which imports llama_cpp but never torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import SftError
+
+__all__ = ["run_in_worker", "TASKS"]
+
+
+def _quantize(request: dict[str, Any]) -> dict[str, Any]:
+    from .gguf_convert import quantize_here
+
+    return quantize_here(**request)
+
+
+def _verify(request: dict[str, Any]) -> dict[str, Any]:
+    from .gguf_verify import verify_here
+
+    return verify_here(**request)
+
+
+#: Task name -> function of the request (a JSON object) returning a JSON object.
+TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"quantize": _quantize, "verify": _verify}
+
+
+def run_in_worker(task: str, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``TASKS[task](request)`` in a child process and return its result.
+
+    Raises :class:`SftError` with the task's own message, or with the tail of the child's
+    output when it died (a crash in llama.cpp, a timeout).
+    """
+    with tempfile.TemporaryDirectory(prefix="sft-llama-") as tmp:
+        req, res, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "output.log"
+        req.write_text(json.dumps(request))
+        with log.open("w") as out:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "sft.core.llama_worker", task, str(req), str(res)],
+                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+                code: int | str = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = f"timeout after {timeout}s"
+        reply = json.loads(res.read_text()) if res.is_file() else None
+        if reply is None or code != 0:
+            tail = log.read_text(errors="replace")[-2000:]
+            detail = reply.get("error") if reply else None
+            raise SftError(detail or f"llama.cpp {task} stopped ({code}):\n{tail}")
+        if "error" in reply:
+            raise SftError(reply["error"])
+        return reply["result"]
+
+
+def main(argv: list[str]) -> int:
+    task, request_path, result_path = argv
+    try:
+        reply: dict[str, Any] = {"result": TASKS[task](json.loads(Path(request_path).read_text()))}
+    except SftError as exc:
+        reply = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent with its traceback
+        reply = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-4)}"}
+    Path(result_path).write_text(json.dumps(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
