@@ -400,13 +400,15 @@ def main(argv: list[str] | None = None) -> None:
     for setup in a.setups.split(","):
         start = time.perf_counter()
         print(f"== {setup}", flush=True)
-        try:
-            proc = subprocess.run(base + ["--worker", setup], env=env, capture_output=True, text=True, timeout=a.timeout)
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            proc = None
-        (a.work / f"{setup}.log").write_text(output)
+        # The log is written as the setup runs, so a setup cut short still leaves its output.
+        log = a.work / f"{setup}.log"
+        with log.open("w") as f:
+            try:
+                subprocess.run(base + ["--worker", setup], env=env, stdout=f, stderr=subprocess.STDOUT,
+                               timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                f.write(f"\ntimed out after {a.timeout}s\n")
+        output = log.read_text(errors="replace")
         found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
         if found:
             results[setup] = json.loads(found[-1])

@@ -17,19 +17,20 @@ from .interfaces import ROLES, Message
 __all__ = ["require_text", "require_list", "validate_conversation"]
 
 
-def _path(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
+def _present(row: Mapping[str, Any], key: str, prefix: str) -> tuple[str, Any]:
+    """The dotted field name and ``row[key]``; a :class:`DataError` when it is missing or null."""
+    field = f"{prefix}.{key}" if prefix else key
+    if key not in row:
+        present = ", ".join(map(str, row.keys())) or "none"
+        raise DataError(f"missing field (present: {present})", field=field)
+    if row[key] is None:
+        raise DataError("null value", field=field)
+    return field, row[key]
 
 
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
     """``row[key]`` as non-empty text, or a :class:`DataError` naming ``prefix.key``."""
-    field = _path(prefix, key)
-    if key not in row:
-        present = ", ".join(map(str, row.keys())) or "none"
-        raise DataError(f"missing field (present: {present})", field=field)
-    value = row[key]
-    if value is None:
-        raise DataError("null value", field=field)
+    field, value = _present(row, key, prefix)
     if not isinstance(value, str):
         raise DataError(f"expected text, got {type(value).__name__}", field=field)
     if not value.strip():
@@ -39,13 +40,7 @@ def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
 
 def require_list(row: Mapping[str, Any], key: str, prefix: str = "") -> list:
     """``row[key]`` as a non-empty list, or a :class:`DataError` naming the field."""
-    field = _path(prefix, key)
-    if key not in row:
-        present = ", ".join(map(str, row.keys())) or "none"
-        raise DataError(f"missing field (present: {present})", field=field)
-    value = row[key]
-    if value is None:
-        raise DataError("null value", field=field)
+    field, value = _present(row, key, prefix)
     if not isinstance(value, (list, tuple)):
         raise DataError(f"expected a list, got {type(value).__name__}", field=field)
     if not value:

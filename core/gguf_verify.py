@@ -73,21 +73,15 @@ def verify_gguf(
                                     "exact": exact, "threads": threads})
 
 
-def verify_here(
-    path: str,
-    quant: str,
-    prompt: str,
-    hf_prompt_ids: Sequence[int],
-    reference: Sequence[int],
-    exact: bool | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """The verification itself, in this process (the worker's side of :func:`verify_gguf`)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise SftError(f"GGUF verification loads the file with llama.cpp: {LLAMA_EXTRA_INSTALL}, "
-                       f"or turn verification off with export.verify=false") from None
+def verify_here(request: dict[str, Any]) -> dict[str, Any]:
+    """The verification itself, in this process (the worker's side of :func:`verify_gguf`).
+
+    ``request`` holds :func:`verify_gguf`'s arguments by name.
+    """
+    path, quant, prompt, exact, threads = (request[k] for k in ("path", "quant", "prompt", "exact", "threads"))
+    hf_prompt_ids, reference = request["hf_prompt_ids"], request["reference"]
+    import llama_cpp  # verify_gguf checked that it is installed
+
     exact = quant in EXACT_QUANTS if exact is None else exact
     n = len(reference)
     start = time.perf_counter()

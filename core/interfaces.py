@@ -78,6 +78,9 @@ class DatasetFormat(Plugin):
 
     #: Columns whose presence means "this is my format" for ``data.format: auto``.
     columns: ClassVar[tuple[str, ...]] = ()
+    #: A few valid raw rows written by the plugin's author. The matrix tests (sft's and a
+    #: plugin author's, through the test kit) build their data from them; optional.
+    sample_rows: ClassVar[tuple[Mapping[str, Any], ...]] = ()
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         """True when a dataset with these columns is in this format (used by ``format: auto``)."""

@@ -34,7 +34,7 @@ def _quantize(request: dict[str, Any]) -> dict[str, Any]:
 def _verify(request: dict[str, Any]) -> dict[str, Any]:
     from .gguf_verify import verify_here
 
-    return verify_here(**request)
+    return verify_here(request)
 
 
 #: Task name -> function of the request (a JSON object) returning a JSON object.

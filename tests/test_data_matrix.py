@@ -35,8 +35,17 @@ def _real_as_messages(tmp_path):
     return path
 
 
-def _sources(tmp_path):
+def _samples_file(fmt, tmp_path):
+    """The format's own ``sample_rows`` as a JSONL file: how a third-party format joins the matrix."""
+    path = tmp_path / f"{fmt.name}-samples.jsonl"
+    path.write_text("".join(json.dumps(dict(row)) + "\n" for row in fmt.sample_rows))
+    return path
+
+
+def _sources(tmp_path, fmt):
     sources = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+    if fmt.sample_rows:
+        sources.append(_samples_file(fmt, tmp_path))
     for real in (REAL_SHAREGPT, REAL_ALPACA):
         if real.is_file():
             sources.append(real)
@@ -54,9 +63,9 @@ def _columns(path) -> list[str]:
 @pytest.mark.parametrize("format_name", FORMATS)
 def test_every_format_with_every_template_trains_exactly_the_answers(format_name, template_name, smollm2_dir, tmp_path):
     fmt = PM.get("dataset_format", format_name)
-    sources = [p for p in _sources(tmp_path) if fmt.detect(_columns(p))]
+    sources = [p for p in _sources(tmp_path, fmt) if fmt.detect(_columns(p))]
     if not sources:
-        pytest.skip(f"no fixture or shared file is in the '{format_name}' format")
+        pytest.fail(f"no fixture or shared file is in the '{format_name}' format, and it declares no sample_rows")
     checked = 0
     for source in sources:
         cfg = data_config(smollm2_dir, source, f"data.format={format_name}", f"template.name={template_name}", pm=PM)
