@@ -106,9 +106,18 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
 
         preview(cfg)
         return
+    from .rundir import RunDir
     from .train import run_training
 
-    run_training(cfg, resume=resume)
+    run_dir = run_training(cfg, resume=resume)
+    exports = RunDir.of(run_dir).read_summary().get("exports") or {}
+    failed = sorted(name for name, result in exports.items() if not result.get("ok"))
+    if failed:
+        # The trained run is safe on disk; a pipeline must still see that an artifact it asked for is missing.
+        again = " ".join(f"--exporter {name}" for name in failed)
+        click.echo(f"[sft] training finished, but {', '.join(failed)} failed (see above); "
+                   f"fix it and retry with: sft export {run_dir} {again}", err=True)
+        sys.exit(1)
 
 
 @cli.command()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import FloatNode
 
 from .errors import ConfigError, ConfigProblem, did_you_mean
 from .interfaces import KINDS
@@ -269,6 +270,8 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
             else:
                 _apply(child, value, path + ".", problems)
             continue
+        if isinstance(child, FloatNode) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # `num_train_epochs=3` is a float field given as an int, as users write it
         try:
             schema[key] = value
         except OmegaConfBaseException:

@@ -287,9 +287,21 @@ class ExportContext:
         return stops[0]
 
     def verify_prompt(self, text: str | None = None) -> str:
-        """The generation prompt (template-rendered) used to check exports."""
-        question = text or self.config.training.generation_prompt or DEFAULT_VERIFY_PROMPT
+        """The generation prompt (template-rendered) used to check exports.
+
+        Default: ``training.generation_prompt``, else the run's own quick-generation prompt
+        (a question the model was trained to answer, so its greedy tokens are confident and
+        a quantized file can be held to the same tokens), else a fixed question.
+        """
+        ran = (self.run_dir.read_summary().get("generation") or {}).get("prompt")
+        question = text or self.config.training.generation_prompt or ran or DEFAULT_VERIFY_PROMPT
         return self.template.generation_prompt([Message("user", question)], self.tokenizer)
+
+    def stop_token_ids(self) -> set[int]:
+        """Ids of the template's stop tokens (and the tokenizer's EOS): where generation ends."""
+        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in self.template.stop_tokens(self.tokenizer)}
+        ids.add(self.tokenizer.eos_token_id)
+        return {i for i in ids if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id}
 
     def save_tokenizer(self, path: str | Path) -> None:
         """Save the run's tokenizer (template chat_template included) into ``path``."""
@@ -507,14 +519,21 @@ class ExportContext:
 
     # -- reference generation ------------------------------------------------------------------
     def reference_greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
-        """Greedy tokens of the merged HF model (loaded in float32 with plain transformers) after ``prompt_ids``."""
+        """Greedy tokens of the merged HF model (loaded in float32 with plain transformers) after ``prompt_ids``.
+
+        At most ``n``, ending with the first stop token: that is where llama.cpp and Ollama
+        stop, and what follows it is untrained, near-tied territory where any rounding flips
+        the argmax.
+        """
         key = ("greedy", tuple(prompt_ids), n)
         if key in self._cache:
             return self._cache[key]
         import torch
 
         model = self.merged_reference_model()
+        stops = self.stop_token_ids()
         out: list[int] = []
+        rows = []
         ids = torch.tensor([list(prompt_ids)], device=model.device)
         past = None
         with torch.no_grad():
@@ -523,9 +542,20 @@ class ExportContext:
                 past = res.past_key_values
                 nxt = int(res.logits[0, -1].argmax())
                 out.append(nxt)
+                rows.append(res.logits[0, -1].float().cpu())
+                if nxt in stops:
+                    break
                 ids = torch.tensor([[nxt]], device=model.device)
         self._cache[key] = out
+        self._cache[("greedy_logits", *key[1:])] = torch.stack(rows)
         return out
+
+    def reference_gaps(self, prompt_ids: Sequence[int], n: int, tokens: Sequence[int]) -> list[float]:
+        """Per position of :meth:`reference_greedy`, the HF model's logit of its own greedy token
+        minus its logit of ``tokens[i]`` (0 where they are the same): how sure it was."""
+        reference = self.reference_greedy(prompt_ids, n)
+        logits = self._cache[("greedy_logits", tuple(prompt_ids), n)]
+        return [float(logits[i, ref] - logits[i, tok]) for i, (ref, tok) in enumerate(zip(reference, tokens))]
 
     def merged_reference_model(self) -> Any:
         """The merged folder loaded in float32 with plain transformers: what exports are checked against.

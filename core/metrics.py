@@ -286,8 +286,18 @@ def _is_duration(dotted_key: str) -> bool:
     return dotted_key.endswith("seconds") or dotted_key.startswith("durations.") or ".durations." in dotted_key
 
 
-def summary_table(summary: Mapping[str, Any], title: str = "summary") -> Any:
-    """A rich ``Table`` of :func:`flatten_summary` rows (plain text when printed to a non-terminal)."""
+#: Rows left out of the end-of-run table (``sft report`` shows everything): the export lines
+#: printed just before already say each export's paths and verification, and the rest is for tools.
+BRIEF_SKIP = ("exports.*.details.*", "exports.*.paths", "dataset.cache_key", "dataset.skipped.examples")
+
+
+def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: bool = False) -> Any:
+    """A rich ``Table`` of :func:`flatten_summary` rows (plain text when printed to a non-terminal).
+
+    ``brief`` leaves out the :data:`BRIEF_SKIP` rows.
+    """
+    from fnmatch import fnmatchcase
+
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -296,6 +306,8 @@ def summary_table(summary: Mapping[str, Any], title: str = "summary") -> Any:
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
     for key, text in flatten_summary(summary):
+        if brief and any(fnmatchcase(key, pattern) for pattern in BRIEF_SKIP):
+            continue
         # Text, not str: values such as a generated "[INST] ..." are data, never rich markup.
         table.add_row(Text(key), Text(text))
     return table

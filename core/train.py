@@ -244,11 +244,14 @@ def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
 
 
 def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
+    """The optimizer steps the trainer will take, counted the way transformers' Trainer counts them:
+    a last short batch is a batch, and a last short accumulation is a step, in every epoch."""
     t = cfg.training
     if t.max_steps > 0:
         return int(t.max_steps)
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    return max(1, math.ceil(len(trainer.train_dataset) / per_step * float(t.num_train_epochs)))
+    batches = math.ceil(len(trainer.train_dataset) / t.per_device_train_batch_size)
+    per_epoch = max(1, math.ceil(batches / t.gradient_accumulation_steps))
+    return math.ceil(per_epoch * float(t.num_train_epochs))
 
 
 def _last(records: list[dict[str, Any]], key: str) -> float | None:

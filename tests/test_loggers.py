@@ -433,3 +433,23 @@ def test_summary_rows_flatten_nested_keys_and_show_durations() -> None:
     }))
     assert rows == {"steps": "60", "train_loss": "1.2346", "tokens_per_second": "5,120",
                     "exports.lora.paths": "a, b", "durations.train": "75.3 (1m15s)", "error": "None", "skipped": "-"}
+
+
+def test_the_end_of_run_table_leaves_export_details_to_sft_report() -> None:
+    from rich.console import Console
+
+    from sft.core.metrics import summary_table
+
+    summary = {"steps": 60, "exports": {"gguf": {"ok": True, "paths": ["x.gguf"],
+                                                 "details": {"verify": {"reference": [1, 2, 3]}}}},
+               "dataset": {"rows": 5, "cache_key": "abc123"}}
+
+    def shown(brief: bool) -> str:
+        console = Console(width=100, record=True, file=open("/dev/null", "w"))
+        console.print(summary_table(summary, brief=brief))
+        return console.export_text()
+
+    brief, full = shown(True), shown(False)
+    assert "exports.gguf.ok" in brief and "dataset.rows" in brief
+    assert "details" not in brief and "abc123" not in brief and "x.gguf" not in brief
+    assert "exports.gguf.details.verify.reference" in full and "abc123" in full

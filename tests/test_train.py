@@ -156,3 +156,18 @@ def test_a_finished_run_is_not_overwritten(tiny_model_dir, eval_run):
 
     with pytest.raises(SftError, match="already holds a run.*--resume"):
         train_tiny(eval_run, tiny_model_dir, pm=PM)
+
+
+def test_an_epoch_run_announces_the_steps_it_takes(tiny_model_dir, tmp_path, capsys):
+    """5 rows, batch 2, accumulation 2, 2 epochs: 3 batches make 2 optimizer steps per epoch
+    (a short last batch and a short last accumulation still count), so 4 steps in all."""
+    from sft.core.testing import write_jsonl
+
+    rows = [{"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]}
+            for i in range(5)]
+    data = write_jsonl(tmp_path / "five.jsonl", rows)
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "training.max_steps=-1", "training.num_train_epochs=2",
+                     "training.gradient_accumulation_steps=2", "loggers.enabled=[console]", dataset=data, pm=PM)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    out = capsys.readouterr().out
+    assert "step 4/4 " in out and "step 5/" not in out, out

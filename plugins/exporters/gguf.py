@@ -40,6 +40,7 @@ from sft.core.gguf_convert import (
     quantize_with_llama_cpp,
     tokenizer_problem,
 )
+from sft.core.gguf_verify import DEFAULT_TIE_MARGIN
 from sft.core.interfaces import ExportResult, Exporter
 
 __all__ = ["GgufOptions", "GgufExporter", "modelfile_text", "register_exporters"]
@@ -50,8 +51,9 @@ class GgufOptions:
     quants: List[str] = opt(["q8_0"], "GGUF quant types to write. f16, bf16, q8_0 need nothing else; the K-quants need llama-cpp-python (pip install 'sft-forge[llama]').", ALL_QUANTS)
     name: Optional[str] = opt(None, "File-name stem of the GGUF and Modelfile (default: the run name).")
     modelfile: bool = opt(True, "Write an Ollama Modelfile next to each GGUF.")
-    verify_prompt: Optional[str] = opt(None, "User message whose answer verification compares (default: training.generation_prompt, else a fixed question).")
-    verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model.")
+    verify_prompt: Optional[str] = opt(None, "User message whose answer verification compares (default: training.generation_prompt, else the run's quick-generation prompt, else a fixed question).")
+    tie_margin: float = opt(DEFAULT_TIE_MARGIN, "For f16, bf16 and q8_0: a token where llama.cpp picks another than the HF model passes only when the HF model's own logits for the two differ by less than this (nats), a near-tie that rounding decides.")
+    verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model (at most: the comparison ends with the template's stop token, where generation ends).")
 
 
 def _quote(text: str) -> str:
@@ -84,6 +86,8 @@ class GgufExporter(Exporter):
         problems = context.merge_problems()
         if not options.quants:
             problems.append("export.gguf.quants is empty; name at least one of " + ", ".join(ALL_QUANTS))
+        if options.tie_margin < 0:
+            problems.append(f"export.gguf.tie_margin must be 0 or more, got {options.tie_margin}")
         if options.verify_tokens < 1:
             problems.append(f"export.gguf.verify_tokens must be at least 1, got {options.verify_tokens}")
         if (arch := architecture_problem(context.base_config())):
@@ -189,7 +193,9 @@ class GgufExporter(Exporter):
         lines = []
         for quant, info in per_quant.items():
             try:
-                record = verify_gguf(files[quant], quant, prompt, prompt_ids, reference, threads=os.cpu_count())
+                record = verify_gguf(files[quant], quant, prompt, prompt_ids, reference, threads=os.cpu_count(),
+                                     gaps_of=lambda forced: context.reference_gaps(prompt_ids, options.verify_tokens, forced),
+                                     tie_margin=options.tie_margin)
             except SftError as exc:
                 errors[quant] = f"verification: {exc}"
                 continue
