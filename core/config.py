@@ -134,7 +134,7 @@ class LoggersConfig:
 @dataclass
 class ExportConfig:
     enabled: List[str] = opt(["lora"], "Exporter plugins to run after training, in order.")
-    verify: bool = opt(True, "Check each export works (for GGUF: load it in llama.cpp and compare greedy tokens).")
+    verify: Optional[bool] = opt(None, "Check each export works (for GGUF: load it in llama.cpp and compare greedy tokens). null (default): check whatever can be checked here; a GGUF is written unverified, with a notice, when llama-cpp-python is not installed. true: require every check. false: none.")
 
 
 @dataclass

@@ -167,6 +167,11 @@ class ExportContext:
         return current_environment()
 
     @property
+    def verifying(self) -> bool:
+        """Whether exports are checked: ``export.verify`` is true or null (the default)."""
+        return self.config.export.verify is not False
+
+    @property
     def is_full_model(self) -> bool:
         """True when the run trained every weight (``adapter/`` holds a whole model, no LoRA)."""
         if self.before_training:
@@ -458,7 +463,7 @@ class ExportContext:
         import torch
 
         model = self.load_adapted_model(dtype if self.env.cuda else "float32")
-        if not self.env.cuda and self.config.export.verify:
+        if not self.env.cuda and self.verifying:
             # base + adapter (unmerged, float32) on the verify prompt: the reference the merged
             # folder is checked against, taken now rather than loading the base a second time.
             ids = self.tokenizer(self.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]

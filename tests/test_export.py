@@ -493,3 +493,20 @@ def test_verification_forgives_a_flip_only_at_a_near_tie() -> None:
     assert judge(raw, reference, False, None, 0.5)["ok"]  # K-quants: agreement reported only
     assert judge(raw, reference, False, None, 0.5)["agreement"] == 0.75
     assert not judge({**raw, "prompt_ids_match": False}, reference, False, None, 0.5)["ok"]
+
+
+def test_without_llama_cpp_the_default_writes_an_unverified_gguf_and_says_so(run_dir: Path, sft_plugin_manager,
+                                                                             monkeypatch) -> None:
+    """The README's first install has no llama-cpp-python: ``--exporter gguf`` still works out of
+    the box (q8_0 in pure Python), marked unverified; ``export.verify=true`` refuses instead."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without it
+    result = run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q8_0]")
+    record = summary(run_dir)["exports"]["gguf"]
+    assert record["ok"] and record["details"]["verify"]["skipped"] is True
+    assert "quants" in record["details"] and "verify" not in record["details"]["quants"]["q8_0"]
+    assert "NOT verified" in result.output and "pip install 'sft-forge[llama]'" in result.output
+    assert (run_dir / "exports" / "gguf" / f"{run_dir.name}-Q8_0.gguf").is_file()
+
+    strict = run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q8_0]", "export.verify=true",
+                     check=False)
+    assert strict.exit_code == 1 and "export.verify=true: GGUF verification loads each file in llama.cpp" in strict.output

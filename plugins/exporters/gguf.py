@@ -8,7 +8,9 @@ From the merged 16-bit HF model (the one ``merged_16bit`` wrote, or a temporary 
 - next to each ``<name>-<QUANT>.gguf`` goes ``<name>-<QUANT>.Modelfile`` for Ollama, whose
   TEMPLATE and stop lines come from the run's chat-template plugin;
 - with ``export.verify`` (default) each file is loaded in llama.cpp and its greedy tokens
-  compared with the merged HF model's (``sft.core.gguf_verify``).
+  compared with the merged HF model's (``sft.core.gguf_verify``). Without llama-cpp-python
+  and with ``export.verify`` unset, the files are written and marked unverified (a notice
+  and ``verify.skipped`` in summary.json); ``export.verify=true`` makes that an error.
 
 A quant that fails is reported and the others still get written; files appear only when
 complete (``.partial`` then rename).
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from sft.core import hookimpl
+from sft.core.backends import notice
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext
@@ -107,9 +110,9 @@ class GgufExporter(Exporter):
         if k_quants and not llama_cpp_available():
             problems.append(f"{', '.join(k_quants)} need llama.cpp's quantizer: {LLAMA_EXTRA_INSTALL}; "
                             f"or keep to {', '.join(PYTHON_QUANTS)}")
-        if context.config.export.verify and not llama_cpp_available():
-            problems.append(f"GGUF verification loads each file in llama.cpp: {LLAMA_EXTRA_INSTALL}, "
-                            f"or turn it off with export.verify=false")
+        if context.config.export.verify is True and not llama_cpp_available():
+            problems.append(f"export.verify=true: GGUF verification loads each file in llama.cpp: "
+                            f"{LLAMA_EXTRA_INSTALL}, or leave export.verify unset to write unverified files")
         params = context.parameter_count()
         expected = sum(params * quant_bits(q) / 8 for q in options.quants)
         if k_quants and "f16" not in options.quants:
@@ -166,7 +169,12 @@ class GgufExporter(Exporter):
                 info["modelfile"] = str(modelfile)
 
         verify: dict[str, Any] = {}
-        if context.config.export.verify and per_quant:
+        if context.verifying and per_quant and not llama_cpp_available():
+            # Only with export.verify unset (true is refused in preflight): the pure-Python quants
+            # are still useful, but nobody may mistake them for checked ones.
+            verify = {"skipped": True, "summary": f"skipped, llama-cpp-python is not installed ({LLAMA_EXTRA_INSTALL})"}
+            notice(f"gguf: the files are NOT verified: {verify['summary']}")
+        elif context.verifying and per_quant:
             verify = self._verify(context, options, files, per_quant, errors)
         paths = [info["path"] for info in per_quant.values()]
         paths += [info["modelfile"] for info in per_quant.values() if "modelfile" in info]

@@ -47,7 +47,7 @@ class LoraExporter(Exporter):
         try:
             context.save_tokenizer(partial)
             details: dict[str, Any] = {"bytes": dir_size(partial), "template": context.template.name}
-            if context.config.export.verify:
+            if context.verifying:
                 # Raises before the earlier export (if any) is replaced.
                 details["verify"] = _verify(context, partial)
             replace_dir(partial, final)

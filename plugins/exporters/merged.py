@@ -83,7 +83,7 @@ class Merged16Exporter(Exporter):
         details: dict[str, Any] = {"dtype": dtype, **context.merge_details(merged)}
         if context.trained_in_4bit:
             details["note"] = "training used a 4-bit base (qlora); the merge reloaded the base in 16-bit"
-        if context.config.export.verify:
+        if context.verifying:
             # Raises before an earlier merged export (if any) is replaced.
             details["verify"] = _verify_logits(context)
         details.update(context.adopt_merged(final, dtype))
