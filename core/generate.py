@@ -102,9 +102,10 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .data import load_template
-    from .env import current_environment
+    from .env import current_environment, quiet_known_warnings
     from .models import resolve_model
     from .rundir import RunDir
 
@@ -114,6 +115,9 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     if not run.adapter.is_dir():
         raise SftError(f"{run.root}: the run has no adapter/ yet (did training finish?)")
     cfg = OmegaConf.load(run.config)
+    # The answer streams to the terminal; a "Loading weights" bar in front of it is noise.
+    hf_logging.disable_progress_bar()
+    quiet_known_warnings()
     template = load_template(cfg)
     env = current_environment()
     dtype = torch.float32 if not env.cuda else (torch.bfloat16 if env.bf16 else torch.float16)
