@@ -11,7 +11,8 @@
   throughput above a plain PyTorch loop (``bench/cpu_throughput.py``).
 - **NaN/inf guard**: a non-finite loss stops the run with :class:`NonFiniteLossError`
   naming the step; a checkpoint is never written from non-finite weights, so the last one
-  on disk is the last good one.
+  on disk is the last good one. On CUDA the check (and the token count) runs at the next
+  log or save instead of every step, so the GPU is never left waiting on the host.
 - **Atomic checkpoints** through :mod:`sft.core.checkpoints`: the Trainer writes into a
   staging folder, which is renamed into place and marked ``COMPLETE``; rotation never
   deletes the newest complete checkpoint.
@@ -67,6 +68,8 @@ def trainer_class() -> type:
         def __init__(self, *args: Any, trained_positions_loss: bool = False, **kwargs: Any):
             self.trained_positions_loss = trained_positions_loss
             self._staging: Path | None = None
+            #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
+            self._pending: list[tuple[int, Any, Any]] = []
             super().__init__(*args, **kwargs)
 
         # -- loss ----------------------------------------------------------------------
@@ -90,16 +93,43 @@ def trainer_class() -> type:
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if "attention_mask" in inputs:
-                seen = int(inputs["attention_mask"].sum())
-            else:
-                seen = int(inputs["input_ids"].numel())
-            self.state.num_input_tokens_seen += seen
+            mask = inputs.get("attention_mask")
+            seen = mask.sum() if mask is not None else inputs["input_ids"].numel()
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss).all():
-                raise NonFiniteLossError(self.state.global_step + 1, f"the loss is {loss.item()}",
-                                         self._last_checkpoint())
+            self._pending.append((self.state.global_step + 1, seen, loss.detach()))
+            # Reading a CUDA value waits for the GPU; once per step that stalls it while the
+            # optimizer step is being queued (1.6% of an 8B QLoRA step on an H100, see
+            # docs/benchmarks.md). On CUDA the count and the NaN check wait for the next
+            # log/save, where the Trainer waits for the GPU anyway.
+            if loss.device.type != "cuda" or len(self._pending) >= 64:
+                self._settle()
             return loss
+
+        def _settle(self) -> None:
+            """Add the pending micro-batches' tokens to the state; stop at the first non-finite loss."""
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            counts = [seen for _, seen, _ in pending]
+            tensors = [c.reshape(()) for c in counts if isinstance(c, torch.Tensor)]
+            seen = sum(int(c) for c in counts if not isinstance(c, torch.Tensor))
+            finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).tolist()
+            self.state.num_input_tokens_seen += seen + (int(torch.stack(tensors).sum()) if tensors else 0)
+            for (step, _, loss), ok in zip(pending, finite):
+                if not ok:
+                    value = loss.item() if loss.numel() == 1 else "not finite"
+                    raise NonFiniteLossError(step, f"the loss is {value}", self._last_checkpoint())
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop or c.should_epoch_stop:
+                self._settle()  # before the log reads the token count and before any checkpoint
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            result = super().train(*args, **kwargs)
+            self._settle()
+            return result
 
         # -- checkpoints -----------------------------------------------------------------
         def _last_checkpoint(self) -> str | None:
