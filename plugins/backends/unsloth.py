@@ -134,8 +134,29 @@ def plan_checkpoint_skips(model: Any, config: Any) -> None:
 
     plan = plan_checkpointing(model, len(layers), int(config.training.per_device_train_batch_size),
                               int(config.model.max_seq_length), set_skip)
+    _forget_probe(model)
     model._sft_memory_plan = plan.to_json()
     notice(plan.describe())
+
+
+def _forget_probe(model: Any) -> None:
+    """Drop what the probe's forward/backward left in Unsloth's compile and checkpoint caches.
+
+    Unsloth arms a detector for a forward/backward run before ``trainer.train()``: graphs
+    traced then must not be reused in training. The trainer would reset them too, but with a
+    warning about a "poisoned" cache that the user did not cause; the reset is done here,
+    where the probe ran, and its warning is ours to silence.
+    """
+    import types
+    import warnings
+
+    try:
+        from unsloth.models._utils import _unsloth_reset_stray_compile_cache
+    except ImportError:  # an Unsloth without the detector has nothing to reset
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsloth: detected a manual forward/backward")
+        _unsloth_reset_stray_compile_cache(types.SimpleNamespace(model=model))
 
 
 @hookimpl

@@ -8,6 +8,7 @@ the run from its step-20 checkpoint (the step-40 one removed) and checks it fini
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -63,3 +64,35 @@ def test_unsloth_trains_checkpoints_and_resumes(small_llama_dir: Path, tmp_path:
     assert summary2["resumed_from"].endswith("checkpoint-20")
     # bf16/4-bit kernels are not bit-exact across a resume; the result must still be close.
     assert abs(summary2["train_loss"] - summary["train_loss"]) < 0.1 + 0.1 * summary["train_loss"]
+
+
+def test_nan_loss_on_cuda_stops_at_its_step(small_llama_dir: Path, tmp_path: Path) -> None:
+    """On CUDA the NaN checks wait for the next log or save (no host sync per step); the run
+    must still stop, name the step, and keep every checkpoint of non-finite weights off disk.
+
+    An absurd learning rate blows the LoRA weights up at the first update. On the H100 the
+    8-bit AdamW update itself overflows, so the weight check before checkpoint-1 stops the run
+    (the loss check fires instead where the loss goes non-finite first). A checkpoint every
+    step and a log every 4 steps make the checks run at each save, not each log.
+    """
+    data = write_jsonl(tmp_path / "codes.jsonl", learnable_rows(64))
+    out = tmp_path / "run"
+    overrides = [o for o in _overrides(small_llama_dir, data, out)
+                 if not o.startswith(("training.learning_rate=", "training.save_steps=", "training.max_steps=",
+                                      "training.warmup_steps=", "data.test_size="))]
+    proc = sft_run(*overrides, "training.learning_rate=1e30", "training.warmup_steps=0", "training.max_steps=8",
+                   "training.save_steps=1", "training.logging_steps=4", log=tmp_path / "nan.log", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    stopped = re.search(r"training stopped at step (\d+): (the loss is (nan|inf|-inf)|\d+ trained weight tensor)",
+                        output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step <= 8
+    root = out / "checkpoints"
+    kept = sorted((p.name for p in root.iterdir()), key=lambda n: int(n.split("-")[1])) if root.exists() else []
+    assert kept == [f"checkpoint-{k}" for k in range(max(1, step - 2), step)], kept  # save_total_limit=2
+    assert all((root / name / "COMPLETE").is_file() for name in kept)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "nan" and f"step {step}" in summary["error"]
+    assert not (out / "adapter").exists()
