@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="Measured steps after warm-up.")
+    p.add_argument("--steps", type=int, default=10, help="Measured steps after warm-up.")
     p.add_argument("--curve", default="0,8,16,24,32", help="checkpoint_skip_layers values for the curve.")
     p.add_argument("--curve-steps", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
