@@ -78,7 +78,7 @@ ALL_QUANTS: tuple[str, ...] = (*PYTHON_QUANTS, *LLAMA_CPP_QUANTS)
 _BITS = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q2_k": 3.4, "q3_k_m": 4.0, "q4_k_m": 5.0, "q5_k_m": 5.7, "q6_k": 6.6}
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-LLAMA_EXTRA_INSTALL = "pip install 'sft-forge[llama]'  (llama-cpp-python==0.3.36)"
+LLAMA_EXTRA_INSTALL = "pip install 'sft-forge[llama]' (llama-cpp-python==0.3.36; it builds llama.cpp from source once, about 10 minutes on 2 cores)"
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids of this string
 # (convert_hf_to_gguf.py, get_vocab_base_pre); the same string gives the same hash here.
