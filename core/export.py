@@ -530,6 +530,16 @@ class ExportContext:
         stop, and what follows it is untrained, near-tied territory where any rounding flips
         the argmax.
         """
+        return self._greedy_with_logits(prompt_ids, n)[0]
+
+    def reference_gaps(self, prompt_ids: Sequence[int], n: int, tokens: Sequence[int]) -> list[float]:
+        """Per position of :meth:`reference_greedy`, the HF model's logit of its own greedy token
+        minus its logit of ``tokens[i]`` (0 where they are the same): how sure it was."""
+        reference, logits = self._greedy_with_logits(prompt_ids, n)
+        return [float(logits[i, ref] - logits[i, tok]) for i, (ref, tok) in enumerate(zip(reference, tokens))]
+
+    def _greedy_with_logits(self, prompt_ids: Sequence[int], n: int) -> tuple[list[int], Any]:
+        """:meth:`reference_greedy`'s tokens and the logits row each was chosen from (computed once)."""
         key = ("greedy", tuple(prompt_ids), n)
         if key in self._cache:
             return self._cache[key]
@@ -551,16 +561,8 @@ class ExportContext:
                 if nxt in stops:
                     break
                 ids = torch.tensor([[nxt]], device=model.device)
-        self._cache[key] = out
-        self._cache[("greedy_logits", *key[1:])] = torch.stack(rows)
-        return out
-
-    def reference_gaps(self, prompt_ids: Sequence[int], n: int, tokens: Sequence[int]) -> list[float]:
-        """Per position of :meth:`reference_greedy`, the HF model's logit of its own greedy token
-        minus its logit of ``tokens[i]`` (0 where they are the same): how sure it was."""
-        reference = self.reference_greedy(prompt_ids, n)
-        logits = self._cache[("greedy_logits", tuple(prompt_ids), n)]
-        return [float(logits[i, ref] - logits[i, tok]) for i, (ref, tok) in enumerate(zip(reference, tokens))]
+        self._cache[key] = (out, torch.stack(rows))
+        return self._cache[key]
 
     def merged_reference_model(self) -> Any:
         """The merged folder loaded in float32 with plain transformers: what exports are checked against.

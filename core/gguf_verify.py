@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import SftError
-from .gguf_convert import LLAMA_EXTRA_INSTALL, quiet_native_output
+from .gguf_convert import LLAMA_EXTRA_INSTALL, llama_cpp_available, quiet_native_output
 
 __all__ = ["EXACT_QUANTS", "verify_gguf", "verify_here"]
 
@@ -71,11 +71,9 @@ def verify_gguf(
     ``tokens_match``, ``prefix_match`` (leading equal tokens) and ``agreement``.
     It runs in a worker process that never imports torch (see :mod:`sft.core.llama_worker`).
     """
-    try:
-        import llama_cpp  # noqa: F401 - only to say what to install before starting a worker
-    except ImportError:
+    if not llama_cpp_available():  # checked without importing it: llama.cpp stays out of this (torch) process
         raise SftError(f"GGUF verification loads the file with llama.cpp: {LLAMA_EXTRA_INSTALL}, "
-                       f"or turn verification off with export.verify=false") from None
+                       f"or turn verification off with export.verify=false")
     from .llama_worker import run_in_worker
 
     raw = run_in_worker("verify", {"path": str(path), "prompt": prompt, "hf_prompt_ids": list(hf_prompt_ids),
