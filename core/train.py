@@ -271,8 +271,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
     from . import checkpoints
     from .config import config_to_yaml
-    from .env import current_environment
+    from .env import current_environment, quiet_known_warnings
 
+    quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
     if pm is None:
         from .plugins import get_plugin_manager
 

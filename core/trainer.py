@@ -61,9 +61,6 @@ def trainer_class() -> type:
     from trl import SFTTrainer
 
     from . import checkpoints
-    from .env import quiet_known_warnings
-
-    quiet_known_warnings()
 
     class SftTrainer(SFTTrainer):
         """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
