@@ -77,7 +77,7 @@ def trainer_run(cfg: Any, data: Any, tokenizer: Any, trained_positions_loss: boo
     from transformers import TrainerCallback
 
     from sft.core.env import current_environment
-    from sft.core.train import build_trainer
+    from sft.core.run import build_trainer
 
     class Clock(TrainerCallback):
         timed: list[tuple[int, float]] = []
@@ -117,7 +117,8 @@ def main() -> None:
 
     import torch
 
-    from sft.core.data import build_datasets, load_template, prepare_tokenizer
+    from sft.core.data import build_datasets
+    from sft.core.templating import prepare_tokenizer, resolve_template
     from sft.core.models import load_tokenizer
     from sft.core.plugins import get_plugin_manager
 
@@ -132,7 +133,7 @@ def main() -> None:
         cfg = _config(args.batch, args.steps, Path(tmp) / "run", args.model)
         pm = get_plugin_manager()
         tokenizer = load_tokenizer(cfg.model)
-        prepare_tokenizer(tokenizer, load_template(cfg, pm), cfg)
+        prepare_tokenizer(tokenizer, resolve_template(cfg, pm), cfg)
         data = build_datasets(cfg, pm, tokenizer, quiet=True)
         rows = [("plain PyTorch loop (padded, full logits)", lambda: plain_loop(cfg, data, tokenizer, args.steps))]
         if not args.skip_trl:

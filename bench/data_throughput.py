@@ -61,7 +61,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from sft.core.config import load_config
-    from sft.core.data import build_datasets, load_template, prepare_tokenizer
+    from sft.core.data import build_datasets
+    from sft.core.templating import prepare_tokenizer, resolve_template
     from sft.core.models import embedded_model_dir
     from sft.core.plugins import get_plugin_manager
     from sft.core.templating import encode_rendered
@@ -82,7 +83,7 @@ def main() -> None:
                                           "data.cache_dir='off'"], pm=pm), pm, tokenizer)  # warm imports
     prepared, results["sft_build_datasets_s"], results["sft_build_datasets_cpu_s"] = _timed(
         lambda: build_datasets(cfg, pm, tokenizer), args.repeat)
-    template = load_template(cfg, pm)
+    template = resolve_template(cfg, pm)
     prepare_tokenizer(tokenizer, template, cfg)
     conversations = prepared.train_conversations
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from sft.core.export import export_run
-from sft.core.gguf_convert import ALL_QUANTS
+from sft.plugins.exporters.gguf.quants import ALL_QUANTS
 
 
 def main() -> None:

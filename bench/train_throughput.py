@@ -13,7 +13,7 @@ safetensors; QLoRA r=16 on all 7 linear projections, rsLoRA, adamw_8bit; batches
 Setups, each in its own subprocess so peaks don't mix and Unsloth's patches can't reach
 the transformers baseline:
 
-- ``sft``: ``sft.core.train.run_training`` with ``model.backend=unsloth`` (``training.memory=default``);
+- ``sft``: ``sft.core.run.run_training`` with ``model.backend=unsloth`` (``training.memory=default``);
 - ``sft-auto``: the same with ``training.memory=auto``;
 - ``unsloth``: a plain Unsloth + TRL script with the same settings;
 - ``hf``: transformers + peft + bitsandbytes (NF4, sdpa attention, gradient checkpointing);
@@ -244,7 +244,7 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
     from sft.core.config import load_config
     from sft.core.interfaces import Logger
     from sft.core.plugins import get_plugin_manager
-    from sft.core.train import run_training
+    from sft.core.run import run_training
 
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()

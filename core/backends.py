@@ -1,4 +1,4 @@
-"""Training backends: choosing one, and the settings every backend reads the same way.
+"""Training backends: choosing one, and the dtype that training and every backend agree on.
 
 ``model.backend: auto`` picks the available backend with the highest ``priority`` (Unsloth
 on CUDA, else plain transformers); a named backend that cannot run here is a config error
@@ -16,14 +16,7 @@ if TYPE_CHECKING:
     from .interfaces import TrainingBackend
     from .plugins import PluginManager
 
-__all__ = ["select_backend", "lora_settings", "resolve_dtype", "notice"]
-
-
-def notice(message: str) -> None:
-    """A one-line notice on stderr (a fallback or a choice the user did not make)."""
-    import sys
-
-    print(f"[sft] {message}", file=sys.stderr)
+__all__ = ["select_backend", "resolve_dtype"]
 
 
 def select_backend(cfg: Any, pm: "PluginManager", env: "Environment") -> "TrainingBackend":
@@ -47,30 +40,6 @@ def select_backend(cfg: Any, pm: "PluginManager", env: "Environment") -> "Traini
     raise ConfigError([ConfigProblem(
         "model.backend", "no training backend can run here" + (f" ({'; '.join(reasons)})" if reasons else
                                                               " (none is registered)"))])
-
-
-def lora_settings(cfg: Any) -> dict[str, Any]:
-    """The LoRA settings from the ``lora`` section, as PEFT and Unsloth name them.
-
-    ``target_modules: [all-linear]`` stays the string ``"all-linear"`` (PEFT's own shortcut);
-    a backend that lacks it expands it itself.
-    """
-    lora = cfg.lora
-    targets = [str(t) for t in lora.target_modules]
-    loftq = lora.loftq_config
-    if loftq is not None and not isinstance(loftq, dict):
-        from omegaconf import OmegaConf
-
-        loftq = OmegaConf.to_container(loftq)
-    return {
-        "r": int(lora.r),
-        "lora_alpha": int(lora.lora_alpha),
-        "lora_dropout": float(lora.lora_dropout),
-        "target_modules": "all-linear" if targets == ["all-linear"] else targets,
-        "use_rslora": bool(lora.use_rslora),
-        "bias": str(lora.bias),
-        "loftq_config": dict(loftq) if loftq else None,
-    }
 
 
 def resolve_dtype(cfg: Any, env: "Environment") -> Any:

@@ -97,7 +97,7 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
     no_config = not any(a.endswith((".yaml", ".yml")) for a in args)
     if no_config and kwargs["dataset"] is None and not any(a.startswith("data.dataset=") for a in args):
         # The embedded default (sft:identity) trains with its own recipe, below the user's overrides.
-        from .train import embedded_recipe_overrides
+        from .run import embedded_recipe_overrides
 
         kwargs["args"] = (*embedded_recipe_overrides(), *args)
     cfg = _load_config(**kwargs)
@@ -107,7 +107,7 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
         preview(cfg)
         return
     from .rundir import RunDir
-    from .train import run_training
+    from .run import run_training
 
     run_dir = run_training(cfg, resume=resume)
     exports = RunDir.of(run_dir).read_summary().get("exports") or {}

@@ -12,25 +12,26 @@ RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads 
 3. each result is written into ``summary.json`` (``exports.<name>``) as soon as it is
    known, and printed.
 
-:class:`ExportContext` holds what exporters share and builds it lazily, once: the
-tokenizer from the adapter, the merged 16-bit HF folder (``gguf`` reuses the folder
-``merged_16bit`` wrote, or merges into a temporary one), greedy reference tokens.
+:class:`ExportContext` is what every exporter gets: the run's paths and config, its
+configured chat template and tokenizer, facts about the base model (for disk estimates and
+architecture checks) and the disk reservation. Machinery that only some exporters share
+(the merge, reference generations) lives with them, in :mod:`sft.plugins.exporters.merging`,
+and is kept for one export run through :meth:`ExportContext.shared`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from .errors import SftError
 from .interfaces import ExportResult, Exporter, Message
+from .notices import notice
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -41,27 +42,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExportContext",
-    "MERGED_MARKER",
     "run_exporters",
     "export_run",
     "preflight_exporters",
     "preflight_before_training",
-    "replace_dir",
     "dir_size",
-    "adapter_embedding_rows",
 ]
 
-#: A merged 16-bit HF folder carries this file: which adapter and dtype it was merged from.
-MERGED_MARKER = ".sft-merged.json"
 #: Free disk kept in hand beyond the estimates (10%).
 DISK_MARGIN = 1.10
 DEFAULT_VERIFY_PROMPT = "What is the capital of France?"
-#: Models up to this size (float32 bytes) stay loaded between verifications of one export run.
-KEEP_MODEL_BYTES = 2_000_000_000
 
-
-def _say(message: str) -> None:
-    print(f"[sft] {message}", flush=True)
+T = TypeVar("T")
 
 
 def dir_size(path: str | Path) -> int:
@@ -70,24 +62,6 @@ def dir_size(path: str | Path) -> int:
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``, replacing what was there only once ``tmp`` is complete."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safetensors_params(files: Sequence[Path]) -> int:
@@ -120,16 +94,23 @@ class ExportContext:
 
     def __init__(self, run_dir: RunDir | str | Path, config: "DictConfig", pm: "PluginManager",
                  before_training: bool = False):
-        from .config import plugin_options
+        from .templating import resolve_template
 
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir.of(run_dir)
         self.config = config
         self.pm = pm
-        self.template = pm.get("chat_template", config.template.name, "template.name")
-        self.template_options = plugin_options(config, "chat_template", config.template.name, pm)
+        #: The run's chat template, configured with its ``template.<name>`` options.
+        self.template = resolve_template(config, pm)
         self.before_training = before_training
         self._cache: dict[str, Any] = {}
         self._reserved_bytes = 0
+
+    def shared(self, key: str, build: Callable[[], T]) -> T:
+        """``build()`` once per export run, then the same object: what several exporters share
+        (a merged model, reference generations) is made once and dropped by :meth:`close`."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -183,16 +164,6 @@ class ExportContext:
         """Whether training loaded the base quantized to 4 bits (QLoRA on CUDA; on CPU qlora falls back to lora)."""
         return self.config.model.method == "qlora" and self.env.cuda
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """``from_pretrained`` arguments for the base model (revision, gguf_file, trust_remote_code)."""
-        m = self.config.model
-        kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
-        if m.revision:
-            kwargs["revision"] = m.revision
-        if m.gguf_file:
-            kwargs["gguf_file"] = m.gguf_file
-        return kwargs
-
     @property
     def base_model(self) -> str:
         """Local folder or hub id of the base model (the embedded default resolves offline)."""
@@ -205,8 +176,10 @@ class ExportContext:
         if "base_config" not in self._cache:
             from transformers import AutoConfig
 
+            from .models import pretrained_kwargs
+
             try:
-                cfg = AutoConfig.from_pretrained(self.base_model, **self.model_kwargs())
+                cfg = AutoConfig.from_pretrained(self.base_model, **pretrained_kwargs(self.config.model))
             except (OSError, ValueError) as exc:
                 raise SftError(f"model.name: cannot read the config of '{self.config.model.name}': {exc}") from None
             self._cache["base_config"] = cfg.to_dict()
@@ -328,29 +301,6 @@ class ExportContext:
                     f"{self.run_dir.root}")
         return None
 
-    def merged_bytes(self) -> int:
-        """Expected size of a merged 16-bit model."""
-        return 2 * self.parameter_count()
-
-    # -- merging -------------------------------------------------------------------------------
-    def adapter_fingerprint(self) -> str:
-        """sha256 of the adapter weights and config: identifies what a merged folder was merged from."""
-        if "fingerprint" not in self._cache:
-            h = hashlib.sha256()
-            files = sorted(self.adapter_dir.glob("*.safetensors")) + sorted(self.adapter_dir.glob("*config.json"))
-            for f in files:
-                h.update(f.name.encode())
-                h.update(_sha256(f).encode())
-            self._cache["fingerprint"] = h.hexdigest()
-        return self._cache["fingerprint"]
-
-    def resolve_merge_dtype(self, dtype: str = "auto") -> str:
-        """``auto`` is the base's own 16-bit dtype, else bfloat16."""
-        if dtype != "auto":
-            return dtype
-        stored = str(self.base_config().get("dtype") or self.base_config().get("torch_dtype") or "")
-        return stored if stored in ("bfloat16", "float16") else "bfloat16"
-
     def adapter_problems(self) -> list[str]:
         """Missing adapter files (none are expected before training)."""
         if self.before_training or self.is_full_model:
@@ -362,244 +312,8 @@ class ExportContext:
             problems.append(f"{self.adapter_dir}: no adapter_model.safetensors; the run has no LoRA weights")
         return problems
 
-    def merge_problems(self) -> list[str]:
-        """Why a merged 16-bit model cannot be built here (checked in preflight)."""
-        problems = self.tokenizer_problems() + self.adapter_problems()
-        if self.is_full_model:
-            return problems
-        quant = self.base_config().get("quantization_config")
-        if quant and not self.env.cuda:
-            problems.append(f"the base model '{self.config.model.name}' is stored quantized "
-                            f"({quant.get('quant_method', 'unknown method')}); merging needs its weights "
-                            f"dequantized to 16-bit, which bitsandbytes does only on CUDA")
-        return problems
-
-    def _find_merged(self, dtype: str | None) -> Path | None:
-        cached = self._cache.get("merged_dir")
-        if cached is not None and Path(cached).is_dir():
-            if dtype is None or json.loads((Path(cached) / MERGED_MARKER).read_text())["dtype"] == dtype:
-                return Path(cached)
-        exports = self.run_dir.root / "exports"
-        for marker in (sorted(exports.glob(f"*/{MERGED_MARKER}")) if exports.is_dir() else []):
-            info = json.loads(marker.read_text())
-            if info.get("adapter") == self.adapter_fingerprint() and (dtype is None or info.get("dtype") == dtype):
-                return marker.parent
-        return None
-
-    def has_merged(self) -> bool:
-        """Whether a merged folder for this adapter already exists (so a merge costs no disk)."""
-        return self._find_merged(None) is not None
-
-    def merged_model_dir(self, dtype: str | None = None) -> Path:
-        """A merged 16-bit HF folder for this run's adapter, built once and shared.
-
-        Reuses any export folder whose marker matches the adapter (what ``merged_16bit``
-        wrote, even in an earlier ``sft export``); else merges into the context's temporary
-        folder. ``dtype`` None accepts any 16-bit dtype already merged, else ``auto``.
-        """
-        found = self._find_merged(dtype)
-        if found is not None:
-            self._cache["merged_dir"] = found
-            return found
-        resolved = self.resolve_merge_dtype(dtype or "auto")
-        out = self.tmp_dir / f"merged-{resolved}"
-        self.write_merged(out, resolved)
-        self._cache["merged_dir"] = out
-        return out
-
-    def adopt_merged(self, dest: Path, dtype: str) -> dict[str, Any]:
-        """Put a merged folder of ``dtype`` at ``dest``: moved from the temporary one, copied from an export, or merged now."""
-        source = self._find_merged(dtype)
-        if source is not None and source.resolve() == dest.resolve():
-            return {"reused": str(dest)}
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        if source is None:
-            details = self.write_merged(partial, dtype)
-        elif self.tmp_dir in source.parents:
-            source.rename(partial)
-            details = {"moved_from": str(source)}
-        else:
-            shutil.copytree(source, partial)
-            details = {"copied_from": str(source)}
-        replace_dir(partial, dest)
-        self._cache["merged_dir"] = dest
-        cached = self._cache.get("reference_model")
-        if source is not None and cached is not None and cached[0] == source:
-            self._cache["reference_model"] = (dest, cached[1])  # same weights, new place
-        return details
-
-    def load_adapted_model(self, dtype: str) -> Any:
-        """The base model in ``dtype`` (never 4-bit) with the run's adapter attached, unmerged (a ``PeftModel``).
-
-        A base stored quantized (bitsandbytes) is dequantized first, on CUDA only. For a
-        full fine-tune, the trained model itself.
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        load_dtype = getattr(torch, dtype)
-        if self.is_full_model:
-            return AutoModelForCausalLM.from_pretrained(str(self.adapter_dir), dtype=load_dtype)
-        kwargs = self.model_kwargs()
-        quantized = bool(self.base_config().get("quantization_config"))
-        if quantized and not self.env.cuda:
-            raise SftError(self.merge_problems()[-1])
-        if self.env.cuda:
-            kwargs["device_map"] = {"": 0}
-        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=load_dtype, **kwargs)
-        if quantized:
-            # What Unsloth does too: merge into the dequantized weights, never into 4-bit ones.
-            model = model.dequantize().to(load_dtype)
-        rows = adapter_embedding_rows(self.adapter_dir)
-        if rows and rows != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(rows)
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(self.adapter_dir))
-
-    def load_merged_model(self, dtype: str) -> Any:
-        """Base + adapter merged, returned in ``dtype``. On CPU the merge runs in float32 for accuracy."""
-        import torch
-
-        model = self.load_adapted_model(dtype if self.env.cuda else "float32")
-        if not self.env.cuda and self.verifying:
-            # base + adapter (unmerged, float32) on the verify prompt: the reference the merged
-            # folder is checked against, taken now rather than loading the base a second time.
-            ids = self.tokenizer(self.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                self._cache["unmerged_logits"] = (ids, model(input_ids=ids).logits[0].float())
-        if not self.is_full_model:
-            model = model.merge_and_unload()
-        return model.to(getattr(torch, dtype))
-
-    def unmerged_logits(self, ids: Any) -> Any:
-        """Logits of base + adapter (unmerged, float32) for ``ids`` (1 x n): the reference for a merge."""
-        import torch
-
-        cached = self._cache.get("unmerged_logits")
-        if cached is not None and torch.equal(cached[0], ids):
-            return cached[1]
-        model = self.load_adapted_model("float32")
-        with torch.no_grad():
-            # On CUDA the adapted model sits on the GPU; the merged reference it is compared with is on the CPU.
-            return model(input_ids=ids.to(model.device)).logits[0].float().cpu()
-
-    def merge_details(self, merged_dir: Path) -> dict[str, Any]:
-        """What a merged folder's marker says (adapter, dtype, whether training used 4 bits ...)."""
-        marker = Path(merged_dir) / MERGED_MARKER
-        return json.loads(marker.read_text()) if marker.is_file() else {}
-
-    def write_merged(self, out: Path, dtype: str) -> dict[str, Any]:
-        """Merge the adapter into a ``dtype`` base and save an HF folder (weights, tokenizer, marker) at ``out``."""
-        start = time.perf_counter()
-        partial = out.with_name(out.name + ".writing")
-        shutil.rmtree(partial, ignore_errors=True)
-        model = self.load_merged_model(dtype)
-        model.config.dtype = dtype
-        eot_id = self.tokenizer.convert_tokens_to_ids(self.eot_token)
-        eos = [t for t in dict.fromkeys([eot_id, self.tokenizer.eos_token_id]) if isinstance(t, int) and t >= 0]
-        if getattr(model, "generation_config", None) is not None and eos:
-            # So plain transformers generation stops at the template's end of turn.
-            model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
-            if self.tokenizer.pad_token_id is not None:
-                model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        model.save_pretrained(str(partial))
-        self.save_tokenizer(partial)
-        marker = {
-            "adapter": self.adapter_fingerprint(),
-            "dtype": dtype,
-            "base_model": self.config.model.name,
-            "trained_in_4bit": self.trained_in_4bit,
-            "base_was_quantized": bool(self.base_config().get("quantization_config")),
-            "merge_seconds": round(time.perf_counter() - start, 2),
-        }
-        (partial / MERGED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        del model
-        if out.exists():
-            replace_dir(partial, out)
-        else:
-            partial.rename(out)
-        return marker
-
-    # -- reference generation ------------------------------------------------------------------
-    def reference_greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
-        """Greedy tokens of the merged HF model (loaded in float32 with plain transformers) after ``prompt_ids``.
-
-        At most ``n``, ending with the first stop token: that is where llama.cpp and Ollama
-        stop, and what follows it is untrained, near-tied territory where any rounding flips
-        the argmax.
-        """
-        return self._greedy_with_logits(prompt_ids, n)[0]
-
-    def reference_gaps(self, prompt_ids: Sequence[int], n: int, tokens: Sequence[int]) -> list[float]:
-        """Per position of :meth:`reference_greedy`, the HF model's logit of its own greedy token
-        minus its logit of ``tokens[i]`` (0 where they are the same): how sure it was."""
-        reference, logits = self._greedy_with_logits(prompt_ids, n)
-        return [float(logits[i, ref] - logits[i, tok]) for i, (ref, tok) in enumerate(zip(reference, tokens))]
-
-    def _greedy_with_logits(self, prompt_ids: Sequence[int], n: int) -> tuple[list[int], Any]:
-        """:meth:`reference_greedy`'s tokens and the logits row each was chosen from (computed once)."""
-        key = ("greedy", tuple(prompt_ids), n)
-        if key in self._cache:
-            return self._cache[key]
-        import torch
-
-        model = self.merged_reference_model()
-        stops = self.stop_token_ids()
-        out: list[int] = []
-        rows = []
-        ids = torch.tensor([list(prompt_ids)], device=model.device)
-        past = None
-        with torch.no_grad():
-            for _ in range(n):
-                res = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                nxt = int(res.logits[0, -1].argmax())
-                out.append(nxt)
-                rows.append(res.logits[0, -1].float().cpu())
-                if nxt in stops:
-                    break
-                ids = torch.tensor([[nxt]], device=model.device)
-        self._cache[key] = (out, torch.stack(rows))
-        return self._cache[key]
-
-    def merged_reference_model(self) -> Any:
-        """The merged folder loaded in float32 with plain transformers: what exports are checked against.
-
-        Kept in memory for the next check when it is small (under :data:`KEEP_MODEL_BYTES`), so
-        merged_16bit's and gguf's verifications load it once.
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        path = self.merged_model_dir()
-        cached = self._cache.get("reference_model")
-        if cached is not None and cached[0] == path:
-            return cached[1]
-        device = {"device_map": {"": 0}} if self.env.cuda else {}
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **device)
-        model.eval()
-        if 4 * self.parameter_count() <= KEEP_MODEL_BYTES:
-            self._cache["reference_model"] = (path, model)
-        return model
-
-
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def adapter_embedding_rows(adapter_dir: Path) -> int | None:
-    """Rows of the embedding the adapter saved (it does when training added tokens), else None."""
-    path = adapter_dir / "adapter_model.safetensors"
-    if not path.is_file():
-        return None
-    with path.open("rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    for key, info in header.items():
-        if "embed_tokens" in key and key.endswith("weight") and "lora_" not in key:
-            return int(info["shape"][0])
-    return None
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -669,7 +383,7 @@ def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
     problems = preflight_exporters(context, names)
     for name, found in problems.items():
         for p in found:
-            _say(f"export {name}: preflight: {p}")
+            notice(f"export {name}: preflight: {p}")
     results: list[ExportResult] = []
     for name in names:
         start = time.perf_counter()
@@ -678,7 +392,7 @@ def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
         else:
             exporter = context.pm.get("exporter", name)
             options = plugin_options(context.config, "exporter", name, context.pm)
-            _say(f"export {name}: starting")
+            notice(f"export {name}: starting")
             try:
                 result = exporter.export(context, options)
                 if not isinstance(result, ExportResult):
@@ -692,7 +406,7 @@ def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
         seconds = time.perf_counter() - start
         results.append(result)
         context.run_dir.update_summary(exports={name: _result_json(result, seconds)})
-        _say(_describe(result, seconds))
+        notice(_describe(result, seconds))
     return results
 
 

@@ -97,36 +97,37 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     """Load ``(model, tokenizer, template, cfg)`` of a finished run: the base model plus the run's adapter.
 
     The tokenizer comes from ``adapter/`` (it carries the template's chat_template and any
-    added tokens); the template plugin is the one named in the run's ``config.yaml``.
+    added tokens); the template is the one the run's ``config.yaml`` configures, validated
+    like any config.
     """
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .data import load_template
+    from .config import load_config
     from .env import current_environment, quiet_known_warnings
-    from .models import resolve_model
+    from .models import pretrained_kwargs, resolve_model
     from .rundir import RunDir
+    from .templating import resolve_template
 
     run = RunDir.of(run_dir)
     if not run.config.is_file():
         raise SftError(f"{run.root}: not a run directory (no config.yaml)")
     if not run.adapter.is_dir():
         raise SftError(f"{run.root}: the run has no adapter/ yet (did training finish?)")
-    cfg = OmegaConf.load(run.config)
+    cfg = load_config(str(run.config))
     # The answer streams to the terminal; a "Loading weights" bar in front of it is noise.
     hf_logging.disable_progress_bar()
     quiet_known_warnings()
-    template = load_template(cfg)
+    template = resolve_template(cfg)
     env = current_environment()
     dtype = torch.float32 if not env.cuda else (torch.bfloat16 if env.bf16 else torch.float16)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter)
     if (run.adapter / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        kwargs = {"revision": cfg.model.revision} if cfg.model.get("revision") else {}
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=dtype, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=dtype,
+                                                    **pretrained_kwargs(cfg.model))
         if base.get_input_embeddings().num_embeddings < len(tokenizer):
             base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, run.adapter)

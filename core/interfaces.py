@@ -103,6 +103,17 @@ class ChatTemplate(Plugin):
     that wants a BOS token puts it in its text.
     """
 
+    def configure(self, options: Any) -> "ChatTemplate":
+        """This template with the run's ``template.<name>`` options applied (``options`` is an
+        instance of :attr:`options`, or None for a template without options).
+
+        One instance of each template is registered and shared, and the rendering methods take
+        no options, so a template with options returns a configured copy here. The core calls
+        this through :func:`sft.core.templating.resolve_template` wherever a run needs its
+        template: data, training, exports and generation. The default returns ``self``.
+        """
+        return self
+
     @abstractmethod
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         """Render a whole conversation into segments.
@@ -191,14 +202,30 @@ class TrainingBackend(Plugin):
     """
 
     priority: ClassVar[int] = 0
+    #: True when the trainer should compute the loss only at trained positions (the output
+    #: head then projects a few hundred hidden states, not every position). False for a
+    #: backend whose model computes its own (fused) loss inside ``forward``.
+    trained_positions_loss: ClassVar[bool] = False
+    #: True when the exporters must run in a fresh process after training, because loading
+    #: this backend patched libraries process-wide in a way plain transformers models break on.
+    exports_in_subprocess: ClassVar[bool] = False
+
+    def prepare_environment(self) -> None:
+        """Called once before the data stage and before TRL is imported (e.g. to import a
+        library whose patches must apply first). The default does nothing."""
 
     @abstractmethod
     def load(self, config: Any) -> tuple[Any, Any]:
         """Load ``(model, tokenizer)`` as ``config.model`` asks (dtype, 4-bit, max_seq_length)."""
 
     @abstractmethod
-    def prepare_for_training(self, model: Any, config: Any) -> Any:
-        """Attach LoRA (or prepare full fine-tuning) as ``config.lora``/``config.model.method`` ask; return the model."""
+    def prepare_for_training(self, model: Any, config: Any, new_token_rows: Sequence[int] = ()) -> Any:
+        """Attach LoRA (or prepare full fine-tuning) as ``config.lora``/``config.model.method`` ask; return the model.
+
+        ``new_token_rows`` are the embedding rows the core added after :meth:`load` (tokens
+        the chat template needs and the base vocabulary lacks, e.g. its end-of-turn token):
+        they start untrained, so the backend must make them trainable.
+        """
 
 
 #: The plugin kinds: kind name -> (hook name, interface, config section of its options).

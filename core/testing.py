@@ -1,7 +1,8 @@
 """The `sft` plugin test kit: pytest fixtures and helpers for testing plugins.
 
-Installed as a pytest plugin (entry point ``pytest11: sft``), so any project that installs
-``sft-forge`` gets these fixtures without a conftest::
+A pytest plugin that loads only where it is asked for, as pytest's own ``pytester`` does:
+``-p sft.core.testing`` on the command line or in ``addopts``, or
+``pytest_plugins = ["sft.core.testing"]`` in a project's top-level conftest.py. Then::
 
     from sft.core.testing import assert_exact_masking
 
@@ -188,7 +189,7 @@ def train_tiny(output_dir: str | Path, model_dir: str | Path, *overrides: str, d
     Uses the process-wide plugin manager unless ``pm`` is given, so plugins registered on the
     ``sft_plugin_manager`` fixture take part.
     """
-    from .train import run_training
+    from .run import run_training
 
     cfg = tiny_config(output_dir, model_dir, *overrides, dataset=dataset, steps=steps, pm=pm)
     return Path(run_training(cfg, pm=pm))
@@ -313,7 +314,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # The marker itself, not the keywords: a directory or a parametrize id named "gpu" is no reason to skip.
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items or os.environ.get("SFT_FORCE_GPU_TESTS"):
         return
     try:

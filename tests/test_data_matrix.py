@@ -14,7 +14,8 @@ import json
 
 import pytest
 
-from sft.core.data import build_datasets, load_template, read_rows
+from sft.core.data import build_datasets, read_rows
+from sft.core.templating import resolve_template
 from sft.core.plugins import get_plugin_manager
 
 from datakit import FIXTURES, REAL_ALPACA, REAL_SHAREGPT, assert_rows_exact, data_config, fresh_tokenizer
@@ -70,7 +71,7 @@ def test_every_format_with_every_template_trains_exactly_the_answers(format_name
     for source in sources:
         cfg = data_config(smollm2_dir, source, f"data.format={format_name}", f"template.name={template_name}", pm=PM)
         tokenizer = fresh_tokenizer(smollm2_dir)
-        template = load_template(cfg, PM)
+        template = resolve_template(cfg, PM)
         prepared = build_datasets(cfg, PM, tokenizer)
         assert prepared.stats["skipped"]["count"] == 0, prepared.stats["skipped"]
         assert prepared.stats["train_rows"] == prepared.stats["rows"]

@@ -202,12 +202,12 @@ def test_cache_key_is_stable(smollm2_dir, tmp_path):
 
 
 def test_the_backend_fast_path_tokenizes_like_the_tokenizer_call(smollm2_dir):
-    from sft.core.data import load_template
+    from sft.core.templating import resolve_template
     from sft.core.templating import encode_rendered, segments_text
 
     tokenizer = fresh_tokenizer(smollm2_dir)
     prepared = _build(smollm2_dir, FIXTURES / "sharegpt.json", tokenizer=tokenizer)
-    template = load_template(data_config(smollm2_dir, FIXTURES / "sharegpt.json"))
+    template = resolve_template(data_config(smollm2_dir, FIXTURES / "sharegpt.json"))
     rendered = [template.render(c, tokenizer) for c in prepared.train_conversations]
     fast = encode_rendered(tokenizer, rendered)
     assert [ids for ids, _ in fast] == tokenizer([segments_text(r) for r in rendered],

@@ -30,7 +30,7 @@ def build_run(run_dir: Path, model_dir: Path | str, *overrides: str, b_std: floa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft.core.config import load_config
-    from sft.core.data import prepare_tokenizer
+    from sft.core.templating import prepare_tokenizer
     from sft.core.models import resolve_model
 
     pm = make_plugin_manager()
@@ -135,7 +135,7 @@ def test_merged_4bit_refused_on_cpu_with_reason(run_dir: Path, sft_plugin_manage
 def test_gguf_f16_tiny_verified_with_metadata_and_modelfile(run_dir: Path, sft_plugin_manager) -> None:
     from transformers import AutoTokenizer
 
-    from sft.core.gguf_convert import gguf_tensor_types
+    from sft.plugins.exporters.gguf.header import gguf_tensor_types
 
     run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[f16]", "export.gguf.name=tiny")
     path = run_dir / "exports" / "gguf" / "tiny-F16.gguf"
@@ -359,13 +359,14 @@ def test_exporter_options_listed_with_choices() -> None:
 def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
     from sft.core.config import load_config
     from sft.core.export import ExportContext
+    from sft.plugins.exporters.merging import merging_for
 
     pm = make_plugin_manager()
-    context = ExportContext(run_dir, load_config(str(run_dir / "config.yaml"), pm=pm), pm)
-    assert context.resolve_merge_dtype("auto") == "bfloat16"  # the tiny base is stored in float32
-    assert context.resolve_merge_dtype("float16") == "float16"
+    merging = merging_for(ExportContext(run_dir, load_config(str(run_dir / "config.yaml"), pm=pm), pm))
+    assert merging.resolve_merge_dtype("auto") == "bfloat16"  # the tiny base is stored in float32
+    assert merging.resolve_merge_dtype("float16") == "float16"
     (run_dir / "adapter" / "adapter_config.json").unlink()
-    assert any("no adapter_config.json" in p for p in context.merge_problems())
+    assert any("no adapter_config.json" in p for p in merging.merge_problems())
 
 
 # -- acceptance on SmolLM2 (the embedded default model) -------------------------------------------
@@ -378,7 +379,7 @@ def test_smollm2_default_run_exports_lora_merged_and_verified_gguf(tmp_path: Pat
     from transformers import AutoModelForCausalLM
 
     from sft.core.config import DEFAULT_MODEL
-    from sft.core.gguf_convert import gguf_tensor_types
+    from sft.plugins.exporters.gguf.header import gguf_tensor_types
     from sft.core.testing import train_tiny
 
     run = train_tiny(tmp_path / "smol", DEFAULT_MODEL, "training.run_name=smol", "training.learning_rate=1e-3",
@@ -453,7 +454,8 @@ def test_f16_gguf_logits_match_transformers(shape: str, tmp_path: Path, tiny_mod
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.core.gguf_convert import convert_to_gguf, gguf_tensor_types
+    from sft.plugins.exporters.gguf.convert import convert_to_gguf
+    from sft.plugins.exporters.gguf.header import gguf_tensor_types
     from sft.core.testing import make_tiny_llama
 
     extra = {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 2048} if shape == "llama3-rope" else {}
@@ -481,7 +483,7 @@ def test_f16_gguf_logits_match_transformers(shape: str, tmp_path: Path, tiny_mod
 
 def test_verification_forgives_a_flip_only_at_a_near_tie() -> None:
     """The rule for f16/bf16/q8_0 (what llama.cpp did, judged against the HF logit gaps)."""
-    from sft.core.gguf_verify import judge
+    from sft.plugins.exporters.gguf.verify import judge
 
     reference = [5, 6, 7, 8]
     raw = {"prompt_ids_match": True, "tokens": [5, 9, 1, 2], "forced_tokens": [5, 9, 7, 8], "text": "", "seconds": 0}

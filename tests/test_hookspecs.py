@@ -257,10 +257,10 @@ class RecordingBackend(TrainingBackend):
         self.calls.append(f"load {config.model.name}")
         return AutoModelForCausalLM.from_pretrained(config.model.name, dtype=torch.float32), load_tokenizer(config.model)
 
-    def prepare_for_training(self, model: Any, config: Any) -> Any:
+    def prepare_for_training(self, model: Any, config: Any, new_token_rows: Any = ()) -> Any:
         from peft import LoraConfig, get_peft_model
 
-        from sft.core.backends import lora_settings
+        from sft.plugins.backends.common import lora_settings
 
         self.calls.append(f"prepare r={config.lora.r}")
         settings = {k: v for k, v in lora_settings(config).items() if v is not None}

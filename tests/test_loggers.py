@@ -110,7 +110,7 @@ def _config(run_dir: Path, model_dir: Path, pm: Any):
 def logged_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> LoggedRun:
     from sft.core import plugins
     from sft.core.testing import make_plugin_manager
-    from sft.core.train import run_training
+    from sft.core.run import run_training
 
     run_dir = tmp_path_factory.mktemp("logged") / "run"
     broken = BrokenPlugin()

@@ -100,7 +100,7 @@ def test_format_x_template(fmt: str, template: str, tiny_model_dir: Path, tmp_pa
     from transformers import AutoTokenizer
 
     from sft.core import plugins
-    from sft.core.data import load_template
+    from sft.core.templating import resolve_template
 
     monkeypatch.setattr(plugins, "_manager", PM)  # the registry the parameters came from
     rows = sample_rows(fmt)
@@ -119,7 +119,7 @@ def test_format_x_template(fmt: str, template: str, tiny_model_dir: Path, tmp_pa
     assert summary.get("status", "ok") in ("ok", "completed", "finished"), summary
     # The tokenizer saved with the adapter renders with this template...
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
-    tmpl = load_template(cfg, PM)
+    tmpl = resolve_template(cfg, PM)
     assert tokenizer.chat_template == tmpl.jinja(tokenizer)
     # ... and every sample row trains exactly its answers plus the end-of-turn token.
     fmt_plugin = PM.get("dataset_format", fmt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft.core.memory import GIB, CheckpointPlan, choose_skip
+from sft.plugins.backends.memory import GIB, CheckpointPlan, choose_skip
 
 
 @pytest.mark.parametrize(

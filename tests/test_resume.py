@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from sft.core import checkpoints
     from sft.core.testing import tiny_config
-    from sft.core.train import run_training
+    from sft.core.run import run_training
 
     mode, model, out, pause_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     real_commit = checkpoints.commit_checkpoint
@@ -113,7 +113,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
 def test_resume_without_a_complete_checkpoint_says_so(tiny_model_dir, tmp_path):
     from sft.core.errors import SftError
     from sft.core.testing import make_plugin_manager, tiny_config
-    from sft.core.train import run_training
+    from sft.core.run import run_training
 
     pm = make_plugin_manager()
     (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)

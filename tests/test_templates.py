@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sft.core.config import load_config
-from sft.core.data import load_template, prepare_tokenizer
+from sft.core.templating import prepare_tokenizer, resolve_template
 from sft.core.interfaces import Message
 from sft.core.plugins import get_plugin_manager
 from sft.core.templating import as_messages, end_of_turn, segments_text
@@ -32,7 +32,7 @@ CONVERSATIONS = [
 def _prepared(name, model_dir, *overrides):
     cfg = load_config(overrides=[f"model.name={model_dir}", f"template.name={name}", *overrides], pm=PM)
     tokenizer = fresh_tokenizer(model_dir)
-    template = load_template(cfg, PM)
+    template = resolve_template(cfg, PM)
     prepare_tokenizer(tokenizer, template, cfg)
     return template, tokenizer
 
@@ -169,11 +169,11 @@ def test_missing_eot_is_added_as_one_special_token(smollm2_dir):
     tokenizer = fresh_tokenizer(smollm2_dir)
     before = len(tokenizer)
     assert len(tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"]) > 1
-    added = prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg)
+    added = prepare_tokenizer(tokenizer, resolve_template(cfg, PM), cfg)
     assert added == 1 and len(tokenizer) == before + 1
     assert tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"] == [before]
     assert tokenizer.eos_token == "<|eot_id|>"
-    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 0  # idempotent
+    assert prepare_tokenizer(tokenizer, resolve_template(cfg, PM), cfg) == 0  # idempotent
 
 
 def test_missing_eot_is_an_error_when_asked(smollm2_dir):
@@ -182,14 +182,14 @@ def test_missing_eot_is_an_error_when_asked(smollm2_dir):
     cfg = load_config(overrides=[f"model.name={smollm2_dir}", "template.name=llama3",
                                  "template.on_missing_eot=error"], pm=PM)
     with pytest.raises(ConfigError, match=r"template.on_missing_eot: the end-of-turn token '<\|eot_id\|>'"):
-        prepare_tokenizer(fresh_tokenizer(smollm2_dir), load_template(cfg, PM), cfg)
+        prepare_tokenizer(fresh_tokenizer(smollm2_dir), resolve_template(cfg, PM), cfg)
 
 
 def test_pad_equal_to_eos_is_replaced_by_an_existing_token(smollm2_dir):
     cfg = load_config(overrides=[f"model.name={smollm2_dir}"], pm=PM)
     tokenizer = fresh_tokenizer(smollm2_dir)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
-    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 0
+    assert prepare_tokenizer(tokenizer, resolve_template(cfg, PM), cfg) == 0
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.chat_template == PM.get("chat_template", "chatml").jinja(tokenizer)
 
@@ -199,15 +199,14 @@ def test_pad_is_added_when_no_existing_token_fits(smollm2_dir):
     tokenizer = fresh_tokenizer(smollm2_dir)
     tokenizer.unk_token = None
     before = len(tokenizer)
-    assert prepare_tokenizer(tokenizer, load_template(cfg, PM), cfg) == 1
+    assert prepare_tokenizer(tokenizer, resolve_template(cfg, PM), cfg) == 1
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == before
 
 
 # -- template options ---------------------------------------------------------------------------
-def test_template_options_are_applied_through_configure_also_from_a_saved_config(sft_plugin_manager):
+def test_template_options_are_applied_through_configure_also_from_a_saved_config(sft_plugin_manager, tmp_path):
     from dataclasses import dataclass
 
-    from omegaconf import OmegaConf
 
     from sft.core import hookimpl
     from sft.core.config import config_to_yaml, opt
@@ -235,8 +234,10 @@ def test_template_options_are_applied_through_configure_also_from_a_saved_config
 
     sft_plugin_manager.register(Plugin(), "greeter")
     cfg = load_config(overrides=["template.name=greeter", "template.greeter.greeting=Hi there."])
-    for config in (cfg, OmegaConf.create(config_to_yaml(cfg))):  # as built, and as a run's config.yaml reads back
-        template = load_template(config)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    for config in (cfg, load_config(str(saved))):  # as built, and as a run's config.yaml reads back
+        template = resolve_template(config)
         assert segments_text(template.render([Message("user", "x"), Message("assistant", "y")])) == \
             "Hi there.\nQ: x\nA: y<|im_end|>\n"
 

@@ -76,11 +76,11 @@ def test_adapter_reloads_and_generates_the_same_text(eval_run, capsys):
 def test_saved_tokenizer_carries_the_template(eval_run):
     from transformers import AutoTokenizer
 
-    from sft.core.data import load_template
+    from sft.core.templating import resolve_template
 
     tokenizer = AutoTokenizer.from_pretrained(eval_run / "adapter")
     cfg = tiny_config(eval_run, eval_run)
-    assert tokenizer.chat_template == load_template(cfg, PM).jinja(tokenizer)
+    assert tokenizer.chat_template == resolve_template(cfg, PM).jinja(tokenizer)
 
 
 def test_only_trained_tokens_get_labels_and_the_loss_is_the_standard_one(tiny_model_dir, tmp_path):
@@ -91,7 +91,7 @@ def test_only_trained_tokens_get_labels_and_the_loss_is_the_standard_one(tiny_mo
     from sft.core.data import build_datasets
     from sft.core.env import current_environment
     from sft.core.models import load_tokenizer
-    from sft.core.train import build_trainer
+    from sft.core.run import build_trainer
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, pm=PM)
     env = current_environment()

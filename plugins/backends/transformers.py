@@ -6,13 +6,13 @@ CPU), and ``model.method: qlora`` falls back to ``lora`` with a one-line notice,
 4-bit bitsandbytes kernels need CUDA.
 
 The loss is computed only at trained positions (``trained_positions_loss``), which the
-trainer in :mod:`sft.core.train` honours: the output head then projects a few hundred hidden
+trainer in :mod:`sft.core.trainer` honours: the output head then projects a few hundred hidden
 states instead of every position of the batch onto the 49k-word vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.interfaces import TrainingBackend
@@ -34,18 +34,15 @@ class TransformersBackend(TrainingBackend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from sft.core.backends import notice, resolve_dtype
+        from sft.core.backends import resolve_dtype
         from sft.core.env import current_environment
         from sft.core.errors import SftError
-        from sft.core.models import load_tokenizer, resolve_model
+        from sft.core.models import load_tokenizer, pretrained_kwargs, resolve_model
+        from sft.core.notices import notice
 
         env = current_environment()
         method = config.model.method
-        kwargs: dict[str, Any] = {"trust_remote_code": bool(config.model.trust_remote_code)}
-        if config.model.revision:
-            kwargs["revision"] = config.model.revision
-        if config.model.gguf_file:
-            kwargs["gguf_file"] = config.model.gguf_file
+        kwargs = pretrained_kwargs(config.model)
         dtype = resolve_dtype(config, env)
         if method == "qlora":
             if env.cuda:
@@ -66,19 +63,18 @@ class TransformersBackend(TrainingBackend):
         # The KV cache is useless in training, and with it transformers cannot tell packed
         # sequences apart from position_ids (they would attend to each other).
         model.config.use_cache = False
-        # Rows the data pipeline adds to the vocabulary are found against this count later.
-        model._sft_loaded_vocab = model.get_input_embeddings().num_embeddings
         torch.manual_seed(int(config.lora.random_state))
         return model, load_tokenizer(config.model)
 
-    def prepare_for_training(self, model: Any, config: Any) -> Any:
+    def prepare_for_training(self, model: Any, config: Any, new_token_rows: Sequence[int] = ()) -> Any:
         import torch
 
-        from sft.core.backends import lora_settings
         from sft.core.env import current_environment
 
+        from .common import lora_settings
+
         env = current_environment()
-        new_rows = list(range(getattr(model, "_sft_loaded_vocab", 0), model.get_input_embeddings().num_embeddings))
+        new_rows = list(new_token_rows)
         use_ckpt = config.lora.use_gradient_checkpointing
         checkpointing = use_ckpt in ("true", "unsloth") or (use_ckpt == "auto" and env.cuda)
         if config.model.method == "full":

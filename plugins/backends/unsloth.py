@@ -10,7 +10,7 @@ imports it before the trainer imports TRL so that every patch applies.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.interfaces import TrainingBackend
@@ -53,25 +53,20 @@ class UnslothBackend(TrainingBackend):
         import torch
         from unsloth import FastLanguageModel
 
-        from sft.core.models import resolve_model
+        from sft.core.models import pretrained_kwargs, resolve_model
 
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
         method = config.model.method
-        kwargs: dict[str, Any] = {}
-        if config.model.revision:
-            kwargs["revision"] = config.model.revision
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=resolve_model(config.model.name),
             max_seq_length=int(config.model.max_seq_length),
             dtype=dtype,  # None: bf16 where supported, else fp16
             load_in_4bit=method == "qlora",
             full_finetuning=method == "full",
-            trust_remote_code=bool(config.model.trust_remote_code),
             use_gradient_checkpointing=self._checkpointing(config),
             random_state=int(config.lora.random_state),
-            **kwargs,
+            **pretrained_kwargs(config.model),
         )
-        model._sft_loaded_vocab = model.get_input_embeddings().num_embeddings
         return model, tokenizer
 
     @staticmethod
@@ -79,19 +74,18 @@ class UnslothBackend(TrainingBackend):
         value = config.lora.use_gradient_checkpointing
         return {"auto": "unsloth", "unsloth": "unsloth", "true": True, "false": False}[value]
 
-    def prepare_for_training(self, model: Any, config: Any) -> Any:
+    def prepare_for_training(self, model: Any, config: Any, new_token_rows: Sequence[int] = ()) -> Any:
         if config.model.method == "full":
             return model
         from unsloth import FastLanguageModel
 
-        from sft.core.backends import lora_settings
+        from .common import lora_settings
 
         settings = lora_settings(config)
         if settings["target_modules"] == "all-linear":
             settings["target_modules"] = list(ALL_LINEAR)
         extra: dict[str, Any] = {}
-        new_rows = list(range(getattr(model, "_sft_loaded_vocab", 0), model.get_input_embeddings().num_embeddings))
-        if new_rows:
+        if new_token_rows:
             # An end-of-turn token the base model lacks was added: its embedding must train.
             extra["modules_to_save"] = ["embed_tokens", "lm_head"]
         model = FastLanguageModel.get_peft_model(
@@ -115,15 +109,16 @@ class UnslothBackend(TrainingBackend):
 def plan_checkpoint_skips(model: Any, config: Any) -> None:
     """``training.memory=auto``: let as many layers skip checkpointing as free VRAM allows.
 
-    The policy (probe, budget, choice) is :func:`sft.core.memory.plan_checkpointing`; this
+    The policy (probe, budget, choice) is :func:`.memory.plan_checkpointing`; this
     supplies Unsloth's way to mark layers (``get_peft_model(checkpoint_skip_layers=k)``'s
     ``skip_checkpointing``), undoing the previous marks first so the probe can try several k.
     """
     from unsloth.models._utils import skip_checkpointing
     from unsloth_zoo.block_swap import find_decoder_layers
 
-    from sft.core.backends import notice
-    from sft.core.memory import plan_checkpointing
+    from sft.core.notices import notice
+
+    from .memory import plan_checkpointing
 
     layers = find_decoder_layers(model)
 
@@ -135,7 +130,6 @@ def plan_checkpoint_skips(model: Any, config: Any) -> None:
     plan = plan_checkpointing(model, len(layers), int(config.training.per_device_train_batch_size),
                               int(config.model.max_seq_length), set_skip)
     _forget_probe(model)
-    model._sft_memory_plan = plan.to_json()
     notice(plan.describe())
 
 

@@ -15,10 +15,10 @@ from sft.core.errors import DataError
 from sft.core.formats import require_text
 from sft.core.interfaces import DatasetFormat, Message
 
-__all__ = ["Alpaca", "register_dataset_formats"]
+__all__ = ["AlpacaFormat", "register_dataset_formats"]
 
 
-class Alpaca(DatasetFormat):
+class AlpacaFormat(DatasetFormat):
     name = "alpaca"
     version = "1"
     description = "Alpaca: instruction, optional input, output"
@@ -40,4 +40,4 @@ class Alpaca(DatasetFormat):
 
 @hookimpl
 def register_dataset_formats(register):
-    register(Alpaca())
+    register(AlpacaFormat())

@@ -13,8 +13,9 @@ from typing import Any
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
-from sft.core.export import ExportContext, dir_size, replace_dir
+from sft.core.export import ExportContext, dir_size
 from sft.core.interfaces import ExportResult, Exporter, Message
+from sft.core.rundir import staged_dir
 
 __all__ = ["LoraExporter", "register_exporters"]
 
@@ -38,21 +39,15 @@ class LoraExporter(Exporter):
     def export(self, context: ExportContext, options: Any = None) -> ExportResult:
         start = time.perf_counter()
         final = context.output_dir(self.name)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for f in ADAPTER_FILES:
-            if (context.adapter_dir / f).is_file():
-                shutil.copy2(context.adapter_dir / f, partial / f)
-        try:
+        with staged_dir(final) as partial:
+            for f in ADAPTER_FILES:
+                if (context.adapter_dir / f).is_file():
+                    shutil.copy2(context.adapter_dir / f, partial / f)
             context.save_tokenizer(partial)
             details: dict[str, Any] = {"bytes": dir_size(partial), "template": context.template.name}
             if context.verifying:
                 # Raises before the earlier export (if any) is replaced.
                 details["verify"] = _verify(context, partial)
-            replace_dir(partial, final)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
         details["seconds"] = round(time.perf_counter() - start, 2)
         return ExportResult(self.name, ok=True, paths=[str(final)], details=details)
 

@@ -13,7 +13,6 @@ silently lose most of it.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,11 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
-from sft.core.export import ExportContext, dir_size, replace_dir
+from sft.core.export import ExportContext, dir_size
 from sft.core.interfaces import ExportResult, Exporter
+from sft.core.rundir import staged_dir
+
+from .merging import merging_for
 
 __all__ = ["Merged16Options", "Merged4Options", "Merged16Exporter", "Merged4Exporter", "register_exporters"]
 
@@ -43,11 +45,12 @@ def _verify_logits(context: ExportContext) -> dict[str, Any]:
     """The merged folder reloaded with plain transformers vs base + adapter (PEFT, unmerged), on the verify prompt."""
     import torch
 
+    merging = merging_for(context)
     ids = context.tokenizer(context.verify_prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        model = context.merged_reference_model()
+        model = merging.merged_reference_model()
         got = model(input_ids=ids.to(model.device)).logits[0].float().cpu()
-    reference = context.unmerged_logits(ids)
+    reference = merging.unmerged_logits(ids)
     diff = (got - reference).abs()
     rel = float(diff.norm() / reference.norm().clamp_min(1e-12))
     top1 = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
@@ -67,26 +70,28 @@ class Merged16Exporter(Exporter):
     options = Merged16Options
 
     def preflight(self, context: ExportContext, options: Merged16Options | None = None) -> list[str]:
-        problems = context.merge_problems()
-        if (problem := context.disk_problem(context.merged_bytes(), "the merged_16bit export")):
+        merging = merging_for(context)
+        problems = merging.merge_problems()
+        if (problem := context.disk_problem(merging.merged_bytes(), "the merged_16bit export")):
             problems.append(problem)
         return problems
 
     def export(self, context: ExportContext, options: Merged16Options | None = None) -> ExportResult:
         options = options or Merged16Options()
         start = time.perf_counter()
-        dtype = context.resolve_merge_dtype(options.dtype)
+        merging = merging_for(context)
+        dtype = merging.resolve_merge_dtype(options.dtype)
         final = context.output_dir(self.name)
         # Written elsewhere first and moved into place: an earlier merged export stays intact
         # until the new one is complete.
-        merged = context.merged_model_dir(dtype)
-        details: dict[str, Any] = {"dtype": dtype, **context.merge_details(merged)}
+        merged = merging.merged_model_dir(dtype)
+        details: dict[str, Any] = {"dtype": dtype, **merging.merge_details(merged)}
         if context.trained_in_4bit:
             details["note"] = "training used a 4-bit base (qlora); the merge reloaded the base in 16-bit"
         if context.verifying:
             # Raises before an earlier merged export (if any) is replaced.
             details["verify"] = _verify_logits(context)
-        details.update(context.adopt_merged(final, dtype))
+        details.update(merging.adopt_merged(final, dtype))
         details["bytes"] = dir_size(final)
         details["seconds"] = round(time.perf_counter() - start, 2)
         return ExportResult(self.name, ok=True, paths=[str(final)], details=details)
@@ -107,9 +112,10 @@ class Merged4Exporter(Exporter):
         return None
 
     def preflight(self, context: ExportContext, options: Merged4Options | None = None) -> list[str]:
-        problems = context.merge_problems()
+        merging = merging_for(context)
+        problems = merging.merge_problems()
         # The merged 16-bit intermediate plus the 4-bit result (about a quarter of it).
-        if (problem := context.disk_problem(context.merged_bytes() * 5 // 4, "the merged_4bit export")):
+        if (problem := context.disk_problem(merging.merged_bytes() * 5 // 4, "the merged_4bit export")):
             problems.append(problem)
         return problems
 
@@ -119,20 +125,15 @@ class Merged4Exporter(Exporter):
 
         options = options or Merged4Options()
         start = time.perf_counter()
-        merged = context.merged_model_dir()
+        merged = merging_for(context).merged_model_dir()
         compute = torch.bfloat16 if context.env.bf16 else torch.float16
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
                                    bnb_4bit_use_double_quant=options.double_quant, bnb_4bit_compute_dtype=compute)
         model = AutoModelForCausalLM.from_pretrained(str(merged), quantization_config=quant, device_map={"": 0})
         final = context.output_dir(self.name)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
+        with staged_dir(final) as partial:
             model.save_pretrained(str(partial))
             context.save_tokenizer(partial)
-            replace_dir(partial, final)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
         details = {"quant_type": options.quant_type, "double_quant": options.double_quant,
                    "bytes": dir_size(final), "seconds": round(time.perf_counter() - start, 2)}
         return ExportResult(self.name, ok=True, paths=[str(final)], details=details)

@@ -20,12 +20,12 @@ from __future__ import annotations
 from sft.core import hookimpl
 from sft.core.templating import Turn, TurnTemplate
 
-__all__ = ["Alpaca", "PREAMBLE", "register_chat_templates"]
+__all__ = ["AlpacaTemplate", "PREAMBLE", "register_chat_templates"]
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-class Alpaca(TurnTemplate):
+class AlpacaTemplate(TurnTemplate):
     name = "alpaca"
     version = "1"
     description = "Alpaca: ### Instruction: / ### Response:, ended by the tokenizer's eos"
@@ -39,4 +39,4 @@ class Alpaca(TurnTemplate):
 
 @hookimpl
 def register_chat_templates(register):
-    register(Alpaca())
+    register(AlpacaTemplate())

@@ -14,7 +14,7 @@ llama.cpp checkout, no compiler and no network:
   uses, special token ids, and the chat template.
 
 F16, BF16 and Q8_0 are quantized here with ``gguf.quants`` (numpy). K-quants go through
-llama.cpp's own quantizer (:func:`quantize_with_llama_cpp`) from an F16 file, because its
+llama.cpp's own quantizer (:func:`.llama.quantize_with_llama_cpp`) from an F16 file, because its
 per-tensor mixing policy (``*_M`` variants, fallbacks for rows that are not a multiple of
 256) is what users expect from those names.
 
@@ -24,61 +24,28 @@ before the next is read, so peak memory is one tensor, not the model.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
 import os
-import struct
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .errors import SftError
+from sft.core.errors import SftError
+
+from .quants import PYTHON_QUANTS
 
 __all__ = [
-    "PYTHON_QUANTS",
-    "LLAMA_CPP_QUANTS",
-    "ALL_QUANTS",
     "SUPPORTED_ARCHITECTURES",
-    "LLAMA_EXTRA_INSTALL",
     "architecture_problem",
     "tokenizer_problem",
     "detect_pre_tokenizer",
-    "llama_cpp_available",
-    "quant_bits",
     "convert_to_gguf",
-    "quantize_with_llama_cpp",
-    "gguf_tensor_types",
-    "read_gguf_header",
-    "quiet_native_output",
 ]
 
-#: Quant types written here in pure Python: name -> (GGMLQuantizationType name, LlamaFileType name).
-PYTHON_QUANTS: dict[str, tuple[str, str]] = {
-    "f16": ("F16", "MOSTLY_F16"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-}
-#: Quant types made by llama.cpp's quantizer from the F16 file: name -> llama_cpp ftype constant.
-LLAMA_CPP_QUANTS: dict[str, str] = {
-    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
-    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-}
-ALL_QUANTS: tuple[str, ...] = (*PYTHON_QUANTS, *LLAMA_CPP_QUANTS)
-
-#: Approximate bits per weight, for the disk preflight (llama.cpp's own figures, rounded up).
-_BITS = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q2_k": 3.4, "q3_k_m": 4.0, "q4_k_m": 5.0, "q5_k_m": 5.7, "q6_k": 6.6}
-
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-LLAMA_EXTRA_INSTALL = "pip install 'sft-forge[llama]' (llama-cpp-python==0.3.36; it builds llama.cpp from source once, about 10 minutes on 2 cores)"
 
 # llama.cpp identifies a BPE pre-tokenizer by hashing the ids of this string
 # (convert_hf_to_gguf.py, get_vocab_base_pre); the same string gives the same hash here.
@@ -97,16 +64,6 @@ _KNOWN_PRE = {
 # Llama 3's split regex; a tokenizer.json that uses it tokenizes like llama.cpp's llama-bpe
 # even when extra added tokens change the hash.
 _LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-
-
-def quant_bits(quant: str) -> float:
-    """Approximate bits per weight of ``quant`` (for size estimates)."""
-    return _BITS[quant]
-
-
-def llama_cpp_available() -> bool:
-    """Whether llama-cpp-python is importable (without importing it)."""
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def architecture_problem(config: dict[str, Any]) -> str | None:
@@ -487,138 +444,3 @@ def _write_vocab(writer: Any, tokenizer: Any, tokenizer_dir: str | Path, vocab_s
     writer.add_add_eos_token(False)
     if chat_template:
         writer.add_chat_template(chat_template)
-
-
-@contextlib.contextmanager
-def quiet_native_output() -> Iterator[Path]:
-    """Send llama.cpp's logs to a temporary file; yields its path.
-
-    llama.cpp writes from C (file descriptors 1 and 2) and, through llama-cpp-python's log
-    callback, to Python's ``sys.stderr``; both are redirected.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd, log = tempfile.mkstemp(prefix="sft-llama-", suffix=".log")
-    saved = os.dup(1), os.dup(2)
-    saved_py = sys.stdout, sys.stderr
-    text = open(fd, "w", buffering=1)  # owns fd
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = sys.stderr = text
-        yield Path(log)
-    finally:
-        sys.stdout, sys.stderr = saved_py
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-        text.close()
-
-
-# -- llama.cpp quantizer ------------------------------------------------------------------------
-def quantize_with_llama_cpp(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> dict[str, Any]:
-    """Quantize the F16 GGUF ``src`` to ``dst`` with llama.cpp's ``llama_model_quantize``, in a worker process.
-
-    Raises :class:`SftError` naming what to install when llama-cpp-python is missing.
-    Returns the quant, path, size, wall and CPU seconds and how many tensors fell back to
-    another type (rows not a multiple of the K-quant block).
-    """
-    if quant not in LLAMA_CPP_QUANTS:
-        raise SftError(f"quant '{quant}' is not made by llama.cpp's quantizer; use one of {', '.join(LLAMA_CPP_QUANTS)}")
-    if not llama_cpp_available():
-        raise SftError(f"the {quant} quant needs llama.cpp's quantizer: {LLAMA_EXTRA_INSTALL}")
-    from .llama_worker import run_in_worker
-
-    start = time.perf_counter()
-    result = run_in_worker("quantize", {"src": str(src), "dst": str(dst), "quant": quant, "threads": threads})
-    return {**result, "seconds": round(time.perf_counter() - start, 2)}
-
-
-def quantize_here(src: str, dst: str, quant: str, threads: int | None = None) -> dict[str, Any]:
-    """The quantization itself, in this process (the worker's side of :func:`quantize_with_llama_cpp`)."""
-    import ctypes
-
-    import llama_cpp
-
-    cpu = time.process_time()
-    out = Path(dst)
-    partial = out.with_name(out.name + ".partial")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_CPP_QUANTS[quant])
-    params.nthread = threads or os.cpu_count() or 1
-    # llama.cpp prints a line per tensor (and per fallback); keep it for the fallback count
-    # and for the error message.
-    with quiet_native_output() as log:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
-    output = log.read_text(errors="replace")
-    log.unlink(missing_ok=True)
-    if rc != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        raise SftError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src}:\n{output[-2000:]}")
-    os.replace(partial, out)
-    return {"quant": quant, "path": str(out), "bytes": out.stat().st_size,
-            "cpu_seconds": round(time.process_time() - cpu, 2), "fallback_tensors": output.count("falling back to")}
-
-
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(metadata, tensor types)`` of a little-endian GGUF, read straight from its header.
-
-    Metadata arrays are returned as their length (``{"array": n}``), so a 100k-token
-    vocabulary is skipped, not parsed: ``gguf.GGUFReader`` builds every array element and
-    takes seconds on one. Tensor types are ggml type names (``Q4_K``, ``Q5_0`` ...).
-    """
-    import gguf
-
-    def scalar(f: Any, vtype: int) -> Any:
-        fmt = _SCALAR_FORMATS[vtype]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-    def string(f: Any) -> str:
-        return f.read(scalar(f, 10)).decode("utf-8", errors="replace")
-
-    def skip(f: Any, vtype: int, count: int) -> None:
-        if vtype == 8:
-            for _ in range(count):
-                f.seek(scalar(f, 10), 1)
-        elif vtype == 9:
-            for _ in range(count):
-                inner, n = scalar(f, 4), scalar(f, 10)
-                skip(f, inner, n)
-        else:
-            f.seek(struct.calcsize(_SCALAR_FORMATS[vtype]) * count, 1)
-
-    metadata: dict[str, Any] = {}
-    types: dict[str, str] = {}
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SftError(f"{path}: not a GGUF file")
-        scalar(f, 4)  # version
-        n_tensors, n_kv = scalar(f, 10), scalar(f, 10)
-        for _ in range(n_kv):
-            key = string(f)
-            vtype = scalar(f, 4)
-            if vtype == 8:
-                metadata[key] = string(f)
-            elif vtype == 9:
-                inner, n = scalar(f, 4), scalar(f, 10)
-                skip(f, inner, n)
-                metadata[key] = {"array": n}
-            else:
-                metadata[key] = scalar(f, vtype)
-        for _ in range(n_tensors):
-            name = string(f)
-            n_dims = scalar(f, 4)
-            f.seek(8 * n_dims, 1)
-            types[name] = gguf.GGMLQuantizationType(scalar(f, 4)).name
-            scalar(f, 10)  # offset
-    return metadata, types
-
-
-def gguf_tensor_types(path: str | Path) -> dict[str, str]:
-    """GGUF tensor name -> ggml type name (``Q4_K``, ``Q5_0`` ...), read from the file header."""
-    return read_gguf_header(path)[1]
-

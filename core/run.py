@@ -21,16 +21,16 @@ The order matters and is what makes a run safe to interrupt or to fail late:
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends import notice, select_backend
+from .backends import select_backend
 from .errors import SftError
-from .rundir import RunDir, atomic_write_text
+from .notices import notice
+from .rundir import RunDir, atomic_write_text, staged_dir
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -218,10 +218,6 @@ def _quiet_progress_bars() -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def _say(message: str) -> None:
-    print(f"[sft] {message}", file=sys.stderr)
-
-
 def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
     from .config import plugin_options
 
@@ -230,17 +226,10 @@ def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
 
 
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
-    """Write ``adapter/`` through a temporary folder, so a crash never leaves half an adapter."""
-    tmp = run.root / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = run.root / ".adapter.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if run.adapter.exists():
-        run.adapter.rename(old)
-    tmp.rename(run.adapter)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write ``adapter/`` whole (a crash never leaves half an adapter)."""
+    with staged_dir(run.adapter) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
@@ -293,7 +282,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
                                     OmegaConf.to_container(cfg, resolve=True))
             if changed:
                 notice(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}")
-        _say(f"resuming {run.root} from {last.path.name} (step {last.step})")
+        notice(f"resuming {run.root} from {last.path.name} (step {last.step})")
     else:
         _check_fresh(run)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -301,33 +290,33 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
     env = current_environment()
     backend = select_backend(cfg, pm, env)
-    if hasattr(backend, "prepare_environment"):
-        backend.prepare_environment()
+    backend.prepare_environment()
     _quiet_progress_bars()
     if not env.cuda:
         notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
 
     # Data before weights: a bad row fails in seconds, not after the model loads.
-    from .data import build_datasets, describe_stats, load_template, prepare_tokenizer
+    from .data import build_datasets, describe_stats
     from .models import load_tokenizer
+    from .templating import resolve_template
 
     tick = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
-    template = load_template(cfg, pm)
-    prepare_tokenizer(tokenizer, template, cfg)
+    template = resolve_template(cfg, pm, tokenizer)
     data = build_datasets(cfg, pm, tokenizer)
     durations["data"] = time.perf_counter() - tick
-    _say(f"data: {describe_stats(data.stats)}")
+    notice(f"data: {describe_stats(data.stats)}")
     from .export import preflight_before_training
 
     preflight_before_training(cfg, run, pm)  # an export that cannot work stops the run before training
 
     tick = time.perf_counter()
     model, _backend_tokenizer = backend.load(cfg)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    loaded_rows = model.get_input_embeddings().num_embeddings
+    if loaded_rows < len(tokenizer):
         # The template's end-of-turn or pad token was added to the vocabulary.
         model.resize_token_embeddings(len(tokenizer))
-    model = backend.prepare_for_training(model, cfg)
+    model = backend.prepare_for_training(model, cfg, new_token_rows=range(loaded_rows, len(tokenizer)))
     durations["load"] = time.perf_counter() - tick
 
     from .interfaces import RunInfo
@@ -337,7 +326,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     hub = MetricsHub(run.root, _loggers(cfg, pm))
     callback = metrics_callback(hub)
     trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
-                            trained_positions_loss=getattr(backend, "trained_positions_loss", False),
+                            trained_positions_loss=backend.trained_positions_loss,
                             callbacks=[callback])
     name = run.root.name
     hub.start(RunInfo(name=name, run_dir=str(run.root), config=OmegaConf.to_container(cfg, resolve=True),
@@ -378,13 +367,13 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     tick = time.perf_counter()
     _save_adapter(trainer.model, tokenizer, run)
     durations["save"] = time.perf_counter() - tick
-    _say(f"adapter saved: {run.adapter}")
+    notice(f"adapter saved: {run.adapter}")
 
-    from . import metrics as metrics_module
+    from .metrics import write_loss_plot
 
-    if hasattr(metrics_module, "write_loss_plot") and run.metrics.exists():
+    if run.metrics.exists():
         try:
-            metrics_module.write_loss_plot(run.root)
+            write_loss_plot(run.root)
         except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run
             notice(f"could not write loss.png: {exc}")
 
@@ -410,7 +399,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     # The loggers finish after the exports, so their summary (console table, W&B) has the export paths.
     try:
         if list(cfg.export.enabled):
-            if getattr(backend, "exports_in_subprocess", False):
+            if backend.exports_in_subprocess:
                 _export_in_subprocess(run, list(cfg.export.enabled))
             else:
                 from .export import run_exporters

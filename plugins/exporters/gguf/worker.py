@@ -6,12 +6,14 @@ GGUF verification took 6 to 13 s there against 0.5 s in a process that never imp
 A separate process also keeps a crash in native code to one export instead of the run, and
 its logs (a line per tensor from the quantizer) out of the console.
 
-Parent side: :func:`run_in_worker`. Child side: ``python -m sft.core.llama_worker TASK
-REQUEST.json RESULT.json``, which imports llama_cpp but never torch.
+Parent side: :func:`run_in_worker`. Child side: ``python -m sft.plugins.exporters.gguf.worker
+TASK REQUEST.json RESULT.json``, which imports llama_cpp but never torch. A task is named
+``"module:function"`` and imported by the child, so this module imports none of its callers.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -20,29 +22,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import SftError
+from sft.core.errors import SftError
 
-__all__ = ["run_in_worker", "TASKS"]
+__all__ = ["run_in_worker"]
 
-
-def _quantize(request: dict[str, Any]) -> dict[str, Any]:
-    from .gguf_convert import quantize_here
-
-    return quantize_here(**request)
-
-
-def _verify(request: dict[str, Any]) -> dict[str, Any]:
-    from .gguf_verify import verify_here
-
-    return verify_here(request)
-
-
-#: Task name -> function of the request (a JSON object) returning a JSON object.
-TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"quantize": _quantize, "verify": _verify}
+WORKER_MODULE = "sft.plugins.exporters.gguf.worker"
 
 
 def run_in_worker(task: str, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run ``TASKS[task](request)`` in a child process and return its result.
+    """Run ``task`` (``"module:function"``) on ``request`` in a child process and return its result.
 
     Raises :class:`SftError` with the task's own message, or with the tail of the child's
     output when it died (a crash in llama.cpp, a timeout).
@@ -52,7 +40,7 @@ def run_in_worker(task: str, request: dict[str, Any], timeout: float | None = No
         req.write_text(json.dumps(request))
         with log.open("w") as out:
             try:
-                proc = subprocess.run([sys.executable, "-m", "sft.core.llama_worker", task, str(req), str(res)],
+                proc = subprocess.run([sys.executable, "-m", WORKER_MODULE, task, str(req), str(res)],
                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
                 code: int | str = proc.returncode
             except subprocess.TimeoutExpired:
@@ -70,7 +58,9 @@ def run_in_worker(task: str, request: dict[str, Any], timeout: float | None = No
 def main(argv: list[str]) -> int:
     task, request_path, result_path = argv
     try:
-        reply: dict[str, Any] = {"result": TASKS[task](json.loads(Path(request_path).read_text()))}
+        module, _, function = task.partition(":")
+        run: Callable[[dict[str, Any]], dict[str, Any]] = getattr(importlib.import_module(module), function)
+        reply: dict[str, Any] = {"result": run(json.loads(Path(request_path).read_text()))}
     except SftError as exc:
         reply = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent with its traceback

@@ -2,13 +2,13 @@
 
 From the merged 16-bit HF model (the one ``merged_16bit`` wrote, or a temporary merge):
 
-- ``f16``, ``bf16``, ``q8_0`` are written in pure Python (``sft.core.gguf_convert``);
+- ``f16``, ``bf16``, ``q8_0`` are written in pure Python (:mod:`.convert`);
 - ``q2_k``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``, ``q6_k`` come from llama.cpp's quantizer
   (llama-cpp-python) applied to one F16 intermediate, shared by all of them;
 - next to each ``<name>-<QUANT>.gguf`` goes ``<name>-<QUANT>.Modelfile`` for Ollama, whose
   TEMPLATE and stop lines come from the run's chat-template plugin;
 - with ``export.verify`` (default) each file is loaded in llama.cpp and its greedy tokens
-  compared with the merged HF model's (``sft.core.gguf_verify``). Without llama-cpp-python
+  compared with the merged HF model's (:mod:`.verify`). Without llama-cpp-python
   and with ``export.verify`` unset, the files are written and marked unverified (a notice
   and ``verify.skipped`` in summary.json); ``export.verify=true`` makes that an error.
 
@@ -26,27 +26,22 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from sft.core import hookimpl
-from sft.core.backends import notice
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext
-from sft.core.gguf_convert import (
-    ALL_QUANTS,
-    LLAMA_CPP_QUANTS,
-    LLAMA_EXTRA_INSTALL,
-    PYTHON_QUANTS,
-    architecture_problem,
-    convert_to_gguf,
-    gguf_tensor_types,
-    llama_cpp_available,
-    quant_bits,
-    quantize_with_llama_cpp,
-    tokenizer_problem,
-)
-from sft.core.gguf_verify import DEFAULT_TIE_MARGIN
 from sft.core.interfaces import ExportResult, Exporter
+from sft.core.notices import notice
 
-__all__ = ["GgufOptions", "GgufExporter", "modelfile_text", "register_exporters"]
+from ..merging import merging_for
+
+from .convert import architecture_problem, convert_to_gguf, detect_pre_tokenizer, tokenizer_problem
+from .header import gguf_tensor_types
+from .llama import LLAMA_EXTRA_INSTALL, llama_cpp_available, quantize_with_llama_cpp
+from .modelfile import modelfile_text
+from .quants import ALL_QUANTS, LLAMA_CPP_QUANTS, PYTHON_QUANTS, quant_bits
+from .verify import DEFAULT_TIE_MARGIN, verify_gguf
+
+__all__ = ["GgufOptions", "GgufExporter", "register_exporters"]
 
 
 @dataclass
@@ -59,25 +54,6 @@ class GgufOptions:
     verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model (at most: the comparison ends with the template's stop token, where generation ends).")
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def modelfile_text(gguf_file: str, template: Any, tokenizer: Any = None) -> str:
-    """An Ollama Modelfile for ``gguf_file`` (a path relative to the Modelfile) and the run's template."""
-    go_template = template.ollama_template(tokenizer)
-    if '"""' in go_template:
-        raise SftError(f"chat template '{template.name}': its Ollama template contains \"\"\", which a Modelfile cannot quote")
-    lines = [
-        f"# Ollama Modelfile written by sft for {gguf_file} (chat template '{template.name}').",
-        f"# ollama create <model-name> -f {Path(gguf_file).stem}.Modelfile",
-        f"FROM ./{gguf_file}",
-        f'TEMPLATE """{go_template}"""',
-    ]
-    lines += [f"PARAMETER stop {_quote(s)}" for s in template.stop_tokens(tokenizer)]
-    return "\n".join(lines) + "\n"
-
-
 class GgufExporter(Exporter):
     name = "gguf"
     version = "1"
@@ -86,7 +62,8 @@ class GgufExporter(Exporter):
 
     def preflight(self, context: ExportContext, options: GgufOptions | None = None) -> list[str]:
         options = options or GgufOptions()
-        problems = context.merge_problems()
+        merging = merging_for(context)
+        problems = merging.merge_problems()
         if not options.quants:
             problems.append("export.gguf.quants is empty; name at least one of " + ", ".join(ALL_QUANTS))
         if options.tie_margin < 0:
@@ -100,8 +77,6 @@ class GgufExporter(Exporter):
         elif (tok := tokenizer_problem(context.tokenizer_dir)):
             problems.append(tok)
         elif not problems:
-            from sft.core.gguf_convert import detect_pre_tokenizer
-
             try:
                 detect_pre_tokenizer(context.tokenizer, context.tokenizer_dir)
             except SftError as exc:
@@ -117,8 +92,8 @@ class GgufExporter(Exporter):
         expected = sum(params * quant_bits(q) / 8 for q in options.quants)
         if k_quants and "f16" not in options.quants:
             expected += params * 2  # the F16 intermediate
-        if not context.has_merged():
-            expected += context.merged_bytes()  # the temporary merge
+        if not merging.has_merged():
+            expected += merging.merged_bytes()  # the temporary merge
         if (disk := context.disk_problem(int(expected), f"the gguf export ({', '.join(options.quants)})")):
             problems.append(disk)
         return problems
@@ -128,7 +103,8 @@ class GgufExporter(Exporter):
         start = time.perf_counter()
         out_dir = context.output_dir(self.name)
         stem = options.name or context.name
-        merged = context.merged_model_dir()
+        merging = merging_for(context)
+        merged = merging.merged_model_dir()
         quants = list(dict.fromkeys(options.quants))
         files: dict[str, Path] = {q: out_dir / f"{stem}-{q.upper()}.gguf" for q in quants}
         per_quant: dict[str, dict[str, Any]] = {}
@@ -193,16 +169,15 @@ class GgufExporter(Exporter):
 
     def _verify(self, context: ExportContext, options: GgufOptions, files: dict[str, Path],
                 per_quant: dict[str, dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
-        from sft.core.gguf_verify import verify_gguf
-
         prompt = context.verify_prompt(options.verify_prompt)
         prompt_ids = context.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reference = context.reference_greedy(prompt_ids, options.verify_tokens)
+        merging = merging_for(context)
+        reference = merging.reference_greedy(prompt_ids, options.verify_tokens)
         lines = []
         for quant, info in per_quant.items():
             try:
                 record = verify_gguf(files[quant], quant, prompt, prompt_ids, reference, threads=os.cpu_count(),
-                                     gaps_of=lambda forced: context.reference_gaps(prompt_ids, options.verify_tokens, forced),
+                                     gaps_of=lambda forced: merging.reference_gaps(prompt_ids, options.verify_tokens, forced),
                                      tie_margin=options.tie_margin)
             except SftError as exc:
                 errors[quant] = f"verification: {exc}"

@@ -24,10 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import SftError
-from .gguf_convert import LLAMA_EXTRA_INSTALL, llama_cpp_available, quiet_native_output
+from sft.core.errors import SftError
+
+from .llama import LLAMA_EXTRA_INSTALL, llama_cpp_available, quiet_native_output
+from .worker import run_in_worker
 
 __all__ = ["EXACT_QUANTS", "verify_gguf", "verify_here"]
+
+#: The worker task that runs :func:`verify_here` in a torch-free process.
+VERIFY_TASK = f"{__name__}:verify_here"
 
 #: Quants whose greedy tokens must equal the HF model's.
 EXACT_QUANTS = ("f16", "bf16", "q8_0")
@@ -69,14 +74,12 @@ def verify_gguf(
 
     The record has ``ok``, ``summary``, the tokens and texts, ``prompt_ids_match``,
     ``tokens_match``, ``prefix_match`` (leading equal tokens) and ``agreement``.
-    It runs in a worker process that never imports torch (see :mod:`sft.core.llama_worker`).
+    It runs in a worker process that never imports torch (see :mod:`.worker`).
     """
     if not llama_cpp_available():  # checked without importing it: llama.cpp stays out of this (torch) process
         raise SftError(f"GGUF verification loads the file with llama.cpp: {LLAMA_EXTRA_INSTALL}, "
                        f"or turn verification off with export.verify=false")
-    from .llama_worker import run_in_worker
-
-    raw = run_in_worker("verify", {"path": str(path), "prompt": prompt, "hf_prompt_ids": list(hf_prompt_ids),
+    raw = run_in_worker(VERIFY_TASK, {"path": str(path), "prompt": prompt, "hf_prompt_ids": list(hf_prompt_ids),
                                    "reference": list(reference), "threads": threads})
     exact = quant in EXACT_QUANTS if exact is None else exact
     return judge(raw, list(reference), exact, gaps_of, tie_margin)

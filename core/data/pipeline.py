@@ -1,0 +1,368 @@
+"""The data pipeline's stages: rows → conversations → token ids + trained-token masks.
+
+What the trainer and the CLI call:
+
+- :func:`build_datasets` returns :class:`PreparedData`: ``train``/``eval`` ``datasets.Dataset``
+  objects with ``input_ids`` and ``assistant_masks`` columns, the counts, and the
+  normalized conversations. The result is cached under a content-addressed key (:mod:`.cache`).
+- :func:`validate_data` (``sft validate``) runs the whole pipeline with the tokenizer only.
+
+Stages, all before any model loads:
+
+1. **Source** (:func:`.sources.resolve_source`): ``sft:<name>`` (a file packaged in ``core/assets``), a
+   local ``.json``/``.jsonl``/``.parquet``/``.csv`` file or a folder of them, or a Hugging Face
+   Hub dataset through ``datasets.load_dataset``. ``data.split`` may slice (``train[:100]``,
+   ``train[10%:]``).
+2. **Rows** keep where they came from (file, line, row) so every error can say so.
+3. **Format**: ``data.format`` or, with ``auto``, the one format whose ``detect`` accepts the
+   columns. Each row becomes a conversation, checked by
+   :func:`sft.core.formats.validate_conversation`. Bad rows follow ``data.on_bad_row``.
+4. **Eval split**: ``data.eval_split`` or ``data.test_size`` rows drawn with ``training.seed``.
+5. **Tokens**: the template renders segments; :func:`sft.core.templating.encode_rendered`
+   tokenizes the full text and marks the tokens of trained segments. Rows longer than
+   ``model.max_seq_length`` are truncated (counted); rows left with no trained token are bad
+   rows (counted); if every row is, that is an error whatever the policy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ConfigProblem, DataError, SftError
+from ..formats import validate_conversation
+from ..interfaces import ChatTemplate, DatasetFormat, Message
+from ..notices import notice
+from ..templating import encode_rendered, resolve_template
+from .cache import cache_key, cache_key_parts, cache_root, load_entry, store_entry
+from .readers import RowRef
+from .sources import Source, columns_of, fingerprint_split, read_split, resolve_source
+
+if TYPE_CHECKING:
+    from ..plugins import PluginManager
+
+__all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats", "validate_data"]
+
+#: Rows rendered and tokenized per batch (bounds memory, keeps the fast tokenizer's batching).
+ENCODE_BATCH = 2000
+
+
+def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str], source: str = "") -> tuple[DatasetFormat, Any]:
+    """The dataset format (and its options) for ``cfg.data.format``; ``auto`` detects it from ``columns``."""
+    from ..config import plugin_options
+    from ..plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    name = cfg.data.format
+    if name != "auto":
+        return pm.get("dataset_format", name, "data.format"), plugin_options(cfg, "dataset_format", name, pm)
+    matches = []
+    for fname, fmt in sorted(pm.registry("dataset_format").items()):
+        options = plugin_options(cfg, "dataset_format", fname, pm)
+        if fmt.detect(columns, options):
+            matches.append((fmt, options))
+    shown = ", ".join(columns[:12]) or "none"
+    if not matches:
+        available = ", ".join(sorted(pm.registry("dataset_format")))
+        raise DataError(f"data.format=auto: no dataset format recognises the columns ({shown}); "
+                        f"set data.format to one of: {available}", source=source or None)
+    if len(matches) > 1:
+        names = ", ".join(f.name for f, _ in matches)
+        raise DataError(f"data.format=auto is ambiguous: the columns ({shown}) match the formats {names}; "
+                        f"set data.format to one of them", source=source or None)
+    return matches[0]
+
+
+# -- bad rows -----------------------------------------------------------------------------
+class _BadRows:
+    """Applies ``data.on_bad_row``: raise at once (``error``) or count and keep going (``skip``)."""
+
+    def __init__(self, policy: str, max_fraction: float):
+        self.policy = policy
+        self.max_fraction = max_fraction
+        self.errors: list[DataError] = []
+        self.reasons: dict[str, int] = {}
+
+    def add(self, error: DataError) -> None:
+        if self.policy == "error":
+            raise DataError(error.message + " (set data.on_bad_row=skip to skip such rows)", source=error.source,
+                            line=error.line, row=error.row, field=error.field)
+        self.errors.append(error)
+        reason = re.sub(r"\d+", "N", f"{error.field}: {error.message}" if error.field else error.message)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def check(self, total: int) -> None:
+        if not self.errors:
+            return
+        n = len(self.errors)
+        if n >= total:
+            raise DataError(f"all {total} rows are bad; the first: {self.errors[0]}")
+        if n / total > self.max_fraction:
+            raise DataError(f"{n} of {total} rows are bad ({n / total:.1%}), more than data.max_bad_fraction="
+                            f"{self.max_fraction}; the first: {self.errors[0]}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"count": len(self.errors), "reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1])),
+                "examples": [str(e) for e in self.errors[:10]]}
+
+
+def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any,
+               bad: _BadRows) -> tuple[list[list[Message]], list[RowRef]]:
+    conversations: list[list[Message]] = []
+    kept: list[RowRef] = []
+    for row, ref in zip(rows, refs):
+        try:
+            if not isinstance(row, Mapping):
+                raise DataError(f"expected an object, got {type(row).__name__}")
+            conversation = fmt.to_conversation(row, options)
+            validate_conversation(conversation)
+        except DataError as exc:
+            bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a plugin bug on one row is still a located error
+            bad.add(DataError(f"format '{fmt.name}' failed: {type(exc).__name__}: {exc}",
+                              source=ref.source, line=ref.line, row=ref.row))
+            continue
+        conversations.append(conversation)
+        kept.append(ref)
+    return conversations, kept
+
+
+# -- tokenization -------------------------------------------------------------------------
+@dataclass
+class _Encoded:
+    input_ids: list[list[int]] = field(default_factory=list)
+    masks: list[list[int]] = field(default_factory=list)
+    conversations: list[list[Message]] = field(default_factory=list)
+    truncated: int = 0
+    fully_masked: int = 0
+
+
+def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], template: ChatTemplate,
+            tokenizer: Any, cfg: Any, bad: _BadRows) -> _Encoded:
+    out = _Encoded()
+    max_len = int(cfg.model.max_seq_length)
+    for lo in range(0, len(conversations), ENCODE_BATCH):
+        batch: list[tuple[list[Message], RowRef]] = []
+        rendered = []
+        for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
+            try:
+                rendered.append(template.render(conversation, tokenizer))
+            except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
+                detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+                bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
+                                  source=ref.source, line=ref.line, row=ref.row))
+                continue
+            batch.append((conversation, ref))
+        encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
+        for (conversation, ref), (ids, mask) in zip(batch, encoded):
+            truncated = len(ids) > max_len
+            if truncated:
+                ids, mask = ids[:max_len], mask[:max_len]
+                out.truncated += 1
+            if not any(mask):
+                out.fully_masked += 1
+                why = (f"no trained token left after truncation to model.max_seq_length={max_len}"
+                       if truncated else "no trained token (all labels masked)")
+                bad.add(DataError(why, source=ref.source, line=ref.line, row=ref.row))
+                continue
+            out.input_ids.append(ids)
+            out.masks.append(mask)
+            out.conversations.append(conversation)
+    return out
+
+
+def _to_dataset(encoded: _Encoded) -> Any:
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    # Arrow arrays straight from the lists: Dataset.from_dict would encode row by row.
+    table = pa.table({
+        "input_ids": pa.array(encoded.input_ids, type=pa.list_(pa.int32())),
+        "assistant_masks": pa.array(encoded.masks, type=pa.list_(pa.int8())),
+    })
+    return datasets.Dataset(InMemoryTable(table))
+
+
+@dataclass
+class PreparedData:
+    """What :func:`build_datasets` returns.
+
+    Attributes:
+        train: ``datasets.Dataset`` with ``input_ids`` (list[int]) and ``assistant_masks``
+            (list[int], 1 = trained token). Already truncated to ``model.max_seq_length``.
+        eval: the same for the eval split, or None.
+        stats: ``rows`` (read), ``skipped`` (``count``, ``reasons``, ``examples``),
+            ``truncated``, ``fully_masked``, ``train_rows``, ``eval_rows``, ``train_tokens``,
+            ``trained_tokens``, ``eval_tokens``, ``max_tokens``, ``format``, ``template``,
+            ``source``, ``cache`` (hit/miss/off) and ``cache_key``.
+        train_conversations / eval_conversations: the normalized conversations, row for row
+            with the datasets (lists of :class:`Message`).
+    """
+
+    train: Any
+    eval: Any
+    stats: dict[str, Any]
+    train_conversations: list[list[Message]]
+    eval_conversations: list[list[Message]]
+
+
+def _hold_out(conversations: list, refs: list, test_size: float, seed: int) -> tuple[tuple[list, list], tuple[list, list]]:
+    """Split rows into ``(train, eval)`` pairs of (conversations, refs); ``test_size`` rows drawn with ``seed``.
+
+    Both keep the source order; the same seed always holds out the same rows.
+    """
+    n_eval = _eval_count(test_size, len(conversations))
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = ([c for i, c in enumerate(conversations) if i not in held], [r for i, r in enumerate(refs) if i not in held])
+    evals = ([conversations[i] for i in sorted(held)], [refs[i] for i in sorted(held)])
+    return train, evals
+
+
+def _eval_count(test_size: float, n: int) -> int:
+    if test_size <= 0:
+        return 0
+    count = int(test_size) if test_size >= 1 else max(1, round(test_size * n))
+    if count >= n:
+        raise ConfigError([ConfigProblem("data.test_size", f"{test_size} leaves no training rows out of {n}")])
+    return count
+
+
+def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_cache: bool = True,
+                   quiet: bool = False) -> PreparedData:
+    """Load, normalize, split, render and tokenize the configured data.
+
+    Args:
+        cfg: the run config (``data``, ``template``, ``model.max_seq_length``, ``training.seed``).
+        pm: the plugin manager (None: the process-wide one).
+        tokenizer: a fast Hugging Face tokenizer. It is passed through
+            :func:`prepare_tokenizer` (idempotent), so it may be modified.
+        use_cache: read and write the content-addressed cache (``data.cache_dir``).
+        quiet: do not print the skipped-rows notice.
+
+    Raises:
+        DataError: a bad row under ``on_bad_row=error`` (naming file:line, row and field),
+            too many bad rows, every row fully masked, or an unreadable source.
+        ConfigError: a bad split, test_size or format name.
+    """
+    template = resolve_template(cfg, pm, tokenizer)
+    source = resolve_source(cfg.data.dataset)
+
+    fp, handle = fingerprint_split(source, cfg.data.split, "data.split")
+    eval_handle = eval_source = None
+    eval_spec = ""
+    if cfg.data.eval_split:
+        eval_source = source
+        eval_spec = str(cfg.data.eval_split)
+        if source.kind == "local" and Path(eval_spec).expanduser().exists():
+            eval_source, eval_spec = resolve_source(eval_spec), "train"
+        efp, eval_handle = fingerprint_split(eval_source, eval_spec, "data.eval_split")
+        fp += "|eval:" + efp
+
+    # Rows are read only on a cache miss, except that auto-detection needs a local source's columns.
+    rows: list[Any] | None = None
+    refs: list[RowRef] | None = None
+    columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
+    if cfg.data.format == "auto" and columns is None:
+        rows, refs = read_split(source, cfg.data.split, "data.split", handle)
+        columns = columns_of(rows)
+    fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe())
+
+    parts = cache_key_parts(cfg, fmt, fmt_options, template, tokenizer, fp)
+    key = cache_key(parts)
+    root = cache_root(cfg) if use_cache else None
+    if root is not None:
+        entry = load_entry(root / key)
+        if entry is not None:
+            cached = PreparedData(**entry)
+            cached.stats["source"] = source.describe()
+            _report_skipped(cached.stats, quiet)
+            return cached
+
+    if rows is None:
+        rows, refs = read_split(source, cfg.data.split, "data.split", handle)
+    bad = _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction))
+    conversations, kept = _normalize(rows, refs, fmt, fmt_options, bad)
+    total = len(rows)
+    if total == 0:
+        raise DataError("the dataset has no rows", source=source.describe())
+
+    if eval_handle is not None:
+        assert eval_source is not None
+        erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
+        eval_convs, eval_refs = _normalize(erows, erefs, fmt, fmt_options, bad)
+        total += len(erows)
+        train_convs, train_refs = conversations, kept
+    else:
+        (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
+            conversations, kept, float(cfg.data.test_size), int(cfg.training.seed))
+
+    train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
+    eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
+    if not train_enc.input_ids:
+        first = f"; the first: {bad.errors[0]}" if bad.errors else ""
+        raise DataError("no training row has a trained token: every row is fully masked or bad "
+                        f"(check template '{template.name}', data.train_on and model.max_seq_length){first}",
+                        source=source.describe())
+    bad.check(total)
+
+    stats: dict[str, Any] = {
+        "rows": total,
+        "skipped": bad.stats(),
+        "truncated": train_enc.truncated + eval_enc.truncated,
+        "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
+        "train_rows": len(train_enc.input_ids),
+        "eval_rows": len(eval_enc.input_ids),
+        "train_tokens": sum(map(len, train_enc.input_ids)),
+        "trained_tokens": sum(map(sum, train_enc.masks)),
+        "eval_tokens": sum(map(len, eval_enc.input_ids)),
+        "max_tokens": max(map(len, train_enc.input_ids + eval_enc.input_ids)),
+        "format": fmt.name,
+        "template": template.name,
+        "source": source.describe(),
+        "cache": "miss" if root is not None else "off",
+        "cache_key": key,
+    }
+    prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.input_ids else None,
+                            stats, train_enc.conversations, eval_enc.conversations)
+    _report_skipped(stats, quiet)
+    if root is not None:
+        store_entry(root / key, prepared)
+    return prepared
+
+
+def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
+    skipped = stats["skipped"]
+    if quiet or not skipped["count"]:
+        return
+    reasons = "; ".join(f"{n} × {r}" for r, n in list(skipped["reasons"].items())[:5])
+    notice(f"data: skipped {skipped['count']} of {stats['rows']} rows (data.on_bad_row=skip): {reasons}")
+    for example in skipped["examples"][:3]:
+        notice(f"  e.g. {example}")
+
+
+def describe_stats(stats: Mapping[str, Any]) -> str:
+    """One line: ``500 rows (sharegpt, template chatml) → 450 train / 50 eval; ...``."""
+    return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train / "
+            f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}, "
+            f"fully masked {stats['fully_masked']}; {stats['train_tokens']:,} train tokens, "
+            f"{stats['trained_tokens']:,} trained")
+
+
+def validate_data(cfg: Any) -> str:
+    """``sft validate``: run the whole data pipeline with the tokenizer only (never model weights).
+
+    Returns a one-line report; raises :class:`DataError` / :class:`ConfigError`.
+    """
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = build_datasets(cfg, None, tokenizer)
+    return "data OK: " + describe_stats(prepared.stats)
