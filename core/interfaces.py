@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Collection, Mapping, Sequence
 
 if TYPE_CHECKING:
     from .env import Environment
+    from .export import ExportContext
 
 __all__ = [
     "ROLES",
@@ -186,12 +187,12 @@ class ExportResult:
 class Exporter(Plugin):
     """Writes a finished run out in one format. The adapter is always on disk before any exporter runs."""
 
-    def preflight(self, context: Any, options: Any = None) -> list[str]:
+    def preflight(self, context: "ExportContext", options: Any = None) -> list[str]:
         """Problems that would make :meth:`export` fail (disk, architecture, files), found before any work."""
         return []
 
     @abstractmethod
-    def export(self, context: Any, options: Any = None) -> ExportResult:
+    def export(self, context: "ExportContext", options: Any = None) -> ExportResult:
         """Write the export under ``context.output_dir(self.name)`` and return what was written."""
 
 

