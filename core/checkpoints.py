@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import atomic_write_text
+from .rundir import atomic_write_text, swap_in
 
 __all__ = [
     "COMPLETE",
@@ -134,13 +134,7 @@ def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:
     written, root = Path(written), Path(root)
     sizes = _fsync_tree(written)
     final = root / f"checkpoint-{step}"
-    if final.exists():
-        # Rename the old one away first so that no moment has a half-deleted folder at `final`.
-        doomed = root / f"{_STAGING}old-{step}"
-        shutil.rmtree(doomed, ignore_errors=True)
-        final.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    written.rename(final)
+    swap_in(written, final)  # no moment has a half-deleted folder at `final`
     _fsync_dir(root)
     atomic_write_text(final / COMPLETE, json.dumps({"step": step, "files": sizes}, indent=1) + "\n")
     _fsync_dir(final)

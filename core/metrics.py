@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence, TextIO
 
 from .errors import SftError
 from .interfaces import Logger, RunInfo
+from .notices import notice
 
 __all__ = [
     "MetricsHub",
@@ -64,11 +65,8 @@ class MetricsHub:
             # An SftError already says how to fix it; anything else gets the generic advice.
             fix = "" if isinstance(exc, SftError) else (
                 f" Fix its options under loggers.{logger.name} or drop it from loggers.enabled.")
-            print(
-                f"[sft] logger '{logger.name}' failed in {method}() and is now disabled; training continues. "
-                f"{type(exc).__name__}: {exc}{fix}",
-                file=sys.stderr,
-            )
+            notice(f"logger '{logger.name}' failed in {method}() and is now disabled; training continues. "
+                   f"{type(exc).__name__}: {exc}{fix}")
 
     def start(self, run: RunInfo) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
@@ -23,6 +22,7 @@ from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
 from sft.core.metrics import export_paths, namespaced
+from sft.core.notices import notice
 
 __all__ = ["WandbLogger", "WandbOptions", "wandb_metrics", "redact", "register_loggers"]
 
@@ -103,8 +103,7 @@ class WandbLogger(Logger):
         self._run.define_metric("*", step_metric="train/global_step", step_sync=True)
         if watch != "false":
             if run.model is None:
-                print(f"[sft] loggers.wandb.watch={watch} ignored: the trainer did not pass the model to the loggers",
-                      file=sys.stderr)
+                notice(f"loggers.wandb.watch={watch} ignored: the trainer did not pass the model to the loggers")
             else:
                 logging_steps = int((run.config.get("training") or {}).get("logging_steps") or 1)
                 freq = options.watch_log_freq or max(100, logging_steps)
