@@ -375,7 +375,7 @@ def _describe(result: ExportResult, seconds: float) -> str:
     return line
 
 
-def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
+def _run(context: ExportContext, names: Sequence[str], pusher: Any = None) -> list[ExportResult]:
     from .config import plugin_options
 
     if not names:
@@ -407,6 +407,8 @@ def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
         results.append(result)
         context.run_dir.update_summary(exports={name: _result_json(result, seconds)})
         notice(_describe(result, seconds))
+        if pusher is not None and result.ok:
+            pusher.push(context, name, result)  # records a failure and never raises (core/hub.py)
     return results
 
 
@@ -416,9 +418,12 @@ def run_exporters(cfg: "DictConfig", run_dir: str | Path | RunDir, pm: "PluginMa
         from .plugins import get_plugin_manager
 
         pm = get_plugin_manager()
+    from .hub import start_pusher
+
     context = ExportContext(run_dir, cfg, pm)
     try:
-        return _run(context, list(cfg.export.enabled))
+        # With export.push.repo_id set, each export goes to the Hub as soon as it is written.
+        return _run(context, list(cfg.export.enabled), start_pusher(cfg, context.run_dir))
     finally:
         context.close()
 
