@@ -510,7 +510,9 @@ def failed_pushes(summary: Mapping[str, Any]) -> list[str]:
 def retry_command(run_dir: str | Path, exporters: Sequence[str], repo_id: str | None, cfg: Any = None) -> str:
     """The ``sft push`` line that finishes a failed push (``--repo`` only when config.yaml lacks it)."""
     parts = ["sft", "push", str(run_dir)] + [f"--exporter {name}" for name in exporters]
-    if repo_id and (cfg is None or cfg.export.push.repo_id != repo_id):
+    configured = str(cfg.export.push.repo_id or "") if cfg is not None else ""
+    same = configured == repo_id or ("/" not in configured and str(repo_id).split("/", 1)[-1] == configured)
+    if repo_id and not same:  # a bare name in the config resolves to the same account again
         parts.append(f"--repo {repo_id}")
     return " ".join(parts)
 

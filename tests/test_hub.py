@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hubstub import HubStub  # noqa: E402
+from hubstub import HubStub
 
-from sft.core.testing import make_plugin_manager, run_sft, tiny_overrides  # noqa: E402
+from sft.core.testing import make_plugin_manager, run_sft, tiny_overrides
 
 TOKEN = "hf_sftLoopbackToken4f9c2e7a1b"
 READ_TOKEN = "hf_sftReadOnlyToken0d3b8a"
@@ -230,10 +228,10 @@ def test_sft_run_push_to_hub_exits_1_naming_the_retry_which_then_completes(tiny_
     res = run_sft("run", *tiny_overrides(out, tiny_model_dir), "export.enabled=[lora]", "--push-to-hub", "e2e", check=False)
     assert res.exit_code == 1, res.output
     assert (out / "exports/lora/adapter_model.safetensors").is_file()  # the export is safe on disk
-    assert f"Retry with: sft push {out} --exporter lora --repo alice/e2e" in res.output
+    assert f"Retry with: sft push {out} --exporter lora\n" in res.output
     assert "repo_id: e2e" in (out / "config.yaml").read_text()
 
-    res = run_sft("push", out, "--exporter", "lora", "--repo", "alice/e2e")
+    res = run_sft("push", out, "--exporter", "lora")  # the repo comes from the run's config.yaml
     remote = hub.repos["alice/e2e-lora"].files()
     for path, data in local_files(out / "exports/lora").items():
         assert sha256(remote[path]) == sha256(data)
