@@ -129,6 +129,7 @@ class Pusher:
         self.api = HfApi(library_name="sft-forge")
         self.user: str | None = None
         self.repo_id = settings.repo_id
+        self._sha256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: weights are hashed once
 
     # -- the token --------------------------------------------------------------------------------
     def login(self) -> str:
@@ -255,7 +256,7 @@ class Pusher:
         remote = {f.path: f for f in self.api.get_paths_info(repo, [p for p, _ in files], revision=revision)}
         changed, skipped = [], []
         for path, local in files:
-            (skipped if _same(local, remote.get(path)) else changed).append((path, local))
+            (skipped if self._same(local, remote.get(path)) else changed).append((path, local))
         commit = None
         if changed:
             operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=local if isinstance(local, bytes) else str(local))
@@ -264,11 +265,31 @@ class Pusher:
             info = self.api.create_commit(repo, operations, commit_message=message, revision=revision)
             commit = info.oid
         landed = {f.path: f for f in self.api.get_paths_info(repo, [p for p, _ in files], revision=revision)}
-        wrong = [path for path, local in files if not _same(local, landed.get(path))]
+        wrong = [path for path, local in files if not self._same(local, landed.get(path))]
         if wrong:
             raise SftError(f"after the commit, {repo} does not hold the local bytes of: {', '.join(wrong)}")
         return {"commit": commit, "uploaded": [p for p, _ in changed], "skipped": [p for p, _ in skipped],
                 "bytes_uploaded": sum(_nbytes(local) for _, local in changed), "files": len(files)}
+
+    def _same(self, local: Any, remote: Any) -> bool:
+        """Whether the Hub's entry holds these bytes: sha256 for LFS files, the git blob id for small ones."""
+        import hashlib
+
+        from huggingface_hub.utils import sha
+
+        if remote is None or remote.size != _nbytes(local):
+            return False
+        if remote.lfs is not None:
+            if isinstance(local, bytes):
+                return hashlib.sha256(local).hexdigest() == remote.lfs.sha256
+            stat = Path(local).stat()
+            key = (str(local), stat.st_size, stat.st_mtime_ns)
+            if key not in self._sha256:
+                with open(local, "rb") as f:
+                    self._sha256[key] = sha.sha_fileobj(f).hex()
+            return self._sha256[key] == remote.lfs.sha256
+        data = local if isinstance(local, bytes) else Path(local).read_bytes()  # small: the Hub keeps it out of LFS
+        return sha.git_hash(data) == remote.blob_id
 
 
 # -- what goes up ---------------------------------------------------------------------------------
@@ -303,23 +324,6 @@ def export_files(paths: Iterable[str], run_dir: RunDir | None = None) -> list[tu
 
 def _nbytes(local: Any) -> int:
     return len(local) if isinstance(local, bytes) else Path(local).stat().st_size
-
-
-def _same(local: Any, remote: Any) -> bool:
-    """Whether the Hub's entry holds these bytes: sha256 for LFS files, the git blob id for small ones."""
-    from huggingface_hub.utils import sha
-
-    if remote is None or remote.size != _nbytes(local):
-        return False
-    if remote.lfs is not None:
-        if isinstance(local, bytes):
-            import hashlib
-
-            return hashlib.sha256(local).hexdigest() == remote.lfs.sha256
-        with open(local, "rb") as f:
-            return sha.sha_fileobj(f).hex() == remote.lfs.sha256
-    data = local if isinstance(local, bytes) else Path(local).read_bytes()  # small: the Hub keeps it out of LFS
-    return sha.git_hash(data) == remote.blob_id
 
 
 def _size(n: float) -> str:
@@ -490,11 +494,16 @@ def start_pusher(cfg: "DictConfig", run_dir: RunDir) -> Pusher | None:
         notice(f"push: not pushing, {exc}; the exports are written to disk, send them later with: "
                f"{retry_command(run_dir.root, [], settings.repo_id, cfg)}")
         return None
+    _logged_in(run_dir, pusher)
+    return pusher
+
+
+def _logged_in(run_dir: RunDir, pusher: Pusher) -> None:
+    """Record the resolved repo; a login that failed earlier no longer stands."""
     hub = dict(run_dir.read_summary().get("hub") or {})
     hub.pop("error", None)
     hub["repo_id"] = pusher.repo_id
     run_dir.update_summary(hub=hub)
-    return pusher
 
 
 def failed_pushes(summary: Mapping[str, Any]) -> list[str]:
@@ -557,6 +566,7 @@ def push_run(run_dir: str | Path, exporters: Sequence[str] = (), repo_id: str | 
         export_files(exports[name]["paths"], rd)  # every file still on disk, before anything goes up
     pusher = Pusher(settings)
     pusher.login()
+    _logged_in(rd, pusher)
     context = ExportContext(rd, cfg, pm)
     records = {}
     try:

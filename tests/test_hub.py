@@ -21,6 +21,7 @@ import pytest
 
 from hubstub import HubStub
 
+from sft.core.hub import TAG
 from sft.core.testing import make_plugin_manager, run_sft, tiny_overrides
 
 TOKEN = "hf_sftLoopbackToken4f9c2e7a1b"
@@ -164,10 +165,14 @@ def test_a_repo_sft_did_not_make_needs_force_and_keeps_its_files(run_dir: Path, 
     assert "was not made by sft" in res.stderr and "--force" in res.stderr
     assert sorted(theirs.files()) == [".gitattributes", "README.md", "notes.txt"] and not theirs.commits
 
-    res = sft("push", run_dir, "--exporter", "lora", "--repo", "theirs", "--force", env=env)
+    # Forced, onto a branch of theirs (created from main).
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "theirs", "--force", "export.push.revision=sft", env=env)
     assert res.returncode == 0, res.stderr
-    assert theirs.files()["notes.txt"] == b"keep"  # sft adds and replaces, never deletes
-    assert theirs.files()["adapter_model.safetensors"] == (run_dir / "exports/lora/adapter_model.safetensors").read_bytes()
+    assert sorted(theirs.files()) == [".gitattributes", "README.md", "notes.txt"]  # main untouched
+    pushed = theirs.files("sft")
+    assert pushed["notes.txt"] == b"keep"  # sft adds and replaces, never deletes
+    assert pushed["adapter_model.safetensors"] == (run_dir / "exports/lora/adapter_model.safetensors").read_bytes()
+    assert TAG in theirs.card("sft")["tags"] and summary(run_dir)["hub"]["pushes"]["lora"]["revision"] == "sft"
 
 
 def test_a_bad_token_fails_before_training(tiny_model_dir: Path, hub: HubStub, tmp_path: Path) -> None:
