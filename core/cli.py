@@ -212,7 +212,8 @@ def _this_run_pushes(summary: dict, exporters) -> dict:
 @click.argument("overrides", nargs=-1)
 def push(run_dir: str, exporters: tuple[str, ...], repo_id: str | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Push a run's exports on disk to the Hugging Face Hub, skipping files already there: sft push RUN_DIR [--repo R]."""
-    from .hub import push_run, retry_command
+    from .export import push_run
+    from .hub import retry_command
     from .rundir import RunDir
 
     records = push_run(run_dir, list(exporters), repo_id=repo_id, force=force, overrides=list(overrides))

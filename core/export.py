@@ -44,6 +44,7 @@ __all__ = [
     "ExportContext",
     "run_exporters",
     "export_run",
+    "push_run",
     "preflight_exporters",
     "preflight_before_training",
     "dir_size",
@@ -435,12 +436,35 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
     The run's ``config.yaml`` plus ``overrides`` is validated like any config (unknown
     exporters and options get a did-you-mean); ``exporters`` replaces ``export.enabled``.
     """
+    rd = RunDir.of(run_dir)
+    if not rd.adapter.is_dir() and rd.config.is_file():
+        raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
+    cfg = _run_config(rd, overrides, pm, flags={"export.enabled": list(exporters)})
+    return run_exporters(cfg, rd, pm)
+
+
+def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager | None", flags: dict | None = None) -> "DictConfig":
+    """A finished run's ``config.yaml`` plus ``overrides``, validated like any config."""
     from .config import load_config
 
-    rd = RunDir.of(run_dir)
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
-    if not rd.adapter.is_dir():
-        raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
-    cfg = load_config(str(rd.config), overrides=list(overrides), flags={"export.enabled": list(exporters)}, pm=pm)
-    return run_exporters(cfg, rd, pm)
+    return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm)
+
+
+def push_run(run_dir: str | Path, exporters: Sequence[str] = (), repo_id: str | None = None, force: bool = False,
+             overrides: Sequence[str] = (), pm: "PluginManager | None" = None) -> dict[str, dict[str, Any]]:
+    """``sft push RUN_DIR [--exporter X] [--repo R] [--force] [key=value ...]``: the run's exports on
+    disk to the Hugging Face Hub, without exporting again (:func:`sft.core.hub.push_exports`)."""
+    from .hub import push_exports
+
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    rd = RunDir.of(run_dir)
+    context = ExportContext(rd, _run_config(rd, overrides, pm), pm)
+    try:
+        return push_exports(context, exporters, repo_id=repo_id, force=force)
+    finally:
+        context.close()

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from .notices import notice
 from .errors import SftError
 from .interfaces import ExportResult, Exporter, HubCard
+from .notices import notice
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ __all__ = [
     "PushSettings",
     "Pusher",
     "preflight_push",
-    "push_run",
+    "push_exports",
+    "start_pusher",
     "failed_pushes",
     "retry_command",
     "export_files",
@@ -526,25 +527,16 @@ def retry_command(run_dir: str | Path, exporters: Sequence[str], repo_id: str | 
     return " ".join(parts)
 
 
-def push_run(run_dir: str | Path, exporters: Sequence[str] = (), repo_id: str | None = None, force: bool = False,
-             overrides: Sequence[str] = (), pm: "PluginManager | None" = None) -> dict[str, dict[str, Any]]:
-    """``sft push RUN``: push the exports already on disk (all finished ones, or ``exporters``), without exporting.
+def push_exports(context: "ExportContext", exporters: Sequence[str] = (), repo_id: str | None = None,
+                 force: bool = False) -> dict[str, dict[str, Any]]:
+    """``sft push RUN`` (through :func:`sft.core.export.push_run`): push the exports already on disk
+    (all finished ones, or ``exporters``), without exporting.
 
     The repo is ``repo_id``, else the run's ``export.push.repo_id``, else the one its last push used.
     Files the Hub already holds are skipped, so this also resumes a push that broke off.
     Returns exporter name -> the record written to ``summary.json`` (``hub.pushes``).
     """
-    from .config import load_config
-    from .export import ExportContext
-
-    if pm is None:
-        from .plugins import get_plugin_manager
-
-        pm = get_plugin_manager()
-    rd = RunDir.of(run_dir)
-    if not rd.config.is_file():
-        raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
-    cfg = load_config(str(rd.config), overrides=list(overrides), pm=pm)
+    rd, cfg, pm = context.run_dir, context.config, context.pm
     summary = rd.read_summary()
     repo = repo_id or cfg.export.push.repo_id or (summary.get("hub") or {}).get("repo_id")
     if not repo:
@@ -567,11 +559,4 @@ def push_run(run_dir: str | Path, exporters: Sequence[str] = (), repo_id: str | 
     pusher = Pusher(settings)
     pusher.login()
     _logged_in(rd, pusher)
-    context = ExportContext(rd, cfg, pm)
-    records = {}
-    try:
-        for name in names:
-            records[name] = pusher.push(context, name, _result(name, exports[name]))
-    finally:
-        context.close()
-    return records
+    return {name: pusher.push(context, name, _result(name, exports[name])) for name in names}
