@@ -1,4 +1,4 @@
-"""Export orchestration: what every exporter shares, preflight, running, and ``sft export``.
+"""Export orchestration: what every exporter shares, preflight, running, ``sft export`` and ``sft push``.
 
 The training core calls :func:`run_exporters` once the adapter is on disk; ``sft export
 RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads the run's
@@ -10,7 +10,9 @@ RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads 
    error) and the next one still runs. Files are written under a temporary name and
    renamed when complete, so a failure never deletes or truncates earlier outputs;
 3. each result is written into ``summary.json`` (``exports.<name>``) as soon as it is
-   known, and printed.
+   known, and printed;
+4. with ``export.push.repo_id`` set, each finished export goes to the Hugging Face Hub right
+   away (:mod:`sft.core.hub`); ``sft push RUN`` (:func:`push_run`) sends what is on disk.
 
 :class:`ExportContext` is what every exporter gets: the run's paths and config, its
 configured chat template and tokenizer, facts about the base model (for disk estimates and
