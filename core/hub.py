@@ -217,6 +217,10 @@ class Pusher:
         record: dict[str, Any] = {"ok": False, "repo": repo, "url": f"{self.api.endpoint}/{repo}",
                                   "revision": self.settings.revision or "main"}
         try:
+            if not [path for _, path in export_files(result.paths, context.run_dir) if path != "README.md"]:
+                # A card-only export (the example modelcard plugin): sft writes every repo's card itself.
+                notice(f"push {name}: nothing to push (no files besides a README)")
+                return {"ok": True, "repo": None, "uploaded": [], "skipped": [], "commit": None}
             record.update(self._ensure_repo(repo))
             files = self._files(context, name, result, repo)
             record.update(self._commit(repo, name, files, context.name))
@@ -382,7 +386,8 @@ def render_card(context: "ExportContext", summary: Mapping[str, Any], repo: str,
     metadata: dict[str, Any] = {}
     for part in parts:
         metadata.update(part.metadata)
-    tags = list(dict.fromkeys([TAG, method, template, *(t for part in parts for t in part.tags)]))
+    method_tag = "full-fine-tuning" if method == "full" else method
+    tags = list(dict.fromkeys([TAG, method_tag, template, *(t for part in parts for t in part.tags)]))
     data = ModelCardData(
         base_model=base,
         library_name=next((p.library_name for p in parts if p.library_name), None),
