@@ -59,7 +59,7 @@ def _config_args(func: Callable) -> Callable:
     return func
 
 
-def _load_config(args, model, dataset, format_, template, exporters, loggers, output):
+def _load_config(args, model, dataset, format_, template, exporters, loggers, output, push_to_hub=None):
     from .config import load_config
 
     path = None
@@ -81,6 +81,7 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
             "export.enabled": list(exporters) if exporters else None,
             "loggers.enabled": list(loggers) if loggers else None,
             "training.output_dir": output,
+            "export.push.repo_id": push_to_hub,
         }.items()
         if value is not None
     }
@@ -91,6 +92,8 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
 @_config_args
 @click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in the run directory.")
 @click.option("--dry-run", is_flag=True, help="Validate and preview the data (tokenizer only), then stop.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO",
+              help="Push each export to this Hugging Face Hub repo (export.push.repo_id); token from HF_TOKEN.")
 def run(resume: bool, dry_run: bool, **kwargs) -> None:
     """Train: sft run [CONFIG.yaml] [key=value ...]. With no arguments, runs the embedded default."""
     args = kwargs["args"]
@@ -110,14 +113,27 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
     from .run import run_training
 
     run_dir = run_training(cfg, resume=resume)
-    exports = RunDir.of(run_dir).read_summary().get("exports") or {}
+    summary = RunDir.of(run_dir).read_summary()
+    exports = summary.get("exports") or {}
     failed = sorted(name for name, result in exports.items() if not result.get("ok"))
     if failed:
         # The trained run is safe on disk; a pipeline must still see that an artifact it asked for is missing.
         again = " ".join(f"--exporter {name}" for name in failed)
         click.echo(f"[sft] training finished, but {', '.join(failed)} failed (see above); "
                    f"fix it and retry with: sft export {run_dir} {again}", err=True)
+    if _report_failed_pushes(run_dir, summary, cfg) or failed:
         sys.exit(1)
+
+
+def _report_failed_pushes(run_dir, summary, cfg) -> bool:
+    from .hub import failed_pushes, retry_command
+
+    failed = failed_pushes(summary)
+    if failed:
+        command = retry_command(run_dir, failed, (summary.get("hub") or {}).get("repo_id"), cfg)
+        click.echo(f"[sft] pushing {', '.join(failed)} to the Hub failed (see above); the exports are on disk. "
+                   f"Retry with: {command}", err=True)
+    return bool(failed)
 
 
 @cli.command()
@@ -173,7 +189,39 @@ def export_cmd(run_dir: str, exporters: tuple[str, ...], overrides: tuple[str, .
     from .export import export_run
 
     results = export_run(run_dir, list(exporters), list(overrides))
-    if not all(r.ok for r in results):
+    from .rundir import RunDir
+
+    summary = RunDir.of(run_dir).read_summary()
+    pushes_failed = _report_failed_pushes(run_dir, {**summary, "hub": _this_run_pushes(summary, exporters)}, None)
+    if not all(r.ok for r in results) or pushes_failed:
+        sys.exit(1)
+
+
+def _this_run_pushes(summary: dict, exporters) -> dict:
+    """The summary's hub record narrowed to ``exporters`` (an earlier push of another one is not this command's)."""
+    hub = dict(summary.get("hub") or {})
+    hub["pushes"] = {n: r for n, r in (hub.get("pushes") or {}).items() if n in exporters}
+    return hub
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--exporter", "exporters", multiple=True, help="Push only this export; repeatable (default: every finished one).")
+@click.option("--repo", "repo_id", metavar="REPO", help="Hub repo (export.push.repo_id; default: the run's, else its last push's).")
+@click.option("--force", is_flag=True, help="Push into an existing repo that sft did not create.")
+@click.argument("overrides", nargs=-1)
+def push(run_dir: str, exporters: tuple[str, ...], repo_id: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+    """Push a run's exports on disk to the Hugging Face Hub, skipping files already there: sft push RUN_DIR [--repo R]."""
+    from .export import push_run
+    from .hub import retry_command
+    from .rundir import RunDir
+
+    records = push_run(run_dir, list(exporters), repo_id=repo_id, force=force, overrides=list(overrides))
+    failed = [name for name, record in records.items() if not record["ok"]]
+    if failed:
+        repo = (RunDir.of(run_dir).read_summary().get("hub") or {}).get("repo_id")
+        click.echo(f"[sft] pushing {', '.join(failed)} failed (see above); the exports are on disk. Retry with: "
+                   f"{retry_command(run_dir, failed, repo)}", err=True)
         sys.exit(1)
 
 

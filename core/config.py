@@ -132,9 +132,20 @@ class LoggersConfig:
 
 
 @dataclass
+class PushConfig:
+    repo_id: Optional[str] = opt(None, "Push every export to the Hugging Face Hub as soon as it is written: owner/name, or name for your own account. Each exporter gets its own repo named after this one (merged_16bit: the name itself, lora: -lora, gguf: -GGUF; see docs/hub.md). null: push nothing. The token comes from HF_TOKEN or `hf auth login`, never from the config.")
+    private: bool = opt(True, "Create the repos private. A repo that already exists keeps its visibility.")
+    revision: Optional[str] = opt(None, "Branch to push to, created from main when missing. null: main.")
+    commit_message: Optional[str] = opt(None, "Commit message. null: 'Upload <exporter> export of <run name> (sft)'.")
+    force: bool = opt(False, "Push into a repo that exists and was not made by sft (its model card lacks the sft-forge tag). sft never deletes files on the Hub; it adds or replaces its own.")
+    base_model: Optional[str] = opt(None, "Hub id of the base model, for the model card's base_model when model.name is a local folder. null: model.name when it is a Hub id.")
+
+
+@dataclass
 class ExportConfig:
     enabled: List[str] = opt(["lora"], "Exporter plugins to run after training, in order.")
     verify: Optional[bool] = opt(None, "Check each export works (for GGUF: load it in llama.cpp and compare greedy tokens). null (default): check whatever can be checked here; a GGUF is written unverified, with a notice, when llama-cpp-python is not installed. true: require every check. false: none.")
+    push: PushConfig = field(default_factory=PushConfig)
 
 
 @dataclass

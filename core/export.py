@@ -1,4 +1,4 @@
-"""Export orchestration: what every exporter shares, preflight, running, and ``sft export``.
+"""Export orchestration: what every exporter shares, preflight, running, ``sft export`` and ``sft push``.
 
 The training core calls :func:`run_exporters` once the adapter is on disk; ``sft export
 RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads the run's
@@ -10,7 +10,9 @@ RUN_DIR --exporter X [key=value ...]`` calls :func:`export_run`, which re-reads 
    error) and the next one still runs. Files are written under a temporary name and
    renamed when complete, so a failure never deletes or truncates earlier outputs;
 3. each result is written into ``summary.json`` (``exports.<name>``) as soon as it is
-   known, and printed.
+   known, and printed;
+4. with ``export.push.repo_id`` set, each finished export goes to the Hugging Face Hub right
+   away (:mod:`sft.core.hub`); ``sft push RUN`` (:func:`push_run`) sends what is on disk.
 
 :class:`ExportContext` is what every exporter gets: the run's paths and config, its
 configured chat template and tokenizer, facts about the base model (for disk estimates and
@@ -44,6 +46,7 @@ __all__ = [
     "ExportContext",
     "run_exporters",
     "export_run",
+    "push_run",
     "preflight_exporters",
     "preflight_before_training",
     "dir_size",
@@ -375,7 +378,7 @@ def _describe(result: ExportResult, seconds: float) -> str:
     return line
 
 
-def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
+def _run(context: ExportContext, names: Sequence[str], pusher: Any = None) -> list[ExportResult]:
     from .config import plugin_options
 
     if not names:
@@ -407,6 +410,8 @@ def _run(context: ExportContext, names: Sequence[str]) -> list[ExportResult]:
         results.append(result)
         context.run_dir.update_summary(exports={name: _result_json(result, seconds)})
         notice(_describe(result, seconds))
+        if pusher is not None and result.ok:
+            pusher.push(context, name, result)  # records a failure and never raises (core/hub.py)
     return results
 
 
@@ -416,9 +421,12 @@ def run_exporters(cfg: "DictConfig", run_dir: str | Path | RunDir, pm: "PluginMa
         from .plugins import get_plugin_manager
 
         pm = get_plugin_manager()
+    from .hub import start_pusher
+
     context = ExportContext(run_dir, cfg, pm)
     try:
-        return _run(context, list(cfg.export.enabled))
+        # With export.push.repo_id set, each export goes to the Hub as soon as it is written.
+        return _run(context, list(cfg.export.enabled), start_pusher(cfg, context.run_dir))
     finally:
         context.close()
 
@@ -430,12 +438,35 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
     The run's ``config.yaml`` plus ``overrides`` is validated like any config (unknown
     exporters and options get a did-you-mean); ``exporters`` replaces ``export.enabled``.
     """
+    rd = RunDir.of(run_dir)
+    if not rd.adapter.is_dir() and rd.config.is_file():
+        raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
+    cfg = _run_config(rd, overrides, pm, flags={"export.enabled": list(exporters)})
+    return run_exporters(cfg, rd, pm)
+
+
+def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager | None", flags: dict | None = None) -> "DictConfig":
+    """A finished run's ``config.yaml`` plus ``overrides``, validated like any config."""
     from .config import load_config
 
-    rd = RunDir.of(run_dir)
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
-    if not rd.adapter.is_dir():
-        raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
-    cfg = load_config(str(rd.config), overrides=list(overrides), flags={"export.enabled": list(exporters)}, pm=pm)
-    return run_exporters(cfg, rd, pm)
+    return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm)
+
+
+def push_run(run_dir: str | Path, exporters: Sequence[str] = (), repo_id: str | None = None, force: bool = False,
+             overrides: Sequence[str] = (), pm: "PluginManager | None" = None) -> dict[str, dict[str, Any]]:
+    """``sft push RUN_DIR [--exporter X] [--repo R] [--force] [key=value ...]``: the run's exports on
+    disk to the Hugging Face Hub, without exporting again (:func:`sft.core.hub.push_exports`)."""
+    from .hub import push_exports
+
+    if pm is None:
+        from .plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    rd = RunDir.of(run_dir)
+    context = ExportContext(rd, _run_config(rd, overrides, pm), pm)
+    try:
+        return push_exports(context, exporters, repo_id=repo_id, force=force)
+    finally:
+        context.close()

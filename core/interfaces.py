@@ -32,6 +32,7 @@ __all__ = [
     "RunInfo",
     "Exporter",
     "ExportResult",
+    "HubCard",
     "TrainingBackend",
     "KINDS",
 ]
@@ -184,8 +185,30 @@ class ExportResult:
     error: str | None = None
 
 
+@dataclass
+class HubCard:
+    """What one export adds to the model card of the Hub repo it is pushed to (``export.push``, docs/hub.md)."""
+
+    #: The card's ``library_name`` (``peft``, ``transformers``, ``gguf`` ...).
+    library_name: str | None = None
+    #: Hub tags added to the run's own (``sft-forge``, the template, the method).
+    tags: list[str] = field(default_factory=list)
+    #: Further front-matter keys (``quantized_by`` ...).
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: Markdown: how to use these files once downloaded from the repo.
+    usage: str = ""
+
+
 class Exporter(Plugin):
     """Writes a finished run out in one format. The adapter is always on disk before any exporter runs."""
+
+    #: With ``export.push.repo_id`` set to R, this exporter's files go to the Hub repo ``R + hub_suffix``
+    #: (``""``: R itself). None means ``"-<name>"``.
+    hub_suffix: ClassVar[str | None] = None
+
+    def hub_card(self, context: "ExportContext", result: ExportResult, repo_id: str, user: str) -> HubCard:
+        """What the model card of ``repo_id`` says about ``result`` (pushed there by Hub user ``user``)."""
+        return HubCard()
 
     def preflight(self, context: "ExportContext", options: Any = None) -> list[str]:
         """Problems that would make :meth:`export` fail (disk, architecture, files), found before any work."""

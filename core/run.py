@@ -267,6 +267,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         from .plugins import get_plugin_manager
 
         pm = get_plugin_manager()
+    from .hub import preflight_push
+
+    preflight_push(cfg, pm)  # a missing or refused Hub token fails here, before the run directory exists
     started = time.perf_counter()
     durations: dict[str, float] = {}
 

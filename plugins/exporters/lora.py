@@ -14,7 +14,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.errors import SftError
 from sft.core.export import ExportContext, dir_size
-from sft.core.interfaces import ExportResult, Exporter, Message
+from sft.core.interfaces import ExportResult, Exporter, HubCard, Message
 from sft.core.rundir import staged_dir
 
 __all__ = ["LoraExporter", "register_exporters"]
@@ -26,6 +26,18 @@ class LoraExporter(Exporter):
     name = "lora"
     version = "1"
     description = "The LoRA adapter and the tokenizer with the template's chat_template (PEFT format)"
+    hub_suffix = "-lora"
+
+    def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
+        usage = "\n".join([
+            "The adapter loads onto its base model with PEFT; the tokenizer carries the chat template it was trained with.",
+            "", "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
+            '                                       return_dict=True, return_tensors="pt")',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```"])
+        return HubCard(library_name="peft", tags=["peft", "lora"], usage=usage)
 
     def preflight(self, context: ExportContext, options: Any = None) -> list[str]:
         if context.is_full_model:

@@ -21,7 +21,7 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext, dir_size
-from sft.core.interfaces import ExportResult, Exporter
+from sft.core.interfaces import ExportResult, Exporter, HubCard
 from sft.core.rundir import staged_dir
 
 from .merging import merging_for
@@ -39,6 +39,16 @@ class Merged16Options:
 class Merged4Options:
     quant_type: str = opt("nf4", "bitsandbytes 4-bit data type.", ["nf4", "fp4"])
     double_quant: bool = opt(True, "Quantize the quantization constants too (bnb_4bit_use_double_quant).")
+
+
+def _transformers_usage(repo_id: str, note: str) -> str:
+    return "\n".join([
+        note, "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
+        '                                       return_dict=True, return_tensors="pt").to(model.device)',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```"])
 
 
 def _verify_logits(context: ExportContext) -> dict[str, Any]:
@@ -68,6 +78,14 @@ class Merged16Exporter(Exporter):
     version = "1"
     description = "LoRA merged into the 16-bit base weights (HF safetensors); a 4-bit QLoRA base is reloaded in 16-bit first"
     options = Merged16Options
+    hub_suffix = ""  # the model itself: the repo named by export.push.repo_id
+
+    def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
+        dtype = result.details.get("dtype", "16-bit")
+        note = (f"The adapter merged into the base weights, saved in {dtype}; generation_config.json stops at the "
+                "chat template's end-of-turn token.")
+        return HubCard(library_name="transformers", tags=["transformers", "safetensors"],
+                       usage=_transformers_usage(repo_id, note))
 
     def preflight(self, context: ExportContext, options: Merged16Options | None = None) -> list[str]:
         merging = merging_for(context)
@@ -102,6 +120,13 @@ class Merged4Exporter(Exporter):
     version = "1"
     description = "LoRA merged in 16-bit, then quantized to bitsandbytes 4-bit (NF4) safetensors; CUDA only"
     options = Merged4Options
+    hub_suffix = "-bnb-4bit"  # Unsloth's name for bitsandbytes 4-bit repos
+
+    def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
+        quant = result.details.get("quant_type", "nf4")
+        note = f"The merged model quantized to bitsandbytes 4-bit ({quant}); loading it needs a CUDA GPU and bitsandbytes."
+        return HubCard(library_name="transformers", tags=["transformers", "4-bit", "bitsandbytes"],
+                       metadata={"quantized_by": user}, usage=_transformers_usage(repo_id, note))
 
     def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
         if not env.cuda:

@@ -29,7 +29,7 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext
-from sft.core.interfaces import ExportResult, Exporter
+from sft.core.interfaces import ExportResult, Exporter, HubCard
 from sft.core.notices import notice
 
 from ..merging import merging_for
@@ -41,7 +41,7 @@ from .modelfile import modelfile_text
 from .quants import ALL_QUANTS, LLAMA_CPP_QUANTS, PYTHON_QUANTS, quant_bits
 from .verify import DEFAULT_TIE_MARGIN, verify_gguf
 
-__all__ = ["GgufOptions", "GgufExporter", "register_exporters"]
+__all__ = ["GgufOptions", "GgufExporter", "hub_usage", "register_exporters"]
 
 
 @dataclass
@@ -59,6 +59,11 @@ class GgufExporter(Exporter):
     version = "1"
     description = "GGUF for llama.cpp/Ollama (f16, bf16, q8_0 in Python; K-quants via llama.cpp), with Modelfile and verification"
     options = GgufOptions
+    hub_suffix = "-GGUF"  # where Unsloth users look for quants
+
+    def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
+        return HubCard(library_name="gguf", tags=["gguf", "llama.cpp", "ollama"], metadata={"quantized_by": user},
+                       usage=hub_usage(repo_id, [Path(p).name for p in result.paths if p.endswith(".gguf")]))
 
     def preflight(self, context: ExportContext, options: GgufOptions | None = None) -> list[str]:
         options = options or GgufOptions()
@@ -188,6 +193,22 @@ class GgufExporter(Exporter):
                 errors[quant] = f"verification failed: {record['summary']}"
         return {"prompt": prompt, "reference": reference, "reference_text": context.tokenizer.decode(reference),
                 "summary": "; ".join(lines)}
+
+
+def hub_usage(repo_id: str, gguf_files: list[str]) -> str:
+    """The model card's llama.cpp and Ollama instructions for a repo holding ``gguf_files``."""
+    quants = [name.rsplit("-", 1)[-1][: -len(".gguf")] for name in gguf_files]
+    first, quant = (gguf_files[0], quants[0]) if gguf_files else ("model-Q8_0.gguf", "Q8_0")
+    stem = Path(first).stem
+    lines = ["| file | quant |", "|---|---|"] + [f"| `{f}` | {q} |" for f, q in zip(gguf_files, quants)]
+    lines += ["", "**llama.cpp** downloads the file itself (pick the quant after the colon):", "", "```bash",
+              f"llama-cli -hf {repo_id}:{quant}", f"llama-server -hf {repo_id}:{quant}", "```", "",
+              "**Ollama**, straight from the Hub (it reads the chat template from the GGUF):", "", "```bash",
+              f"ollama run hf.co/{repo_id}:{quant}", "```", "",
+              "or with the Modelfile next to each GGUF, which holds the exact template and stop tokens of training:",
+              "", "```bash", f"hf download {repo_id} {first} {stem}.Modelfile --local-dir .",
+              f"ollama create {stem.lower()} -f {stem}.Modelfile", f"ollama run {stem.lower()}", "```"]
+    return "\n".join(lines)
 
 
 def _write_text(path: Path, text: str) -> None:
