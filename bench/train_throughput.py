@@ -20,6 +20,21 @@ the transformers baseline:
 - ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
   process, k changed between segments (each segment: 1 warm-up step, then ``--curve-steps``).
 
+The chat workload (issue 14): ``--chat-rows`` ShareGPT conversations from
+:func:`chat_conversations` (seeded; 1-3 turns, a system prompt on 30% of the rows, ~370
+tokens each), batch 8 x ``--chat-accumulation`` 2, ``max_seq_length`` 2048, the recipe of
+the Unsloth Llama-3.1 conversational notebook:
+
+- ``chat-packed`` / ``chat-packed-auto``: ``sft run`` with ``training.packing=auto`` (which
+  packs this data) at memory=default / auto;
+- ``chat-padded`` / ``chat-padded-auto``: ``training.packing=false`` (length-grouped padding);
+- ``unsloth-notebook``: the notebook's own script on the same conversations as ChatML text,
+  TRL's SFTTrainer with ``packing=True``.
+
+For these, tokens/s counts non-pad tokens (the run's own ``tokens``, or the collated batches'
+for the raw script) and the table gives each ratio to the fixed-length rows at the same
+memory mode (``sft`` / ``sft-auto``) and to the raw notebook script.
+
 tokens/s = batch x seq_len x measured steps / their wall time, taken at each logging step
 after ``torch.cuda.synchronize()``, from the end of warm-up step ``--warmup`` on. Peak is
 ``torch.cuda.max_memory_allocated()`` over the whole subprocess (load and probe included);
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -80,6 +96,66 @@ def token_rows(tokenizer: Any, rows: int, seq_len: int) -> list[list[int]]:
     ids = tokenizer(workload_text(seq_len * 2), add_special_tokens=False)["input_ids"]
     assert len(ids) > 2 * seq_len
     return [ids[(r * 37) % (len(ids) - seq_len):][:seq_len] for r in range(rows)]
+
+
+def chat_conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` ShareGPT conversations shaped like real chat data, the same for a given ``seed``.
+
+    1 to 3 user/assistant turns (half of the rows one turn), a system prompt on 30% of the rows,
+    log-normal message lengths (user ~40 words, assistant ~150, long tails): about 370 tokens a
+    conversation with the SmolLM2 tokenizer and ChatML, a few over 2048 (truncated).
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def words(median: float, sigma: float) -> str:
+        count = max(1, min(1500, int(rng.lognormvariate(math.log(median), sigma))))
+        return " ".join(rng.choice(CHAT_WORDS) for _ in range(count)) + "."
+
+    rows = []
+    for _ in range(n):
+        convo = []
+        if rng.random() < 0.3:
+            convo.append({"from": "system", "value": words(35, 0.5)})
+        for _turn in range(rng.choices((1, 2, 3), weights=(5, 3, 2))[0]):
+            convo.append({"from": "human", "value": words(30, 0.8)})
+            convo.append({"from": "gpt", "value": words(110, 0.8)})
+        rows.append({"conversations": convo})
+    return rows
+
+
+CHAT_WORDS = tuple("""the of and to in is that it for was on are as with his they be at one have this from or had
+by word but what some we can out other were all there when up use your how said an each she which do their
+time if will way about many then them write would like so these her long make thing see him two has look more
+day could go come did number sound no most people my over know water than call first who may down side been
+now find any new work part take get place made live where after back little only round man year came show
+every good me give our under name very through just form sentence great think say help low line differ turn
+cause much mean before move right boy old too same tell does set three want air well also play small end put
+home read hand port large spell add even land here must big high such follow act why ask men change went light
+kind off need house picture try us again animal point mother world near build self earth father head stand own
+page should country found answer school grow study still learn plant cover food sun four between state keep eye
+never last let thought city tree cross farm hard start might story saw far sea draw left late run while press
+close night real life few north open seem together next white children begin got walk example ease paper group
+always music those both mark often letter until mile river car feet care second book carry took science eat
+room friend began idea fish mountain stop once base hear horse cut sure watch color face wood main enough plain
+girl usual young ready above ever red list though feel talk bird soon body dog family direct pose leave song
+measure door product black short numeral class wind question happen complete ship area half rock order fire
+south problem piece told knew pass since top whole king space heard best hour better true during hundred five
+remember step early hold west ground interest reach fast verb sing listen six table travel less morning ten
+simple several vowel toward war lay against pattern slow center love person money serve appear road map rain
+rule govern pull cold notice voice unit power town fine certain fly fall lead cry dark machine note wait plan
+figure star box noun field rest correct able pound done beauty drive stood contain front teach week final gave
+green oh quick develop ocean warm free minute strong special mind behind clear tail produce fact street inch
+multiply nothing course stay wheel full force blue object decide surface deep moon island foot system busy test
+record boat common gold possible plane stead dry wonder laugh thousand ago ran check game shape equate hot miss
+brought heat snow tire bring yes distant fill east paint language among""".split())
+
+
+def chatml_text(convo: list[dict[str, str]]) -> str:
+    """A ShareGPT conversation as ChatML text, as the Unsloth conversational notebook feeds TRL."""
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    return "".join(f"<|im_start|>{roles[m['from']]}\n{m['value']}<|im_end|>\n" for m in convo)
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -238,8 +314,14 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
             "step_seconds": clock.step_seconds(a.warmup)}
 
 
-def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
-    """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin."""
+def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> dict[str, Any]:
+    """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin.
+
+    ``packing`` None: the fixed-length workload (rows of exactly ``--seq`` tokens, batch x 1).
+    Otherwise the chat workload (:func:`chat_conversations`, batch x ``--chat-accumulation``)
+    with ``training.packing=<packing>``. tokens/s is the run's own count of non-pad tokens
+    (``metrics.jsonl``'s ``tokens``) over the measured steps.
+    """
     from sft.core import hookimpl
     from sft.core.config import load_config
     from sft.core.interfaces import Logger
@@ -248,6 +330,7 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
 
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()
+    tokens: dict[int, int] = {}
 
     class BenchClock(Logger):
         """Times each logged optimizer step (the bench's only hook into the run)."""
@@ -261,6 +344,7 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
         def log(self, step, metrics) -> None:
             if "loss" in metrics:
                 clock.tick(step)
+                tokens[int(step)] = int(metrics["tokens"])
 
         def finish(self, summary) -> None:
             pass
@@ -272,14 +356,20 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
 
     pm = get_plugin_manager()
     pm.register(Plugin(), "bench-clock")
+    chat = packing is not None
     steps = a.warmup + a.steps
-    text = workload_text(a.seq)
-    data = a.work / "sft-data.jsonl"
+    accumulation = a.chat_accumulation if chat else 1
+    data = a.work / ("sft-chat.jsonl" if chat else "sft-data.jsonl")
     with data.open("w") as f:
-        for r in range(steps * a.batch):
-            convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
-            f.write(json.dumps({"conversations": convo}) + "\n")
-    out = a.work / f"sft-run-{memory}"
+        if chat:
+            for row in chat_conversations(a.chat_rows, a.chat_seed):
+                f.write(json.dumps(row) + "\n")
+        else:
+            text = workload_text(a.seq)
+            for r in range(steps * a.batch):
+                convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
+                f.write(json.dumps({"conversations": convo}) + "\n")
+    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}"
     shutil.rmtree(out, ignore_errors=True)  # sft run refuses to overwrite a finished run
     overrides = [
         f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
@@ -287,19 +377,66 @@ def run_sft(a: argparse.Namespace, memory: str) -> dict[str, Any]:
         "lora.use_gradient_checkpointing=auto", f"lora.target_modules=[{','.join(TARGETS)}]",
         f"data.dataset={data}", "data.format=sharegpt", "data.train_on=all",
         f"training.output_dir={out}", f"training.per_device_train_batch_size={a.batch}",
-        "training.gradient_accumulation_steps=1", f"training.max_steps={steps}", "training.optim=adamw_8bit",
-        "training.learning_rate=2e-4", "training.logging_steps=1", f"training.save_steps={steps + 100}",
-        f"training.memory={memory}", "training.generation_max_new_tokens=4",
-        "loggers.enabled=[bench-clock]", "export.enabled=[]",
+        f"training.gradient_accumulation_steps={accumulation}", f"training.max_steps={steps}",
+        "training.optim=adamw_8bit", "training.learning_rate=2e-4", "training.logging_steps=1",
+        f"training.save_steps={steps + 100}", f"training.memory={memory}", "training.generation_max_new_tokens=4",
+        f"training.packing={packing or 'false'}", "loggers.enabled=[bench-clock]", "export.enabled=[]",
     ]
     cfg = load_config(None, overrides, pm=pm)
     run_training(cfg)
-    tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
     summary = json.loads((out / "summary.json").read_text())
-    if summary["tokens"] != steps * a.batch * a.seq:
+    result = {"measured_steps": a.steps, "peak_gib": peak_gib(), "versions": versions(),
+              "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"]}
+    warm, last = a.warmup, steps
+    result["tokens_per_s"] = (tokens[last] - tokens[warm]) / (clock.times[last] - clock.times[warm])
+    result["tokens_per_step"] = (tokens[last] - tokens[warm]) / (last - warm)
+    if not chat and summary["tokens"] != steps * a.batch * a.seq:
         raise RuntimeError(f"sft run trained {summary['tokens']} tokens, not {steps} x {a.batch} x {a.seq}")
-    return {"tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(), "versions": versions(),
-            "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"]}
+    return result
+
+
+def run_unsloth_notebook(a: argparse.Namespace) -> dict[str, Any]:
+    """The Unsloth Llama-3.1 conversational notebook's recipe on the chat workload: ChatML text,
+    TRL's SFTTrainer with packing=True, batch x ``--chat-accumulation``; nothing of sft's."""
+    from unsloth import FastLanguageModel  # first: Unsloth patches transformers and TRL on import
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        str(a.model_dir), max_seq_length=a.seq, load_in_4bit=True, dtype=None, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=True)
+    rows = chat_conversations(a.chat_rows, a.chat_seed)
+    dataset = Dataset.from_dict({"text": [chatml_text(r["conversations"]) for r in rows]})
+    steps = a.warmup + a.steps
+    clock = StepClock()
+    args = sft_args(str(a.work / "unsloth-notebook-out"), steps, a.batch, a.seq, True, dataset_text_field="text")
+    args.packing = True
+    args.gradient_accumulation_steps = a.chat_accumulation
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
+                         callbacks=[trainer_callback(clock)])
+    counts: list[int] = []  # non-pad tokens of each micro-batch, in the order they train
+    inner = trainer.data_collator.torch_call
+
+    def counting(examples):
+        batch = inner(examples)
+        if "attention_mask" in batch:
+            counts.append(int(batch["attention_mask"].sum()))
+        elif "packed_seq_lengths" in batch:
+            counts.append(int(batch["packed_seq_lengths"].sum()))
+        else:
+            counts.append(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator.torch_call = counting
+    trainer.train()
+    ga = a.chat_accumulation
+    measured = sum(counts[a.warmup * ga:steps * ga])
+    seconds = clock.times[steps] - clock.times[a.warmup]
+    return {"tokens_per_s": measured / seconds, "tokens_per_step": measured / a.steps, "measured_steps": a.steps,
+            "peak_gib": peak_gib(), "versions": versions(), "step_seconds": clock.step_seconds(a.warmup)}
 
 
 def versions() -> dict[str, str]:
@@ -325,6 +462,11 @@ def worker(a: argparse.Namespace) -> None:
     result = {
         "sft": lambda: run_sft(a, "default"),
         "sft-auto": lambda: run_sft(a, "auto"),
+        "chat-packed": lambda: run_sft(a, "default", "auto"),
+        "chat-packed-auto": lambda: run_sft(a, "auto", "auto"),
+        "chat-padded": lambda: run_sft(a, "default", "false"),
+        "chat-padded-auto": lambda: run_sft(a, "auto", "false"),
+        "unsloth-notebook": lambda: run_unsloth_notebook(a),
         "unsloth": lambda: run_unsloth(a),
         "hf": lambda: run_hf(a),
         "curve": lambda: run_unsloth(a, curve=[int(k) for k in a.curve.split(",")]),
@@ -363,6 +505,39 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     plan = results.get("sft-auto", {}).get("memory_plan")
     if plan:
         lines += ["", f"sft run, {plan}"]
+    if any(s in results for s in CHAT_LABELS):
+        lines += ["", chat_table(results)]
+    return "\n".join(lines)
+
+
+CHAT_LABELS = {
+    "chat-packed": ("sft run, chat data, packing=auto, memory=default", "sft"),
+    "chat-padded": ("sft run, chat data, packing=false, memory=default", "sft"),
+    "chat-packed-auto": ("sft run, chat data, packing=auto, memory=auto", "sft-auto"),
+    "chat-padded-auto": ("sft run, chat data, packing=false, memory=auto", "sft-auto"),
+    "unsloth-notebook": ("raw Unsloth notebook script (TRL packing=True, ChatML text)", "sft"),
+}
+
+
+def chat_table(results: dict[str, dict[str, Any]]) -> str:
+    """Chat workload: non-pad tokens/s, and its ratio to fixed-length rows at the same memory mode
+    (``sft`` / ``sft-auto``) and to the raw Unsloth notebook script on the same data."""
+    raw = results.get("unsloth-notebook", {}).get("tokens_per_s")
+    lines = ["| setup | non-pad tokens/s | x fixed-length (same memory) | x raw Unsloth notebook | peak GiB | "
+             "real tokens/step |", "|---|---:|---:|---:|---:|---:|"]
+    for setup in ("sft", "sft-auto", *CHAT_LABELS):
+        r = results.get(setup)
+        if r is None:
+            continue
+        label, ref_setup = CHAT_LABELS.get(setup, (LABELS.get(setup, setup) + ", fixed 8 x 2048", setup))
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} | | | | |")
+            continue
+        ref = results.get(ref_setup, {}).get("tokens_per_s")
+        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref:.3f} |"
+                     f" {r['tokens_per_s'] / raw:.2f} | {r['peak_gib']:.2f} | {r.get('tokens_per_step', 0):,.0f} |"
+                     if ref and raw else
+                     f"| {label} | {r['tokens_per_s']:,.0f} | - | - | {r['peak_gib']:.2f} | |")
     return "\n".join(lines)
 
 
@@ -378,6 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="Measured steps after warm-up.")
     p.add_argument("--curve", default="0,8,16,24,32", help="checkpoint_skip_layers values for the curve.")
     p.add_argument("--curve-steps", type=int, default=3)
+    p.add_argument("--chat-rows", type=int, default=3000, help="Conversations in the chat workload.")
+    p.add_argument("--chat-seed", type=int, default=0)
+    p.add_argument("--chat-accumulation", type=int, default=2, help="Gradient accumulation of the chat setups.")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds per setup subprocess.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -393,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--model-dir", str(a.model_dir), "--work", str(a.work), "--tokenizer", a.tokenizer,
             "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
-            "--curve", a.curve, "--curve-steps", str(a.curve_steps)]
+            "--curve", a.curve, "--curve-steps", str(a.curve_steps), "--chat-rows", str(a.chat_rows),
+            "--chat-seed", str(a.chat_seed), "--chat-accumulation", str(a.chat_accumulation)]
     if not (a.model_dir / "config.json").exists():
         subprocess.run(base + ["--worker", "create"], env=env, check=True)
     results: dict[str, dict[str, Any]] = {}
@@ -415,6 +594,9 @@ def main(argv: list[str] | None = None) -> None:
             plan = [line.split("] ", 1)[-1] for line in output.splitlines() if "memory=auto:" in line]
             if plan:
                 results[setup]["memory_plan"] = plan[-1]
+            chose = [line.split("] ", 1)[-1] for line in output.splitlines() if "training.packing:" in line]
+            if chose:
+                results[setup]["packing"] = chose[-1]
         else:
             tail = [l for l in output.splitlines() if l.strip()][-3:]
             results[setup] = {"error": (tail[-1] if tail else "no output")[:200]}

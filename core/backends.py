@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     from .interfaces import TrainingBackend
     from .plugins import PluginManager
 
-__all__ = ["select_backend", "resolve_dtype"]
+__all__ = ["select_backend", "resolve_dtype", "check_cuda_dependencies", "bitsandbytes_installed",
+           "EIGHT_BIT_OPTIMIZERS"]
+
+#: Optimizers that need bitsandbytes (and so CUDA).
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+#: How a CUDA machine gets what its default run needs (unsloth, unsloth_zoo, bitsandbytes).
+GPU_INSTALL = "pip install 'sft-forge[gpu]'"
 
 
 def select_backend(cfg: Any, pm: "PluginManager", env: "Environment") -> "TrainingBackend":
@@ -52,3 +59,29 @@ def resolve_dtype(cfg: Any, env: "Environment") -> Any:
             return torch.float32
         return torch.bfloat16 if env.bf16 else torch.float16
     return getattr(torch, name)
+
+
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_cuda_dependencies(cfg: Any, env: "Environment") -> None:
+    """Before the data stage: on CUDA, 4-bit QLoRA and 8-bit optimizers need bitsandbytes.
+
+    Without it the run would fail at model load (or at the first optimizer step), after the
+    data was built; this names the setting and the install instead. CPU runs fall back with
+    a notice elsewhere (QLoRA to LoRA, 8-bit AdamW to AdamW), so they are not checked.
+    """
+    if not env.cuda or bitsandbytes_installed():
+        return
+    problems = []
+    if cfg.model.method == "qlora":
+        problems.append(ConfigProblem("model.method", "qlora (the 4-bit base) needs bitsandbytes, which is not "
+                                      f"installed: {GPU_INSTALL}, or train model.method=lora"))
+    if cfg.training.optim in EIGHT_BIT_OPTIMIZERS:
+        problems.append(ConfigProblem("training.optim", f"{cfg.training.optim} needs bitsandbytes, which is not "
+                                      f"installed: {GPU_INSTALL}, or use training.optim=adamw_torch"))
+    if problems:
+        raise ConfigError(problems)

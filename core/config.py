@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import FloatNode
+from omegaconf.nodes import FloatNode, StringNode
 
 from .errors import ConfigError, ConfigProblem, did_you_mean
 from .interfaces import KINDS
@@ -118,7 +118,7 @@ class TrainingConfig:
     eval_steps: Optional[int] = opt(None, "Evaluate every this many steps (default: logging_steps * 10).")
     save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.")
     save_total_limit: int = opt(2, "Keep this many complete checkpoints.")
-    packing: bool = opt(False, "Pack several rows into each sequence of max_seq_length tokens.")
+    packing: str = opt("auto", "Pack several rows into each sequence of max_seq_length tokens, documents kept apart. auto: pack when rows average at most half of max_seq_length and packing still leaves 10 optimizer steps an epoch (the run log says what it chose). Unpacked rows are padded in length-grouped batches.", ["auto", "true", "false"])
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; None follows model.dtype.")
     fp16: Optional[bool] = opt(None, "fp16 mixed precision; None follows model.dtype.")
     memory: str = opt("default", "default: Unsloth's offloaded gradient checkpointing. auto: checkpoint only as many layers as free VRAM requires (CUDA).", ["default", "auto"])
@@ -283,6 +283,8 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
             continue
         if isinstance(child, FloatNode) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # `num_train_epochs=3` is a float field given as an int, as users write it
+        if isinstance(child, StringNode) and isinstance(value, bool):
+            value = "true" if value else "false"  # `packing: true` in YAML, not OmegaConf's 'True'
         try:
             schema[key] = value
         except OmegaConfBaseException:

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends import select_backend
+from .backends import EIGHT_BIT_OPTIMIZERS, select_backend
 from .errors import SftError
 from .notices import notice
 from .rundir import RunDir, atomic_write_text, staged_dir
@@ -106,15 +106,17 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 # -- hyperparameters --------------------------------------------------------------------------
-_EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
-
-
-def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool) -> Any:
+def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool,
+                       packing: bool | None = None) -> Any:
     """The ``trl.SFTConfig`` for ``cfg.training`` (HF TrainingArguments names map one to one).
 
     CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
     together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
     (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+
+    ``packing`` is the resolved ``training.packing`` (:func:`sft.core.packing.decide_packing`;
+    None: only an explicit ``true`` packs). Unpacked rows are padded per batch and drawn in
+    length groups (``group_by_length``, seeded by the trainer).
     """
     import torch
     from trl import SFTConfig
@@ -124,10 +126,14 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
     t = cfg.training
     optim = t.optim
     if optim == "auto":
-        optim = "adamw_8bit" if env.cuda else "adamw_torch"
+        from .backends import bitsandbytes_installed
+
+        optim = "adamw_8bit" if env.cuda and bitsandbytes_installed() else "adamw_torch"
         if not env.cuda:
             notice("training.optim=auto: adamw_torch on CPU (8-bit AdamW needs CUDA)")
-    elif optim in _EIGHT_BIT and not env.cuda:
+        elif optim == "adamw_torch":
+            notice("training.optim=auto: adamw_torch (8-bit AdamW needs bitsandbytes: pip install 'sft-forge[gpu]')")
+    elif optim in EIGHT_BIT_OPTIMIZERS and not env.cuda:
         notice(f"training.optim={optim} needs CUDA (bitsandbytes); using adamw_torch on CPU")
         optim = "adamw_torch"
     dtype = resolve_dtype(cfg, env)
@@ -139,6 +145,8 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
     if not has_eval:
         eval_strategy = "no"
     warmup: float = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
+    if packing is None:
+        packing = str(t.packing).lower() == "true"
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=float(t.learning_rate),
@@ -168,10 +176,14 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU).
         activation_checkpointing=False,
         use_cpu=not env.cuda,
-        packing=bool(t.packing),
+        packing=packing,
         # Rows are already truncated to model.max_seq_length by the data pipeline; packing
         # needs the length to fill its bins.
-        max_length=int(cfg.model.max_seq_length) if t.packing else None,
+        max_length=int(cfg.model.max_seq_length) if packing else None,
+        # Unpacked: padded batches of similar lengths. padding_free is stated, not left unset:
+        # Unsloth turns an unset one on, and flattened rows are what packing is for.
+        padding_free=packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
@@ -185,9 +197,15 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
     """The SFTTrainer subclass of :mod:`sft.core.trainer` on the prepared rows (also used by ``bench/``)."""
     import logging
 
+    from .packing import decide_packing
     from .trainer import trainer_class
 
-    args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None)
+    t = cfg.training
+    decision = decide_packing(t.packing, data.stats, int(cfg.model.max_seq_length),
+                              int(t.per_device_train_batch_size), int(t.gradient_accumulation_steps))
+    if str(t.packing).lower() == "auto":
+        notice(decision.describe())
+    args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None, packing=decision.pack)
     # TRL warns that padding-free packing wants FlashAttention; transformers >= 5 keeps packed
     # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
     logging.getLogger("trl.trainer.sft_trainer").addFilter(
@@ -292,6 +310,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     atomic_write_text(run.config, config_to_yaml(cfg))
 
     env = current_environment()
+    from .backends import check_cuda_dependencies
+
+    check_cuda_dependencies(cfg, env)  # a missing bitsandbytes stops the run before the data stage
     backend = select_backend(cfg, pm, env)
     backend.prepare_environment()
     _quiet_progress_bars()

@@ -17,7 +17,10 @@
   staging folder, which is renamed into place and marked ``COMPLETE``; rotation never
   deletes the newest complete checkpoint.
 - **Token counting**: ``state.num_input_tokens_seen`` counts the non-padding tokens of
-  every training micro-batch; it is saved with each checkpoint, so it survives a resume.
+  every training micro-batch (:func:`sft.core.packing.real_tokens`); it is saved with each
+  checkpoint, so it survives a resume.
+- **Length-grouped batches** when rows are not packed: a sampler seeded by ``args.seed`` and
+  the epoch (:func:`sft.core.packing.length_grouped_sampler`).
 
 :func:`metrics_callback` sends every logging step to the :class:`~sft.core.metrics.MetricsHub`.
 """
@@ -61,6 +64,7 @@ def trainer_class() -> type:
     from trl import SFTTrainer
 
     from . import checkpoints
+    from .packing import real_tokens
 
     class SftTrainer(SFTTrainer):
         """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
@@ -92,9 +96,22 @@ def trainer_class() -> type:
                 loss = loss / num_items_in_batch
             return (loss, outputs) if return_outputs else loss
 
+        # -- batches ----------------------------------------------------------------------
+        def _get_train_sampler(self, train_dataset=None):
+            """``group_by_length`` (unpacked rows): :func:`sft.core.packing.length_grouped_sampler`,
+            seeded by ``args.seed`` and the epoch instead of the global RNG's state."""
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if (self.args.train_sampling_strategy != "group_by_length" or dataset is None
+                    or self.args.world_size > 1 or "input_ids" not in getattr(dataset, "column_names", ())):
+                return super()._get_train_sampler(train_dataset)
+            from .packing import length_grouped_sampler
+
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return length_grouped_sampler(lengths, per_step, self.args.seed)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
-            seen = mask.sum() if mask is not None else inputs["input_ids"].numel()
+            seen = real_tokens(inputs)
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._pending.append((self.state.global_step + 1, seen, loss.detach()))
             # Reading a CUDA value waits for the GPU; once per step that stalls it while the

@@ -45,8 +45,19 @@ class UnslothBackend(TrainingBackend):
         return None
 
     def prepare_environment(self) -> None:
-        """Import unsloth before transformers, TRL and PEFT are used, so its patches apply."""
+        """Import unsloth before transformers, TRL and PEFT are used, so its patches apply.
+
+        Then give its packed attention torch's varlen kernel where this torch lacks the
+        argument Unsloth asks for (:mod:`sft.plugins.backends.unsloth_varlen`).
+        """
         import unsloth  # noqa: F401
+
+        from sft.core.notices import notice
+        from sft.plugins.backends.unsloth_varlen import enable_varlen_gqa
+
+        changed = enable_varlen_gqa()
+        if changed:
+            notice(changed)
 
     def load(self, config: Any) -> tuple[Any, Any]:
         self.prepare_environment()
