@@ -601,9 +601,10 @@ def main(argv: list[str] | None = None) -> None:
             tail = [l for l in output.splitlines() if l.strip()][-3:]
             results[setup] = {"error": (tail[-1] if tail else "no output")[:200]}
             print("\n".join(output.splitlines()[-40:]), flush=True)
-        print(f"   {time.perf_counter() - start:.0f}s: {json.dumps(results[setup])[:400]}", flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+        shown = {k: v for k, v in results[setup].items() if k != "versions"}
+        print(f"   {time.perf_counter() - start:.0f}s: {json.dumps(shown)}", flush=True)
+        if a.json:  # after every setup: a call cut short keeps what it measured
+            a.json.write_text(json.dumps(results, indent=2))
     print()
     print(table(results))
 
