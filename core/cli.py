@@ -59,7 +59,7 @@ def _config_args(func: Callable) -> Callable:
     return func
 
 
-def _load_config(args, model, dataset, format_, template, exporters, loggers, output, push_to_hub=None):
+def _load_config(args, model, dataset, format_, template, exporters, loggers, output, push_to_hub=None, nproc=None):
     from .config import load_config
 
     path = None
@@ -82,6 +82,7 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
             "loggers.enabled": list(loggers) if loggers else None,
             "training.output_dir": output,
             "export.push.repo_id": push_to_hub,
+            "distributed.num_processes": nproc,
         }.items()
         if value is not None
     }
@@ -94,6 +95,7 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
 @click.option("--dry-run", is_flag=True, help="Validate and preview the data (tokenizer only), then stop.")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO",
               help="Push each export to this Hugging Face Hub repo (export.push.repo_id); token from HF_TOKEN.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Train with N processes, one per GPU (distributed.num_processes); see docs/distributed.md.")
 def run(resume: bool, dry_run: bool, **kwargs) -> None:
     """Train: sft run [CONFIG.yaml] [key=value ...]. With no arguments, runs the embedded default."""
     args = kwargs["args"]
@@ -109,10 +111,18 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
 
         preview(cfg)
         return
+    from .distributed import current_world, wants_launch
     from .rundir import RunDir
     from .run import run_training
 
-    run_dir = run_training(cfg, resume=resume)
+    if wants_launch(cfg):
+        from .launch import launch
+
+        run_dir = launch(cfg, resume=resume)
+    else:
+        run_dir = run_training(cfg, resume=resume)
+    if not current_world().is_main:
+        return  # one rank of a job another launcher started: rank 0 reports
     summary = RunDir.of(run_dir).read_summary()
     exports = summary.get("exports") or {}
     failed = sorted(name for name, result in exports.items() if not result.get("ok"))

@@ -149,6 +149,14 @@ class ExportConfig:
 
 
 @dataclass
+class DistributedConfig:
+    num_processes: int = opt(1, "Processes to train with (one per GPU). Above 1, sft run starts them itself through accelerate's launcher (also: sft run --nproc N). Not used under torchrun or accelerate launch (LOCAL_RANK set): the launcher decides. See docs/distributed.md.")
+    strategy: str = opt("ddp", "ddp: every process holds the whole model (Unsloth and transformers backends). fsdp2: the model is sharded over the processes, decoder layer by decoder layer (transformers backend, CUDA).", ["ddp", "fsdp2"])
+    keep_global_batch: bool = opt(False, "Divide gradient_accumulation_steps by the number of processes, so the global batch (per_device_train_batch_size x gradient_accumulation_steps x processes) stays what one process would use.")
+    main_process_port: int = opt(0, "Rendezvous port of a launch by sft run; 0 picks a free one.")
+
+
+@dataclass
 class SftConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -157,6 +165,7 @@ class SftConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 #: (config key, plugin kind, whether the value is a list) for every key that names plugins.
@@ -353,6 +362,8 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
         problems.append(ConfigProblem("data.max_bad_fraction", f"must be between 0 and 1, got {d.max_bad_fraction}"))
     if t.eval_strategy in ("steps", "epoch") and d.test_size == 0 and d.eval_split is None:
         problems.append(ConfigProblem("training.eval_strategy", f"'{t.eval_strategy}' needs an eval set: set data.test_size or data.eval_split"))
+    if cfg.distributed.num_processes < 1:
+        problems.append(ConfigProblem("distributed.num_processes", f"must be at least 1, got {cfg.distributed.num_processes}"))
     if cfg.lora.r < 1:
         problems.append(ConfigProblem("lora.r", f"must be at least 1, got {cfg.lora.r}"))
 

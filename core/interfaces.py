@@ -233,6 +233,22 @@ class TrainingBackend(Plugin):
     #: True when the exporters must run in a fresh process after training, because loading
     #: this backend patched libraries process-wide in a way plain transformers models break on.
     exports_in_subprocess: ClassVar[bool] = False
+    #: The ``distributed.strategy`` values this backend trains under with several processes.
+    #: DDP replicates whatever model the backend loaded, so every backend has it by default;
+    #: FSDP2 shards the model, which the backend must allow (no device_map, one dtype per shard).
+    distributed_strategies: ClassVar[tuple[str, ...]] = ("ddp",)
+
+    def distributed_reason(self, config: Any, strategy: str) -> str | None:
+        """Why this backend cannot train ``config`` with ``strategy`` on several processes, or None.
+
+        Asked before anything loads (by ``sft run --nproc``'s launcher and by every rank). The
+        default checks :attr:`distributed_strategies`; override it for rules that depend on the
+        config (say, a quantization setting a strategy cannot shard).
+        """
+        if strategy not in self.distributed_strategies:
+            return (f"the '{self.name}' backend cannot train with distributed.strategy={strategy} "
+                    f"(it supports: {', '.join(self.distributed_strategies) or 'one process only'})")
+        return None
 
     def prepare_environment(self) -> None:
         """Called once before the data stage and before TRL is imported (e.g. to import a

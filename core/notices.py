@@ -7,11 +7,14 @@ quick generation, ``--json`` output).
 
 from __future__ import annotations
 
+import os
 import sys
 
 __all__ = ["notice"]
 
 
 def notice(message: str) -> None:
-    """Print ``[sft] message`` on stderr."""
+    """Print ``[sft] message`` on stderr (from rank 0 only, in a distributed run)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"[sft] {message}", file=sys.stderr, flush=True)

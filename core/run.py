@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .backends import EIGHT_BIT_OPTIMIZERS, select_backend
 from .errors import SftError
 from .notices import notice
@@ -153,7 +154,7 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         lr_scheduler_type=t.lr_scheduler_type,
         per_device_train_batch_size=int(t.per_device_train_batch_size),
         per_device_eval_batch_size=int(t.per_device_eval_batch_size),
-        gradient_accumulation_steps=int(t.gradient_accumulation_steps),
+        gradient_accumulation_steps=distributed.batch_plan(cfg).gradient_accumulation_steps,
         num_train_epochs=float(t.num_train_epochs),
         max_steps=int(t.max_steps),
         optim=optim,
@@ -189,6 +190,7 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_only_model=False,
+        **distributed.trainer_arguments(cfg),
     )
 
 
@@ -243,10 +245,11 @@ def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
             for name in cfg.loggers.enabled]
 
 
-def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
-    """Write ``adapter/`` whole (a crash never leaves half an adapter)."""
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
+    """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
+    gathered weights of a sharded (FSDP) model."""
     with staged_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
 
 
@@ -256,8 +259,10 @@ def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
     t = cfg.training
     if t.max_steps > 0:
         return int(t.max_steps)
-    batches = math.ceil(len(trainer.train_dataset) / t.per_device_train_batch_size)
-    per_epoch = max(1, math.ceil(batches / t.gradient_accumulation_steps))
+    plan = distributed.batch_plan(cfg)
+    # Each rank reads every world_size-th batch (accelerate's even_batches pads the last round).
+    batches = math.ceil(len(trainer.train_dataset) / (plan.per_device * plan.world_size))
+    per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
     return math.ceil(per_epoch * float(t.num_train_epochs))
 
 
@@ -291,12 +296,15 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     started = time.perf_counter()
     durations: dict[str, float] = {}
 
-    run = resolve_run_dir(cfg, resume)
+    env = current_environment()
+    world = distributed.setup(cfg, env)  # one rank of a distributed run: join its process group
+    run = distributed.broadcast(resolve_run_dir(cfg, resume))  # rank 0's choice (a timestamp differs)
     resume_from = None
     if resume:
         last = checkpoints.last_complete(run.checkpoints, notify=notice)
         if last is None:
             raise SftError(f"--resume: no complete checkpoint in {run.checkpoints}; run again without --resume")
+        distributed.check_resume(last.path, cfg, world.world_size)
         resume_from = last
         if run.config.is_file():
             changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(run.config)),
@@ -307,13 +315,17 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     else:
         _check_fresh(run)
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.config, config_to_yaml(cfg))
+    if world.is_main:
+        atomic_write_text(run.config, config_to_yaml(cfg))
 
-    env = current_environment()
     from .backends import check_cuda_dependencies
 
     check_cuda_dependencies(cfg, env)  # a missing bitsandbytes stops the run before the data stage
     backend = select_backend(cfg, pm, env)
+    if world.distributed:
+        distributed.check_strategy(cfg, backend, env, world.world_size)
+        notice(f"distributed: {world.world_size} process(es), {cfg.distributed.strategy}; "
+               f"{distributed.batch_plan(cfg).describe()}")
     backend.prepare_environment()
     _quiet_progress_bars()
     if not env.cuda:
@@ -327,7 +339,8 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     tick = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     template = resolve_template(cfg, pm, tokenizer)
-    data = build_datasets(cfg, pm, tokenizer)
+    with distributed.main_first():  # one process per node fills the data cache, the others read it
+        data = build_datasets(cfg, pm, tokenizer)
     durations["data"] = time.perf_counter() - tick
     notice(f"data: {describe_stats(data.stats)}")
     from .export import preflight_before_training
@@ -347,7 +360,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     from .metrics import MetricsHub, read_metrics
     from .trainer import NonFiniteLossError, metrics_callback
 
-    hub = MetricsHub(run.root, _loggers(cfg, pm))
+    hub = MetricsHub(run.root, _loggers(cfg, pm)) if world.is_main else distributed.NullHub()
     callback = metrics_callback(hub)
     trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
                             trained_positions_loss=backend.trained_positions_loss,
@@ -366,30 +379,40 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         "dataset": data.stats,
         "resumed_from": str(resume_from.path) if resume_from else None,
     }
+    if world.distributed:
+        base_summary["distributed"] = {"strategy": cfg.distributed.strategy, **distributed.batch_plan(cfg).as_json()}
 
     tick = time.perf_counter()
     tokens_before = 0
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
         if data.eval is not None and trainer.args.eval_strategy != "no":
-            records = read_metrics(run.metrics)
-            evaluated = any("eval_loss" in r and r["step"] == trainer.state.global_step for r in records)
+            # The trainer's own history, the same on every rank (evaluate() is a collective).
+            evaluated = any("eval_loss" in r and r.get("step") == trainer.state.global_step
+                            for r in trainer.state.log_history)
             if not evaluated:
                 trainer.evaluate()
     except BaseException as exc:
         status = "nan" if isinstance(exc, NonFiniteLossError) else (
             "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        summary = run.update_summary(**base_summary, status=status, error=str(exc),
-                                     steps=trainer.state.global_step,
-                                     durations={**durations, "train": time.perf_counter() - tick})
-        hub.finish(summary)
+        if world.is_main:
+            summary = run.update_summary(**base_summary, status=status, error=str(exc),
+                                         steps=trainer.state.global_step,
+                                         durations={**durations, "train": time.perf_counter() - tick})
+            hub.finish(summary)
         raise
     durations["train"] = time.perf_counter() - tick
     if resume_from is not None:
         tokens_before = _resumed_tokens(resume_from.path)
 
     tick = time.perf_counter()
-    _save_adapter(trainer.model, tokenizer, run)
+    # A sharded model's weights are gathered by every rank together; rank 0 writes them.
+    gathered = trainer.accelerator.get_state_dict(trainer.model) if distributed.is_fsdp(cfg) else None
+    if world.is_main:
+        _save_adapter(trainer.model, tokenizer, run, gathered)
+    distributed.finish()
+    if not world.is_main:
+        return run.root  # rank 0 writes the rest of the run directory and exports
     durations["save"] = time.perf_counter() - tick
     notice(f"adapter saved: {run.adapter}")
 
@@ -401,7 +424,11 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run
             notice(f"could not write loss.png: {exc}")
 
-    generation = _quick_generation(cfg, trainer.model, tokenizer, template, data)
+    if distributed.is_fsdp(cfg):
+        # The model is still sharded over processes that have left; sft generate RUN reads the adapter.
+        generation = {"prompt": None, "text": None, "seconds": 0.0}
+    else:
+        generation = _quick_generation(cfg, trainer.model, tokenizer, template, data)
     durations["generation"] = generation.pop("seconds")
 
     records = read_metrics(run.metrics) if run.metrics.exists() else []
@@ -446,7 +473,7 @@ def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
     args = [sys.executable, "-m", "sft.core.cli", "export", str(run.root)]
     for name in exporters:
         args += ["--exporter", name]
-    code = subprocess.run(args).returncode
+    code = subprocess.run(args, env=distributed.plain_env()).returncode
     if code not in (0, 1):  # 1: some exporter failed and said so
         notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "
                + " ".join(f"--exporter {name}" for name in exporters))

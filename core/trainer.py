@@ -63,7 +63,7 @@ def trainer_class() -> type:
     from transformers import Trainer
     from trl import SFTTrainer
 
-    from . import checkpoints
+    from . import checkpoints, distributed
     from .packing import real_tokens
 
     class SftTrainer(SFTTrainer):
@@ -94,6 +94,10 @@ def trainer_class() -> type:
                 loss = loss / keep.sum().clamp(min=1)
             else:
                 loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    # num_items_in_batch counts every rank's tokens and DDP averages the
+                    # gradients over ranks: scale back up, as Trainer.compute_loss does.
+                    loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
         # -- batches ----------------------------------------------------------------------
@@ -131,11 +135,18 @@ def trainer_class() -> type:
             tensors = [c.reshape(()) for c in counts if isinstance(c, torch.Tensor)]
             seen = sum(int(c) for c in counts if not isinstance(c, torch.Tensor))
             finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).tolist()
-            self.state.num_input_tokens_seen += seen + (int(torch.stack(tensors).sum()) if tensors else 0)
+            seen += int(torch.stack(tensors).sum()) if tensors else 0
+            # Every rank settles at the same micro-batches: the count is the job's, and a NaN
+            # on one rank stops all of them at once instead of leaving them in a collective.
+            seen, bad_ranks = distributed.sum_across_ranks([seen, float(not all(finite))])
+            self.state.num_input_tokens_seen += int(seen)
             for (step, _, loss), ok in zip(pending, finite):
                 if not ok:
                     value = loss.item() if loss.numel() == 1 else "not finite"
                     raise NonFiniteLossError(step, f"the loss is {value}", self._last_checkpoint())
+            if bad_ranks:
+                raise NonFiniteLossError(pending[-1][0], "the loss became NaN/inf on another rank",
+                                         self._last_checkpoint())
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
             c = self.control
@@ -160,22 +171,39 @@ def trainer_class() -> type:
 
         def _save_checkpoint(self, model, trial):
             step = self.state.global_step
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-            if bad:
-                raise NonFiniteLossError(step, f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})",
-                                         self._last_checkpoint())
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
+            if distributed.sum_across_ranks([len(bad)])[0]:
+                what = (f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})" if bad
+                        else "trained weights became NaN/inf on another rank")
+                raise NonFiniteLossError(step, what, self._last_checkpoint())
             root = Path(self.args.output_dir)
-            self._staging = checkpoints.staging_dir(root, step)
+            world = distributed.current_world()
+            # Rank 0 makes the staging folder; every rank writes its part of the checkpoint into
+            # it (its RNG state; its shards under FSDP); rank 0 commits once all have written.
+            self._staging = distributed.broadcast(checkpoints.staging_dir(root, step) if world.is_main else None)
             written = self._staging / f"checkpoint-{step}"
             try:
                 # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
                 Trainer._save_checkpoint(self, model, trial)
             finally:
                 self._staging = None
-            checkpoints.commit_checkpoint(written, root, step)
-            checkpoints.rotate(root, self.args.save_total_limit)
+            distributed.barrier()
+            if world.is_main:
+                strategy = "fsdp2" if self.is_fsdp_enabled else ("ddp" if world.distributed else "single")
+                distributed.write_layout(written, strategy, distributed.BatchPlan(
+                    self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+                    self.args.world_size))
+                checkpoints.commit_checkpoint(written, root, step)
+                checkpoints.rotate(root, self.args.save_total_limit)
 
     return SftTrainer
+
+
+def _local(tensor: Any) -> Any:
+    """This rank's shard of a sharded (FSDP2 DTensor) parameter; the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def metrics_callback(hub: "MetricsHub") -> Any:

@@ -5,6 +5,12 @@ without gradient checkpointing (bf16 autocast plus checkpointing is ~23x slower 
 CPU), and ``model.method: qlora`` falls back to ``lora`` with a one-line notice, because
 4-bit bitsandbytes kernels need CUDA.
 
+Distributed (docs/distributed.md): under DDP each rank loads the model onto its own GPU;
+under FSDP2 it loads without a device map and accelerate shards it by decoder layer. QLoRA
+under FSDP2 stores the 4-bit weights in the compute dtype (``bnb_4bit_quant_storage``) and
+keeps the adapters in it too: FSDP2 flattens one dtype per shard, and with the default
+uint8 storage it trains with loss 0 and NaN gradients without an error (accelerate#3983).
+
 The loss is computed only at trained positions (``trained_positions_loss``), which the
 trainer in :mod:`sft.core.trainer` honours: the output head then projects a few hundred hidden
 states instead of every position of the batch onto the 49k-word vocabulary.
@@ -12,12 +18,36 @@ states instead of every position of the batch onto the 49k-word vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sft.core import hookimpl
+from sft.core.config import opt
 from sft.core.interfaces import TrainingBackend
 
-__all__ = ["TransformersBackend"]
+__all__ = ["TransformersBackend", "TransformersOptions"]
+
+_STORAGE = ("auto", "uint8", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class TransformersOptions:
+    bnb_4bit_quant_storage: str = opt("auto", "dtype the 4-bit QLoRA weights are stored in. auto: the compute dtype under distributed.strategy=fsdp2 (which needs it), else uint8.", _STORAGE)
+
+
+def _quant_storage(config: Any, dtype: Any) -> Any:
+    """The torch dtype of 4-bit storage: ``auto`` is the compute dtype under FSDP2, else uint8."""
+    import torch
+
+    setting = _options(config).bnb_4bit_quant_storage
+    if setting == "auto":
+        return dtype if config.distributed.strategy == "fsdp2" else torch.uint8
+    return getattr(torch, setting)
+
+
+def _options(config: Any) -> TransformersOptions:
+    node = config.model.get("transformers")
+    return TransformersOptions(**node) if node is not None else TransformersOptions()
 
 
 class TransformersBackend(TrainingBackend):
@@ -27,8 +57,29 @@ class TransformersBackend(TrainingBackend):
     version = "1"
     description = "transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU"
     priority = 10
+    options = TransformersOptions
     #: The trainer computes the loss only where a label is trained (see module docstring).
     trained_positions_loss = True
+    distributed_strategies = ("ddp", "fsdp2")
+
+    def distributed_reason(self, config: Any, strategy: str) -> str | None:
+        reason = super().distributed_reason(config, strategy)
+        if reason or strategy != "fsdp2" or config.model.method != "qlora":
+            return reason
+        storage = _options(config).bnb_4bit_quant_storage
+        if storage == "auto":
+            return None
+        import torch
+
+        from sft.core.backends import resolve_dtype
+        from sft.core.env import current_environment
+
+        compute = resolve_dtype(config, current_environment())
+        if getattr(torch, storage) != compute:
+            return (f"QLoRA under FSDP2 needs model.transformers.bnb_4bit_quant_storage equal to the compute "
+                    f"dtype ({str(compute).removeprefix('torch.')}; auto does it): with {storage} storage FSDP2 "
+                    f"trains with loss 0 and NaN gradients and no error (accelerate#3983)")
+        return None
 
     def load(self, config: Any) -> tuple[Any, Any]:
         import torch
@@ -40,17 +91,22 @@ class TransformersBackend(TrainingBackend):
         from sft.core.models import load_tokenizer, pretrained_kwargs, resolve_model
         from sft.core.notices import notice
 
+        from sft.core import distributed
+
         env = current_environment()
         method = config.model.method
         kwargs = pretrained_kwargs(config.model)
         dtype = resolve_dtype(config, env)
+        placement = distributed.device_map(config)  # a DDP rank's own GPU; None for FSDP2 and one process
         if method == "qlora":
             if env.cuda:
                 from transformers import BitsAndBytesConfig
 
                 kwargs["quantization_config"] = BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype)
+                    bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=_quant_storage(config, dtype))
+                if placement is not None:
+                    kwargs["device_map"] = placement
             else:
                 notice("model.method=qlora needs CUDA (4-bit bitsandbytes); training LoRA on a float32 base instead")
         path = resolve_model(config.model.name)
@@ -58,8 +114,8 @@ class TransformersBackend(TrainingBackend):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         except OSError as exc:
             raise SftError(f"model.name: cannot load '{config.model.name}': {exc}") from None
-        if env.cuda and "quantization_config" not in kwargs:
-            model = model.to("cuda")
+        if env.cuda and "quantization_config" not in kwargs and not distributed.is_fsdp(config):
+            model = model.to(distributed.device(env))  # FSDP2 places the shards itself
         # The KV cache is useless in training, and with it transformers cannot tell packed
         # sequences apart from position_ids (they would attend to each other).
         model.config.use_cache = False
@@ -69,6 +125,7 @@ class TransformersBackend(TrainingBackend):
     def prepare_for_training(self, model: Any, config: Any, new_token_rows: Sequence[int] = ()) -> Any:
         import torch
 
+        from sft.core.backends import resolve_dtype
         from sft.core.env import current_environment
 
         from .common import lora_settings
@@ -104,7 +161,17 @@ class TransformersBackend(TrainingBackend):
         # LoRA's A matrices are drawn from torch's global RNG: seed it for reproducible runs.
         torch.manual_seed(int(config.lora.random_state))
         peft_config = LoraConfig(task_type="CAUSAL_LM", **settings, **extra)
-        return get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)
+        from sft.core import distributed
+
+        if distributed.is_fsdp(config) and getattr(model, "is_loaded_in_4bit", False):
+            # FSDP2 shards one dtype: the adapters (and what prepare_model_for_kbit_training
+            # upcast to float32) go to the 4-bit storage dtype, the compute dtype.
+            storage = _quant_storage(config, resolve_dtype(config, env))
+            for param in model.parameters():
+                if param.dtype.is_floating_point and param.dtype != storage:
+                    param.data = param.data.to(storage)
+        return model
 
 
 @hookimpl

@@ -34,6 +34,15 @@ class UnslothBackend(TrainingBackend):
     #: plain transformers models (CPU forwards hit Triton kernels, generation wants
     #: Unsloth-only attributes): run them in a fresh process.
     exports_in_subprocess = True
+    #: DDP only: Unsloth has no FSDP path (its kernels and offloaded checkpointing expect the
+    #: whole model on each GPU).
+    distributed_strategies = ("ddp",)
+
+    def distributed_reason(self, config: Any, strategy: str) -> str | None:
+        if strategy == "fsdp2":
+            return ("Unsloth has no FSDP path and trains with DDP only; use distributed.strategy=ddp, "
+                    "or model.backend=transformers for fsdp2")
+        return super().distributed_reason(config, strategy)
 
     def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
         if not env.cuda:
@@ -64,10 +73,12 @@ class UnslothBackend(TrainingBackend):
         import torch
         from unsloth import FastLanguageModel
 
+        from sft.core import distributed
         from sft.core.models import pretrained_kwargs, resolve_model
 
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
         method = config.model.method
+        placement = distributed.device_map(config)  # a DDP rank loads onto its own GPU
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=resolve_model(config.model.name),
             max_seq_length=int(config.model.max_seq_length),
@@ -76,6 +87,7 @@ class UnslothBackend(TrainingBackend):
             full_finetuning=method == "full",
             use_gradient_checkpointing=self._checkpointing(config),
             random_state=int(config.lora.random_state),
+            **({"device_map": placement} if placement is not None else {}),
             **pretrained_kwargs(config.model),
         )
         return model, tokenizer
