@@ -11,8 +11,9 @@
 FSDP2 does not run on CPU: accelerate shards only on accelerator devices (on gloo it would
 train unsharded), so it is refused there; tests/gpu/test_distributed_gpu.py runs it.
 
-Every launch is a fresh `sft` process (as a user runs it); workers load only the bundled
-plugins. The tiny model makes a step take milliseconds; the launches' interpreter start-up
+The test process is the launcher (``sft.core.launch.launch``, what ``sft run --nproc 2``
+calls); the workers are fresh interpreters and load only the bundled plugins. The tiny model
+makes a step take milliseconds: the workers' start-up (importing torch, transformers, TRL)
 is most of the time.
 """
 
@@ -22,10 +23,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,19 +65,23 @@ if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_PAUSE_FLAG")
 '''
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1", **extra}
+def _config(out: Path, model: Path, *extra: str) -> Any:
+    from sft.core.testing import tiny_config
+
+    return tiny_config(out, model, *SHARED, *extra, steps=STEPS)
 
 
-def _sft_run(out: Path, model: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "sft.core.cli", "run", *tiny_overrides(out, model, steps=STEPS), *SHARED, *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or _env())
+def _launch(out: Path, model: Path, *extra: str, resume: bool = False) -> Path:
+    """``sft run --nproc 2`` as the CLI does it: this process is the launcher, the two workers are fresh ones."""
+    from sft.core.launch import launch
+
+    return launch(_config(out, model, "distributed.num_processes=2", *extra), resume=resume)
 
 
-def _finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, f"sft run failed ({proc.returncode}):\n{out}\n{err}"
-    return err
+def _train(out: Path, model: Path, resume: bool = False) -> Path:
+    from sft.core.run import run_training
+
+    return run_training(_config(out, model), resume=resume)
 
 
 def _train_steps(run: Path) -> list[dict]:
@@ -98,19 +103,23 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
         assert (wa[name] - wb[name]).abs().max().item() <= atol, name
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _bundled_plugins_only():
+    """The workers are fresh interpreters: give them only the bundled plugins, like this process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFT_DISABLE_PLUGIN_AUTOLOAD", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same recipe on two processes (sft run --nproc 2) and on one, trained side by side."""
+    """The same recipe on two processes (launched as sft run --nproc 2 does) and on one."""
     root = tmp_path_factory.mktemp("distributed")
-    ddp = _sft_run(root / "ddp", tiny_model_dir, "--nproc", "2")
-    single = _sft_run(root / "single", tiny_model_dir)
-    _finish(single)
-    return {"ddp": root / "ddp", "single": root / "single", "ddp_err": _finish(ddp)}  # type: ignore[dict-item]
+    return {"ddp": _launch(root / "ddp", tiny_model_dir), "single": _train(root / "single", tiny_model_dir)}
 
 
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(runs):
     ddp, single = runs["ddp"], runs["single"]
-    assert "global batch 4 = 2 per device × 1 accumulation × 2 processes" in runs["ddp_err"]
     a, b = _train_steps(ddp), _train_steps(single)
     # One metrics.jsonl, one record per step: rank 0 logs the loss gathered over both ranks.
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
@@ -133,36 +142,49 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(runs
     assert not list(ddp.glob(".launch-config*")) and not list((ddp / "checkpoints").glob(".staging-*"))
 
 
-def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny_model_dir, tmp_path):
+def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny_model_dir, tmp_path, monkeypatch,
+                                                                      capfd):
+    from sft.core.launch import DistributedError
+
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
     flag, killed = tmp_path / "paused", tmp_path / "killed"
-    env = _env(PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
-               SFT_TEST_PAUSE_FLAG=str(flag), SFT_TEST_PAUSE_AT=str(KILL_AFTER))
-    proc = _sft_run(killed, tiny_model_dir, "--nproc", "2", env=env)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("SFT_TEST_PAUSE_FLAG", str(flag))
+    monkeypatch.setenv("SFT_TEST_PAUSE_AT", str(KILL_AFTER))
     complete = killed / "checkpoints" / f"checkpoint-{KILL_AFTER}" / "COMPLETE"
-    deadline = time.monotonic() + 240
-    while not (flag.is_file() and flag.read_text() and complete.is_file()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
-    os.kill(int(flag.read_text()), signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, err
-    assert "rank 1 (local rank 1) was killed by SIGKILL" in err
-    assert f"the last complete checkpoint is kept: {killed / 'checkpoints' / f'checkpoint-{KILL_AFTER}'}" in err
+
+    def kill_rank_1_once_paused() -> None:
+        deadline = time.monotonic() + 240
+        while not (flag.is_file() and flag.read_text() and complete.is_file()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(int(flag.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1_once_paused, daemon=True)
+    killer.start()
+    with pytest.raises(DistributedError) as failure:
+        _launch(killed, tiny_model_dir)
+    killer.join(timeout=5)
+    message = str(failure.value)
+    assert "rank 1 (local rank 1) was killed by SIGKILL" in message
+    assert f"the last complete checkpoint is kept: {killed / 'checkpoints' / f'checkpoint-{KILL_AFTER}'}" in message
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_rank"] == 1
     assert not (killed / "adapter").exists()
+    for name in ("PYTHONPATH", "SFT_TEST_PAUSE_FLAG", "SFT_TEST_PAUSE_AT"):
+        monkeypatch.delenv(name)
 
-    # Resume on one process: another world size, the same global batch (2 × 2 × 1).
+    # Resume on two processes, and a copy on one: another world size, the same global batch (2 × 2 × 1).
     alone = tmp_path / "alone"
     shutil.copytree(killed, alone)
-    one = _sft_run(alone, tiny_model_dir, "--resume")
-    err = _finish(_sft_run(killed, tiny_model_dir, "--nproc", "2", "--resume"))
+    capfd.readouterr()
+    _launch(killed, tiny_model_dir, resume=True)
+    err = capfd.readouterr().err
     assert f"from checkpoint-{KILL_AFTER} (step {KILL_AFTER})" in err
-    err_one = _finish(one)
-    assert f"on 2 process(es), continuing on 1 with the same global batch (4)" in err_one
+    assert "global batch 4 = 2 per device × 1 accumulation × 2 processes" in err  # the run log states it
+    _train(alone, tiny_model_dir, resume=True)
+    assert "on 2 process(es), continuing on 1 with the same global batch (4)" in capfd.readouterr().err
 
     uninterrupted = _train_steps(runs["ddp"])
     for run in (killed, alone):
