@@ -108,7 +108,11 @@ def _worker_failure(exc: Exception, run: Any, checkpoints: Any) -> SftError:
     keep = (f"the last complete checkpoint is kept: {last.path} (continue with sft run --resume)" if last
             else "no checkpoint had been written")
     message = f"distributed training failed: rank {rank} (local rank {failure.local_rank}) {how}{also}; {keep}"
-    run.update_summary(status="failed", error=message, failed_rank=rank)
+    previous = run.read_summary() or {}
+    if previous.get("status") == "nan":  # rank 0 recorded the NaN guard's stop: the more precise account
+        run.update_summary(failed_rank=rank)
+    else:
+        run.update_summary(status="failed", error=message, failed_rank=rank)
     return DistributedError(message, exit_code=code)
 
 

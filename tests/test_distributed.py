@@ -64,6 +64,38 @@ if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_PAUSE_FLAG")
     trainer_module.trainer_class = trainer_class
 '''
 
+#: Rank 1's loss becomes NaN at step NAN_AT; rank 0's stays finite.
+NAN_HOOK = '''
+import os
+if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_NAN_AT"):
+    import sft.core.trainer as trainer_module
+
+    build = trainer_module.trainer_class
+
+    def trainer_class():
+        cls = build()
+        loss_of = cls.compute_loss
+
+        def compute_loss(self, *args, **kwargs):
+            loss = loss_of(self, *args, **kwargs)
+            return loss * float("nan") if self.state.global_step + 1 == int(os.environ["SFT_TEST_NAN_AT"]) else loss
+
+        cls.compute_loss = compute_loss
+        return cls
+
+    trainer_module.trainer_class = trainer_class
+'''
+
+
+def _hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, **env: str) -> None:
+    """Run ``code`` at the start of every worker (a ``sitecustomize`` module on their PYTHONPATH)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
 
 def _config(out: Path, model: Path, *extra: str) -> Any:
     from sft.core.testing import tiny_config
@@ -146,13 +178,8 @@ def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny
                                                                       capfd):
     from sft.core.launch import DistributedError
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
     flag, killed = tmp_path / "paused", tmp_path / "killed"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("SFT_TEST_PAUSE_FLAG", str(flag))
-    monkeypatch.setenv("SFT_TEST_PAUSE_AT", str(KILL_AFTER))
+    _hook(tmp_path, monkeypatch, PAUSE_HOOK, SFT_TEST_PAUSE_FLAG=str(flag), SFT_TEST_PAUSE_AT=str(KILL_AFTER))
     complete = killed / "checkpoints" / f"checkpoint-{KILL_AFTER}" / "COMPLETE"
 
     def kill_rank_1_once_paused() -> None:
@@ -193,6 +220,26 @@ def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny
         assert steps[-1]["loss"] == pytest.approx(uninterrupted[-1]["loss"], rel=1e-5)
         _assert_same_weights(run, runs["ddp"], atol=1e-5)
         assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    from sft.core.launch import DistributedError
+
+    nan_at = 3
+    _hook(tmp_path, monkeypatch, NAN_HOOK, SFT_TEST_NAN_AT=str(nan_at))
+    started = time.monotonic()
+    with pytest.raises(DistributedError, match="exited with status 1"):
+        _launch(tmp_path / "run", tiny_model_dir)
+    err = capfd.readouterr().err
+    # Both ranks stop at the same step, at once: none is left waiting in an all-reduce (gloo's
+    # timeout would be 30 minutes).
+    assert time.monotonic() - started < 240
+    assert f"Error (rank 1): training stopped at step {nan_at}: the loss is nan" in err
+    assert f"Error (rank 0): training stopped at step {nan_at}: the loss became NaN/inf on another rank" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "nan" and f"step {nan_at}" in summary["error"]
+    assert f"checkpoint-{SAVE_EVERY}" in summary["error"]  # the last good checkpoint is named and kept
+    assert (tmp_path / "run" / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / "COMPLETE").is_file()
 
 
 # -- refused before any process starts ---------------------------------------------------------------
