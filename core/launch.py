@@ -59,6 +59,9 @@ def launch(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" =
     run = resolve_run_dir(cfg, resume)
     env = current_environment()
     check_strategy(cfg, select_backend(cfg, pm, env), env, n)
+    from .hub import preflight_push
+
+    preflight_push(cfg, pm)  # a refused Hub token fails before any worker starts
     if resume:
         last = checkpoints.last_complete(run.checkpoints)
         if last is None:
