@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["STRATEGIES", "World", "current_world", "under_launcher", "wants_launch", "preset", "fsdp_config",
            "BatchPlan", "batch_plan", "check_strategy", "setup", "barrier", "broadcast", "main_first",
-           "sum_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env", "launch",
+           "sum_across_ranks", "min_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env", "launch",
            "write_layout", "check_resume", "LAYOUT_FILE"]
 
 #: The values of ``distributed.strategy``; each has a preset ``core/assets/accelerate/<name>.yaml``.
@@ -305,17 +305,27 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
-def sum_across_ranks(values: list[float]) -> list[float]:
-    """Element-wise sums of ``values`` over every rank (one all-reduce); ``values`` itself for one process."""
+def _all_reduce(values: list[float], op: str) -> list[float]:
     if not _ready():
         return values
     import torch
     import torch.distributed as dist
 
+    # NCCL reduces only tensors on this rank's GPU; gloo takes CPU tensors.
     where = f"cuda:{current_world().local_rank}" if "nccl" in str(dist.get_backend()) else "cpu"
     tensor = torch.tensor(values, dtype=torch.float64, device=where)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over every rank (one all-reduce); ``values`` itself for one process."""
+    return _all_reduce(values, "SUM")
+
+
+def min_across_ranks(value: float) -> float:
+    """The smallest ``value`` over every rank; ``value`` itself for one process."""
+    return _all_reduce([value], "MIN")[0]
 
 
 def device_map(cfg: "DictConfig") -> dict[str, int] | None:

@@ -140,13 +140,15 @@ def trainer_class() -> type:
             # on one rank stops all of them at once instead of leaving them in a collective.
             seen, bad_ranks = distributed.sum_across_ranks([seen, float(not all(finite))])
             self.state.num_input_tokens_seen += int(seen)
-            for (step, _, loss), ok in zip(pending, finite):
-                if not ok:
-                    value = loss.item() if loss.numel() == 1 else "not finite"
-                    raise NonFiniteLossError(step, f"the loss is {value}", self._last_checkpoint())
-            if bad_ranks:
-                raise NonFiniteLossError(pending[-1][0], "the loss became NaN/inf on another rank",
-                                         self._last_checkpoint())
+            if not bad_ranks:
+                return
+            # Every rank knows now that some rank saw one: all stop at the job's first bad step.
+            mine = next(((step, loss) for (step, _, loss), ok in zip(pending, finite) if not ok), None)
+            first = int(distributed.min_across_ranks(mine[0] if mine else pending[-1][0]))
+            if mine is not None and mine[0] == first:
+                value = mine[1].item() if mine[1].numel() == 1 else "not finite"
+                raise NonFiniteLossError(first, f"the loss is {value}", self._last_checkpoint())
+            raise NonFiniteLossError(first, "the loss became NaN/inf on another rank", self._last_checkpoint())
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
             c = self.control
