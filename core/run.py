@@ -326,6 +326,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         distributed.check_strategy(cfg, backend, env, world.world_size)
         notice(f"distributed: {world.world_size} process(es), {cfg.distributed.strategy}; "
                f"{distributed.batch_plan(cfg).describe()}")
+        if cfg.distributed.num_processes not in (1, world.world_size):
+            notice(f"distributed.num_processes={cfg.distributed.num_processes} is not used: "
+                   f"the launcher started {world.world_size}")
     backend.prepare_environment()
     _quiet_progress_bars()
     if not env.cuda:
