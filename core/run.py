@@ -203,8 +203,9 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
     from .trainer import trainer_class
 
     t = cfg.training
+    plan = distributed.batch_plan(cfg)  # packing's step count is per global batch, over every process
     decision = decide_packing(t.packing, data.stats, int(cfg.model.max_seq_length),
-                              int(t.per_device_train_batch_size), int(t.gradient_accumulation_steps))
+                              plan.per_device, plan.gradient_accumulation_steps * plan.world_size)
     if str(t.packing).lower() == "auto":
         notice(decision.describe())
     args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None, packing=decision.pack)

@@ -103,15 +103,20 @@ def trainer_class() -> type:
         # -- batches ----------------------------------------------------------------------
         def _get_train_sampler(self, train_dataset=None):
             """``group_by_length`` (unpacked rows): :func:`sft.core.packing.length_grouped_sampler`,
-            seeded by ``args.seed`` and the epoch instead of the global RNG's state."""
+            seeded by ``args.seed`` and the epoch instead of the global RNG's state.
+
+            Distributed, every rank draws the same order and accelerate deals its batches out
+            round-robin; grouping by the global batch of a step keeps each step's rows those of
+            a single process with the same global batch."""
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if (self.args.train_sampling_strategy != "group_by_length" or dataset is None
-                    or self.args.world_size > 1 or "input_ids" not in getattr(dataset, "column_names", ())):
+                    or "input_ids" not in getattr(dataset, "column_names", ())):
                 return super()._get_train_sampler(train_dataset)
             from .packing import length_grouped_sampler
 
             lengths = [len(ids) for ids in dataset["input_ids"]]
-            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.args.world_size)
             return length_grouped_sampler(lengths, per_step, self.args.seed)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
