@@ -168,9 +168,11 @@ class GgufExporter(Exporter):
             def convert(quant: str, target: Path) -> dict[str, Any]:
                 return convert_to_gguf(merged, target, quant, **convert_args)
         else:
+            # The merged folder carries the run's tokenizer (template chat_template, EOT as eos).
+            source = _llama_cpp_input(context, merged, context.tmp_dir / "llama-cpp-input")
+
             def convert(quant: str, target: Path) -> dict[str, Any]:
-                # The merged folder carries the run's tokenizer (template chat_template, EOT as eos).
-                return llama_converter.convert_hf_with_llama_cpp(merged, target, quant, name=stem)
+                return llama_converter.convert_hf_with_llama_cpp(source, target, quant, name=stem)
         # One F16 file feeds every K-quant: the requested f16 output when there is one,
         # else a temporary file.
         f16_source: Path | None = None
@@ -273,13 +275,7 @@ class GgufExporter(Exporter):
         if adapter_embedding_rows(context.adapter_dir):
             raise SftError("export.gguf.adapter: training added tokens to the vocabulary, so the adapter carries "
                            "resized embeddings that a GGUF LoRA cannot apply to the base GGUF; use the merged GGUF")
-        staged = context.tmp_dir / "adapter-base"
-        staged.mkdir(parents=True, exist_ok=True)
-        for f in base.iterdir():  # the base weights and config, the run's tokenizer
-            if f.name == "config.json" or f.name.startswith("model") and f.suffix in (".safetensors", ".json"):
-                (staged / f.name).unlink(missing_ok=True)
-                (staged / f.name).symlink_to(f.resolve())
-        context.save_tokenizer(staged)
+        staged = _llama_cpp_input(context, base, context.tmp_dir / "adapter-base", weights_only=True)
         base_gguf = out_dir / f"{stem}-base-F16.gguf"
         lora_gguf = out_dir / f"{stem}-LoRA-F16.gguf"
         base_info = llama_converter.convert_hf_with_llama_cpp(staged, base_gguf, "f16", name=f"{stem}-base")
@@ -320,6 +316,60 @@ def hub_usage(repo_id: str, gguf_files: list[str]) -> str:
               "", "```bash", f"hf download {repo_id} {first} {stem}.Modelfile --local-dir .",
               f"ollama create {stem.lower()} -f {stem}.Modelfile", f"ollama run {stem.lower()}", "```"]
     return "\n".join(lines)
+
+
+#: SentencePiece model files: llama.cpp's converter reads them, transformers 5 no longer saves them.
+_SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model")
+
+
+def _llama_cpp_input(context: ExportContext, model_dir: Path, dest: Path, weights_only: bool = False) -> Path:
+    """``dest``: a folder of links to ``model_dir``'s files, as llama.cpp's converter wants its input.
+
+    A SentencePiece family's ``tokenizer.model`` comes from the base model when ``model_dir`` has
+    none: transformers 5 saves only ``tokenizer.json``, and llama.cpp's converter reads the
+    SentencePiece model (scores and piece types) from ``tokenizer.model``. With ``weights_only``
+    only config and weights are linked and the run's tokenizer is saved beside them.
+    """
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        weights = f.name == "config.json" or f.name.startswith("model") and f.suffix in (".safetensors", ".json")
+        if f.is_file() and (weights or not weights_only):
+            (dest / f.name).symlink_to(f.resolve())
+    if weights_only:
+        context.save_tokenizer(dest)
+    base = context.base_local_dir()
+    for name in _SENTENCEPIECE_FILES:
+        if not (dest / name).exists() and base is not None and (base / name).is_file():
+            (dest / name).symlink_to((base / name).resolve())
+    _restore_added_tokens_decoder(dest)
+    return dest
+
+
+def _restore_added_tokens_decoder(folder: Path) -> None:
+    """Put ``added_tokens_decoder`` back into ``tokenizer_config.json``, as transformers 4 wrote it.
+
+    llama.cpp's converter (written against transformers 4.57) learns which added tokens are
+    special (control tokens, matched whole in text) from that key; transformers 5 keeps them
+    only in ``tokenizer.json``. Without it a SentencePiece family's ``[INST]`` or
+    ``<end_of_turn>`` would become ordinary pieces that llama.cpp spells out letter by letter.
+    """
+    import json
+
+    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not config_path.is_file() or not tokenizer_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    added = json.loads(tokenizer_path.read_text(encoding="utf-8")).get("added_tokens") or []
+    if config.get("added_tokens_decoder") or not added:
+        return
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special") if k in t}
+        for t in added}
+    config_path.unlink()  # a link to the source folder's file: write a copy, never through the link
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _write_text(path: Path, text: str) -> None:
