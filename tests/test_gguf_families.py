@@ -167,8 +167,10 @@ def test_python_and_llama_cpp_converters_write_the_same_smollm2_gguf(smollm2_dir
     assert len(keys) > 15
     differ = {k: (value(a, k), value(b, k) if k in b.fields else "<absent>") for k in keys
               if k not in b.fields or value(a, k) != value(b, k)}
-    # sft stores the template's end-of-turn token as eot too; llama.cpp finds <|im_end|> by its text.
+    # sft stores the template's end-of-turn token as eot too (llama.cpp finds <|im_end|> by its text)
+    # and add_eos_token=false (llama.cpp's default when the key is absent).
     differ.pop("tokenizer.ggml.eot_token_id", None)
+    assert differ.pop("tokenizer.ggml.add_eos_token", (False, "<absent>")) == (False, "<absent>")
     assert not differ, differ
     extra = sorted(k for k in b.fields if k.startswith(("llama.", "tokenizer.")) and k not in a.fields)
     assert extra == [], extra
