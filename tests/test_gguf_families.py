@@ -182,7 +182,9 @@ def test_lora_adapter_gguf_on_the_base_gguf_gives_the_merged_greedy_tokens(famil
     from sft.core.export import export_run
 
     monkeypatch.setattr(plugins, "_manager", PM)
-    run = train_tiny(tmp_path / "run", family_models("qwen2"), "template.name=chatml", pm=PM)
+    # A large learning rate, so the adapter visibly changes the base model's greedy answer.
+    run = train_tiny(tmp_path / "run", family_models("qwen2"), "template.name=chatml", "training.learning_rate=0.05",
+                     pm=PM)
 
     [result] = export_run(run, ["gguf"], ["export.gguf.quants=[f16]", "export.gguf.adapter=true"], pm=PM)
 
@@ -194,5 +196,25 @@ def test_lora_adapter_gguf_on_the_base_gguf_gives_the_merged_greedy_tokens(famil
     with_lora = adapter["verify"]
     assert with_lora["prompt_ids_match"] and with_lora["tokens_match"], with_lora["summary"]
     assert with_lora["tokens"] == merged["tokens"] == result.details["verify"]["reference"]
-    # The LoRA really changes the base: the base GGUF alone would not be enough to pass.
-    assert adapter["bytes"] > 0
+    # The adapter really is applied: the base GGUF alone answers differently.
+    from transformers import AutoTokenizer
+
+    from sft.plugins.exporters.gguf.verify import verify_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    prompt = result.details["verify"]["prompt"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    alone = verify_gguf(adapter["base"], "f16", prompt, ids, result.details["verify"]["reference"])
+    assert alone["prompt_ids_match"] and not alone["tokens_match"], alone["summary"]
+
+
+def test_without_the_converter_validate_gives_the_one_command_that_fetches_it(family_models, tmp_path, monkeypatch,
+                                                                              sft_plugin_manager):
+    from sft.core.testing import run_sft
+
+    model = family_models("qwen2")
+    monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "empty-cache"))  # no converter fetched here
+    result = run_sft("validate", "--exporter", "gguf", f"model.name={model}", check=False)
+    assert result.exit_code != 0
+    assert "python -m sft.plugins.exporters.gguf.llama_converter fetch" in result.output, result.output
+    assert "llama_cpp_python-" in result.output  # and what to copy there without network
