@@ -144,7 +144,9 @@ class GgufExporter(Exporter):
                 llama_converter.convert_hf_with_llama_cpp(base, Path(tmp) / "dry-run.gguf", "f16",
                                                           name=context.name, dry_run=True)
         except SftError as exc:
-            return [f"llama.cpp's converter cannot convert {context.config.model.name}: {exc}"]
+            # The converter's last line is its reason (the exception it raised); the traceback above it is noise here.
+            reason = str(exc).strip().splitlines()[-1]
+            return [f"llama.cpp's converter cannot convert {context.config.model.name} (its dry run failed): {reason}"]
         return []
 
     def export(self, context: ExportContext, options: GgufOptions | None = None) -> ExportResult:
