@@ -149,12 +149,18 @@ def _report_failed_pushes(run_dir, summary, cfg) -> bool:
 @cli.command()
 @_config_args
 def validate(**kwargs) -> None:
-    """Check a config, its plugins and its data without loading any model."""
+    """Check a config, its plugins, its data and its exports without loading any model weights."""
     cfg = _load_config(**kwargs)
     from .data import validate_data
+    from .export import preflight_before_training
+    from .plugins import get_plugin_manager
+    from .run import resolve_run_dir
 
     report = validate_data(cfg)
-    click.echo(f"config OK; {report}")
+    # The same preflight as sft run, before training: an export that cannot work fails here too.
+    preflight_before_training(cfg, resolve_run_dir(cfg), get_plugin_manager())
+    exports = f"; exports OK: {', '.join(cfg.export.enabled)}" if cfg.export.enabled else ""
+    click.echo(f"config OK; {report}{exports}")
 
 
 @cli.command()

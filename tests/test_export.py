@@ -166,7 +166,9 @@ def test_gguf_f16_tiny_verified_with_metadata_and_modelfile(run_dir: Path, sft_p
     assert not (run_dir / "exports" / ".tmp").exists()
 
 
-def test_gguf_refuses_non_llama_architecture(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
+def test_gguf_python_converter_refuses_non_llama_architecture(tmp_path: Path, tiny_model_dir: Path,
+                                                               sft_plugin_manager) -> None:
+    # export.gguf.converter=python: sft's own converter only (auto hands a Qwen2 to llama.cpp's, test_gguf_families.py).
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -177,11 +179,13 @@ def test_gguf_refuses_non_llama_architecture(tmp_path: Path, tiny_model_dir: Pat
     qwen.save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
     run = build_run(tmp_path / "run", tmp_path / "qwen")
-    result = run_sft("export", run, "--exporter", "gguf", "--exporter", "lora", check=False)
+    result = run_sft("export", run, "--exporter", "gguf", "--exporter", "lora", "export.gguf.converter=python",
+                     check=False)
     assert result.exit_code == 1
     exports = summary(run)["exports"]
     assert exports["lora"]["ok"]  # the other exporter still ran
     assert "Llama family only" in exports["gguf"]["error"] and "Qwen2ForCausalLM" in exports["gguf"]["error"]
+    assert "export.gguf.converter=llama.cpp" in exports["gguf"]["error"]
     assert exports["gguf"]["error"].startswith("preflight:")
     assert not (run / "exports" / "gguf").exists()  # nothing written: refused before any work
 

@@ -63,13 +63,20 @@ class TokenizerTemplate(ChatTemplate):
         messages = as_messages(messages)
         full = _apply(tokenizer, messages)
         eot = self._probe_eot(tokenizer)
+        eos = getattr(tokenizer, "eos_token", None)
+
+        def still_open(text: str) -> str:
+            # Some templates end the whole conversation with eos (Phi-3.5: "<|end|>\n<|endoftext|>");
+            # a conversation cut after turn i is then prefix-preserving once that last eos is set aside.
+            return text[: -len(eos)] if eos and eos != eot and text.endswith(eos) else text
+
         segments: list[Segment] = []
         pos = 0
         for i, message in enumerate(messages):
             if message.role != "assistant":
                 continue
             before = _apply(tokenizer, messages[:i], generation=True)
-            upto = _apply(tokenizer, messages[: i + 1])
+            upto = still_open(_apply(tokenizer, messages[: i + 1]))
             if not (upto.startswith(before) and full.startswith(upto)) or len(before) < pos:
                 raise SftError(f"template 'tokenizer': the chat_template is not prefix-preserving at turn {i} "
                                f"(rendering more turns changes earlier text), so trained spans cannot be found; "

@@ -58,8 +58,9 @@ def verify_gguf(
     threads: int | None = None,
     gaps_of: Callable[[list[int]], list[float]] | None = None,
     tie_margin: float = DEFAULT_TIE_MARGIN,
+    lora_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load ``path`` with llama.cpp and compare it with the HF reference; returns the verification record.
+    """Load ``path`` (with the GGUF LoRA adapter ``lora_path`` applied, when given) with llama.cpp and compare it with the HF reference; returns the verification record.
 
     Args:
         path: the GGUF file.
@@ -80,7 +81,8 @@ def verify_gguf(
         raise SftError(f"GGUF verification loads the file with llama.cpp: {LLAMA_EXTRA_INSTALL}, "
                        f"or turn verification off with export.verify=false")
     raw = run_in_worker(VERIFY_TASK, {"path": str(path), "prompt": prompt, "hf_prompt_ids": list(hf_prompt_ids),
-                                   "reference": list(reference), "threads": threads})
+                                   "reference": list(reference), "threads": threads,
+                                   "lora_path": str(lora_path) if lora_path else None})
     exact = quant in EXACT_QUANTS if exact is None else exact
     return judge(raw, list(reference), exact, gaps_of, tie_margin)
 
@@ -152,7 +154,8 @@ def verify_here(request: dict[str, Any]) -> dict[str, Any]:
     with quiet_native_output() as log:
         try:
             llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(hf_prompt_ids) + n + 8), n_batch=512,
-                                  n_threads=threads or os.cpu_count() or 1, logits_all=True, verbose=False, seed=0)
+                                  n_threads=threads or os.cpu_count() or 1, logits_all=True, verbose=False, seed=0,
+                                  lora_path=request.get("lora_path"))
         except Exception as exc:  # noqa: BLE001 - llama.cpp reports load failures as ValueError/RuntimeError
             detail = log.read_text(errors="replace")[-2000:]
             raise SftError(f"llama.cpp cannot load {path}: {exc}\n{detail}") from None
