@@ -167,9 +167,23 @@ def validate(**kwargs) -> None:
 @_config_args
 @click.option("-n", "--samples", default=3, show_default=True, help="Rendered samples to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def preview(samples: int, as_json: bool, **kwargs) -> None:
+@click.option("--check-template", is_flag=True,
+              help="Compare every row's trained text with the model tokenizer's own chat_template, token for token "
+                   "(exit 1 when a row differs).")
+def preview(samples: int, as_json: bool, check_template: bool, **kwargs) -> None:
     """Render samples with their trained tokens highlighted, and count rows and tokens (tokenizer only)."""
     cfg = _load_config(**kwargs)
+    if check_template:
+        from .render_check import check_template as run_check, print_check
+
+        report = run_check(cfg)
+        if as_json:
+            click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        else:
+            print_check(report)
+        if report["differing"]:
+            raise SystemExit(1)
+        return
     from .preview import preview as run_preview
 
     run_preview(cfg, samples=samples, as_json=as_json)
@@ -254,11 +268,14 @@ def report(run_dir: str) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=128, show_default=True)
-def generate(run_dir: str, prompt: str, max_new_tokens: int) -> None:
+@click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file of tool specs (OpenAI function schema) the prompt declares.")
+def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | None) -> None:
     """Answer PROMPT with the run's adapter and template, streaming the text."""
-    from .generate import generate_from_run
+    from .generate import generate_from_run, read_tools
 
-    generate_from_run(run_dir, prompt, max_new_tokens=max_new_tokens)
+    tools = read_tools(tools_file) if tools_file else None
+    generate_from_run(run_dir, prompt, max_new_tokens=max_new_tokens, tools=tools)
 
 
 @cli.command()

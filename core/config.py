@@ -86,7 +86,7 @@ class DataConfig:
     test_size: float = opt(0.0, "Hold out this fraction (<1) or number of rows (>=1) of the training split for evaluation, seeded by training.seed.")
     on_bad_row: str = opt("error", "What a malformed row does: error stops before any model loads; skip drops it, counts it and records it.", ["error", "skip"])
     max_bad_fraction: float = opt(0.05, "With on_bad_row=skip, fail when more than this fraction of rows is bad.")
-    train_on: str = opt("assistant", "assistant: train exactly the assistant turns and their end-of-turn token. all: train every token.", ["assistant", "all"])
+    train_on: str = opt("assistant", "assistant: train exactly the assistant turns (text, tool calls, reasoning) and their end-of-turn token. assistant_no_reasoning: the same but leave reasoning (think blocks) untrained. all: train every token.", ["assistant", "assistant_no_reasoning", "all"])
     cache_dir: Optional[str] = opt(None, "Where tokenized datasets are cached (default ~/.cache/sft/datasets).")
 
 

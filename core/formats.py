@@ -3,18 +3,31 @@
 Format plugins read their fields with :func:`require_text` / :func:`require_list`, which raise
 a :class:`DataError` naming the field; the data pipeline adds the file, line and row.
 :func:`validate_conversation` is run by the core on every normalized conversation, whatever
-format produced it, so a plugin never has to re-implement role or emptiness checks.
+format produced it, so a plugin never has to re-implement role, emptiness or tool-call checks.
+:func:`parse_tools` and :func:`parse_tool_call` read the OpenAI tool schema (and its common
+variants) for any format that has tool calls.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import DataError
-from .interfaces import ROLES, Message
+from .errors import DataError, did_you_mean
+from .interfaces import ROLES, Conversation, Message, ToolCall, tools_of
 
-__all__ = ["require_text", "require_list", "validate_conversation"]
+__all__ = [
+    "require_text",
+    "require_list",
+    "validate_conversation",
+    "parse_tools",
+    "parse_tool_call",
+    "parse_arguments",
+    "tool_names",
+    "conversation_to_json",
+    "conversation_from_json",
+]
 
 
 def _present(row: Mapping[str, Any], key: str, prefix: str) -> tuple[str, Any]:
@@ -48,38 +61,200 @@ def require_list(row: Mapping[str, Any], key: str, prefix: str = "") -> list:
     return list(value)
 
 
+def parse_arguments(value: Any, field: str) -> dict[str, Any]:
+    """Tool-call arguments as a JSON object: a dict as is, a string parsed; else a :class:`DataError`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"tool-call arguments are not valid JSON: {exc.msg} (column {exc.colno}) in {value!r:.80}",
+                            field=field) from None
+    if not isinstance(value, Mapping):
+        raise DataError(f"tool-call arguments must be a JSON object, got {type(value).__name__}", field=field)
+    return dict(value)
+
+
+def parse_tools(value: Any, field: str = "tools") -> list[dict[str, Any]]:
+    """A row's tool list in OpenAI form ``[{"type": "function", "function": {name, description, parameters}}]``.
+
+    Accepts the list or its JSON text (LLaMA-Factory stores it as a string), and bare
+    ``{name, description, parameters}`` specs, which are wrapped. None or empty means no tools.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", field=field) from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"expected a list of tool specs, got {type(value).__name__}", field=field)
+    tools = []
+    for i, spec in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(spec, Mapping):
+            raise DataError(f"expected a tool spec object, got {spec!r:.60}", field=where)
+        if "function" in spec:
+            function = spec["function"]
+            if not isinstance(function, Mapping):
+                raise DataError("expected an object", field=f"{where}.function")
+            spec = dict(spec)
+        else:
+            function, spec = spec, {"type": "function", "function": dict(spec)}
+        require_text(function, "name", where + (".function" if "function" in value[i] else ""))
+        tools.append(spec)
+    return tools
+
+
+def tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The function names of an OpenAI-form tool list."""
+    return [str(t["function"]["name"]) for t in tools if isinstance(t.get("function"), Mapping)]
+
+
+def parse_tool_call(item: Any, field: str) -> ToolCall:
+    """One tool call: OpenAI ``{id, type: function, function: {name, arguments}}`` or flat ``{name, arguments}``.
+
+    ``arguments`` may be a JSON string or an object (``parameters`` is accepted for it, as Llama
+    3.1 writes calls); either way the result holds the parsed object.
+    """
+    if not isinstance(item, Mapping):
+        raise DataError(f"expected a tool-call object, got {item!r:.60}", field=field)
+    function, where = item, field
+    if "function" in item:
+        function, where = item["function"], f"{field}.function"
+        if not isinstance(function, Mapping):
+            raise DataError("expected an object with 'name' and 'arguments'", field=where)
+    name = require_text(function, "name", where)
+    key = "arguments" if "arguments" in function or "parameters" not in function else "parameters"
+    arguments = parse_arguments(function.get(key) if function.get(key) is not None else {}, f"{where}.{key}")
+    call_id = item.get("id")
+    return ToolCall(name, arguments, str(call_id) if call_id not in (None, "") else None)
+
+
 def _a(word: str) -> str:
     return f"an {word}" if word == "assistant" else f"a {word}"
 
 
-def validate_conversation(messages: Sequence[Message]) -> None:
+def validate_conversation(messages: Sequence[Message]) -> list[str]:
     """Check a normalized conversation; raise :class:`DataError` naming the turn at fault.
 
-    Rules: roles are system/user/assistant; a system turn may only come first; after it,
-    turns alternate user, assistant, user, ... starting with user and ending with assistant
-    (a trailing question would be rendered but never answered); no content is empty.
+    Rules: roles are system/user/assistant/tool; a system turn may only come first; after it,
+    user and assistant turns alternate, starting with user and ending with assistant (a trailing
+    question would be rendered but never answered). An assistant turn with tool calls is
+    followed by one ``tool`` turn per call (the results, in any order, matched by
+    ``tool_call_id``, else by ``name``, else in order) and then by the next assistant turn; a
+    tool result with no matching call is an error. Content is never empty, except on an
+    assistant turn that makes tool calls. Reasoning and tool calls belong to assistant turns;
+    tool-call arguments are JSON objects.
+
+    Returns warnings (the core prints them with the row's location): a call of a tool that is
+    missing from the conversation's ``tools`` when it declares some.
     """
     if not messages:
         raise DataError("empty conversation")
+    warnings: list[str] = []
+    declared = set(tool_names(tools_of(messages)))
     expected = "user"
+    pending: list[ToolCall] = []  # calls of the last assistant turn still waiting for their result
     for i, message in enumerate(messages):
         where = f"turn {i}"
         if not isinstance(message, Message):
             raise DataError(f"{where}: the format returned {type(message).__name__}, not a Message")
-        if message.role not in ROLES:
-            raise DataError(f"{where}: unknown role '{message.role}'")
-        if not isinstance(message.content, str) or not message.content.strip():
-            raise DataError(f"{where} ({message.role}): empty content")
-        if message.role == "system":
+        role = message.role
+        if role not in ROLES:
+            raise DataError(f"{where}: unknown role '{role}'")
+        if message.reasoning is not None and role != "assistant":
+            raise DataError(f"{where} ({role}): reasoning on a {role} turn; only assistant turns reason")
+        if message.tool_calls and role != "assistant":
+            raise DataError(f"{where} ({role}): tool calls on a {role} turn; only assistant turns call tools")
+        empty = not isinstance(message.content, str) or not message.content.strip()
+        if empty and not (role == "assistant" and message.tool_calls):
+            raise DataError(f"{where} ({role}): empty content")
+        if role == "system":
             if i != 0:
                 raise DataError(f"{where}: a system turn may only come first")
             continue
-        if message.role != expected:
+        if role == "tool":
+            if not pending:
+                raise DataError(f"{where}: a tool result with no matching call"
+                                + (" (the previous assistant turn makes no tool call)" if expected != "tool" else
+                                   " (every call of the previous assistant turn already has its result)"))
+            pending.remove(_match_call(message, pending, where))
+            expected = "tool" if pending else "assistant"
+            continue
+        if pending:
+            names = ", ".join(c.name for c in pending)
+            raise DataError(f"{where}: {_a(role)} turn follows an assistant turn whose tool call(s) {names} have no "
+                            f"result (expected a tool turn)")
+        if role != expected:
             previous = f"{_a(messages[i - 1].role)} turn" if i else "the start"
-            raise DataError(f"{where}: roles must alternate user/assistant: {_a(message.role)} turn follows "
+            raise DataError(f"{where}: roles must alternate user/assistant: {_a(role)} turn follows "
                             f"{previous} (expected {expected})")
-        expected = "assistant" if expected == "user" else "user"
+        if role == "assistant":
+            for j, call in enumerate(message.tool_calls):
+                if not isinstance(call, ToolCall):
+                    raise DataError(f"{where}: tool_calls[{j}] is {type(call).__name__}, not a ToolCall")
+                parse_arguments(call.arguments, f"turn {i} tool_calls[{j}].arguments")
+                if declared and call.name not in declared:
+                    warnings.append(f"{where}: calls tool '{call.name}', which the row's tools do not declare"
+                                    f"{did_you_mean(call.name, declared)} (declared: {', '.join(sorted(declared))})")
+            pending = list(message.tool_calls)
+            expected = "tool" if pending else "user"
+        else:
+            expected = "assistant"
     if not any(m.role == "assistant" for m in messages):
         raise DataError("no assistant turn")
-    if messages[-1].role != "assistant":
+    last = messages[-1]
+    if last.role == "tool":
+        raise DataError(f"turn {len(messages) - 1}: the conversation ends with a tool result that no assistant turn "
+                        f"reads")
+    if last.role != "assistant":
         raise DataError(f"turn {len(messages) - 1}: the conversation ends with an unanswered user turn")
+    return warnings
+
+
+def _match_call(message: Message, pending: list[ToolCall], where: str) -> ToolCall:
+    """The pending call a tool result answers: by ``tool_call_id``, else by ``name``, else the first."""
+    if message.tool_call_id:
+        for call in pending:
+            if call.id == message.tool_call_id:
+                return call
+        ids = ", ".join(repr(c.id) for c in pending if c.id) or "none"
+        raise DataError(f"{where}: a tool result with no matching call: tool_call_id {message.tool_call_id!r} "
+                        f"is not among the pending calls' ids ({ids})")
+    if message.name:
+        for call in pending:
+            if call.name == message.name:
+                return call
+        names = ", ".join(c.name for c in pending)
+        raise DataError(f"{where}: a tool result with no matching call: tool '{message.name}' was not called "
+                        f"(pending: {names})")
+    return pending[0]
+
+
+def conversation_to_json(messages: Sequence[Message]) -> dict[str, Any]:
+    """A JSON-able form of a conversation (the data cache stores these); :func:`conversation_from_json` reverses it."""
+    out: dict[str, Any] = {"messages": []}
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in m.tool_calls]
+        for key in ("tool_call_id", "name", "reasoning"):
+            if getattr(m, key) is not None:
+                item[key] = getattr(m, key)
+        out["messages"].append(item)
+    if tools_of(messages):
+        out["tools"] = tools_of(messages)
+    return out
+
+
+def conversation_from_json(data: Mapping[str, Any]) -> list[Message]:
+    """The conversation :func:`conversation_to_json` wrote (a :class:`Conversation` when it has tools)."""
+    messages = []
+    for item in data["messages"]:
+        item = dict(item)
+        calls = tuple(ToolCall(c["name"], c["arguments"], c.get("id")) for c in item.pop("tool_calls", ()))
+        messages.append(Message(tool_calls=calls, **item))
+    return Conversation(messages, data["tools"]) if data.get("tools") else messages

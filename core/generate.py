@@ -13,22 +13,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import SftError
-from .interfaces import Message
+from .interfaces import Conversation, Message, tools_of
 
 if TYPE_CHECKING:
     from .interfaces import ChatTemplate
 
-__all__ = ["generate_reply", "load_run", "generate_from_run", "chat_with_run", "first_user_prompt"]
+__all__ = ["generate_reply", "load_run", "generate_from_run", "chat_with_run", "first_user_prompt", "read_tools"]
 
 
 def first_user_prompt(conversations: Sequence[Sequence[Message]]) -> list[Message] | None:
-    """The messages up to and including the first user turn of the first conversation (system turn kept)."""
+    """The messages up to and including the first user turn of the first conversation (system turn and tools kept)."""
     for conversation in conversations:
-        head: list[Message] = []
-        for message in conversation:
-            head.append(message)
+        for i, message in enumerate(conversation):
             if message.role == "user":
-                return head
+                return conversation[: i + 1]  # a Conversation's slice keeps its tools
     return None
 
 
@@ -52,7 +50,7 @@ def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", message
     """
     import torch
 
-    prompt = template.generation_prompt(list(messages), tokenizer)
+    prompt = template.generation_prompt(Conversation(messages, tools_of(messages)), tokenizer)  # a copy, tools kept
     encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     device = next(model.parameters()).device
     encoded = {k: v.to(device) for k, v in encoded.items()}
@@ -139,10 +137,35 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     return model, tokenizer, template, cfg
 
 
-def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128) -> str:
-    """``sft generate RUN_DIR PROMPT``: stream the run's answer to ``prompt`` and return it."""
+def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128,
+                      tools: Sequence[Any] | None = None) -> str:
+    """``sft generate RUN_DIR PROMPT [--tools FILE]``: stream the run's answer to ``prompt`` and return it.
+
+    With ``tools`` (OpenAI function specs) the prompt declares them as training rows did, so a
+    model trained on tool calls answers with one in its template's format.
+    """
     model, tokenizer, template, _cfg = load_run(run_dir)
-    return generate_reply(model, tokenizer, template, [Message("user", prompt)], max_new_tokens, stream=True)
+    messages: list[Message] = Conversation([Message("user", prompt)], tools or ())
+    return generate_reply(model, tokenizer, template, messages, max_new_tokens, stream=True)
+
+
+def read_tools(path: str | Path) -> list[dict[str, Any]]:
+    """The tool specs in a JSON file (a list, or one spec), in OpenAI form; a clear error when it is not."""
+    import json
+
+    from .errors import DataError
+    from .formats import parse_tools
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=str(path), line=exc.lineno) from None
+    except OSError as exc:
+        raise DataError(f"cannot read the tools file: {exc.strerror}", source=str(path)) from None
+    try:
+        return parse_tools(value, "tools")
+    except DataError as exc:
+        raise exc.located(source=str(path)) from None
 
 
 def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256) -> None:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ROLES",
+    "ToolCall",
     "Message",
+    "Conversation",
     "Segment",
     "Plugin",
     "DatasetFormat",
@@ -35,25 +37,85 @@ __all__ = [
     "HubCard",
     "TrainingBackend",
     "KINDS",
+    "tools_of",
 ]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant turn makes (OpenAI's ``tool_calls[i].function`` plus its ``id``).
+
+    ``arguments`` is the parsed JSON object; a format that has only the JSON text may pass the
+    string, and :func:`sft.core.formats.validate_conversation` reports it when it is not a JSON object.
+    """
+
+    name: str
+    arguments: Any = field(default_factory=dict)
+    id: str | None = None
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation. ``role`` is one of :data:`ROLES`."""
+    """One turn of a conversation. ``role`` is one of :data:`ROLES`.
+
+    The optional fields default to "absent", so ``Message(role, content)`` keeps meaning what it
+    always did. An assistant turn may carry ``tool_calls`` (then ``content`` may be empty) and
+    ``reasoning`` (its thinking trace, rendered the way the template renders reasoning); a
+    ``tool`` turn's ``content`` is the result of the call named by ``tool_call_id`` / ``name``.
+    """
 
     role: str
-    content: str
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning: str | None = None
+
+
+class Conversation(list):
+    """A list of :class:`Message` that also carries the row's ``tools`` (JSON-schema function specs).
+
+    It *is* a ``list[Message]``, so code that takes a plain list keeps working; slicing keeps the
+    tools (a template renders ``messages[:i]`` with the same tools). ``tools`` holds OpenAI-style
+    ``{"type": "function", "function": {name, description, parameters}}`` objects. Read it with
+    :func:`tools_of`, which also accepts a plain list (no tools).
+    """
+
+    def __init__(self, messages: Sequence[Message] = (), tools: Sequence[Mapping[str, Any]] = ()):
+        super().__init__(messages)
+        self.tools: list[dict[str, Any]] = [dict(t) for t in tools]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        item = super().__getitem__(index)
+        return Conversation(item, self.tools) if isinstance(index, slice) else item
+
+    def __repr__(self) -> str:
+        return f"Conversation({list.__repr__(self)}, tools={self.tools!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return list.__eq__(self, other) and tools_of(self) == tools_of(other)  # type: ignore[arg-type]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def tools_of(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The tools a conversation declares: ``messages.tools`` of a :class:`Conversation`, else none."""
+    return list(getattr(messages, "tools", None) or [])
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of rendered text and whether its tokens are trained (get labels)."""
+    """A piece of rendered text and whether its tokens are trained (get labels).
+
+    ``reasoning`` marks a trained segment that is an assistant's reasoning (its think block):
+    ``data.train_on: assistant_no_reasoning`` leaves those untrained.
+    """
 
     text: str
     trained: bool
+    reasoning: bool = False
 
 
 class Plugin(ABC):
@@ -90,7 +152,7 @@ class DatasetFormat(Plugin):
 
     @abstractmethod
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
-        """Normalize ``row`` into a list of :class:`Message`.
+        """Normalize ``row`` into a list of :class:`Message` (a :class:`Conversation` when the row declares tools).
 
         Raise :class:`~sft.core.errors.DataError` with ``field=`` for a missing, null or
         malformed field; the core adds the file, line and row.
@@ -120,9 +182,13 @@ class ChatTemplate(Plugin):
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         """Render a whole conversation into segments.
 
-        Each assistant turn's content and its end-of-turn token(s) are in segments with
-        ``trained=True``; everything else is ``trained=False``. The concatenated text equals
-        what :meth:`jinja` renders for the same messages.
+        Each assistant turn's content, tool calls, reasoning and its end-of-turn token(s) are
+        in segments with ``trained=True`` (reasoning ones also with ``reasoning=True``);
+        everything else (system, user and tool turns, the tools preamble of
+        :func:`tools_of` ``(messages)``) is ``trained=False``. The concatenated text equals
+        what :meth:`jinja` renders for the same messages and tools. A template without a
+        tool-call or reasoning format raises :class:`~sft.core.errors.SftError` for such a
+        row rather than dropping what it cannot render.
         """
 
     @abstractmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .errors import ConfigError, ConfigProblem, SftError
-from .interfaces import ChatTemplate, Message, Segment
+from .interfaces import ChatTemplate, Conversation, Message, Segment, ToolCall, tools_of
 
 if TYPE_CHECKING:
     from .plugins import PluginManager
@@ -39,6 +39,7 @@ __all__ = [
     "encode_rendered",
     "end_of_turn",
     "as_messages",
+    "chat_dicts",
     "token_runs",
 ]
 
@@ -123,9 +124,47 @@ def trained_text(segments: Sequence[Segment]) -> str:
     return "".join(s.text for s in segments if s.trained)
 
 
-def as_messages(messages: Sequence[Any]) -> list[Message]:
-    """Accept :class:`Message` objects or ``{"role", "content"}`` dicts (what HF tools pass)."""
-    return [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+def as_messages(messages: Sequence[Any], tools: Sequence[Any] | None = None) -> list[Message]:
+    """Accept :class:`Message` objects or OpenAI-style dicts (what HF tools pass); keep or attach the tools.
+
+    Dicts may carry ``tool_calls`` (``{function: {name, arguments}}`` or flat), ``tool_call_id``,
+    ``name`` and ``reasoning_content``. The result is a :class:`Conversation` when there are tools.
+    """
+    out = [m if isinstance(m, Message) else _from_dict(m) for m in messages]
+    tools = list(tools) if tools is not None else tools_of(messages)
+    return Conversation(out, tools) if tools else out
+
+
+def _from_dict(m: Any) -> Message:
+    calls = []
+    for c in m.get("tool_calls") or ():
+        f = c.get("function", c)
+        args = f.get("arguments", {})
+        calls.append(ToolCall(f["name"], json.loads(args) if isinstance(args, str) else args, c.get("id")))
+    return Message(m["role"], m.get("content") or "", tool_calls=tuple(calls), tool_call_id=m.get("tool_call_id"),
+                   name=m.get("name"), reasoning=m.get("reasoning_content"))
+
+
+def chat_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The messages as the dicts HF chat templates read (OpenAI schema), with only the keys that are set.
+
+    Keys are left out rather than set empty: Llama 3.1's template tests ``'tool_calls' in message``.
+    Arguments stay objects, so a template's ``tojson`` writes them (Qwen2.5 always does).
+    """
+    out = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [{**({"id": c.id} if c.id else {}), "type": "function",
+                                   "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            item["name"] = m.name
+        if m.reasoning is not None:
+            item["reasoning_content"] = m.reasoning
+        out.append(item)
+    return out
 
 
 def end_of_turn(template: ChatTemplate, tokenizer: Any = None) -> str:
@@ -183,6 +222,7 @@ class TurnTemplate(ChatTemplate):
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = as_messages(messages)
+        self._refuse_tools(messages)
         eot = end_of_turn(self, tokenizer)
         segments: list[Segment] = []
         head = self.bos
@@ -244,6 +284,15 @@ class TurnTemplate(ChatTemplate):
             "{{ end }}{{ end }}"
         )
 
+    def _refuse_tools(self, messages: Sequence[Message]) -> None:
+        """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
+        what = ("tools" if tools_of(messages) else
+                "tool calls" if any(m.tool_calls or m.role == "tool" for m in messages) else
+                "reasoning" if any(m.reasoning for m in messages) else None)
+        if what:
+            raise SftError(f"chat template '{self.name}' has no format for {what}; choose one that has "
+                           f"(qwen, qwen3, hermes, llama31, or tokenizer with a model whose template does)")
+
     def _turn(self, role: str) -> Turn:
         if role not in ("system", "user", "assistant"):
             raise SftError(f"chat template '{self.name}' cannot render role '{role}'")
@@ -260,7 +309,8 @@ def encode_rendered(
     Args:
         tokenizer: a *fast* Hugging Face tokenizer (offsets are needed).
         rendered: one list of segments per conversation.
-        train_on: ``assistant`` trains the tokens overlapping trained segments; ``all`` trains every token.
+        train_on: ``assistant`` trains the tokens overlapping trained segments; ``assistant_no_reasoning``
+            the same except reasoning segments; ``all`` trains every token.
 
     Returns:
         ``(input_ids, mask)`` per conversation, ``mask[i] == 1`` where token ``i`` is trained.
@@ -288,7 +338,7 @@ def encode_rendered(
         pos = 0
         for seg in segs:
             end = pos + len(seg.text)
-            if seg.trained:
+            if seg.trained and not (seg.reasoning and train_on == "assistant_no_reasoning"):
                 flags[pos:end] = 1
             pos = end
         cum = np.concatenate(([0], np.cumsum(flags)))

@@ -43,6 +43,10 @@ __all__ = [
     "train_tiny",
     "run_sft",
     "assert_exact_masking",
+    "assert_renders_like",
+    "expected_spans",
+    "TOOL_TOOLS",
+    "TOOL_CONVERSATIONS",
     "trained_spans",
     "TINY_CONVERSATION",
     "tiny_model_dir",
@@ -247,6 +251,73 @@ TINY_CONVERSATION = (
 )
 
 
+def _call(name: str, arguments: dict, call_id: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+#: The tool specs the kit's tool conversations declare (OpenAI form).
+TOOL_TOOLS = (
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "Local time of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+)
+
+#: Conversations with tools and reasoning, by the case they cover; each is OpenAI-style dicts
+#: rendered with :data:`TOOL_TOOLS`. Templates with one call per turn (Llama 3.1) skip
+#: ``parallel``; templates without a reasoning format skip ``reasoning``.
+TOOL_CONVERSATIONS = {
+    "single": (
+        {"role": "system", "content": "You are Forge."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Paris"}, "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18C, sunny"},
+        {"role": "assistant", "content": "It is 18C and sunny in Paris."},
+    ),
+    "text_and_call": (
+        {"role": "user", "content": "Time in Oslo?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [_call("get_time", {"city": "Oslo"}, "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "09:30"},
+        {"role": "assistant", "content": "It is 09:30 in Oslo."},
+    ),
+    "parallel": (
+        {"role": "user", "content": "Weather and time in Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Rome"}, "a"),
+                                                            _call("get_time", {"city": "Rome"}, "b")]},
+        {"role": "tool", "tool_call_id": "a", "content": "25C, clear"},
+        {"role": "tool", "tool_call_id": "b", "content": "15:00"},
+        {"role": "assistant", "content": "Rome: 25C and clear, 15:00."},
+    ),
+    "error_result": (
+        {"role": "user", "content": "Weather in Atlantis?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Atlantis"}, "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"error\": \"unknown city: Atlantis\"}"},
+        {"role": "assistant", "content": "I could not find a city called Atlantis."},
+    ),
+    "multi_step": (
+        {"role": "user", "content": "Is it warmer in Lima than in Quito?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Lima"}, "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "22C"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Quito"}, "c2")]},
+        {"role": "tool", "tool_call_id": "c2", "content": "14C"},
+        {"role": "assistant", "content": "Yes: Lima is 22C, Quito 14C."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You are welcome."},
+    ),
+    "reasoning": (
+        {"role": "user", "content": "What is 17 * 3?"},
+        {"role": "assistant", "content": "51.", "reasoning_content": "17 * 3 = 51."},
+        {"role": "user", "content": "And the weather in Bern?"},
+        {"role": "assistant", "content": "", "reasoning_content": "I need the weather tool.",
+         "tool_calls": [_call("get_weather", {"city": "Bern"}, "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "10C"},
+        {"role": "assistant", "content": "It is 10C in Bern.", "reasoning_content": "The tool says 10C."},
+    ),
+}
+
+
 def trained_spans(input_ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
     """The decoded text of each maximal run of trained tokens, in order."""
     spans: list[list[int]] = []
@@ -260,28 +331,47 @@ def trained_spans(input_ids: list[int], mask: list[int], tokenizer: Any) -> list
     return [tokenizer.decode(span, skip_special_tokens=False) for span in spans]
 
 
-def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, tokenizer: Any = None) -> None:
-    """Assert that ``template`` trains exactly each assistant turn's content plus the end-of-turn token.
-
-    Renders ``conversation`` (``Message`` objects, ``{"role", "content"}`` dicts or
-    ``(role, content)`` pairs) and tokenizes it the way training does
-    (:func:`sft.core.templating.encode_rendered`), then decodes each run of trained tokens. There
-    must be one run per assistant turn, equal to ``content + EOT`` (EOT: the template's first
-    stop token). One leading space is allowed: in ``ASSISTANT: answer`` layouts the separating
-    space belongs to the answer's first BPE token. It also checks that the rendered text is what
-    the template's Jinja renders (the tokenizer saved with the adapter) and that the generation
-    prompt is a prefix of the text up to the first answer.
-    """
+def _kit_messages(conversation: Any, tools: Any = None) -> list:
     from .interfaces import Message
-    from .templating import as_messages, encode_rendered, end_of_turn, segments_text
+    from .templating import as_messages
 
-    messages = as_messages([Message(*m) if isinstance(m, (tuple, list)) else m for m in conversation])
+    items = [Message(*m) if isinstance(m, (tuple, list)) else m for m in conversation]
+    return as_messages(items, tools)
+
+
+def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, tokenizer: Any = None,
+                         tools: Any = None, train_on: str = "assistant") -> None:
+    """Assert that ``template`` trains exactly each assistant turn (text, tool calls, reasoning) plus its end-of-turn token.
+
+    Renders ``conversation`` (``Message`` objects, OpenAI-style dicts with ``tool_calls`` /
+    ``tool_call_id`` / ``reasoning_content``, or ``(role, content)`` pairs; ``tools`` the row's
+    tool specs) and tokenizes it the way training does
+    (:func:`sft.core.templating.encode_rendered`), then decodes each run of trained tokens.
+    The expectation comes from the template's *Jinja* alone, so it checks ``render()``
+    independently: assistant turn *i* is the text between the generation prompt of
+    ``messages[:i]`` and the first end-of-turn token after it (EOT: the template's first stop
+    token), inclusive. There must be one trained run per assistant turn, equal to that. A turn
+    without tool calls must end with its content plus the EOT; a turn's tool calls (name and
+    arguments) and reasoning (where the template renders it) lie in its run; no system, user or
+    tool-result text is trained. With ``train_on="assistant_no_reasoning"`` a leading
+    ``<think>...</think>`` block of a run is expected untrained. One leading space is allowed: in
+    ``ASSISTANT: answer`` layouts the separating space belongs to the answer's first BPE token.
+    It also checks that the rendered text is what the template's Jinja renders (the tokenizer
+    saved with the adapter) and that the generation prompt is a prefix of the text up to the
+    first answer.
+    """
+    from .templating import encode_rendered, end_of_turn, segments_text
+
+    messages = _kit_messages(conversation, tools)
     segments = template.render(messages, tokenizer)
     text = segments_text(segments)
-    [(ids, mask)] = encode_rendered(tokenizer, [segments])
+    [(ids, mask)] = encode_rendered(tokenizer, [segments], train_on)
     assert tokenizer.decode(ids, skip_special_tokens=False) == text, "tokenizing and decoding the rendered text changed it"
     eot = end_of_turn(template, tokenizer)
-    expected = [m.content + eot for m in messages if m.role == "assistant"]
+    jinja_text = _render_jinja(template, tokenizer, messages, add_generation_prompt=False)
+    assert jinja_text == text, (
+        f"template '{template.name}': jinja() renders differently from render():\n{jinja_text!r}\n{text!r}")
+    expected = expected_spans(template, tokenizer, messages, train_on, text)
     actual = trained_spans(ids, mask, tokenizer)
     assert any(mask), f"template '{template.name}' trains no token at all (all labels masked):\n{text!r}"
     assert len(actual) == len(expected), (
@@ -294,18 +384,95 @@ def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, t
             else:
                 hint = ""
             raise AssertionError(f"template '{template.name}' trains {got!r}, expected exactly {want!r}{hint}")
-    jinja_text = _render_jinja(template, tokenizer, messages, add_generation_prompt=False)
-    assert jinja_text == text, (
-        f"template '{template.name}': jinja() renders differently from render():\n{jinja_text!r}\n{text!r}")
+    said = "".join(m.content for m in messages if m.role == "assistant")
+    trained = "".join(actual)
+    for i, m in enumerate(messages):
+        if m.role != "assistant" and m.content.strip() and m.content.strip() not in said:
+            assert m.content.strip() not in trained, (
+                f"template '{template.name}' trains the text of the {m.role} turn {i}: {m.content!r}")
     first_answer = next(i for i, m in enumerate(messages) if m.role == "assistant")
     prompt = template.generation_prompt(messages[:first_answer], tokenizer)
     assert text.startswith(prompt.rstrip(" ")), (
         f"template '{template.name}': the generation prompt {prompt!r} is not how the training text continues")
 
 
+def expected_spans(template: Any, tokenizer: Any, messages: Any, train_on: str = "assistant",
+                   text: str | None = None) -> list[str]:
+    """What each assistant turn of ``messages`` should train, from the template's Jinja alone.
+
+    Turn *i*'s span runs from the end of the generation prompt of ``messages[:i]`` to the first
+    end-of-turn token after it, inclusive (less a leading think block under
+    ``train_on="assistant_no_reasoning"``); ``text`` is the full render (rendered from the Jinja
+    when not given). Also asserts what every span must hold: a turn without tool calls ends with
+    its content plus the EOT; its tool calls and reasoning lie inside it.
+    """
+    import json as _json
+
+    from .templating import end_of_turn
+
+    eot = end_of_turn(template, tokenizer)
+    if text is None:
+        text = _render_jinja(template, tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        before = _render_jinja(template, tokenizer, messages[:i], add_generation_prompt=True)
+        assert text.startswith(before), (
+            f"template '{template.name}': the generation prompt before turn {i} is not a prefix of the text:\n"
+            f"{before!r}\n{text!r}")
+        end = text.find(eot, len(before))
+        assert end >= 0, f"template '{template.name}': assistant turn {i} is not closed by {eot!r}:\n{text!r}"
+        span = text[len(before):end + len(eot)]
+        if not m.tool_calls:
+            assert span.endswith(m.content.strip() + eot), (
+                f"template '{template.name}' renders assistant turn {i} as {span!r}, which does not end with its "
+                f"content followed by the end-of-turn token {eot!r}")
+        for call in m.tool_calls:
+            assert call.name in span and all(_json.dumps(v, ensure_ascii=False) in span for v in call.arguments.values()), (
+                f"template '{template.name}': turn {i}'s call of {call.name} {call.arguments} is not in {span!r}")
+        if m.reasoning and m.reasoning.strip() in text:
+            assert m.reasoning.strip() in span, (
+                f"template '{template.name}': turn {i}'s reasoning is rendered outside its turn {span!r}")
+        spans.append(_without_think(span) if train_on == "assistant_no_reasoning" else span)
+    return spans
+
+
+def _without_think(span: str, opening: str = "<think>", closing: str = "</think>") -> str:
+    """``span`` less a leading think block and the newlines after it (what stays trained without reasoning)."""
+    lead = len(span) - len(span.lstrip())
+    if span.startswith(opening, lead) and (close := span.find(closing, lead)) >= 0:
+        rest = span[close + len(closing):]
+        return span[:lead] + rest.lstrip("\n")
+    return span
+
+
+def assert_renders_like(template: Any, model_tokenizer: Any, conversations: Any, tools: Any = None,
+                        tokenizer: Any = None) -> None:
+    """Assert that ``template`` renders each conversation to the same tokens as ``model_tokenizer``'s own chat_template.
+
+    What ``sft preview --check-template`` checks on a dataset, for a template plugin's tests:
+    ``model_tokenizer`` carries the model's real ``chat_template``; ``tokenizer`` (default: the
+    same) is the one training uses. ``conversations`` is a list of conversations in any form
+    :func:`assert_exact_masking` takes, or of ``(conversation, tools)`` pairs.
+    """
+    from .render_check import render_difference
+
+    for n, conversation in enumerate(conversations):
+        conv_tools = tools
+        if isinstance(conversation, tuple) and len(conversation) == 2 and not isinstance(conversation[0], str):
+            conversation, conv_tools = conversation
+        diff = render_difference(template, tokenizer or model_tokenizer, model_tokenizer,
+                                 _kit_messages(conversation, conv_tools))
+        assert diff is None, f"template '{template.name}', conversation {n}: {diff.describe()}"
+
+
 def _render_jinja(template: Any, tokenizer: Any, messages: Any, add_generation_prompt: bool) -> str:
+    from .interfaces import tools_of
+    from .templating import chat_dicts
+
     return tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in messages],
+        chat_dicts(messages), tools=tools_of(messages) or None,
         chat_template=template.jinja(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

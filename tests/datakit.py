@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from sft.core.config import load_config
-from sft.core.templating import end_of_turn
 
 FIXTURES = Path(__file__).parent / "data"
 #: The project's shared sample data: ../shared/data next to the checkout (absent on a clean CI checkout).
@@ -37,18 +36,20 @@ def decoded_spans(ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
 
 
 def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any) -> int:
-    """Every training row trains exactly its assistant contents, each followed by the EOT.
+    """Every training row trains exactly its assistant turns, each followed by the EOT (:func:`expected_spans`).
 
     One leading space is tolerated, as in :func:`sft.core.testing.assert_exact_masking`: in
     ``ASSISTANT: answer`` layouts the separating space is part of the answer's first token.
     Returns the number of rows checked.
     """
-    eot = end_of_turn(template, tokenizer)
+    from sft.core.testing import expected_spans
+
     ids_col, mask_col = prepared.train["input_ids"], prepared.train["assistant_masks"]
     assert len(ids_col) == len(prepared.train_conversations)
     for i, (ids, mask, conversation) in enumerate(zip(ids_col, mask_col, prepared.train_conversations)):
         got = decoded_spans(ids, mask, tokenizer)
-        want = [m.content + eot for m in conversation if m.role == "assistant"]
+        # content + EOT for the plain templates; the model's own turn text (Qwen3's empty think block) otherwise
+        want = expected_spans(template, tokenizer, conversation)
         ok = len(got) == len(want) and all(g == w or (g.startswith(" ") and g[1:] == w) for g, w in zip(got, want))
         assert ok, f"row {i} with template '{template.name}': trained {got!r}, expected {want!r}"
     return len(ids_col)

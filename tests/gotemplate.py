@@ -4,16 +4,43 @@ Enough to render the templates `sft` generates and the usual hand-written ones, 
 check that an Ollama template produces exactly the text the model was trained on:
 literal text, ``{{ .Field }}``, ``{{ $.Field }}``, ``{{ $var }}``, ``{{ $x := expr }}``,
 ``if``/``else if``/``else``/``end``, ``range [$i, $v :=] .List``, trim markers ``{{-``/``-}}``,
-and the functions ``eq``, ``ne``, ``not``, ``and``, ``or``, ``len``, ``slice``, ``index``.
-Anything else raises, so a template using more than this fails the test loudly.
+``$var.Field`` and ``(expr).Field``, ``$x = expr`` assigning an outer variable (as Go does across
+``range`` iterations), and the functions ``eq``, ``ne``, ``not``, ``and``, ``or``, ``len``,
+``slice``, ``index``, ``json`` (Go's ``json.Marshal``: compact, map keys sorted). Anything else
+raises, so a template using more than this fails the test loudly. Values that Ollama prints
+through a ``String()`` method (a tool's ``.Function``, a call's ``.Function.Arguments``) print as
+compact JSON when given as :class:`GoJSON`.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections import ChainMap
 from typing import Any
 
-__all__ = ["render_go_template"]
+__all__ = ["render_go_template", "GoJSON", "go_json"]
+
+
+def go_json(value: Any) -> str:
+    """What Go's ``json.Marshal`` writes for plain data: compact, map keys sorted."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+class GoJSON(dict):
+    """A dict that prints as Go's ``json.Marshal`` output (Ollama's ``String()`` methods on tools and arguments).
+
+    Its fields read as Go's exported names: ``.Function.Name`` finds the ``function`` / ``name`` keys.
+    """
+
+    def __str__(self) -> str:
+        return go_json(self)
+
+    def get(self, key, default=None):
+        if key not in self and key[:1].lower() + key[1:] in self:
+            key = key[:1].lower() + key[1:]
+        value = super().get(key, default)
+        return GoJSON(value) if isinstance(value, dict) and not isinstance(value, GoJSON) else value
 
 _ACTION = re.compile(r"{{(-?)\s*(.*?)\s*(-?)}}", re.S)
 _TOKEN = re.compile(r'\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+')
@@ -86,9 +113,9 @@ def _block(pieces, i, top=False):
             nodes.append(("range", names, spec, body))
             i += 1
             continue
-        m = re.match(r"^(\$\w+)\s*:?=\s*(.*)$", value)
+        m = re.match(r"^(\$\w+)\s*(:?=)\s*(.*)$", value)
         if m:
-            nodes.append(("set", m.group(1), m.group(2)))
+            nodes.append(("set", m.group(1), m.group(3), m.group(2) == "="))
         else:
             nodes.append(("out", value))
         i += 1
@@ -115,15 +142,20 @@ def _operand(tokens, i, dot, root, env):
         value, i = _call(tokens, i + 1, dot, root, env)
         if tokens[i] != ")":
             raise ValueError("missing )")
+        if i + 1 < len(tokens) and tokens[i + 1].startswith(".") and tokens[i + 1] != ".":
+            return _field(value, tokens[i + 1][1:]), i + 2
         return value, i + 1
     if token.startswith('"'):
         return bytes(token[1:-1], "utf-8").decode("unicode_escape"), i + 1
     if re.fullmatch(r"-?\d+", token):
         return int(token), i + 1
+    if token in ("true", "false"):
+        return token == "true", i + 1
     if token.startswith("$."):
         return _field(root, token[2:]), i + 1
     if token.startswith("$"):
-        return env[token], i + 1
+        name, _, path = token.partition(".")
+        return (_field(env[name], path) if path else env[name]), i + 1
     if token == ".":
         return dot, i + 1
     if token.startswith("."):
@@ -146,6 +178,7 @@ _FUNCS = {
     "len": len,
     "slice": lambda s, i=0, j=None: s[i:j],  # Go: slice x 1 2 is x[1:2]
     "index": lambda s, i: s[i],
+    "json": go_json,
 }
 
 
@@ -168,7 +201,14 @@ def _run(nodes: list, dot: Any, root: Any, env: dict, out: list[str]) -> None:
         elif node[0] == "out":
             out.append(str(_eval(node[1], dot, root, env)))
         elif node[0] == "set":
-            env[node[1]] = _eval(node[2], dot, root, env)
+            value = _eval(node[2], dot, root, env)
+            if node[3]:  # `$x = v` assigns the variable where it was declared
+                scope = next((m for m in env.maps if node[1] in m), None) if isinstance(env, ChainMap) else env
+                if scope is None:
+                    raise ValueError(f"assignment to undeclared {node[1]}")
+                scope[node[1]] = value
+            else:
+                env[node[1]] = value
         elif node[0] == "if":
             for cond, body in node[1]:
                 if _eval(cond, dot, root, env):
@@ -178,8 +218,8 @@ def _run(nodes: list, dot: Any, root: Any, env: dict, out: list[str]) -> None:
                 _run(node[2], dot, root, env, out)
         elif node[0] == "range":
             _, names, spec, body = node
-            for index, item in enumerate(_eval(spec, dot, root, env)):
-                scope = dict(env)
+            for index, item in enumerate(_eval(spec, dot, root, env) or ()):  # Go ranges over nil as empty
+                scope = env.new_child() if isinstance(env, ChainMap) else ChainMap({}, env)
                 if len(names) == 2:
                     scope[names[0]], scope[names[1]] = index, item
                 elif len(names) == 1:
@@ -190,5 +230,5 @@ def _run(nodes: list, dot: Any, root: Any, env: dict, out: list[str]) -> None:
 def render_go_template(template: str, data: dict) -> str:
     """Render ``template`` with ``data`` (e.g. ``{"System": "...", "Messages": [{"Role": "user", "Content": "..."}]}``)."""
     out: list[str] = []
-    _run(_parse(template), data, data, {}, out)
+    _run(_parse(template), data, data, ChainMap({}), out)
     return "".join(out)

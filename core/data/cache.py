@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..formats import conversation_from_json, conversation_to_json
 from ..interfaces import ChatTemplate, DatasetFormat, Message
 from ..notices import notice
 
@@ -27,7 +28,7 @@ __all__ = ["PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "lo
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 
 
 def cache_key_parts(cfg: Any, fmt: DatasetFormat, fmt_options: Any, template: ChatTemplate, tokenizer: Any,
@@ -63,12 +64,12 @@ def cache_root(cfg: Any) -> Path | None:
     return cache_dir("datasets")
 
 
-def _conv_to_json(conversations: Sequence[Sequence[Message]]) -> list[list[list[str]]]:
-    return [[[m.role, m.content] for m in c] for c in conversations]
+def _conv_to_json(conversations: Sequence[Sequence[Message]]) -> list[dict[str, Any]]:
+    return [conversation_to_json(c) for c in conversations]
 
 
-def _conv_from_json(data: Sequence[Sequence[Sequence[str]]]) -> list[list[Message]]:
-    return [[Message(role, content) for role, content in c] for c in data]
+def _conv_from_json(data: Sequence[Any]) -> list[list[Message]]:
+    return [conversation_from_json(c) for c in data]
 
 
 def load_entry(path: Path) -> dict[str, Any] | None:

@@ -86,6 +86,16 @@ class _BadRows:
         self.max_fraction = max_fraction
         self.errors: list[DataError] = []
         self.reasons: dict[str, int] = {}
+        self.warnings = 0
+
+    #: Warnings printed one by one; the rest are counted (a dataset can warn on every row).
+    SHOWN_WARNINGS = 5
+
+    def warn(self, warning: DataError) -> None:
+        """A row that is kept but looks wrong (e.g. it calls a tool its ``tools`` do not declare)."""
+        self.warnings += 1
+        if self.warnings <= self.SHOWN_WARNINGS:
+            notice(f"data: warning: {warning}")
 
     def add(self, error: DataError) -> None:
         if self.policy == "error":
@@ -96,6 +106,8 @@ class _BadRows:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def check(self, total: int) -> None:
+        if self.warnings > self.SHOWN_WARNINGS:
+            notice(f"data: {self.warnings - self.SHOWN_WARNINGS} more warning(s) like these")
         if not self.errors:
             return
         n = len(self.errors)
@@ -119,7 +131,8 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
             conversation = fmt.to_conversation(row, options)
-            validate_conversation(conversation)
+            for warning in validate_conversation(conversation):
+                bad.warn(DataError(warning, source=ref.source, line=ref.line, row=ref.row))
         except DataError as exc:
             bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
             continue

@@ -1,4 +1,11 @@
-"""The ``messages`` dataset format: OpenAI-style ``{"messages": [{"role": "user", "content": "..."}, ...]}``."""
+"""The ``messages`` dataset format: OpenAI-style ``{"messages": [{"role": "user", "content": "..."}, ...]}``.
+
+The OpenAI tool schema is read as OpenAI and vLLM write it: a row-level ``tools`` list of
+function specs; assistant turns with ``tool_calls`` (``{id, type: function, function: {name,
+arguments}}``, arguments as JSON text or an object; ``content`` may then be null or hold text
+said before the calls); ``tool`` turns with ``tool_call_id``/``name``; and the assistant's
+thinking in ``reasoning_content`` (``reasoning`` is read too).
+"""
 
 from __future__ import annotations
 
@@ -9,39 +16,68 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import require_list, require_text
-from sft.core.interfaces import ROLES, DatasetFormat, Message
+from sft.core.formats import parse_tool_call, parse_tools, require_list, require_text
+from sft.core.interfaces import ROLES, Conversation, DatasetFormat, Message
 
 __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
+
+#: Keys of an assistant turn that hold its reasoning, in order of preference.
+_REASONING_KEYS = ("reasoning_content", "reasoning")
 
 
 @dataclass
 class MessagesOptions:
     messages_key: str = opt("messages", "Column holding the list of {role, content} messages.")
+    tools_key: str = opt("tools", "Column holding the row's tool specs (a list, or its JSON text); optional.")
 
 
 class Messages(DatasetFormat):
     name = "messages"
-    version = "1"
-    description = "OpenAI messages: [{role: system|user|assistant, content}]"
+    version = "2"
+    description = "OpenAI messages: [{role: system|user|assistant|tool, content, tool_calls, reasoning_content}], tools"
     options = MessagesOptions
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         return (options or MessagesOptions()).messages_key in columns
 
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
-        key = (options or MessagesOptions()).messages_key
+        o = options or MessagesOptions()
+        key = o.messages_key
         messages = []
         for i, item in enumerate(require_list(row, key)):
             where = f"{key}[{i}]"
             if not isinstance(item, Mapping):
                 raise DataError(f"expected an object with 'role' and 'content', got {item!r:.60}", field=where)
-            role = require_text(item, "role", where)
-            if role not in ROLES:
-                raise DataError(f"unknown role '{role}'{did_you_mean(role, ROLES)}; expected one of {', '.join(ROLES)}",
-                                field=f"{where}.role")
-            messages.append(Message(role, require_text(item, "content", where)))
-        return messages
+            messages.append(self._message(item, where))
+        tools = parse_tools(row.get(o.tools_key), o.tools_key)
+        return Conversation(messages, tools) if tools else messages
+
+    def _message(self, item: Mapping[str, Any], where: str) -> Message:
+        role = require_text(item, "role", where)
+        if role not in ROLES:
+            raise DataError(f"unknown role '{role}'{did_you_mean(role, ROLES)}; expected one of {', '.join(ROLES)}",
+                            field=f"{where}.role")
+        calls = tuple(parse_tool_call(c, f"{where}.tool_calls[{j}]")
+                      for j, c in enumerate(item.get("tool_calls") or ()))
+        reasoning = next((item[k] for k in _REASONING_KEYS if item.get(k) is not None), None)
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f"expected text, got {type(reasoning).__name__}", field=f"{where}.reasoning_content")
+        # An assistant turn that only calls tools has null (or no) content, as OpenAI writes it.
+        content = item.get("content") if calls else require_text(item, "content", where)
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"expected text, got {type(content).__name__}", field=f"{where}.content")
+        return Message(role, content or "", tool_calls=calls,
+                       tool_call_id=_optional_text(item, "tool_call_id", where),
+                       name=_optional_text(item, "name", where), reasoning=reasoning)
+
+
+def _optional_text(item: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = item.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, int)):
+        raise DataError(f"expected text, got {type(value).__name__}", field=f"{where}.{key}")
+    return str(value)
 
 
 @hookimpl

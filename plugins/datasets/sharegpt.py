@@ -3,9 +3,17 @@
 Roles ``human``/``user``, ``gpt``/``assistant`` and ``system`` are recognised. Other datasets
 in the same shape with different keys or role names are read by overriding the mapping in
 the config, e.g. ``data.sharegpt.role_key: role`` and ``data.sharegpt.content_key: text``.
+
+Tool use in the glaive / LLaMA-Factory spelling is read through the same mapping: a
+``function_call`` turn's value is the JSON call ``{"name", "arguments"}`` (or a list of them,
+for parallel calls) and becomes an assistant turn's tool calls (merged into the assistant turn
+right before it, when there is one); an ``observation`` turn is the tool's result; the row's
+``tools`` column (a list, or its JSON text) declares the functions.
 """
 
 from __future__ import annotations
+
+import json
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -14,8 +22,8 @@ from typing import Any, List
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import require_list, require_text
-from sft.core.interfaces import DatasetFormat, Message
+from sft.core.formats import parse_tool_call, parse_tools, require_list, require_text
+from sft.core.interfaces import Conversation, DatasetFormat, Message
 
 __all__ = ["ShareGPT", "ShareGPTOptions", "register_dataset_formats"]
 
@@ -28,12 +36,15 @@ class ShareGPTOptions:
     user: List[str] = opt(["human", "user"], "Speaker names that mean the user.")
     assistant: List[str] = opt(["gpt", "assistant"], "Speaker names that mean the assistant.")
     system: List[str] = opt(["system"], "Speaker names that mean the system prompt.")
+    function_call: List[str] = opt(["function_call"], "Speaker names whose value is a JSON tool call (or a list of them) by the assistant.")
+    observation: List[str] = opt(["observation", "tool"], "Speaker names that mean a tool's result.")
+    tools_key: str = opt("tools", "Column holding the row's tool specs (a list, or its JSON text); optional.")
 
 
 class ShareGPT(DatasetFormat):
     name = "sharegpt"
-    version = "1"
-    description = "ShareGPT: conversations of {from: human|gpt|system, value}"
+    version = "2"
+    description = "ShareGPT: conversations of {from: human|gpt|system|function_call|observation, value}, tools"
     options = ShareGPTOptions
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
@@ -44,8 +55,10 @@ class ShareGPT(DatasetFormat):
         roles = {name: "user" for name in o.user}
         roles.update({name: "assistant" for name in o.assistant})
         roles.update({name: "system" for name in o.system})
+        roles.update({name: "call" for name in o.function_call})
+        roles.update({name: "tool" for name in o.observation})
         turns = require_list(row, o.conversations_key)
-        messages = []
+        messages: list[Message] = []
         for i, turn in enumerate(turns):
             where = f"{o.conversations_key}[{i}]"
             if not isinstance(turn, Mapping):
@@ -54,9 +67,30 @@ class ShareGPT(DatasetFormat):
             if speaker not in roles:
                 raise DataError(
                     f"unknown speaker '{speaker}'{did_you_mean(speaker, roles)}; expected one of {', '.join(roles)} "
-                    f"(map more names with data.sharegpt.user/assistant/system)", field=f"{where}.{o.role_key}")
-            messages.append(Message(roles[speaker], require_text(turn, o.content_key, where)))
-        return messages
+                    f"(map more names with data.sharegpt.user/assistant/system/function_call/observation)",
+                    field=f"{where}.{o.role_key}")
+            value = require_text(turn, o.content_key, where)
+            if roles[speaker] != "call":
+                messages.append(Message(roles[speaker], value))
+                continue
+            calls = tuple(parse_tool_call(c, f"{where}.{o.content_key}") for c in _calls(value, f"{where}.{o.content_key}"))
+            previous = messages[-1] if messages else None
+            if previous is not None and previous.role == "assistant" and not previous.tool_calls:
+                messages[-1] = Message("assistant", previous.content, tool_calls=calls)  # text, then the calls
+            else:
+                messages.append(Message("assistant", "", tool_calls=calls))
+        tools = parse_tools(row.get(o.tools_key), o.tools_key)
+        return Conversation(messages, tools) if tools else messages
+
+
+def _calls(value: str, field: str) -> list[Any]:
+    """The JSON call(s) of a ``function_call`` turn: one object or a list of them."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"a function_call turn must hold a JSON tool call: {exc.msg} (column {exc.colno})",
+                        field=field) from None
+    return parsed if isinstance(parsed, list) else [parsed]
 
 
 @hookimpl

@@ -1,10 +1,13 @@
 """The ``tokenizer`` chat template: the model tokenizer's own ``chat_template``.
 
-Training spans come from rendering prefixes of the conversation with the tokenizer's Jinja:
-for assistant turn *i*, ``render(messages[:i], add_generation_prompt=True)`` ends where the
-answer starts, and the answer's content plus the end-of-turn token that follows it are
-trained. A template that is not prefix-preserving (a later turn rewrites earlier text), or
-that does not close assistant turns with a special token, is refused with a clear error.
+Training spans come from rendering prefixes of the conversation with the tokenizer's Jinja
+(:func:`~sft.plugins.templates.common.jinja_segments`): for assistant turn *i*,
+``render(messages[:i], add_generation_prompt=True)`` ends where the answer starts, and the
+answer (text, tool calls, reasoning) plus the end-of-turn token that closes it are trained.
+The row's tools, tool calls, tool results and reasoning are passed to the Jinja in the OpenAI
+schema, as ``apply_chat_template(messages, tools=...)`` receives them. A template that is not
+prefix-preserving (a later turn rewrites earlier text), that drops what a turn says, or that
+does not close assistant turns with a special token, is refused with a clear error.
 
 The end-of-turn token is found by rendering a probe conversation: the first special token
 after the assistant's text (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>`` ...), else eos.
@@ -18,8 +21,10 @@ from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
-from sft.core.interfaces import ChatTemplate, Message, Segment
-from sft.core.templating import Turn, TurnTemplate, as_messages
+from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
+from sft.core.templating import Turn, TurnTemplate, as_messages, chat_dicts
+
+from .common import jinja_segments
 
 __all__ = ["TokenizerTemplate", "register_chat_templates"]
 
@@ -31,13 +36,13 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
         name = getattr(tokenizer, "name_or_path", None) or "this model"
         raise SftError(f"template 'tokenizer': the tokenizer of {name} has no chat_template; "
                        f"set template.name to a named template (chatml, llama3, ...)")
-    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+    return tokenizer.apply_chat_template(chat_dicts(messages), tools=tools_of(messages) or None,
                                          tokenize=False, add_generation_prompt=generation)
 
 
 class TokenizerTemplate(ChatTemplate):
     name = "tokenizer"
-    version = "1"
+    version = "2"
     description = "the model tokenizer's own chat_template (trained spans found by rendering prefixes)"
 
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
@@ -60,41 +65,8 @@ class TokenizerTemplate(ChatTemplate):
                        "(the chat_template puts no special token after the answer and the tokenizer has no eos)")
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
-        messages = as_messages(messages)
-        full = _apply(tokenizer, messages)
-        eot = self._probe_eot(tokenizer)
-        eos = getattr(tokenizer, "eos_token", None)
-
-        def still_open(text: str) -> str:
-            # Some templates end the whole conversation with eos (Phi-3.5: "<|end|>\n<|endoftext|>");
-            # a conversation cut after turn i is then prefix-preserving once that last eos is set aside.
-            return text[: -len(eos)] if eos and eos != eot and text.endswith(eos) else text
-
-        segments: list[Segment] = []
-        pos = 0
-        for i, message in enumerate(messages):
-            if message.role != "assistant":
-                continue
-            before = _apply(tokenizer, messages[:i], generation=True)
-            upto = still_open(_apply(tokenizer, messages[: i + 1]))
-            if not (upto.startswith(before) and full.startswith(upto)) or len(before) < pos:
-                raise SftError(f"template 'tokenizer': the chat_template is not prefix-preserving at turn {i} "
-                               f"(rendering more turns changes earlier text), so trained spans cannot be found; "
-                               f"choose a named template")
-            start = upto.find(message.content, len(before))
-            if start < 0:
-                raise SftError(f"template 'tokenizer': the chat_template changes the text of assistant turn {i} "
-                               f"(e.g. strips it), so its span cannot be found; choose a named template")
-            end = upto.find(eot, start + len(message.content))
-            if end < 0:
-                raise SftError(f"template 'tokenizer': the chat_template does not end assistant turn {i} with "
-                               f"{eot!r}, so the model could never learn to stop; choose a named template")
-            end += len(eot)
-            segments.append(Segment(full[pos:start], False))
-            segments.append(Segment(full[start:end], True))
-            pos = end
-        segments.append(Segment(full[pos:], False))
-        return [s for s in segments if s.text]
+        return jinja_segments(self.name, lambda m, g: _apply(tokenizer, m, g), as_messages(messages),
+                              self._probe_eot(tokenizer))
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         return _apply(tokenizer, as_messages(messages), generation=True)
