@@ -5,17 +5,21 @@ Writing a checkpoint (:func:`commit_checkpoint`):
 1. the trainer writes everything into ``checkpoints/.staging-<step>/checkpoint-<step>/``;
 2. every file is fsynced, then the folder is renamed to ``checkpoints/checkpoint-<step>``
    (a rename within one filesystem is atomic);
-3. a ``COMPLETE`` file (JSON: step and the size of every file) is written atomically inside it.
+3. a ``COMPLETE`` file (JSON: step, and the size and sha256 of every file) is written
+   atomically inside it.
 
 A process killed at any point leaves either no ``checkpoint-<step>`` folder, or one without
 ``COMPLETE``; :func:`scan` ignores the latter and :func:`last_complete` names them in a
-notice. Rotation (:func:`rotate`) deletes the oldest complete checkpoints beyond the limit,
+notice. Sizes are checked on every scan; before a resume, ``last_complete(verify=True)``
+also checks every file's sha256 and that the saved weights are finite, so a checkpoint
+damaged on disk after it was written (same size, other bytes) is named and passed over. Rotation (:func:`rotate`) deletes the oldest complete checkpoints beyond the limit,
 never the newest complete one, and clears incomplete leftovers and stale staging folders.
-Nothing here imports torch.
+Only the finite-weights check imports torch (inside it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,6 +38,7 @@ __all__ = [
     "commit_checkpoint",
     "rotate",
     "is_complete",
+    "damage",
 ]
 
 COMPLETE = "COMPLETE"
@@ -48,22 +53,59 @@ class Checkpoint:
     complete: bool
 
 
+def _manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` has a valid ``COMPLETE`` marker and every file it lists has the recorded size."""
     path = Path(path)
-    marker = path / COMPLETE
-    try:
-        manifest = json.loads(marker.read_text())
-    except (OSError, ValueError):
+    manifest = _manifest(path)
+    if manifest is None:
         return False
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return False
-    for name, size in files.items():
+    for name, size in manifest["files"].items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             return False
     return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: str | Path) -> str | None:
+    """Why the complete checkpoint at ``path`` cannot be trusted, or None: a file whose sha256 differs
+    from its ``COMPLETE`` record, or saved weights that are not finite."""
+    path = Path(path)
+    manifest = _manifest(path)
+    if manifest is None or not is_complete(path):
+        return f"no valid {COMPLETE} marker"
+    hashes = manifest.get("sha256")
+    for name, digest in sorted((hashes if isinstance(hashes, dict) else {}).items()):  # older markers: sizes only
+        if _sha256(path / name) != digest:
+            return f"{name} does not match the sha256 in {COMPLETE} (the file changed on disk after it was saved)"
+    return _non_finite_weights(path)
+
+
+def _non_finite_weights(path: Path) -> str | None:
+    import torch
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    return f"{weights.name} holds NaN/inf in {key}"
+    return None
 
 
 def scan(root: str | Path) -> list[Checkpoint]:
@@ -79,11 +121,12 @@ def scan(root: str | Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def last_complete(root: str | Path, notify=None) -> Checkpoint | None:
+def last_complete(root: str | Path, notify=None, verify: bool = False) -> Checkpoint | None:
     """The complete checkpoint with the highest step, or None.
 
     Incomplete checkpoints (a run killed while saving) are skipped; ``notify(message)`` is
-    called once naming them.
+    called once naming them. With ``verify``, a complete checkpoint that :func:`damage` finds
+    damaged is skipped too (and named), and the next older one is tried.
     """
     found = scan(root)
     incomplete = [c for c in found if not c.complete]
@@ -92,7 +135,13 @@ def last_complete(root: str | Path, notify=None) -> Checkpoint | None:
         names = ", ".join(c.path.name for c in incomplete)
         notify(f"ignoring incomplete checkpoint(s) {names} in {Path(root)} (no valid {COMPLETE} marker; "
                f"the run was probably killed while saving)")
-    return complete[-1] if complete else None
+    for checkpoint in reversed(complete):
+        why = damage(checkpoint.path) if verify else None
+        if why is None:
+            return checkpoint
+        if notify is not None:
+            notify(f"ignoring damaged checkpoint {checkpoint.path.name}: {why}")
+    return None
 
 
 def staging_dir(root: str | Path, step: int) -> Path:
@@ -103,13 +152,17 @@ def staging_dir(root: str | Path, step: int) -> Path:
     return path
 
 
-def _fsync_tree(path: Path) -> dict[str, int]:
+def _fsync_tree(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Fsync every file under ``path``; return each file's size and sha256."""
     sizes: dict[str, int] = {}
+    hashes: dict[str, str] = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
-        sizes[f.relative_to(path).as_posix()] = f.stat().st_size
-    return sizes
+        name = f.relative_to(path).as_posix()
+        sizes[name] = f.stat().st_size
+        hashes[name] = _sha256(f)
+    return sizes, hashes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,11 +185,11 @@ def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:
     older save of the same step) is replaced.
     """
     written, root = Path(written), Path(root)
-    sizes = _fsync_tree(written)
+    sizes, hashes = _fsync_tree(written)
     final = root / f"checkpoint-{step}"
     swap_in(written, final)  # no moment has a half-deleted folder at `final`
     _fsync_dir(root)
-    atomic_write_text(final / COMPLETE, json.dumps({"step": step, "files": sizes}, indent=1) + "\n")
+    atomic_write_text(final / COMPLETE, json.dumps({"step": step, "files": sizes, "sha256": hashes}, indent=1) + "\n")
     _fsync_dir(final)
     staging_parent = written.parent
     if staging_parent.name.startswith(_STAGING):

@@ -28,10 +28,17 @@ class _Group(click.Group):
     """Turns :class:`SftError` into a clean message and its exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .errors import as_user_error
+
         try:
             return super().invoke(ctx)
         except SftError as exc:
             _fail(exc)
+        except Exception as exc:  # noqa: BLE001 - library errors that the user caused get one line too
+            mapped = as_user_error(exc)
+            if mapped is None:
+                raise
+            _fail(mapped)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,9 +200,12 @@ def preview(samples: int, as_json: bool, check_template: bool, **kwargs) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
     """List every plugin: name, kinds, what it provides, distribution, version and status."""
+    from .config import build_schema
     from .plugins import get_plugin_manager
 
-    listing = get_plugin_manager().listing()
+    pm = get_plugin_manager()
+    build_schema(pm)  # a plugin whose options clash with a core key is disabled there, and listed so
+    listing = pm.listing()
     if as_json:
         click.echo(json.dumps([p.to_json() for p in listing], indent=2))
         return

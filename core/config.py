@@ -35,6 +35,9 @@ __all__ = [
     "load_config",
     "plugin_options",
     "config_to_yaml",
+    "shareable_container",
+    "describe_range",
+    "is_plain_name",
     "iter_schema_fields",
 ]
 
@@ -44,9 +47,15 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_DATASET = "sft:identity"
 
 
-def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
-    """A dataclass field with a description (for the docs) and optional allowed values."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None}
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None, *, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None, name: bool = False) -> Any:
+    """A dataclass field with a description (for the docs) and optional allowed values.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (checked by :func:`load_config`, shown in the
+    reference); ``name`` makes a string a plain name, never a path (no ``/``, ``\\``, ``..``).
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "range": bounds or None, "name": name}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,21 +68,21 @@ class ModelConfig:
     gguf_file: Optional[str] = opt(None, "Load the weights from this GGUF file inside `name` (dequantized by transformers).")
     method: str = opt("qlora", "qlora: 4-bit base + LoRA (CUDA; falls back to lora on CPU with a notice). lora: 16-bit base + LoRA. full: full fine-tuning.", ["qlora", "lora", "full"])
     dtype: str = opt("auto", "Compute dtype. auto: bfloat16 where supported on CUDA, else float16 on CUDA, float32 on CPU.", ["auto", "bfloat16", "float16", "float32"])
-    max_seq_length: int = opt(2048, "Longest training sequence in tokens; longer rows are truncated and counted.")
+    max_seq_length: int = opt(2048, "Longest training sequence in tokens; what happens to longer rows is data.on_truncate.", ge=8)
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
     trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
 
 
 @dataclass
 class LoraConfig:
-    r: int = opt(16, "LoRA rank.")
-    lora_alpha: int = opt(16, "LoRA alpha (scaling numerator).")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    r: int = opt(16, "LoRA rank.", ge=1)
+    lora_alpha: int = opt(16, "LoRA alpha (scaling numerator).", gt=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
     target_modules: List[str] = opt(["all-linear"], "Modules to adapt; all-linear means every linear layer except the output head.")
     use_rslora: bool = opt(False, "Rank-stabilized LoRA (scale alpha/sqrt(r)).")
     bias: str = opt("none", "Which biases to train.", ["none", "all", "lora_only"])
     use_gradient_checkpointing: str = opt("auto", "auto: Unsloth's offloaded checkpointing on CUDA, off on CPU. unsloth, true or false force it.", ["auto", "unsloth", "true", "false"])
-    random_state: int = opt(3407, "Seed for LoRA weight initialisation.")
+    random_state: int = opt(3407, "Seed for LoRA weight initialisation.", ge=0)
     loftq_config: Optional[dict] = opt(None, "LoftQ initialisation options passed to PEFT (e.g. {loftq_bits: 4}).")
 
 
@@ -83,11 +92,12 @@ class DataConfig:
     format: str = opt("auto", "Dataset-format plugin, or auto to detect it from the columns.")
     split: str = opt("train", "Split to train on, with optional slicing, e.g. train[:1000].")
     eval_split: Optional[str] = opt(None, "A separate split to evaluate on. Overrides test_size.")
-    test_size: float = opt(0.0, "Hold out this fraction (<1) or number of rows (>=1) of the training split for evaluation, seeded by training.seed.")
+    test_size: float = opt(0.0, "Hold out this fraction (<1) or number of rows (>=1) of the training split for evaluation, seeded by training.seed.", ge=0)
     on_bad_row: str = opt("error", "What a malformed row does: error stops before any model loads; skip drops it, counts it and records it.", ["error", "skip"])
-    max_bad_fraction: float = opt(0.05, "With on_bad_row=skip, fail when more than this fraction of rows is bad.")
+    max_bad_fraction: float = opt(0.05, "With on_bad_row=skip, fail when more than this fraction of rows is bad.", ge=0, le=1)
     train_on: str = opt("assistant", "assistant: train exactly the assistant turns (text, tool calls, reasoning) and their end-of-turn token. assistant_no_reasoning: the same but leave reasoning (think blocks) untrained. all: train every token.", ["assistant", "assistant_no_reasoning", "all"])
     cache_dir: Optional[str] = opt(None, "Where tokenized datasets are cached (default ~/.cache/sft/datasets).")
+    on_truncate: str = opt("drop", "A row longer than model.max_seq_length whose cut falls inside a trained turn. drop (default): leave it out and count it, since a cut answer teaches either never to stop or to stop mid-sentence. keep_eot: cut it and end it with the end-of-turn token. truncate: cut it as is (the answer ends mid-sentence with no end-of-turn token). A cut in untrained text keeps the row, whose trained turns are whole.", ["drop", "keep_eot", "truncate"])
 
 
 @dataclass
@@ -99,31 +109,32 @@ class TemplateConfig:
 @dataclass
 class TrainingConfig:
     output_dir: Optional[str] = opt(None, "Run directory (default runs/<run_name>).")
-    run_name: Optional[str] = opt(None, "Run name (default: a timestamp).")
-    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    run_name: Optional[str] = opt(None, "Run name (default: a timestamp).", name=True)
+    learning_rate: float = opt(2e-4, "Peak learning rate.", gt=0)
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule.", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"])
-    per_device_train_batch_size: int = opt(2, "Rows per device per step.")
-    per_device_eval_batch_size: int = opt(2, "Rows per device per eval step.")
-    gradient_accumulation_steps: int = opt(4, "Steps accumulated per optimizer update.")
-    num_train_epochs: float = opt(1.0, "Epochs, when max_steps is -1.")
-    max_steps: int = opt(-1, "Optimizer steps; -1 means use num_train_epochs.")
+    per_device_train_batch_size: int = opt(2, "Rows per device per step.", ge=1)
+    per_device_eval_batch_size: int = opt(2, "Rows per device per eval step.", ge=1)
+    gradient_accumulation_steps: int = opt(4, "Steps accumulated per optimizer update.", ge=1)
+    num_train_epochs: float = opt(1.0, "Epochs, when max_steps is -1.", ge=0)
+    max_steps: int = opt(-1, "Optimizer steps; -1 means use num_train_epochs.", ge=-1)
     optim: str = opt("auto", "Optimizer. auto: adamw_8bit on CUDA, adamw_torch on CPU (bitsandbytes 8-bit needs CUDA).", ["auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd", "adafactor"])
-    weight_decay: float = opt(0.01, "Weight decay.")
-    warmup_steps: int = opt(5, "Linear warmup steps.")
-    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
-    seed: int = opt(3407, "Seed for data order, eval split and training.")
-    logging_steps: int = opt(1, "Log metrics every this many steps.")
+    weight_decay: float = opt(0.01, "Weight decay.", ge=0)
+    warmup_steps: int = opt(5, "Linear warmup steps.", ge=0)
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps (used when warmup_steps is 0).", ge=0, le=1)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", ge=0)
+    seed: int = opt(3407, "Seed for data order, eval split and training.", ge=0)
+    logging_steps: int = opt(1, "Log metrics every this many steps.", ge=1)
     eval_strategy: str = opt("auto", "auto: evaluate every eval_steps when there is an eval split, else never.", ["auto", "no", "steps", "epoch"])
-    eval_steps: Optional[int] = opt(None, "Evaluate every this many steps (default: logging_steps * 10).")
-    save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.")
-    save_total_limit: int = opt(2, "Keep this many complete checkpoints.")
+    eval_steps: Optional[int] = opt(None, "Evaluate every this many steps (default: logging_steps * 10).", ge=1)
+    save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.", ge=1)
+    save_total_limit: int = opt(2, "Keep this many complete checkpoints.", ge=1)
     packing: str = opt("auto", "Pack several rows into each sequence of max_seq_length tokens, documents kept apart. auto: pack when rows average at most half of max_seq_length and packing still leaves 10 optimizer steps an epoch (the run log says what it chose). Unpacked rows are padded in length-grouped batches.", ["auto", "true", "false"])
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; None follows model.dtype.")
     fp16: Optional[bool] = opt(None, "fp16 mixed precision; None follows model.dtype.")
     memory: str = opt("default", "default: Unsloth's offloaded gradient checkpointing. auto: checkpoint only as many layers as free VRAM requires (CUDA).", ["default", "auto"])
     generation_prompt: Optional[str] = opt(None, "Prompt for the quick generation after training (default: the first eval row's user turn).")
-    generation_max_new_tokens: int = opt(48, "Tokens the quick generation may write.")
+    generation_max_new_tokens: int = opt(48, "Tokens the quick generation may write.", ge=0)
+    stop_grace_seconds: float = opt(20.0, "On SIGTERM (Slurm, Kubernetes, docker stop), finish the step and save a checkpoint if that takes at most this long, else stop without one. docker stop waits 10 s, Kubernetes 30 s before SIGKILL.", ge=0)
 
 
 @dataclass
@@ -188,10 +199,9 @@ def build_schema(pm: "PluginManager | None" = None) -> DictConfig:
         for name, obj in sorted(pm.registry(kind).items()):
             if getattr(obj, "options", None) is None:
                 continue
-            if name in node:
-                from .errors import PluginError
-
-                raise PluginError(f"{kind} '{name}' (plugin '{pm.owner(kind, name)}') clashes with the core key '{section}.{name}'")
+            if name in node:  # disables that plugin alone; `sft plugins` shows why
+                pm.disable(pm.owner(kind, name) or name, f"{kind} '{name}' clashes with the core key '{section}.{name}'")
+                continue
             with open_dict(node):
                 node[name] = OmegaConf.structured(obj.options)
     return schema
@@ -331,6 +341,35 @@ def _check_choices(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
                 problems.append(ConfigProblem(key, f"'{v}' is not one of {', '.join(map(str, choices))}{did_you_mean(v, choices)}"))
 
 
+def describe_range(bounds: dict[str, float]) -> str:
+    """``{"ge": 0, "lt": 1}`` as ``>= 0 and < 1``."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{signs[k]} {bounds[k]:g}" for k in ("ge", "gt", "le", "lt") if k in bounds)
+
+
+def _in_range(value: float, bounds: dict[str, float]) -> bool:
+    return (value >= bounds.get("ge", value) and value <= bounds.get("le", value)
+            and ("gt" not in bounds or value > bounds["gt"]) and ("lt" not in bounds or value < bounds["lt"]))
+
+
+def is_plain_name(value: str) -> bool:
+    """A file or folder name, never a path: not empty, no separator, not ``.`` or ``..``, no control character."""
+    return (bool(value) and value not in (".", "..") and not any(c in value for c in "/\\")
+            and all(c.isprintable() for c in value))
+
+
+def _check_ranges(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    """Numbers within their field's bounds, and names that are names (a path would escape runs/ or exports/)."""
+    for key, f, value in iter_schema_fields(cfg):
+        meta = f.metadata or {}
+        bounds = meta.get("range")
+        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, bounds):
+            problems.append(ConfigProblem(key, f"must be {describe_range(bounds)}, got {value!r}"))
+        if meta.get("name") and value is not None and not is_plain_name(str(value)):
+            problems.append(ConfigProblem(key, f"must be a name, not a path (no '/', '\\' or '..'), got {str(value)!r}; "
+                                               f"a run goes elsewhere with training.output_dir"))
+
+
 def _check_plugin_names(cfg: DictConfig, pm: "PluginManager", problems: list[ConfigProblem]) -> None:
     for key, kind, is_list, extra in PLUGIN_NAME_KEYS:
         value = OmegaConf.select(cfg, key)
@@ -351,21 +390,13 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
     t, d = cfg.training, cfg.data
     if t.max_steps == 0 or (t.max_steps < 0 and t.num_train_epochs <= 0):
         problems.append(ConfigProblem("training.max_steps", "train for at least one step: set max_steps > 0 or num_train_epochs > 0"))
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
-        if t[key] < 1:
-            problems.append(ConfigProblem(f"training.{key}", f"must be at least 1, got {t[key]}"))
-    if cfg.model.max_seq_length < 8:
-        problems.append(ConfigProblem("model.max_seq_length", f"must be at least 8, got {cfg.model.max_seq_length}"))
-    if d.test_size < 0:
-        problems.append(ConfigProblem("data.test_size", f"must be >= 0, got {d.test_size}"))
-    if not 0 <= d.max_bad_fraction <= 1:
-        problems.append(ConfigProblem("data.max_bad_fraction", f"must be between 0 and 1, got {d.max_bad_fraction}"))
+    if d.test_size > 1 and d.test_size != int(d.test_size):
+        problems.append(ConfigProblem("data.test_size", f"a fraction of the rows must be < 1 and a number of rows a "
+                                                        f"whole number, got {d.test_size}"))
     if t.eval_strategy in ("steps", "epoch") and d.test_size == 0 and d.eval_split is None:
         problems.append(ConfigProblem("training.eval_strategy", f"'{t.eval_strategy}' needs an eval set: set data.test_size or data.eval_split"))
     if cfg.distributed.num_processes < 1:
         problems.append(ConfigProblem("distributed.num_processes", f"must be at least 1, got {cfg.distributed.num_processes}"))
-    if cfg.lora.r < 1:
-        problems.append(ConfigProblem("lora.r", f"must be at least 1, got {cfg.lora.r}"))
 
 
 def load_config(
@@ -403,6 +434,7 @@ def load_config(
     schema = build_schema(pm)
     _apply(schema, raw, "", problems)
     _check_choices(schema, problems)
+    _check_ranges(schema, problems)
     _check_plugin_names(schema, pm, problems)
     _check_consistency(schema, problems)
     if problems:
@@ -422,5 +454,27 @@ def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -
     return OmegaConf.to_object(node)
 
 
+def _reads_environment(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value and "oc.env" in value
+
+
+def shareable_container(cfg: DictConfig) -> dict:
+    """``cfg`` as plain data for files and loggers: every interpolation resolved except those that read
+    the environment (``${oc.env:HF_TOKEN}``), which stay as written so no secret reaches config.yaml,
+    metrics or a logger's dashboard; the run resolves them again from the environment when it loads."""
+    def walk(node: Any, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return {k: walk(node._get_node(k), v) for k, v in raw.items()}
+        if isinstance(raw, list):
+            return [walk(node._get_node(i), v) for i, v in enumerate(raw)]
+        if not isinstance(raw, str) or "${" not in raw or _reads_environment(raw):
+            return raw
+        value = node._get_parent()[node._key()]  # a plain interpolation, resolved through its parent
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+    return walk(cfg, OmegaConf.to_container(cfg, resolve=False))
+
+
 def config_to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The YAML written as a run's ``config.yaml`` (:func:`shareable_container`: no resolved secrets)."""
+    return OmegaConf.to_yaml(OmegaConf.create(shareable_container(cfg)))

@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "UnknownPluginError",
     "did_you_mean",
+    "as_user_error",
 ]
 
 
@@ -116,3 +117,28 @@ class UnknownPluginError(PluginError, ConfigError):
     def __init__(self, kind: str, name: str, available: Sequence[str], key: str):
         msg = f"unknown {kind} '{name}'{did_you_mean(name, available)}; available: {', '.join(sorted(available)) or 'none'}"
         ConfigError.__init__(self, [ConfigProblem(key, msg)])
+
+
+def as_user_error(exc: BaseException) -> SftError | None:
+    """The one-line :class:`SftError` for a library exception that a user's input or setup caused, else None.
+
+    The CLI prints these instead of a traceback: remote code the config did not allow, a chat
+    template that the Jinja sandbox stopped, a pickle that ``torch.load(weights_only=True)``
+    refused, a folder that cannot be written. Recognised by type name, so nothing heavy is imported.
+    """
+    import pickle
+
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return SftError(f"model.trust_remote_code: the model needs its own Python code to load, and the config does "
+                        f"not allow it; set model.trust_remote_code=true only if you trust that code ({text})")
+    if name == "SecurityError" and type(exc).__module__.startswith("jinja2"):
+        return SftError(f"a chat template tried something the Jinja sandbox forbids, so it was stopped: {text}")
+    if isinstance(exc, pickle.UnpicklingError):
+        return SftError(f"refused to load a pickle that torch.load(weights_only=True) would not trust: {text}; "
+                        f"it was not written by sft")
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (13, 28, 30)):
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        return SftError(f"cannot write{where}: {exc.strerror or text}")
+    return None

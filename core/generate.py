@@ -120,7 +120,9 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     template = resolve_template(cfg)
     env = current_environment()
     dtype = torch.float32 if not env.cuda else (torch.bfloat16 if env.bf16 else torch.float16)
-    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    # The run's own files (adapter/) need the base model's remote code too, never its revision or GGUF file.
+    own = {"trust_remote_code": bool(cfg.model.trust_remote_code)}
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter, **own)
     if (run.adapter / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -130,7 +132,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
             base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, run.adapter)
     else:  # full fine-tuning saves the whole model there
-        model = AutoModelForCausalLM.from_pretrained(run.adapter, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(run.adapter, dtype=dtype, **own)
     if env.cuda:
         model = model.to("cuda")
     model.eval()

@@ -157,7 +157,6 @@ class PluginManager:
         self._owner = {}
         for info in self.plugins.values():
             info.provides = {}
-        duplicates: list[str] = []
         for kind, (hook_name, interface, _section) in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             # Call implementations one plugin at a time so a duplicate can name both owners
@@ -167,20 +166,17 @@ class PluginManager:
                 plugin_name = impl.plugin_name
 
                 def register(obj: Any, _kind=kind, _plugin=plugin_name, _iface=interface) -> None:
+                    # Anything wrong here disables this plugin alone (_Refused), never the others.
                     name = getattr(obj, "name", None)
                     if not isinstance(name, str) or not name:
-                        raise PluginError(f"plugin '{_plugin}' registered a {_kind} without a name: {obj!r}")
+                        raise _Refused(f"registered a {_kind} without a name: {obj!r}")
                     if not isinstance(obj, _iface):
-                        raise PluginError(
-                            f"plugin '{_plugin}' registered {_kind} '{name}' that is not a {_iface.__name__}")
-                    opts = getattr(obj, "options", None)
-                    if opts is not None and not dataclasses.is_dataclass(opts):
-                        raise PluginError(f"plugin '{_plugin}': {_kind} '{name}'.options must be a dataclass type")
+                        raise _Refused(f"registered {_kind} '{name}' that is not a {_iface.__name__}")
+                    _check_options(getattr(obj, "options", None), f"{_kind} '{name}'")
                     owner = self._owner.get((_kind, name))
                     if owner is not None:
-                        duplicates.append(
-                            f"{_kind} '{name}' is registered by both plugin '{owner}' and plugin '{_plugin}'")
-                        return
+                        raise _Refused(f"{_kind} '{name}' is registered by both plugin '{owner}' and plugin "
+                                       f"'{_plugin}'; '{owner}' keeps it")
                     registry[_kind][name] = obj
                     self._owner[(_kind, name)] = _plugin
                     info = self.plugins.setdefault(_plugin, PluginInfo(_plugin))
@@ -188,16 +184,17 @@ class PluginManager:
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
-                except PluginError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(plugin_name, f"{hook_name} raised {_short_error(exc)}")
+                except Exception as exc:  # noqa: BLE001 - one plugin's mistake must not take the CLI down
+                    why = str(exc) if isinstance(exc, _Refused) else f"{hook_name} raised {_short_error(exc)}"
+                    self._fail(plugin_name, f"PluginError: {why}" if isinstance(exc, _Refused) else why)
                     for key in [k for k, owner in self._owner.items() if owner == plugin_name]:
                         registry[key[0]].pop(key[1], None)
                         del self._owner[key]
-        if duplicates:
-            raise PluginError("duplicate plugin registration: " + "; ".join(duplicates))
         return registry
+
+    def disable(self, plugin_name: str, reason: str) -> None:
+        """Leave ``plugin_name`` out, recording ``reason`` for ``sft plugins`` (e.g. its options clash with a core key)."""
+        self._fail(plugin_name, f"PluginError: {reason}")
 
     def registry(self, kind: str) -> dict[str, Any]:
         """Name -> registered object for one kind (``dataset_format``, ``chat_template``, ...)."""
@@ -230,6 +227,25 @@ class PluginManager:
         if _env_flag("SFT_STRICT_PLUGINS") and self.failures():
             raise PluginError("plugins failed to load (SFT_STRICT_PLUGINS=1): " + "; ".join(
                 f"{p.name}: {p.error}" for p in self.failures()))
+
+
+class _Refused(Exception):
+    """A registration that disables its plugin (a clash, a bad object or options)."""
+
+
+def _check_options(options: Any, what: str) -> None:
+    """A plugin's ``options`` must be a dataclass type that OmegaConf can build into a config node."""
+    if options is None:
+        return
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise _Refused(f"{what}: options must be a dataclass type, got {options!r}")
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.structured(options)
+    except Exception as exc:  # noqa: BLE001 - OmegaConf raises several types for an unsupported field
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _Refused(f"{what}: OmegaConf cannot build its options {options.__name__}: {first}") from None
 
 
 def _canonical(name: str | None) -> str:

@@ -20,7 +20,9 @@ The order matters and is what makes a run safe to interrupt or to fail late:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import pickle
 import sys
 import time
 from datetime import datetime
@@ -67,7 +69,8 @@ def embedded_recipe_overrides() -> list[str]:
 def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Path = "runs") -> RunDir:
     """Where this run lives: ``training.output_dir``, else ``runs/<run_name>``, else ``runs/<timestamp>``.
 
-    With ``resume`` and neither set, the most recent run under ``runs/`` that has checkpoints.
+    With ``resume`` and neither set, the one unfinished run under ``runs/`` whose config this
+    config may resume (:func:`sft.core.resume.find_resumable`); none or several is an error.
     """
     t = cfg.training
     if t.output_dir:
@@ -76,12 +79,11 @@ def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Pa
     if t.run_name:
         return RunDir.of(root / str(t.run_name))
     if resume:
-        candidates = sorted((p for p in root.glob("*/checkpoints") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise SftError(f"--resume: no run with checkpoints under {root}/; name one with --output or training.run_name")
-        chosen = candidates[-1].parent
-        notice(f"--resume: continuing the most recent run with checkpoints, {chosen}")
-        return RunDir.of(chosen)
+        from .resume import find_resumable
+
+        chosen = find_resumable(root, cfg)
+        notice(f"--resume: continuing the one unfinished run with this config, {chosen.root}")
+        return chosen
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = root / stamp, 1
     while path.exists():
@@ -90,20 +92,28 @@ def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Pa
     return RunDir.of(path)
 
 
-def _check_fresh(run: RunDir) -> None:
-    """A new (non-resumed) run must not overwrite a previous run's results."""
-    leftovers = [p.name for p in (run.checkpoints, run.adapter) if p.exists() and any(p.iterdir())]
-    if leftovers:
-        raise SftError(
-            f"{run.root} already holds a run ({', '.join(leftovers)}/); continue it with --resume, "
-            f"or choose another directory (--output or training.run_name)")
+def _check_fresh(run: RunDir, clean: bool = True) -> None:
+    """A new (non-resumed) run must not overwrite a previous run's results.
 
+    Checkpoints that are all incomplete (a run killed while saving its first one) hold nothing
+    to resume, so a new run may start over there: they are removed (when ``clean``: by rank 0
+    of a distributed run), with a notice.
+    """
+    from . import checkpoints
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if old != new else []
+    if run.adapter.exists() and any(run.adapter.iterdir()):
+        raise SftError(f"{run.root} already holds a finished run's adapter/; choose another directory "
+                       f"(--output or training.run_name)")
+    if checkpoints.last_complete(run.checkpoints) is not None:
+        raise SftError(f"{run.root} already holds a run (checkpoints/); continue it with --resume, "
+                       f"or choose another directory (--output or training.run_name)")
+    leftovers = checkpoints.scan(run.checkpoints)
+    if leftovers and clean:
+        import shutil
+
+        notice(f"{run.checkpoints} holds only incomplete checkpoint(s) ({', '.join(c.path.name for c in leftovers)}), "
+               f"which cannot be resumed; starting this run over")
+        shutil.rmtree(run.checkpoints)
 
 
 # -- hyperparameters --------------------------------------------------------------------------
@@ -280,10 +290,6 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
     that says what to change; the run directory keeps whatever was finished.
     """
-    from omegaconf import OmegaConf
-
-    from . import checkpoints
-    from .config import config_to_yaml
     from .env import current_environment, quiet_known_warnings
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
@@ -295,26 +301,50 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
     preflight_push(cfg, pm)  # a missing or refused Hub token fails here, before the run directory exists
     started = time.perf_counter()
-    durations: dict[str, float] = {}
 
     env = current_environment()
     world = distributed.setup(cfg, env)  # one rank of a distributed run: join its process group
     run = distributed.broadcast(resolve_run_dir(cfg, resume))  # rank 0's choice (a timestamp differs)
+    from .resume import run_lock
+    from .stopping import sigterm_stops_training
+
+    # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
+    lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
+    with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
+        return _train_in(run, cfg, resume, pm, stop, started, env, world)
+
+
+def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
+    """The checkpoint ``--resume`` continues from, once :func:`~sft.core.resume.check_resume` allows it."""
+    from . import checkpoints
+    from .resume import ResumeError, check_resume
+
+    changed = check_resume(run, cfg)
+    last = checkpoints.last_complete(run.checkpoints, notify=notice, verify=True)
+    if last is None:
+        found = checkpoints.scan(run.checkpoints)
+        what = (f"only {', '.join(c.path.name for c in found)}, which cannot be resumed (incomplete or damaged)"
+                if found else "none at all")
+        raise ResumeError(f"--resume: no complete checkpoint in {run.checkpoints} ({what}); nothing to resume, so "
+                          f"run the same command without --resume to start this run over in {run.root}")
+    distributed.check_resume(last.path, cfg, world_size)
+    if changed:
+        notice(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)} "
+               f"(logging, checkpointing, evaluation or exports only)")
+    notice(f"resuming {run.root} from {last.path.name} (step {last.step})")
+    return last
+
+
+def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
+              env: Any, world: Any) -> Path:
+    from .config import config_to_yaml, shareable_container
+
+    durations: dict[str, float] = {}
     resume_from = None
     if resume:
-        last = checkpoints.last_complete(run.checkpoints, notify=notice)
-        if last is None:
-            raise SftError(f"--resume: no complete checkpoint in {run.checkpoints}; run again without --resume")
-        distributed.check_resume(last.path, cfg, world.world_size)
-        resume_from = last
-        if run.config.is_file():
-            changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(run.config)),
-                                    OmegaConf.to_container(cfg, resolve=True))
-            if changed:
-                notice(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}")
-        notice(f"resuming {run.root} from {last.path.name} (step {last.step})")
+        resume_from = _resume_point(run, cfg, world.world_size)  # decided before anything in the run is written
     else:
-        _check_fresh(run)
+        _check_fresh(run, clean=world.is_main)
     run.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         atomic_write_text(run.config, config_to_yaml(cfg))
@@ -366,11 +396,13 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
     hub = MetricsHub(run.root, _loggers(cfg, pm)) if world.is_main else distributed.NullHub()
     callback = metrics_callback(hub)
+    from .stopping import stop_callback
+
     trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
                             trained_positions_loss=backend.trained_positions_loss,
-                            callbacks=[callback])
+                            callbacks=[callback, stop_callback(stop)])
     name = run.root.name
-    hub.start(RunInfo(name=name, run_dir=str(run.root), config=OmegaConf.to_container(cfg, resolve=True),
+    hub.start(RunInfo(name=name, run_dir=str(run.root), config=shareable_container(cfg),
                       total_steps=_total_steps(cfg, trainer),
                       resumed_from_step=resume_from.step if resume_from else 0, model=model))
     base_summary: dict[str, Any] = {
@@ -387,9 +419,20 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         base_summary["distributed"] = {"strategy": cfg.distributed.strategy, **distributed.batch_plan(cfg).as_json()}
 
     tick = time.perf_counter()
-    tokens_before = 0
+    tokens_before = _resumed_tokens(resume_from.path) if resume_from is not None else 0
+    from .stopping import Interrupted
+
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+        except pickle.UnpicklingError as exc:
+            raise SftError(f"--resume: {resume_from.path if resume_from else 'the checkpoint'} holds a pickle that "
+                           f"torch refuses to load (weights_only): {str(exc).splitlines()[0]}; it was not written "
+                           f"by sft, so do not trust it") from None
+        if stop.requested:
+            saved = (f"checkpoint-{stop.saved_step} was saved; continue with --resume" if stop.saved_step
+                     else "no checkpoint was saved")
+            raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}; {saved}")
         if data.eval is not None and trainer.args.eval_strategy != "no":
             # The trainer's own history, the same on every rank (evaluate() is a collective).
             evaluated = any("eval_loss" in r and r.get("step") == trainer.state.global_step
@@ -398,16 +441,14 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
                 trainer.evaluate()
     except BaseException as exc:
         status = "nan" if isinstance(exc, NonFiniteLossError) else (
-            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed")
         if world.is_main:
-            summary = run.update_summary(**base_summary, status=status, error=str(exc),
+            summary = run.update_summary(**base_summary, status=status, error=str(exc) or type(exc).__name__,
                                          steps=trainer.state.global_step,
                                          durations={**durations, "train": time.perf_counter() - tick})
             hub.finish(summary)
         raise
     durations["train"] = time.perf_counter() - tick
-    if resume_from is not None:
-        tokens_before = _resumed_tokens(resume_from.path)
 
     tick = time.perf_counter()
     # A sharded model's weights are gathered by every rank together; rank 0 writes them.
@@ -437,6 +478,10 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
     records = read_metrics(run.metrics) if run.metrics.exists() else []
     tokens = int(trainer.state.num_input_tokens_seen)
+    # The Trainer's own figures cover only the steps of this process: none at all when a resume
+    # finds the run already trained to its last step. Keep what the earlier process measured then.
+    trained_here = resume_from is None or trainer.state.global_step > resume_from.step
+    earlier = {} if trained_here else run.read_summary()
     summary = run.update_summary(
         **base_summary,
         status="ok",
@@ -444,10 +489,11 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
         steps=int(trainer.state.global_step),
         epochs=round(float(trainer.state.epoch or 0.0), 4),
         tokens=tokens,
-        tokens_per_second=round((tokens - tokens_before) / max(durations["train"], 1e-9), 2),
+        tokens_per_second=(round((tokens - tokens_before) / max(durations["train"], 1e-9), 2) if trained_here
+                           else earlier.get("tokens_per_second")),
         train_loss=_last(records, "loss"),
         eval_loss=_last(records, "eval_loss"),
-        mean_train_loss=round(float(result.training_loss), 6),
+        mean_train_loss=_mean_train_loss(records, result, resume_from is not None),
         generation=generation,
         durations={k: round(v, 2) for k, v in {**durations, "total": time.perf_counter() - started}.items()},
     )
@@ -481,6 +527,15 @@ def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
     if code not in (0, 1):  # 1: some exporter failed and said so
         notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "
                + " ".join(f"--exporter {name}" for name in exporters))
+
+
+def _mean_train_loss(records: list[dict[str, Any]], result: Any, resumed: bool) -> float | None:
+    """The mean training loss of the whole run. The Trainer's figure sums only this process's steps
+    (and divides by all of them), so a resumed run takes the mean of its logged losses instead."""
+    if not resumed:
+        return round(float(result.training_loss), 6)
+    by_step = {r["step"]: r["loss"] for r in records if isinstance(r.get("loss"), (int, float))}
+    return round(sum(by_step.values()) / len(by_step), 6) if by_step else None
 
 
 def _resumed_tokens(checkpoint: Path) -> int:

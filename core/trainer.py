@@ -168,7 +168,7 @@ def trainer_class() -> type:
 
         # -- checkpoints -----------------------------------------------------------------
         def _last_checkpoint(self) -> str | None:
-            last = checkpoints.last_complete(self.args.output_dir)
+            last = checkpoints.last_complete(self.args.output_dir, verify=True)  # "last good" must be good
             return str(last.path) if last else None
 
         def _get_output_dir(self, trial):

@@ -43,7 +43,7 @@ def cache_key_parts(cfg: Any, fmt: DatasetFormat, fmt_options: Any, template: Ch
         "template": [template.name, template.version, template.jinja(tokenizer), template.stop_tokens(tokenizer)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_length": int(cfg.model.max_seq_length),
-        "masking": [cfg.data.train_on, cfg.data.on_bad_row, float(cfg.data.max_bad_fraction)],
+        "masking": [cfg.data.train_on, cfg.data.on_bad_row, float(cfg.data.max_bad_fraction), cfg.data.on_truncate],
     }
 
 

@@ -20,7 +20,8 @@ Stages, all before any model loads:
 4. **Eval split**: ``data.eval_split`` or ``data.test_size`` rows drawn with ``training.seed``.
 5. **Tokens**: the template renders segments; :func:`sft.core.templating.encode_rendered`
    tokenizes the full text and marks the tokens of trained segments. Rows longer than
-   ``model.max_seq_length`` are truncated (counted); rows left with no trained token are bad
+   ``model.max_seq_length`` follow ``data.on_truncate`` when the cut splits a trained turn
+   (dropped by default, counted); rows left with no trained token are bad
    rows (counted); if every row is, that is an error whatever the policy.
 """
 
@@ -37,9 +38,9 @@ from ..errors import ConfigError, ConfigProblem, DataError, SftError
 from ..formats import validate_conversation
 from ..interfaces import ChatTemplate, DatasetFormat, Message
 from ..notices import notice
-from ..templating import encode_rendered, resolve_template
+from ..templating import encode_rendered, end_of_turn, resolve_template
 from .cache import cache_key, cache_key_parts, cache_root, load_entry, store_entry
-from .readers import RowRef
+from .readers import BadRow, RowRef
 from .sources import columns_of, fingerprint_split, read_split, resolve_source
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
     conversations: list[list[Message]] = []
     kept: list[RowRef] = []
     for row, ref in zip(rows, refs):
+        if isinstance(row, BadRow):
+            bad.add(row.error.located(row=ref.row))
+            continue
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
@@ -152,6 +156,9 @@ class _Encoded:
     masks: list[list[int]] = field(default_factory=list)
     conversations: list[list[Message]] = field(default_factory=list)
     truncated: int = 0
+    #: rows left out (``on_truncate=drop``) or ended with an added end-of-turn (``keep_eot``)
+    cut_dropped: int = 0
+    cut_eot: int = 0
     fully_masked: int = 0
 
 
@@ -159,6 +166,10 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
             tokenizer: Any, cfg: Any, bad: _BadRows) -> _Encoded:
     out = _Encoded()
     max_len = int(cfg.model.max_seq_length)
+    policy = str(cfg.data.on_truncate)
+    eot_ids: list[int] = []
+    if policy == "keep_eot":
+        eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
     for lo in range(0, len(conversations), ENCODE_BATCH):
         batch: list[tuple[list[Message], RowRef]] = []
         rendered = []
@@ -175,8 +186,18 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
         for (conversation, ref), (ids, mask) in zip(batch, encoded):
             truncated = len(ids) > max_len
             if truncated:
-                ids, mask = ids[:max_len], mask[:max_len]
                 out.truncated += 1
+                # The cut splits a trained turn when the tokens on both sides of it are trained.
+                splits_turn = bool(mask[max_len - 1] and mask[max_len])
+                if splits_turn and policy == "drop":
+                    out.cut_dropped += 1
+                    continue
+                if splits_turn and policy == "keep_eot":
+                    keep = max_len - len(eot_ids)
+                    ids, mask = ids[:keep] + eot_ids, mask[:keep] + [1] * len(eot_ids)
+                    out.cut_eot += 1
+                else:
+                    ids, mask = ids[:max_len], mask[:max_len]
             if not any(mask):
                 out.fully_masked += 1
                 why = (f"no trained token left after truncation to model.max_seq_length={max_len}"
@@ -211,7 +232,8 @@ class PreparedData:
             (list[int], 1 = trained token). Already truncated to ``model.max_seq_length``.
         eval: the same for the eval split, or None.
         stats: ``rows`` (read), ``skipped`` (``count``, ``reasons``, ``examples``),
-            ``truncated``, ``fully_masked``, ``train_rows``, ``eval_rows``, ``train_tokens``,
+            ``truncated`` (rows over ``model.max_seq_length``), ``truncated_dropped`` and
+            ``truncated_eot_added`` (what ``data.on_truncate`` did to them), ``fully_masked``, ``train_rows``, ``eval_rows``, ``train_tokens``,
             ``trained_tokens``, ``eval_tokens``, ``max_tokens``, ``format``, ``template``,
             ``source``, ``cache`` (hit/miss/off) and ``cache_key``.
         train_conversations / eval_conversations: the normalized conversations, row for row
@@ -321,8 +343,10 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
     eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
     if not train_enc.input_ids:
         first = f"; the first: {bad.errors[0]}" if bad.errors else ""
-        raise DataError("no training row has a trained token: every row is fully masked or bad "
-                        f"(check template '{template.name}', data.train_on and model.max_seq_length){first}",
+        dropped = (f"; {train_enc.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
+                   f"were dropped (data.on_truncate=drop)" if train_enc.cut_dropped else "")
+        raise DataError("no training row has a trained token: every row is fully masked, bad or too long "
+                        f"(check template '{template.name}', data.train_on and model.max_seq_length){dropped}{first}",
                         source=source.describe())
     bad.check(total)
 
@@ -330,6 +354,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
         "rows": total,
         "skipped": bad.stats(),
         "truncated": train_enc.truncated + eval_enc.truncated,
+        "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
+        "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
         "train_rows": len(train_enc.input_ids),
         "eval_rows": len(eval_enc.input_ids),
@@ -352,6 +378,9 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
 
 
 def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
+    if not quiet and stats.get("truncated_dropped"):
+        notice(f"data: left out {stats['truncated_dropped']} row(s) whose answer model.max_seq_length would cut "
+               f"(data.on_truncate=drop; keep_eot keeps them, cut, with their end-of-turn token)")
     skipped = stats["skipped"]
     if quiet or not skipped["count"]:
         return
@@ -364,9 +393,16 @@ def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
 def describe_stats(stats: Mapping[str, Any]) -> str:
     """One line: ``500 rows (sharegpt, template chatml) → 450 train / 50 eval; ...``."""
     return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train / "
-            f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}, "
+            f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}"
+            f"{_cut_detail(stats)}, "
             f"fully masked {stats['fully_masked']}; {stats['train_tokens']:,} train tokens, "
             f"{stats['trained_tokens']:,} trained")
+
+
+def _cut_detail(stats: Mapping[str, Any]) -> str:
+    parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"))
+             if stats.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def validate_data(cfg: Any) -> str:

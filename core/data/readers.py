@@ -1,13 +1,15 @@
 """Reading dataset files into rows, each with where it came from (file, line, row).
 
 ``.json`` (an array, or JSON lines saved as .json), ``.jsonl``, ``.csv`` and ``.parquet``.
-Every parse error names the file and line.
+Every parse error names the file and line; a row whose bytes are not UTF-8 becomes a
+:class:`BadRow` naming the file, line and byte offset (so ``data.on_bad_row=skip`` can skip it).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,60 @@ from typing import Any, Sequence
 
 from ..errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "RowRef", "READERS", "hash_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "hash_files"]
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not be read (its bytes are not UTF-8); the pipeline applies ``data.on_bad_row`` to it."""
+
+    error: DataError
+
+
+def _first_bad_byte(data: bytes, start: int) -> int:
+    """The offset of the first byte at or after ``start`` that is not valid UTF-8."""
+    try:
+        data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return start + exc.start
+    return start
+
+
+def _not_utf8(data: bytes, start: int, src: str, line: int | None) -> BadRow:
+    offset = _first_bad_byte(data, start)
+    return BadRow(DataError(
+        f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset}; save the file as UTF-8 "
+        f"(e.g. iconv -f latin1 -t utf-8 FILE)", source=src, line=line))
+
+
+def _line_start(data: bytes, line: int) -> int:
+    """The byte offset where 1-based ``line`` starts."""
+    offset = 0
+    for _ in range(line - 1):
+        found = data.find(b"\n", offset)
+        if found < 0:
+            break
+        offset = found + 1
+    return offset
+
+
+def _has_undecodable(text: str) -> bool:
+    """True when ``text`` (decoded with ``surrogateescape``) holds a byte that was not UTF-8."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _decode(data: bytes) -> str:
+    """The file's text; bytes that are not UTF-8 become lone surrogates, so the rows that hold them
+    can be found (and skipped under ``on_bad_row=skip``) instead of failing the whole file."""
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _byte_offset(text: str, i: int, data: bytes) -> int:
+    """The byte offset in ``data`` of character ``i`` of ``text = _decode(data)``."""
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    return bom + len(text[:i].encode("utf-8", errors="surrogateescape"))
 
 
 @dataclass(frozen=True)
@@ -31,7 +84,8 @@ class RowRef:
 
 def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
     """A JSON array of rows, each with the line its object starts on. JSONL-in-.json works too."""
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    text = _decode(data)
     src = str(path)
     decoder = json.JSONDecoder()
     i = _skip_ws(text, 0)
@@ -60,6 +114,8 @@ def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
             obj, end = decoder.raw_decode(text, i)
             line += text.count("\n", counted, i)
             counted = i
+            if _has_undecodable(text[i:end]):
+                obj = _not_utf8(data, _byte_offset(text, i, data), src, line)
             rows.append(obj)
             refs.append(RowRef(src, line, len(refs)))
             i = _skip_ws(text, end)
@@ -85,15 +141,23 @@ def _read_jsonl(path: Path) -> tuple[list[Any], list[RowRef]]:
     rows: list[Any] = []
     refs: list[RowRef] = []
     src = str(path)
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=lineno) from None
+    data = path.read_bytes()
+    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    for lineno, raw in enumerate(data[offset:].splitlines(keepends=True), 1):
+        start, offset = offset, offset + len(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rows.append(_not_utf8(data, start, src, lineno))
             refs.append(RowRef(src, lineno, len(refs)))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=lineno) from None
+        refs.append(RowRef(src, lineno, len(refs)))
     return rows, refs
 
 
@@ -101,12 +165,17 @@ def _read_csv(path: Path) -> tuple[list[Any], list[RowRef]]:
     rows: list[Any] = []
     refs: list[RowRef] = []
     src = str(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    data = path.read_bytes()
+    with io.StringIO(_decode(data), newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         try:
             for row in reader:
-                rows.append(dict(row))
+                values = [str(v) for v in list(row.values()) + list(row.keys()) if v is not None]
+                if any(_has_undecodable(v) for v in values):
+                    rows.append(_not_utf8(data, _line_start(data, start), src, start))
+                else:
+                    rows.append(dict(row))
                 refs.append(RowRef(src, start, len(refs)))
                 start = reader.line_num + 1
         except csv.Error as exc:

@@ -51,7 +51,7 @@ CONVERTERS = ("auto", "python", "llama.cpp")
 @dataclass
 class GgufOptions:
     quants: List[str] = opt(["q8_0"], "GGUF quant types to write. f16, bf16, q8_0 need nothing else; the K-quants need llama-cpp-python (pip install 'sft-forge[llama]').", ALL_QUANTS)
-    name: Optional[str] = opt(None, "File-name stem of the GGUF and Modelfile (default: the run name).")
+    name: Optional[str] = opt(None, "File-name stem of the GGUF and Modelfile (default: the run name); a name, not a path.", name=True)
     modelfile: bool = opt(True, "Write an Ollama Modelfile next to each GGUF.")
     verify_prompt: Optional[str] = opt(None, "User message whose answer verification compares (default: training.generation_prompt, else the run's quick-generation prompt, else a fixed question).")
     tie_margin: float = opt(DEFAULT_TIE_MARGIN, "For f16, bf16 and q8_0: a token where llama.cpp picks another than the HF model passes only when the HF model's own logits for the two differ by less than this (nats), a near-tie that rounding decides.")
