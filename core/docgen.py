@@ -60,6 +60,10 @@ class ConfigKey:
     default: Any
     help: str
     choices: tuple[Any, ...] | None
+    #: the bounds of a number (``{"ge": 0, "lt": 1}``), or None
+    range: dict[str, float] | None = None
+    #: a plain name, never a path
+    name: bool = False
 
 
 def _bundled_manager() -> "PluginManager":
@@ -87,7 +91,8 @@ def config_keys(pm: "PluginManager | None" = None) -> list[ConfigKey]:
     for key, f, value in iter_schema_fields(schema):
         default = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         meta = f.metadata or {}
-        keys.append(ConfigKey(key, _type_name(f), default, meta.get("help") or "", meta.get("choices")))
+        keys.append(ConfigKey(key, _type_name(f), default, meta.get("help") or "", meta.get("choices"),
+                              meta.get("range"), bool(meta.get("name"))))
     return keys
 
 
@@ -104,11 +109,17 @@ def _cell(text: str) -> str:
 
 
 def _table(keys: Iterable[ConfigKey], strip: str) -> list[str]:
+    from .config import describe_range
+
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for k in keys:
         description = k.help or "(no description)"
         if k.choices:
             description += " One of: " + ", ".join(f"`{c}`" for c in k.choices) + "."
+        if k.range:
+            description += f" Range: `{describe_range(k.range)}`."
+        if k.name:
+            description += " A name, not a path."
         lines.append(f"| `{k.key[len(strip):]}` | `{_cell(k.type)}` | `{_cell(_yaml_value(k.default))}` | {_cell(description)} |")
     return lines
 

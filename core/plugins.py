@@ -160,9 +160,9 @@ class PluginManager:
         for kind, (hook_name, interface, _section) in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             # Call implementations one plugin at a time so a duplicate can name both owners
-            # and a plugin whose hook raises fails alone. pluggy calls last-registered first;
-            # reverse so bundled plugins (loaded first) keep their names on a clash.
-            for impl in reversed(hook.get_hookimpls()):
+            # and a plugin whose hook raises fails alone. get_hookimpls() lists them in
+            # registration order: the bundled plugins (loaded first) keep their names on a clash.
+            for impl in hook.get_hookimpls():
                 plugin_name = impl.plugin_name
 
                 def register(obj: Any, _kind=kind, _plugin=plugin_name, _iface=interface) -> None:

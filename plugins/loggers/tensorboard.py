@@ -27,7 +27,7 @@ _INSTALL = "pip install 'sft-forge[tensorboard]' (or pip install tensorboard)"
 @dataclass
 class TensorBoardOptions:
     log_dir: Optional[str] = opt(None, "Where the event files go (default: <run_dir>/tensorboard).")
-    flush_secs: int = opt(10, "Seconds between flushes to disk.")
+    flush_secs: int = opt(10, "Seconds between flushes to disk.", ge=1)
 
 
 class TensorBoardLogger(Logger):

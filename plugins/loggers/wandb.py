@@ -40,7 +40,7 @@ class WandbOptions:
     tags: List[str] = opt([], "Tags on the W&B run.")
     notes: Optional[str] = opt(None, "Notes on the W&B run.")
     watch: Optional[str] = opt(None, "wandb.watch the model: false, gradients, parameters or all (default: WANDB_WATCH, else false).", _WATCH)
-    watch_log_freq: Optional[int] = opt(None, "With watch: log histograms every this many backward passes (default: max(100, training.logging_steps), as transformers does; histograms are slow).")
+    watch_log_freq: Optional[int] = opt(None, "With watch: log histograms every this many backward passes (default: max(100, training.logging_steps), as transformers does; histograms are slow).", ge=1)
     mode: Optional[str] = opt(None, "online, offline (sync later with `wandb sync`) or disabled (default: WANDB_MODE, else online).", _MODES)
 
 

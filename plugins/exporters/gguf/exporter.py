@@ -54,8 +54,8 @@ class GgufOptions:
     name: Optional[str] = opt(None, "File-name stem of the GGUF and Modelfile (default: the run name); a name, not a path.", name=True)
     modelfile: bool = opt(True, "Write an Ollama Modelfile next to each GGUF.")
     verify_prompt: Optional[str] = opt(None, "User message whose answer verification compares (default: training.generation_prompt, else the run's quick-generation prompt, else a fixed question).")
-    tie_margin: float = opt(DEFAULT_TIE_MARGIN, "For f16, bf16 and q8_0: a token where llama.cpp picks another than the HF model passes only when the HF model's own logits for the two differ by less than this (nats), a near-tie that rounding decides.")
-    verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model (at most: the comparison ends with the template's stop token, where generation ends).")
+    tie_margin: float = opt(DEFAULT_TIE_MARGIN, "For f16, bf16 and q8_0: a token where llama.cpp picks another than the HF model passes only when the HF model's own logits for the two differ by less than this (nats), a near-tie that rounding decides.", ge=0)
+    verify_tokens: int = opt(16, "Greedy tokens compared between llama.cpp and the merged HF model (at most: the comparison ends with the template's stop token, where generation ends).", ge=1)
     converter: str = opt("auto", "What writes f16, bf16 and q8_0: python (sft's own converter, Llama with a byte-level BPE vocabulary only, needs nothing), llama.cpp (llama.cpp's convert_hf_to_gguf.py, every architecture it converts; fetched once into the sft cache), auto (python where it can, else llama.cpp).", CONVERTERS)
     adapter: bool = opt(False, "Also write the LoRA adapter as a GGUF with llama.cpp's convert_lora_to_gguf.py (<name>-LoRA-F16.gguf, for llama.cpp --lora with the F16 base GGUF, or Ollama's ADAPTER); needs llama.cpp's converter.")
 
