@@ -424,7 +424,10 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
 
     try:
         try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+            if resume_from is not None and resume_from.step >= _total_steps(cfg, trainer):
+                result = _load_finished_checkpoint(trainer, resume_from)
+            else:
+                result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
         except pickle.UnpicklingError as exc:
             raise SftError(f"--resume: {resume_from.path if resume_from else 'the checkpoint'} holds a pickle that "
                            f"torch refuses to load (weights_only): {str(exc).splitlines()[0]}; it was not written "
@@ -527,6 +530,20 @@ def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
     if code not in (0, 1):  # 1: some exporter failed and said so
         notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "
                + " ".join(f"--exporter {name}" for name in exporters))
+
+
+def _load_finished_checkpoint(trainer: Any, checkpoint: Any) -> None:  # noqa: D401
+    """Load a checkpoint taken at the run's last step, instead of training.
+
+    Resuming there, transformers' Trainer takes one step more than ``max_steps``; a run killed
+    after its last checkpoint (while saving the adapter or the summary) has nothing left to train.
+    """
+    from transformers import TrainerState
+
+    notice(f"--resume: {checkpoint.path.name} is the run's last step; nothing left to train, finishing the run")
+    trainer._load_from_checkpoint(str(checkpoint.path))
+    trainer.state = TrainerState.load_from_json(str(checkpoint.path / "trainer_state.json"))
+    return None
 
 
 def _mean_train_loss(records: list[dict[str, Any]], result: Any, resumed: bool) -> float | None:

@@ -1,0 +1,203 @@
+"""Nothing lost, nothing corrupted, nothing injected (issue 13): the checks that train a tiny model.
+
+SIGTERM stops a real run with a checkpoint; a failed resume leaves the run's record alone; a
+resume that trains nothing keeps the run's figures; a refused pickle, refused remote code,
+a sandboxed template and an unwritable directory are one-line errors; no environment
+secret reaches what a run writes or tells its loggers; ``sft generate`` loads runs trained
+with ``model.trust_remote_code`` and ``model.gguf_file``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sft.core import checkpoints, hookimpl
+from sft.core.interfaces import Logger
+from sft.core.testing import make_tiny_llama, run_sft, tiny_overrides, train_tiny
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sft.core.cli", *map(str, args)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# -- 4: SIGTERM ------------------------------------------------------------------------------
+def test_sigterm_saves_a_checkpoint_and_records_interrupted(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("run", *tiny_overrides(out, tiny_model_dir, steps=500)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    last = checkpoints.last_complete(out / "checkpoints", verify=True)
+    assert last is not None and last.step == summary["steps"]
+    assert f"checkpoint-{last.step} was saved; continue with --resume" in err
+    assert "Traceback" not in err
+
+
+# -- 2, 11: resume keeps the run's record ----------------------------------------------------
+@pytest.fixture
+def trained_then_killed(tiny_model_dir, tmp_path) -> Path:
+    """A run with checkpoints at steps 1 and 2 (its last), killed before it wrote its adapter and summary."""
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "training.save_steps=1", steps=2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mean_train_loss"] > 0 and summary["tokens_per_second"] > 0
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    return run
+
+
+def test_a_resume_with_an_incompatible_config_changes_nothing(trained_then_killed, tiny_model_dir):
+    run = trained_then_killed
+    before = {p.name: p.read_bytes() for p in (run / "config.yaml", run / "summary.json")}
+    result = run_sft("run", "--resume", *tiny_overrides(run, tiny_model_dir, "sft:identity", steps=2), "training.save_steps=1",
+                     "lora.r=8", check=False)
+    assert result.exit_code == 1 and "lora.r" in result.output and "Traceback" not in result.output
+    assert {p.name: p.read_bytes() for p in (run / "config.yaml", run / "summary.json")} == before
+
+
+def test_a_resume_that_trains_no_step_keeps_the_runs_figures(trained_then_killed, tiny_model_dir):
+    from sft.core.run import run_training
+    from sft.core.testing import tiny_config
+
+    run = trained_then_killed
+    earlier = json.loads((run / "summary.json").read_text())
+    run_training(tiny_config(run, tiny_model_dir, "training.save_steps=1", steps=2), resume=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "ok" and (run / "adapter").is_dir()
+    assert summary["tokens_per_second"] == earlier["tokens_per_second"], (summary, earlier)
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert summary["mean_train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+
+
+# -- 12: one-line errors -------------------------------------------------------------------
+def test_a_refused_pickle_in_a_checkpoint_is_one_line(trained_then_killed, tiny_model_dir):
+    run = trained_then_killed
+    shutil.rmtree(run / "checkpoints" / "checkpoint-2")  # resume from step 1, which loads the RNG state
+    ckpt = run / "checkpoints" / "checkpoint-1"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    (ckpt / "rng_state.pth").write_bytes(pickle.dumps(Evil()))
+    staged = checkpoints.staging_dir(run / "checkpoints", 1) / "checkpoint-1"
+    ckpt.rename(staged)
+    (staged / checkpoints.COMPLETE).unlink()
+    checkpoints.commit_checkpoint(staged, run / "checkpoints", 1)  # a valid marker: only the pickle is wrong
+    result = run_sft("run", "--resume", *tiny_overrides(run, tiny_model_dir, "sft:identity", steps=2), "training.save_steps=1",
+                     check=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "weights_only" in result.output and not Path("pwned").exists()
+
+
+def _remote_code_model(path: Path) -> Path:
+    make_tiny_llama(path)
+    (path / "configuration_forge.py").write_text(
+        "from transformers import LlamaConfig\n\nclass ForgeConfig(LlamaConfig):\n    model_type = 'forge_llama'\n")
+    (path / "modeling_forge.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_forge import ForgeConfig\n\n"
+        "class ForgeForCausalLM(LlamaForCausalLM):\n    config_class = ForgeConfig\n")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="forge_llama", architectures=["ForgeForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_forge.ForgeConfig",
+                            "AutoModelForCausalLM": "modeling_forge.ForgeForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_remote_code_is_refused_in_one_line_and_generate_honours_trust_remote_code(tmp_path, capsys):
+    from sft.core.generate import generate_from_run
+
+    model = _remote_code_model(tmp_path / "model")
+    refused = run_sft("run", *tiny_overrides(tmp_path / "refused", model, steps=1), check=False)
+    assert refused.exit_code == 1 and "model.trust_remote_code" in refused.output
+    assert "Traceback" not in refused.output
+    # Full fine-tuning saves the custom model whole: generation must load it with remote code too.
+    run = train_tiny(tmp_path / "run", model, "model.trust_remote_code=true", "model.method=full", steps=1)
+    assert json.loads((run / "adapter" / "config.json").read_text())["model_type"] == "forge_llama"
+    assert isinstance(generate_from_run(run, "Who are you?", max_new_tokens=3), str)
+
+
+def test_generate_loads_a_run_trained_from_a_gguf_file(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sft.core.generate import load_run
+    from sft.plugins.exporters.gguf.convert import convert_to_gguf
+
+    folder = tmp_path / "gguf-model"
+    folder.mkdir()
+    convert_to_gguf(tiny_model_dir, folder / "tiny.gguf", "f32", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                    tokenizer_dir=tiny_model_dir, chat_template=None, eot_token=None, name="tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    run = train_tiny(tmp_path / "run", folder, "model.gguf_file=tiny.gguf", steps=1)
+    model, _tokenizer, _template, cfg = load_run(run)
+    assert cfg.model.gguf_file == "tiny.gguf"
+    assert model.base_model.model.config.num_hidden_layers == 2
+
+
+def test_a_sandboxed_template_is_one_line(tmp_path):
+    model = make_tiny_llama(tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    result = run_sft("validate", f"model.name={model}", "template.name=tokenizer", "data.cache_dir=none",
+                     check=False)
+    assert result.exit_code == 1 and "Jinja sandbox" in result.output and "Traceback" not in result.output
+
+
+# -- security: no secret in what a run writes or tells its loggers --------------------------
+class _Recorder(Logger):
+    name = "recorder"
+    description = "keeps what it is told"
+    seen: dict = {}
+
+    def start(self, run, options=None):
+        _Recorder.seen["config"] = run.config
+
+    def log(self, step, metrics):
+        pass
+
+    def finish(self, summary):
+        _Recorder.seen["summary"] = dict(summary)
+
+
+class _RecorderPlugin:
+    @hookimpl
+    def register_loggers(self, register):
+        register(_Recorder())
+
+
+def test_no_environment_secret_reaches_the_run_directory_or_a_logger(sft_plugin_manager, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("SFT_TEST_TOKEN", "hf_secret_value_42")
+    sft_plugin_manager.register(_RecorderPlugin(), "recorder-plugin")
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "loggers.enabled=[recorder]",
+                     "loggers.wandb.project=${oc.env:SFT_TEST_TOKEN}", steps=1)
+    assert _Recorder.seen["config"]["loggers"]["wandb"]["project"] == "${oc.env:SFT_TEST_TOKEN}"
+    assert "hf_secret_value_42" not in json.dumps(_Recorder.seen, default=str)
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert b"hf_secret_value_42" not in f.read_bytes(), f
