@@ -104,7 +104,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
 
     from .config import load_config
     from .env import current_environment, quiet_known_warnings
-    from .models import pretrained_kwargs, resolve_model
+    from .models import forget_gguf_quantization, pretrained_kwargs, resolve_model
     from .rundir import RunDir
     from .templating import resolve_template
 
@@ -128,6 +128,8 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
 
         base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=dtype,
                                                     **pretrained_kwargs(cfg.model))
+        if cfg.model.gguf_file:
+            forget_gguf_quantization(base)
         if base.get_input_embeddings().num_embeddings < len(tokenizer):
             base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, run.adapter)

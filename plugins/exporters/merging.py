@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from sft.core.errors import SftError
-from sft.core.models import pretrained_kwargs
+from sft.core.models import forget_gguf_quantization, pretrained_kwargs
 from sft.core.rundir import staged_dir, swap_in
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ class Merging:
 
         load_dtype = getattr(torch, dtype)
         if self.context.is_full_model:
-            return AutoModelForCausalLM.from_pretrained(str(self.context.adapter_dir), dtype=load_dtype)
+            return AutoModelForCausalLM.from_pretrained(str(self.context.adapter_dir), dtype=load_dtype,
+                                                        trust_remote_code=bool(self.context.config.model.trust_remote_code))
         kwargs = pretrained_kwargs(self.context.config.model)
         quantized = bool(self.context.base_config().get("quantization_config"))
         if quantized and not self.context.env.cuda:
@@ -171,6 +172,8 @@ class Merging:
         if self.context.env.cuda:
             kwargs["device_map"] = {"": 0}
         model = AutoModelForCausalLM.from_pretrained(self.context.base_model, dtype=load_dtype, **kwargs)
+        if kwargs.get("gguf_file"):
+            forget_gguf_quantization(model)  # dequantized already; merged and saved as plain weights
         if quantized:
             # What Unsloth does too: merge into the dequantized weights, never into 4-bit ones.
             model = model.dequantize().to(load_dtype)
