@@ -50,6 +50,8 @@ def _sources(tmp_path, fmt):
     for real in (REAL_SHAREGPT, REAL_ALPACA):
         if real.is_file():
             sources.append(real)
+        elif real.parent.is_dir():  # the shared data is here but this file is not: renamed or lost, never ignored
+            pytest.fail(f"{real.name} is missing from {real.parent}; the matrix would silently skip real data")
     if REAL_SHAREGPT.is_file():
         sources.append(_real_as_messages(tmp_path))
     return sources
@@ -79,7 +81,12 @@ def test_every_format_with_every_template_trains_exactly_the_answers(format_name
     assert checked > 0
 
 
-def test_the_shared_files_are_in_the_matrix_when_present():
-    if not REAL_SHAREGPT.is_file():
-        pytest.skip(f"{REAL_SHAREGPT} is absent (a clean checkout): the matrix ran on the in-repo fixtures only")
+def test_the_shared_files_are_in_the_matrix_when_present(tmp_path):
+    if not REAL_SHAREGPT.parent.is_dir():
+        pytest.skip(f"{REAL_SHAREGPT.parent} is absent (a clean checkout): the matrix ran on the in-repo fixtures only")
     assert {"sharegpt", "alpaca", "messages"} <= set(FORMATS)
+    used = {name: [p.name for p in _sources(tmp_path, PM.get("dataset_format", name))
+                   if PM.get("dataset_format", name).detect(_columns(p))] for name in ("sharegpt", "alpaca", "messages")}
+    assert REAL_SHAREGPT.name in used["sharegpt"], used
+    assert REAL_ALPACA.name in used["alpaca"], used
+    assert "real_messages.jsonl" in used["messages"], used

@@ -321,7 +321,8 @@ def test_k_quant_without_llama_cpp_fails_clearly_then_retry_succeeds(run_dir: Pa
     q4 = record["details"]["quants"]["q4_k_m"]
     # hidden_size 64 is not a multiple of 256: llama.cpp falls back (q5_0, q8_0) for every matrix.
     assert q4["fallback_tensors"] > 0 and not any(t.endswith("_K") for t in q4["tensor_types"])
-    assert record["ok"] and 0 <= q4["verify"]["agreement"] <= 1 and q4["verify"]["prompt_ids_match"]
+    # q5_0/q8_0 fallbacks of a tiny model: most teacher-forced tokens still agree with the HF model.
+    assert record["ok"] and q4["verify"]["agreement"] >= 0.5 and q4["verify"]["prompt_ids_match"]
     assert f16.exists() and not list((run_dir / "exports").rglob("*F16-intermediate*"))
 
 

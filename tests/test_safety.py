@@ -401,3 +401,22 @@ def test_modelfile_refuses_stop_strings_its_parser_cannot_read(stop):
 
     with pytest.raises(SftError, match="cannot quote"):
         modelfile_text("run.gguf", _StopTemplate(["<|im_end|>", stop]))
+
+
+# -- the test kit's GPU skip: the marker, not a keyword -------------------------------------
+def test_the_gpu_skip_hook_skips_the_marker_and_nothing_else(tmp_path):
+    """A directory or a parametrize id named "gpu" is no reason to skip; ``@pytest.mark.gpu`` on CPU is."""
+    import subprocess
+
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "test_third_party.py").write_text(
+        "import pytest\n\n"
+        "def test_in_a_gpu_folder():\n    pass\n\n"
+        "@pytest.mark.parametrize('device', ['gpu', 'cpu'])\ndef test_param(device):\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_marked():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "SFT_FORCE_GPU_TESTS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even on a machine that has one
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "sft.core.testing", "-rs", "-q", "-p", "no:cacheprovider",
+                             str(tmp_path / "gpu")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert "3 passed, 1 skipped" in result.stdout, result.stdout
+    assert "test_third_party.py:10: needs a CUDA GPU" in result.stdout  # line 10: test_marked
