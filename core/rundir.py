@@ -49,8 +49,11 @@ def swap_in(ready: str | Path, final: str | Path) -> None:
     try:
         ready.rename(final)
     except BaseException:
-        if old.exists() and not final.exists():
-            old.rename(final)
+        if old.exists():
+            if final.exists():  # another writer swapped its own folder in meanwhile: keep that one
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(final)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
