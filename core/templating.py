@@ -38,6 +38,7 @@ __all__ = [
     "trained_text",
     "encode_rendered",
     "end_of_turn",
+    "adds_bos",
     "as_messages",
     "chat_dicts",
     "token_runs",
@@ -266,16 +267,20 @@ class TurnTemplate(ChatTemplate):
     def ollama_template(self, tokenizer: Any = None) -> str:
         """Ollama's Go template, walking ``.Messages``.
 
-        No BOS: llama.cpp adds it from the GGUF's ``add_bos_token`` metadata. The last
-        assistant message gets no EOT so a prefilled answer continues; a last user message
-        is followed by the assistant prefix (the generation prompt).
+        The BOS is written only when llama.cpp will not add it: llama.cpp adds the
+        tokenizer's own BOS when the GGUF's ``add_bos_token`` says so (:func:`adds_bos`), so
+        a template whose ``bos`` is that token leaves it out, and one whose ``bos`` is other
+        text (llama3's ``<|begin_of_text|>`` on SmolLM2, which trained it as text) writes it,
+        as training did. The last assistant message gets no EOT so a prefilled answer
+        continues; a last user message is followed by the assistant prefix (the generation prompt).
         """
         eot = end_of_turn(self, tokenizer)
+        bos = self.bos if tokenizer is not None and not (tokenizer.bos_token == self.bos and adds_bos(tokenizer)) else ""
         sys_default = ""
         if self.default_system is not None:
             sys_default = "{{ else }}" + self.system.prefix + self.default_system + self.system.suffix
         return (
-            "{{ if .System }}" + self.system.prefix + "{{ .System }}" + self.system.suffix + sys_default + "{{ end }}"
+            bos + "{{ if .System }}" + self.system.prefix + "{{ .System }}" + self.system.suffix + sys_default + "{{ end }}"
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             '{{ if eq .Role "user" }}' + self.user.prefix + "{{ .Content }}" + self.user.suffix
             + "{{ if $last }}" + self.assistant.prefix + "{{ end }}"
@@ -297,6 +302,13 @@ class TurnTemplate(ChatTemplate):
         if role not in ("system", "user", "assistant"):
             raise SftError(f"chat template '{self.name}' cannot render role '{role}'")
         return getattr(self, role)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """True when ``tokenizer`` puts its BOS token in front of what it encodes (the GGUF's ``add_bos_token``)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
 
 
 def encode_rendered(

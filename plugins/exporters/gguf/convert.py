@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.core.errors import SftError
+from sft.core.templating import adds_bos
 
 from .quants import PYTHON_QUANTS
 
@@ -161,12 +162,6 @@ def _token_id(tokenizer: Any, token: str | None) -> int | None:
     if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
         return tid
     return None
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a")["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -440,7 +435,7 @@ def _write_vocab(writer: Any, tokenizer: Any, tokenizer_dir: str | Path, vocab_s
     for kind, tid in ids.items():
         if isinstance(tid, int) and 0 <= tid < vocab_size:
             getattr(writer, f"add_{kind}_token_id")(tid)
-    writer.add_add_bos_token(_adds_bos(tokenizer))
+    writer.add_add_bos_token(adds_bos(tokenizer))  # what the Ollama TEMPLATE relies on (TurnTemplate)
     writer.add_add_eos_token(False)
     if chat_template:
         writer.add_chat_template(chat_template)
