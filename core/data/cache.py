@@ -95,8 +95,6 @@ def store_entry(path: Path, data: "PreparedData") -> None:
 
     from ..rundir import staged_dir
 
-    if (path / "COMPLETE").is_file():
-        return  # another run wrote this entry meanwhile (the same content: the key is its hash)
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()  # a "Saving the dataset" bar per run is noise
     try:
