@@ -32,9 +32,13 @@ __all__ = ["RunLockedError", "ResumeError", "RESUMABLE_CHANGES", "run_lock", "ch
            "check_resume", "find_resumable", "is_finished"]
 
 #: Keys (or sections, ending in ".") that may differ between a run and its resume: they change
-#: what is logged, checkpointed, evaluated or exported, never a weight update or a training row.
+#: what is logged, checkpointed, evaluated or exported, or how many processes share the work,
+#: never a weight update or a training row.
 RESUMABLE_CHANGES = (
     "loggers.", "export.",
+    # The number of processes may change; sft.core.distributed.check_resume refuses what would
+    # change the optimisation (another global batch, a re-sharded FSDP2 run).
+    "distributed.",
     "training.output_dir", "training.run_name", "training.logging_steps", "training.save_steps",
     "training.save_total_limit", "training.eval_steps", "training.eval_strategy",
     "training.per_device_eval_batch_size", "training.generation_prompt", "training.generation_max_new_tokens",
