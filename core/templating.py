@@ -264,6 +264,12 @@ class TurnTemplate(ChatTemplate):
         parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix) + "{% endif %}")
         return "".join(parts)
 
+    def ollama_bos(self, tokenizer: Any = None) -> str:
+        """The BOS text an Ollama TEMPLATE writes: ``bos``, unless llama.cpp adds exactly that token itself."""
+        if tokenizer is None or (tokenizer.bos_token == self.bos and adds_bos(tokenizer)):
+            return ""
+        return self.bos
+
     def ollama_template(self, tokenizer: Any = None) -> str:
         """Ollama's Go template, walking ``.Messages``.
 
@@ -275,7 +281,7 @@ class TurnTemplate(ChatTemplate):
         continues; a last user message is followed by the assistant prefix (the generation prompt).
         """
         eot = end_of_turn(self, tokenizer)
-        bos = self.bos if tokenizer is not None and not (tokenizer.bos_token == self.bos and adds_bos(tokenizer)) else ""
+        bos = self.ollama_bos(tokenizer)
         sys_default = ""
         if self.default_system is not None:
             sys_default = "{{ else }}" + self.system.prefix + self.default_system + self.system.suffix

@@ -30,6 +30,7 @@ import (
 	"encoding/json"
 	"os"
 	"text/template"
+	"time"
 )
 
 // The fields of a message as Ollama's templates see them (api.Message).
@@ -53,7 +54,12 @@ func main() {
 	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
 		panic(err)
 	}
-	tmpl, err := template.New("").Option("missingkey=zero").Parse(in.Template)
+	// The functions Ollama's template package adds (template/template.go, funcs).
+	funcs := template.FuncMap{
+		"json":        func(v any) string { b, _ := json.Marshal(v); return string(b) },
+		"currentDate": func(args ...string) string { return time.Now().Format("2006-01-02") },
+	}
+	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(in.Template)
 	if err != nil {
 		os.Stderr.WriteString("parse: " + err.Error())
 		os.Exit(2)
@@ -91,7 +97,15 @@ def go_template(tmp_path_factory):
     return render
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
+#: Found by this test and not fixed yet (issue 13's closing note): llama31's real Jinja renders
+#: {{ bos_token }} (SmolLM2's <|im_start|>) as text, and its Ollama TEMPLATE leaves it to llama.cpp,
+#: whose GGUF says add_bos_token=false.
+KNOWN_BOS_GAPS = {"llama31"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="its Ollama TEMPLATE omits the BOS text training had")) if n in KNOWN_BOS_GAPS else n
+    for n in TEMPLATES])
 def test_go_text_template_renders_what_the_model_was_trained_on(name, smollm2_dir, go_template):
     template, tokenizer = _prepared(name, smollm2_dir)
     for conversation in CONVERSATIONS:

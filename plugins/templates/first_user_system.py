@@ -72,7 +72,7 @@ class FirstUserSystemTemplate(TurnTemplate):
         eot = end_of_turn(self, tokenizer)
         u, a = self.user, self.assistant
         return (
-            "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            self.ollama_bos(tokenizer) + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             '{{ if eq .Role "user" }}' + u.prefix
             + "{{ if and $.System (or (eq $i 0) (eq $i 1)) }}{{ $.System }}" + self.system_separator + "{{ end }}"
             + "{{ .Content }}" + u.suffix + "{{ if $last }}" + a.prefix + "{{ end }}"
