@@ -169,7 +169,7 @@ def test_cache_key_changes_with_the_format_name_version_and_options(smollm2_dir,
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt_copy") != base
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt",
                 "data.sharegpt.system=[system,sys]") != base
-    monkeypatch.setattr(ShareGPT, "version", "2")
+    monkeypatch.setattr(ShareGPT, "version", ShareGPT.version + ".next")
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt") != base
 
 
@@ -178,7 +178,7 @@ def test_cache_key_changes_with_the_template_name_and_version(smollm2_dir, monke
 
     base = _key(smollm2_dir, FIXTURES / "sharegpt.json")
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "template.name=phi3") != base
-    monkeypatch.setattr(ChatML, "version", "2")
+    monkeypatch.setattr(ChatML, "version", ChatML.version + ".next")
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json") != base
 
 
