@@ -312,7 +312,8 @@ def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: boo
 
 
 def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
-    """``sft report RUN_DIR``: regenerate ``loss.png`` and print the summary and the loss curve's ends.
+    """``sft report RUN_DIR``: regenerate ``loss.png`` and print the summary, the loss curve's ends and
+    the ``sft eval`` table (``eval.json``) when there is one.
 
     Returns the plot's path. Works on an unfinished run (no ``summary.json`` yet) too.
     """
@@ -336,4 +337,9 @@ def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
                           f"{format_metric('loss', losses[-1])} at step {steps[-1]} "
                           f"({len(steps)} points)", markup=False)
     console.print(f"loss plot: {plot}", markup=False)
+    evaluation = rd.root / "eval.json"
+    if evaluation.is_file():
+        from .evaluate import print_eval
+
+        print_eval(json.loads(evaluation.read_text()), file=console.file)
     return plot

@@ -15,7 +15,8 @@ The order matters and is what makes a run safe to interrupt or to fail late:
 6. ``adapter/`` (PEFT adapter + tokenizer carrying the template's chat_template), then
    ``loss.png``, the quick generation and ``summary.json``, so the result is on disk
    before any exporter starts;
-7. the exporters in ``export.enabled``.
+7. the exporters in ``export.enabled``;
+8. with ``eval.after_export``, ``sft eval`` on those tasks (:mod:`sft.core.evaluate`).
 """
 
 from __future__ import annotations
@@ -350,6 +351,9 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     from .export import preflight_before_training
 
     preflight_before_training(cfg, run, pm)  # an export that cannot work stops the run before training
+    from .evaluate import preflight_eval
+
+    preflight_eval(cfg)  # so does an evaluation (eval.after_export) that cannot run
 
     tick = time.perf_counter()
     model, _backend_tokenizer = backend.load(cfg)
@@ -460,6 +464,10 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
                 from .export import run_exporters
 
                 run_exporters(cfg, run, pm)
+        if list(cfg.eval.after_export):
+            from .evaluate import evaluate_after_training
+
+            evaluate_after_training(cfg, run, pm, hub, in_subprocess=getattr(backend, "exports_in_subprocess", False))
     finally:
         hub.finish(run.read_summary() or summary)
     return run.root
