@@ -355,9 +355,8 @@ def _log(record: Mapping[str, Any], run: RunDir, cfg: "DictConfig", pm: "PluginM
 
     from .interfaces import RunInfo
     from .metrics import MetricsHub
-    from .train import _loggers
 
-    hub = MetricsHub(run.root, _loggers(cfg, pm))
+    hub = MetricsHub.for_config(run.root, cfg, pm)
     hub.start(RunInfo(name=run.root.name, run_dir=str(run.root), config=OmegaConf.to_container(cfg, resolve=True)))
     hub.log(step, metrics)
     hub.finish(run.read_summary())

@@ -55,6 +55,14 @@ class MetricsHub:
         self.loggers = list(loggers)
         self.disabled: dict[str, str] = {}
 
+    @classmethod
+    def for_config(cls, run_dir: str | Path, cfg: Any, pm: Any) -> "MetricsHub":
+        """A hub for the loggers ``cfg.loggers.enabled`` names, each with its options."""
+        from .config import plugin_options
+
+        return cls(run_dir, [(pm.get("logger", name, "loggers.enabled"), plugin_options(cfg, "logger", name, pm))
+                             for name in cfg.loggers.enabled])
+
     def _call(self, logger: Logger, method: str, *args: Any) -> None:
         if logger.name in self.disabled:
             return

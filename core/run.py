@@ -240,13 +240,6 @@ def _quiet_progress_bars() -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
-    from .config import plugin_options
-
-    return [(pm.get("logger", name, "loggers.enabled"), plugin_options(cfg, "logger", name, pm))
-            for name in cfg.loggers.enabled]
-
-
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
     gathered weights of a sharded (FSDP) model."""
@@ -368,7 +361,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     from .metrics import MetricsHub, read_metrics
     from .trainer import NonFiniteLossError, metrics_callback
 
-    hub = MetricsHub(run.root, _loggers(cfg, pm)) if world.is_main else distributed.NullHub()
+    hub = MetricsHub.for_config(run.root, cfg, pm) if world.is_main else distributed.NullHub()
     callback = metrics_callback(hub)
     trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
                             trained_positions_loss=backend.trained_positions_loss,
