@@ -192,7 +192,7 @@ def test_eval_after_export_runs_at_the_end_of_sft_run(tmp_path: Path, tiny_model
 
     [events] = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert f"eval/gguf:q8_0/{KNOWLEDGE}/acc" in scalars and f"eval/merged_16bit/{KNOWLEDGE}/acc" in scalars
+    assert f"eval/gguf:q8_0/{KNOWLEDGE}/acc" in scalars and f"eval/run/{KNOWLEDGE}/acc" in scalars
 
 
 def test_an_after_export_task_that_cannot_run_stops_the_run_before_training(tmp_path: Path, tiny_model_dir: Path,
