@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
 
 from .errors import SftError, did_you_mean
+from .metrics import eval_number as _num
+from .metrics import print_eval
 from .notices import notice
 from .rundir import RunDir, atomic_write_text
 
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .plugins import PluginManager
 
 __all__ = ["TASKS_DIR", "EVAL_EXTRA_INSTALL", "REFERENCE", "evaluate_run", "evaluate_after_training",
-           "preflight_eval", "resolve_tasks", "run_lm_eval", "score_hf", "score_hf_folder", "parity_rows", "eval_table", "print_eval"]
+           "preflight_eval", "resolve_tasks", "run_lm_eval", "score_hf", "score_hf_folder", "parity_rows", "print_eval"]
 
 #: The tasks shipped with sft (YAML in lm-eval's format + their JSONL data).
 TASKS_DIR = Path(__file__).resolve().parent / "assets" / "eval"
@@ -388,10 +390,6 @@ def evaluate_after_training(cfg: "DictConfig", run: RunDir, pm: "PluginManager",
 
 
 # -- output ------------------------------------------------------------------------------------
-def _num(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _brief(results: Mapping[str, Mapping[str, Any]]) -> str:
     return ", ".join(f"{task} {metric} {_num(values[metric])}" for task, values in results.items()
                      for metric in list(values)[:1] if metric != "samples")
@@ -404,57 +402,3 @@ def _version(module: str) -> str | None:
         return version(module.replace("_", "-"))
     except PackageNotFoundError:
         return None
-
-
-def eval_table(record: Mapping[str, Any]) -> Any:
-    """A rich ``Table``: a row per task and metric, a column per model, and each GGUF's difference from the 16-bit model."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    models = record["models"]
-    exports = [label for label, m in models.items() if m.get("kind") == "export"]
-    verdict = "ok" if record.get("ok") else "FAILED"
-    table = Table(title=f"eval ({verdict}; max drop {record.get('max_drop')})", box=box.SIMPLE, header_style="bold")
-    table.add_column("task")
-    table.add_column("metric")
-    for label in models:
-        table.add_column(label, justify="right")
-    for label in exports:
-        table.add_column(f"Δ {label}", justify="right")
-    diffs = {(r["model"], r["task"], r["metric"]): r for r in record.get("parity") or []}
-    rows = []
-    for label in models:
-        for task, values in (models[label].get("results") or {}).items():
-            for metric in values:
-                if metric != "samples" and "_stderr" not in metric and (task, metric) not in rows:
-                    rows.append((task, metric))
-    for task, metric in rows:
-        cells = [Text(task), Text(metric)]
-        for label in models:
-            model = models[label]
-            value = ((model.get("results") or {}).get(task) or {}).get(metric)
-            cells.append(Text("error" if "error" in model else _num(value)))
-        for label in exports:
-            row = diffs.get((label, task, metric))
-            text = "-" if row is None or row["diff"] is None else f"{row['diff']:+.4f}"
-            cells.append(Text(text + ("" if row is None or row["ok"] else " FAIL"),
-                              style=None if row is None or row["ok"] else "bold red"))
-        table.add_row(*cells)
-    return table
-
-
-def print_eval(record: Mapping[str, Any], file: TextIO | None = None) -> None:
-    """The table, each model's source, and every failure."""
-    import sys
-
-    from rich.console import Console
-
-    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
-    console.print(eval_table(record))
-    for label, model in record["models"].items():
-        samples = {t: v.get("samples") for t, v in (model.get("results") or {}).items()}
-        console.print(f"  {label}: {model['source']} ({model.get('seconds', 0):.1f}s"
-                      + (f"; examples {samples}" if samples else "") + ")", markup=False)
-    for failure in record.get("failures") or []:
-        console.print(f"FAILED: {failure}", markup=False, style="bold red")
