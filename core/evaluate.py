@@ -129,7 +129,7 @@ def run_lm_eval(lm: Any, tasks: Sequence[str], limit: int | None, torch_seed: bo
 
     kwargs = {} if torch_seed else {"torch_random_seed": None}  # the llama.cpp worker never imports torch
     # lm-eval's environment report runs torch's collect_env (pip, conda and nvidia-smi in subprocesses:
-    # 5 s on a quiet 2-core machine, a minute on a busy one) for every model; eval.json has no use for it.
+    # 5 s of CPU, 65 s of wall time on a busy 2-core machine) for every model; eval.json has no use for it.
     with mock.patch.object(evaluator, "add_env_info", lambda results: None):
         out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, apply_chat_template=True,
                                         task_manager=task_manager or _task_manager(tasks), log_samples=False,
