@@ -69,7 +69,8 @@ def test_the_trained_model_learned_its_identity_and_kept_its_knowledge(evaluated
     trained, base = _acc(record, "run", IDENTITY), _acc(record, "base", IDENTITY)
     assert trained > base and trained >= 0.75, (trained, base)
     kept, known = _acc(record, "run", KNOWLEDGE), _acc(record, "base", KNOWLEDGE)
-    assert known >= 0.75 and kept >= known - 1 / 12, (kept, known)  # at most one of twelve answers lost
+    # At most one of the twelve answers lost (measured: the base knows 10, the trained model 9).
+    assert round(known * 12) >= 9 and round(kept * 12) >= round(known * 12) - 1, (kept, known)
     assert record["models"]["run"]["results"][IDENTITY]["samples"] == 12
 
 
