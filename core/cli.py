@@ -133,12 +133,18 @@ def run(resume: bool, dry_run: bool, **kwargs) -> None:
     summary = RunDir.of(run_dir).read_summary()
     exports = summary.get("exports") or {}
     failed = sorted(name for name, result in exports.items() if not result.get("ok"))
+    eval_failed = bool(list(cfg.eval.after_export)) and (summary.get("eval") or {}).get("ok") is False
+    if eval_failed:
+        click.echo(f"[sft] training finished, but eval.after_export failed: "
+                   f"{'; '.join(summary['eval'].get('failures') or [])}", err=True)
     if failed:
         # The trained run is safe on disk; a pipeline must still see that an artifact it asked for is missing.
         again = " ".join(f"--exporter {name}" for name in failed)
         click.echo(f"[sft] training finished, but {', '.join(failed)} failed (see above); "
                    f"fix it and retry with: sft export {run_dir} {again}", err=True)
     if _report_failed_pushes(run_dir, summary, cfg) or failed:
+        sys.exit(1)
+    if eval_failed:
         sys.exit(1)
 
 
@@ -262,6 +268,31 @@ def push(run_dir: str, exporters: tuple[str, ...], repo_id: str | None, force: b
         repo = (RunDir.of(run_dir).read_summary().get("hub") or {}).get("repo_id")
         click.echo(f"[sft] pushing {', '.join(failed)} failed (see above); the exports are on disk. Retry with: "
                    f"{retry_command(run_dir, failed, repo)}", err=True)
+        sys.exit(1)
+
+
+def _csv(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--tasks", "tasks", multiple=True, help="lm-eval tasks, comma-separated or repeated: sft_identity, sft_knowledge, a task .yaml file, or lm-eval's own (default: eval.tasks).")
+@click.option("--exporter", "exporters", multiple=True, help="Exports to score and compare with the run's own model (always scored), comma-separated or repeated: gguf (each quant), merged_16bit (default: every export in the run).")
+@click.option("--limit", type=int, default=None, help="At most this many examples per task (default: eval.limit, else all).")
+@click.option("--base", is_flag=True, help="Score the base model too, to see what fine-tuning changed.")
+@click.argument("overrides", nargs=-1)
+def eval_cmd(run_dir: str, tasks: tuple[str, ...], exporters: tuple[str, ...], limit: int | None, base: bool,
+             overrides: tuple[str, ...]) -> None:
+    """Score the run's model and its exports (each GGUF quant) on lm-eval tasks; exit 1 when an export drops more than eval.max_drop."""
+    from .evaluate import evaluate_run, print_eval
+
+    if limit is not None and limit < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--limit")
+    record = evaluate_run(run_dir, _csv(tasks) or None, _csv(exporters) or None, limit=limit, base=base,
+                          overrides=list(overrides))
+    print_eval(record)
+    if not record["ok"]:
         sys.exit(1)
 
 

@@ -168,6 +168,14 @@ class DistributedConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: List[str] = opt(["sft_identity", "sft_knowledge"], "Tasks `sft eval RUN` runs when --tasks is not given: lm-eval task names (sft_identity and sft_knowledge ship with sft; lm-eval's own load their datasets from the Hugging Face Hub) or paths of task YAML files in lm-eval's format.")
+    after_export: List[str] = opt([], "Tasks `sft eval` runs at the end of `sft run`, after the exports (empty: no evaluation). Same names as eval.tasks.")
+    max_drop: float = opt(0.05, "Largest drop of any metric an export (a GGUF quant, the merged model) may show against the run's own model on the same task (0.05: five points of accuracy); a larger one fails `sft eval` (exit 1).", ge=0)
+    limit: Optional[int] = opt(None, "Score at most this many examples per task (lm-eval's --limit); null: all.", ge=1)
+
+
+@dataclass
 class SftConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -177,6 +185,7 @@ class SftConfig:
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 #: (config key, plugin kind, whether the value is a list) for every key that names plugins.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping, Sequence
 
 if TYPE_CHECKING:
     from .env import Environment
@@ -33,6 +33,7 @@ __all__ = [
     "Logger",
     "RunInfo",
     "Exporter",
+    "EvalModel",
     "ExportResult",
     "HubCard",
     "TrainingBackend",
@@ -265,8 +266,28 @@ class HubCard:
     usage: str = ""
 
 
+@dataclass
+class EvalModel:
+    """A model an exporter wrote into a run that ``sft eval`` can score (see :meth:`Exporter.eval_models`).
+
+    ``score(tasks, limit)`` runs lm-eval on ``tasks`` (names or YAML paths, already checked) with
+    the chat template applied and returns task -> metric -> value, as
+    :func:`sft.core.evaluate.run_lm_eval` does; it raises :class:`~sft.core.errors.SftError`
+    when the model cannot be scored.
+    """
+
+    label: str
+    source: str
+    score: Callable[[list[str], "int | None"], dict[str, dict[str, Any]]] = field(repr=False, compare=False)
+
+
 class Exporter(Plugin):
     """Writes a finished run out in one format. The adapter is always on disk before any exporter runs."""
+
+    def eval_models(self, context: "ExportContext") -> list[EvalModel]:
+        """The models this exporter wrote into ``context``'s run that ``sft eval`` scores and compares
+        with the run's own model (default: none). Called only when ``exports/<name>/`` exists."""
+        return []
 
     #: With ``export.push.repo_id`` set to R, this exporter's files go to the Hub repo ``R + hub_suffix``
     #: (``""``: R itself). None means ``"-<name>"``.

@@ -38,6 +38,9 @@ __all__ = [
     "format_duration",
     "flatten_summary",
     "summary_table",
+    "eval_number",
+    "eval_table",
+    "print_eval",
 ]
 
 
@@ -54,6 +57,14 @@ class MetricsHub:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.loggers = list(loggers)
         self.disabled: dict[str, str] = {}
+
+    @classmethod
+    def for_config(cls, run_dir: str | Path, cfg: Any, pm: Any) -> "MetricsHub":
+        """A hub for the loggers ``cfg.loggers.enabled`` names, each with its options."""
+        from .config import plugin_options
+
+        return cls(run_dir, [(pm.get("logger", name, "loggers.enabled"), plugin_options(cfg, "logger", name, pm))
+                             for name in cfg.loggers.enabled])
 
     def _call(self, logger: Logger, method: str, *args: Any) -> None:
         if logger.name in self.disabled:
@@ -312,7 +323,8 @@ def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: boo
 
 
 def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
-    """``sft report RUN_DIR``: regenerate ``loss.png`` and print the summary and the loss curve's ends.
+    """``sft report RUN_DIR``: regenerate ``loss.png`` and print the summary, the loss curve's ends and
+    the ``sft eval`` table (``eval.json``) when there is one.
 
     Returns the plot's path. Works on an unfinished run (no ``summary.json`` yet) too.
     """
@@ -336,4 +348,67 @@ def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
                           f"{format_metric('loss', losses[-1])} at step {steps[-1]} "
                           f"({len(steps)} points)", markup=False)
     console.print(f"loss plot: {plot}", markup=False)
+    evaluation = rd.root / "eval.json"
+    if evaluation.is_file():
+        print_eval(json.loads(evaluation.read_text()), file=console.file)
     return plot
+
+
+# -- the sft eval table (eval.json), shared by sft eval and sft report ---------------------
+def eval_number(value: Any) -> str:
+    """A metric of ``eval.json``: four decimals, ``-`` for none."""
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def eval_table(record: Mapping[str, Any]) -> Any:
+    """A rich ``Table``: a row per task and metric, a column per model, and each GGUF's difference from the 16-bit model."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    models = record["models"]
+    exports = [label for label, m in models.items() if m.get("kind") == "export"]
+    verdict = "ok" if record.get("ok") else "FAILED"
+    table = Table(title=f"eval ({verdict}; max drop {record.get('max_drop')})", box=box.SIMPLE, header_style="bold")
+    table.add_column("task")
+    table.add_column("metric")
+    for label in models:
+        table.add_column(label, justify="right")
+    for label in exports:
+        table.add_column(f"Δ {label}", justify="right")
+    diffs = {(r["model"], r["task"], r["metric"]): r for r in record.get("parity") or []}
+    rows = []
+    for label in models:
+        for task, values in (models[label].get("results") or {}).items():
+            for metric in values:
+                if metric != "samples" and "_stderr" not in metric and (task, metric) not in rows:
+                    rows.append((task, metric))
+    for task, metric in rows:
+        cells = [Text(task), Text(metric)]
+        for label in models:
+            model = models[label]
+            value = ((model.get("results") or {}).get(task) or {}).get(metric)
+            cells.append(Text("error" if "error" in model else eval_number(value)))
+        for label in exports:
+            row = diffs.get((label, task, metric))
+            text = "-" if row is None or row["diff"] is None else f"{row['diff']:+.4f}"
+            cells.append(Text(text + ("" if row is None or row["ok"] else " FAIL"),
+                              style=None if row is None or row["ok"] else "bold red"))
+        table.add_row(*cells)
+    return table
+
+
+def print_eval(record: Mapping[str, Any], file: TextIO | None = None) -> None:
+    """The table, each model's source, and every failure."""
+    import sys
+
+    from rich.console import Console
+
+    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
+    console.print(eval_table(record))
+    for label, model in record["models"].items():
+        samples = {t: v.get("samples") for t, v in (model.get("results") or {}).items()}
+        console.print(f"  {label}: {model['source']} ({model.get('seconds', 0):.1f}s"
+                      + (f"; examples {samples}" if samples else "") + ")", markup=False)
+    for failure in record.get("failures") or []:
+        console.print(f"FAILED: {failure}", markup=False, style="bold red")

@@ -15,7 +15,8 @@ The order matters and is what makes a run safe to interrupt or to fail late:
 6. ``adapter/`` (PEFT adapter + tokenizer carrying the template's chat_template), then
    ``loss.png``, the quick generation and ``summary.json``, so the result is on disk
    before any exporter starts;
-7. the exporters in ``export.enabled``.
+7. the exporters in ``export.enabled``;
+8. with ``eval.after_export``, ``sft eval`` on those tasks (:mod:`sft.core.evaluate`).
 """
 
 from __future__ import annotations
@@ -249,13 +250,6 @@ def _quiet_progress_bars() -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def _loggers(cfg: "DictConfig", pm: "PluginManager") -> list[tuple[Any, Any]]:
-    from .config import plugin_options
-
-    return [(pm.get("logger", name, "loggers.enabled"), plugin_options(cfg, "logger", name, pm))
-            for name in cfg.loggers.enabled]
-
-
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
     gathered weights of a sharded (FSDP) model."""
@@ -380,6 +374,9 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     from .export import preflight_before_training
 
     preflight_before_training(cfg, run, pm)  # an export that cannot work stops the run before training
+    from .evaluate import preflight_eval
+
+    preflight_eval(cfg)  # so does an evaluation (eval.after_export) that cannot run
 
     tick = time.perf_counter()
     model, _backend_tokenizer = backend.load(cfg)
@@ -394,7 +391,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     from .metrics import MetricsHub, read_metrics
     from .trainer import NonFiniteLossError, metrics_callback
 
-    hub = MetricsHub(run.root, _loggers(cfg, pm)) if world.is_main else distributed.NullHub()
+    hub = MetricsHub.for_config(run.root, cfg, pm) if world.is_main else distributed.NullHub()
     callback = metrics_callback(hub)
     from .stopping import stop_callback
 
@@ -509,6 +506,10 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
                 from .export import run_exporters
 
                 run_exporters(cfg, run, pm)
+        if list(cfg.eval.after_export):
+            from .evaluate import evaluate_after_training
+
+            evaluate_after_training(cfg, run, pm, hub, in_subprocess=getattr(backend, "exports_in_subprocess", False))
     finally:
         hub.finish(run.read_summary() or summary)
     return run.root

@@ -1,42 +1,19 @@
 """``sft run`` with no arguments: SmolLM2-135M-Instruct learns the embedded identity dataset, offline, in minutes.
 
-This is the one test that trains the real SmolLM2 (about two minutes on a 2-core CPU): it is
-the acceptance check that the embedded default teaches the model something visible.
+This is the acceptance check that the embedded default teaches the model something visible.
+The run itself (``default_run``, about two minutes on a 2-core CPU) is trained once per session
+in conftest.py and shared with tests/test_evaluate.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
-from sft.core.testing import run_sft
 
 pytestmark = pytest.mark.slow
 
 NAME = "Forge"
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory, smollm2_dir) -> Path:
-    """``sft run`` exactly as a new user types it, in an empty folder."""
-    from sft.core import plugins
-    from sft.core.testing import make_plugin_manager
-
-    work = tmp_path_factory.mktemp("default")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    mp.setenv("HF_HUB_OFFLINE", "1")  # it must not need the network
-    mp.setattr(plugins, "_manager", make_plugin_manager())
-    try:
-        result = run_sft("run")
-    finally:
-        mp.undo()
-        plugins.reset_plugin_manager()
-    [run] = (work / "runs").iterdir()
-    (run / "cli-output.txt").write_text(result.output)
-    return run
 
 
 def test_the_quick_generation_uses_the_new_name(default_run):

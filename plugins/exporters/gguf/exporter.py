@@ -30,7 +30,7 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext
-from sft.core.interfaces import ExportResult, Exporter, HubCard
+from sft.core.interfaces import EvalModel, ExportResult, Exporter, HubCard
 from sft.core.notices import notice
 
 from ..merging import merging_for
@@ -70,6 +70,11 @@ class GgufExporter(Exporter):
     def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
         return HubCard(library_name="gguf", tags=["gguf", "llama.cpp", "ollama"], metadata={"quantized_by": user},
                        usage=hub_usage(repo_id, [Path(p).name for p in result.paths if p.endswith(".gguf")]))
+
+    def eval_models(self, context: ExportContext) -> list[EvalModel]:
+        from .evaluate import eval_models
+
+        return eval_models(context.run_dir.export_dir(self.name), self.name)
 
     def preflight(self, context: ExportContext, options: GgufOptions | None = None) -> list[str]:
         options = options or GgufOptions()

@@ -1,0 +1,38 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, smollm2_dir) -> Path:
+    """``sft run`` exactly as a new user types it, in an empty folder: the embedded default
+    (SmolLM2-135M-Instruct learns sft:identity, 32 steps). Trained once per session; tests
+    that change a run work on a copy.
+
+    ``SFT_TEST_DEFAULT_RUN=<run dir>`` reuses a run trained that way before (``sft run`` with no
+    arguments), to iterate on the tests that read it without training again; CI never sets it."""
+    import os
+
+    reuse = os.environ.get("SFT_TEST_DEFAULT_RUN")
+    if reuse:
+        return Path(reuse)
+    from sft.core import plugins
+    from sft.core.testing import make_plugin_manager, run_sft
+
+    work = tmp_path_factory.mktemp("default")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(work)
+    mp.setenv("HF_HUB_OFFLINE", "1")  # it must not need the network
+    mp.setattr(plugins, "_manager", make_plugin_manager())
+    try:
+        result = run_sft("run")
+    finally:
+        mp.undo()
+        plugins.reset_plugin_manager()
+    [run] = (work / "runs").iterdir()
+    (run / "cli-output.txt").write_text(result.output)
+    return run
