@@ -11,32 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import run_sft
-
 pytestmark = pytest.mark.slow
 
 NAME = "Forge"
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory, smollm2_dir) -> Path:
-    """``sft run`` exactly as a new user types it, in an empty folder."""
-    from sft.core import plugins
-    from sft.core.testing import make_plugin_manager
-
-    work = tmp_path_factory.mktemp("default")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    mp.setenv("HF_HUB_OFFLINE", "1")  # it must not need the network
-    mp.setattr(plugins, "_manager", make_plugin_manager())
-    try:
-        result = run_sft("run")
-    finally:
-        mp.undo()
-        plugins.reset_plugin_manager()
-    [run] = (work / "runs").iterdir()
-    (run / "cli-output.txt").write_text(result.output)
-    return run
+def default_run(embedded_default_run) -> Path:
+    """The shared ``sft run`` of tests/conftest.py."""
+    return embedded_default_run
 
 
 def test_the_quick_generation_uses_the_new_name(default_run):
