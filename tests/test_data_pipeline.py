@@ -169,7 +169,7 @@ def test_cache_key_changes_with_the_format_name_version_and_options(smollm2_dir,
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt_copy") != base
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt",
                 "data.sharegpt.system=[system,sys]") != base
-    monkeypatch.setattr(ShareGPT, "version", "2")
+    monkeypatch.setattr(ShareGPT, "version", ShareGPT.version + ".1")  # a bump, whatever the version is now
     assert _key(smollm2_dir, FIXTURES / "sharegpt.json", "data.format=sharegpt") != base
 
 
