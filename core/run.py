@@ -308,7 +308,7 @@ def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", c
     # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
     lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
     with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
-        return _train_in(run, cfg, resume, pm, stop, started, env, world)
+        return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
 
 
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
@@ -333,7 +333,7 @@ def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
 
 
 def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
-              env: Any, world: Any) -> Path:
+              env: Any, world: Any, created: list[RunDir]) -> Path:
     from .config import config_to_yaml, shareable_container
 
     durations: dict[str, float] = {}
@@ -360,6 +360,8 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             notice(f"distributed.num_processes={cfg.distributed.num_processes} is not used: "
                    f"the launcher started {world.world_size}")
     backend.prepare_environment()
+    from .env import quiet_progress_bars
+
     quiet_progress_bars()
     if not env.cuda:
         notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
