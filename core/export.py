@@ -448,7 +448,11 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
 def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager | None", flags: dict | None = None) -> "DictConfig":
     """A finished run's ``config.yaml`` plus ``overrides``, validated like any config."""
     from .config import load_config
+    from .env import quiet_known_warnings, quiet_progress_bars
 
+    # As quiet as `sft run`, whose exports print exactly these lines.
+    quiet_known_warnings()
+    quiet_progress_bars()
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
     return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm)

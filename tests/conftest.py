@@ -1,4 +1,4 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by sft's own test modules (the plugin-author kit is sft.core.testing)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory, smollm2_dir) -> Path:
+def embedded_default_run(tmp_path_factory, smollm2_dir) -> Path:
     """``sft run`` exactly as a new user types it, in an empty folder: the embedded default
-    (SmolLM2-135M-Instruct learns sft:identity, 32 steps). Trained once per session; tests
-    that change a run work on a copy.
+    (SmolLM2-135M-Instruct learns sft:identity, 32 steps), offline: the one real SmolLM2 training
+    of the suite, shared by every test that needs its result; tests that change a run work on a
+    copy. ``cli-output.txt`` in the run holds what the command printed.
 
     ``SFT_TEST_DEFAULT_RUN=<run dir>`` reuses a run trained that way before (``sft run`` with no
     arguments), to iterate on the tests that read it without training again; CI never sets it."""

@@ -35,12 +35,13 @@ def decoded_spans(ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
     return [tokenizer.decode(run, skip_special_tokens=False) for trained, run in token_runs(ids, mask) if trained]
 
 
-def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any) -> int:
+def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any, raw_trained: Any = None) -> int:
     """Every training row trains exactly its assistant turns, each followed by the EOT (:func:`expected_spans`).
 
-    One leading space is tolerated, as in :func:`sft.core.testing.assert_exact_masking`: in
-    ``ASSISTANT: answer`` layouts the separating space is part of the answer's first token.
-    Returns the number of rows checked.
+    A raw-text row (no conversation) trains ``raw_trained[i]``, its trained segments' text,
+    followed by the end-of-sequence token. One leading space is tolerated, as in
+    :func:`sft.core.testing.assert_exact_masking`: in ``ASSISTANT: answer`` layouts the
+    separating space is part of the answer's first token. Returns the number of rows checked.
     """
     from sft.core.testing import expected_spans
 
@@ -48,8 +49,11 @@ def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any) -> int:
     assert len(ids_col) == len(prepared.train_conversations)
     for i, (ids, mask, conversation) in enumerate(zip(ids_col, mask_col, prepared.train_conversations)):
         got = decoded_spans(ids, mask, tokenizer)
-        # content + EOT for the plain templates; the model's own turn text (Qwen3's empty think block) otherwise
-        want = expected_spans(template, tokenizer, conversation)
+        if conversation:
+            # content + EOT for the plain templates; the model's own turn text (Qwen3's empty think block) otherwise
+            want = expected_spans(template, tokenizer, conversation)
+        else:
+            want = [raw_trained[i] + tokenizer.eos_token]
         ok = len(got) == len(want) and all(g == w or (g.startswith(" ") and g[1:] == w) for g, w in zip(got, want))
         assert ok, f"row {i} with template '{template.name}': trained {got!r}, expected {want!r}"
     return len(ids_col)

@@ -8,12 +8,19 @@ in conftest.py and shared with tests/test_evaluate.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 NAME = "Forge"
+
+
+@pytest.fixture(scope="module")
+def default_run(embedded_default_run) -> Path:
+    """The shared ``sft run`` of tests/conftest.py."""
+    return embedded_default_run
 
 
 def test_the_quick_generation_uses_the_new_name(default_run):

@@ -1,6 +1,6 @@
 """``sft eval``: lm-evaluation-harness on the run's 16-bit model and its GGUF quants, parity, bad input.
 
-The acceptance tests share the embedded default run (``default_run`` in conftest.py, trained
+The acceptance tests share the embedded default run (``embedded_default_run`` in conftest.py, trained
 once per session with test_embedded_default.py) and work on a copy of it; the others use the
 tiny random model, whose scores mean nothing but whose plumbing is the real one.
 """
@@ -51,10 +51,10 @@ def corrupt_gguf(source: Path, target: Path, seed: int = 0) -> Path:
 
 # -- acceptance: the embedded default --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def evaluated(default_run: Path, tmp_path_factory) -> tuple[Path, object]:
+def evaluated(embedded_default_run: Path, tmp_path_factory) -> tuple[Path, object]:
     """A copy of the embedded default run with a q8_0 GGUF, evaluated with ``sft eval --base``."""
-    run = tmp_path_factory.mktemp("eval") / default_run.name
-    shutil.copytree(default_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    run = tmp_path_factory.mktemp("eval") / embedded_default_run.name
+    shutil.copytree(embedded_default_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     run_sft("export", run, "--exporter", "gguf", "export.gguf.quants=[q8_0]")
     result = run_sft("eval", run, "--base", check=False)
     return run, result

@@ -243,3 +243,17 @@ def test_sft_run_push_to_hub_exits_1_naming_the_retry_which_then_completes(tiny_
     record = summary(out)["hub"]["pushes"]["lora"]
     assert record["ok"] and record["private"] is True and "tokenizer.json" in record["uploaded"]
     assert_token_nowhere(out, res.output)
+
+
+def test_the_python_apis_push_is_sft_push(run_dir: Path, hub: HubStub, tmp_path: Path, monkeypatch,
+                                          sft_plugin_manager) -> None:
+    """``run.push(...)`` in a notebook goes through sft push's machinery (export.push_run)."""
+    import sft
+
+    patch_hub(monkeypatch, hub, tmp_path)
+    records = sft.load(run_dir).push("alice/api", exporters=["lora"])
+    assert records["lora"]["ok"] and summary(run_dir)["hub"]["pushes"]["lora"]["ok"]
+    [repo] = [name for name in hub.repos if name.startswith("alice/api")]
+    remote = hub.repos[repo].files()
+    for path, data in local_files(run_dir / "exports/lora").items():
+        assert sha256(remote[path]) == sha256(data)

@@ -104,6 +104,8 @@ def test_format_x_template(fmt: str, template: str, tiny_model_dir: Path, tmp_pa
 
     monkeypatch.setattr(plugins, "_manager", PM)  # the registry the parameters came from
     rows = sample_rows(fmt)
+    if PM.get("dataset_format", fmt).to_segments(rows[0]) is not None and template != TEMPLATES[0]:
+        pytest.skip(f"raw-text format '{fmt}' is rendered without a chat template: trained once, with '{TEMPLATES[0]}'")
     data = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
     run = tmp_path / "run"
     overrides = (f"data.format={fmt}", f"template.name={template}")
@@ -127,6 +129,8 @@ def test_format_x_template(fmt: str, template: str, tiny_model_dir: Path, tmp_pa
 
     options = plugin_options(cfg, "dataset_format", fmt, PM)
     for row in rows[:len(set(map(json.dumps, rows)))]:
+        if fmt_plugin.to_segments(row, options) is not None:
+            continue  # raw text has no template to check; test_data_matrix checks its trained tokens
         assert_exact_masking(tmpl, fmt_plugin.to_conversation(row, options), tokenizer)
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ConfigProblem, DataError, SftError
 from ..formats import validate_conversation
-from ..interfaces import ChatTemplate, DatasetFormat, Message
+from ..interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from ..notices import notice
 from ..templating import encode_rendered, end_of_turn, resolve_template
 from .cache import cache_key, cache_key_parts, cache_root, load_entry, store_entry
@@ -52,15 +52,16 @@ __all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats",
 ENCODE_BATCH = 2000
 
 
-def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str], source: str = "") -> tuple[DatasetFormat, Any]:
-    """The dataset format (and its options) for ``cfg.data.format``; ``auto`` detects it from ``columns``."""
+def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str], source: str = "",
+                   name: str | None = None, key: str = "data.format") -> tuple[DatasetFormat, Any]:
+    """The dataset format (and its options) ``name`` (default ``cfg.data.format``); ``auto`` detects it from ``columns``."""
     from ..config import plugin_options
     from ..plugins import get_plugin_manager
 
     pm = pm or get_plugin_manager()
-    name = cfg.data.format
+    name = name or cfg.data.format
     if name != "auto":
-        return pm.get("dataset_format", name, "data.format"), plugin_options(cfg, "dataset_format", name, pm)
+        return pm.get("dataset_format", name, key), plugin_options(cfg, "dataset_format", name, pm)
     matches = []
     for fname, fmt in sorted(pm.registry("dataset_format").items()):
         options = plugin_options(cfg, "dataset_format", fname, pm)
@@ -69,12 +70,12 @@ def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str],
     shown = ", ".join(columns[:12]) or "none"
     if not matches:
         available = ", ".join(sorted(pm.registry("dataset_format")))
-        raise DataError(f"data.format=auto: no dataset format recognises the columns ({shown}); "
-                        f"set data.format to one of: {available}", source=source or None)
+        raise DataError(f"{key}=auto: no dataset format recognises the columns ({shown}); "
+                        f"set {key} to one of: {available}", source=source or None)
     if len(matches) > 1:
         names = ", ".join(f.name for f, _ in matches)
-        raise DataError(f"data.format=auto is ambiguous: the columns ({shown}) match the formats {names}; "
-                        f"set data.format to one of them", source=source or None)
+        raise DataError(f"{key}=auto is ambiguous: the columns ({shown}) match the formats {names}; "
+                        f"set {key} to one of them", source=source or None)
     return matches[0]
 
 
@@ -123,9 +124,25 @@ class _BadRows:
                 "examples": [str(e) for e in self.errors[:10]]}
 
 
+@dataclass(frozen=True)
+class RawText:
+    """A row of a raw-text format: segments trained as they stand, no chat template."""
+
+    segments: tuple[Segment, ...]
+
+
+def _check_segments(segments: Any) -> RawText:
+    if not isinstance(segments, (list, tuple)) or not all(isinstance(s, Segment) for s in segments):
+        raise DataError(f"the format returned {type(segments).__name__}, not a list of Segment")
+    if not "".join(s.text for s in segments).strip():
+        raise DataError("empty text")
+    return RawText(tuple(segments))
+
+
 def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any,
-               bad: _BadRows) -> tuple[list[list[Message]], list[RowRef]]:
-    conversations: list[list[Message]] = []
+               bad: _BadRows) -> tuple[list[Any], list[RowRef]]:
+    """Rows -> conversations (lists of :class:`Message`) or, from a raw-text format, :class:`RawText`."""
+    conversations: list[Any] = []
     kept: list[RowRef] = []
     for row, ref in zip(rows, refs):
         if isinstance(row, BadRow):
@@ -134,9 +151,13 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
-            conversation = fmt.to_conversation(row, options)
-            for warning in validate_conversation(conversation):
-                bad.warn(DataError(warning, source=ref.source, line=ref.line, row=ref.row))
+            segments = fmt.to_segments(row, options)
+            if segments is not None:
+                conversation: Any = _check_segments(segments)
+            else:
+                conversation = fmt.to_conversation(row, options)
+                for warning in validate_conversation(conversation):
+                    bad.warn(DataError(warning, source=ref.source, line=ref.line, row=ref.row))
         except DataError as exc:
             bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
             continue
@@ -174,6 +195,11 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
         batch: list[tuple[list[Message], RowRef]] = []
         rendered = []
         for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
+            if isinstance(conversation, RawText):
+                # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
+                rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
+                batch.append((conversation, ref))
+                continue
             try:
                 rendered.append(template.render(conversation, tokenizer))
             except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
@@ -206,7 +232,8 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
                 continue
             out.input_ids.append(ids)
             out.masks.append(mask)
-            out.conversations.append(conversation)
+            # A raw-text row has no conversation; the quick generation and chat skip it.
+            out.conversations.append([] if isinstance(conversation, RawText) else conversation)
     return out
 
 
@@ -270,9 +297,37 @@ def _eval_count(test_size: float, n: int) -> int:
     return count
 
 
+@dataclass
+class _Source:
+    """One dataset of the run: ``data.dataset`` alone, or one entry of ``data.datasets``."""
+
+    key: str  # the config key it came from, for errors
+    spec: str
+    format: str
+    split: str
+    weight: float = 1.0
+
+
+def _sources(cfg: Any) -> list[_Source]:
+    if len(cfg.data.datasets):
+        return [_Source(f"data.datasets[{i}]", str(d.path), str(d.format), str(d.split), float(d.weight))
+                for i, d in enumerate(cfg.data.datasets)]
+    return [_Source("data", str(cfg.data.dataset), str(cfg.data.format), str(cfg.data.split))]
+
+
+def _weighted(items: list, refs: list, weight: float, seed: int) -> tuple[list, list]:
+    """``weight`` × the rows: whole copies, then a random subset (drawn with ``seed``) in source order."""
+    if weight == 1.0 or not items:
+        return items, refs
+    n = max(1, round(weight * len(items)))
+    whole, rest = divmod(n, len(items))
+    picked = list(range(len(items))) * whole + sorted(random.Random(seed).sample(range(len(items)), rest))
+    return [items[i] for i in picked], [refs[i] for i in picked]
+
+
 def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_cache: bool = True,
                    quiet: bool = False) -> PreparedData:
-    """Load, normalize, split, render and tokenize the configured data.
+    """Load, normalize, mix, split, render and tokenize the configured data.
 
     Args:
         cfg: the run config (``data``, ``template``, ``model.max_seq_length``, ``training.seed``).
@@ -288,56 +343,81 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
         ConfigError: a bad split, test_size or format name.
     """
     template = resolve_template(cfg, pm, tokenizer)
-    source = resolve_source(cfg.data.dataset)
+    seed = int(cfg.training.seed)
+    sources = _sources(cfg)
+    opened = []  # (source spec, resolved Source, fingerprint, handle, rows, refs, format, options)
+    fps: list[str] = []
+    for src in sources:
+        source = resolve_source(src.spec)
+        split_key = f"{src.key}.split"
+        fp, handle = fingerprint_split(source, src.split, split_key)
+        # Rows are read only on a cache miss, except that auto-detection needs a local source's columns.
+        rows: list[Any] | None = None
+        refs: list[RowRef] | None = None
+        columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
+        if src.format == "auto" and columns is None:
+            rows, refs = read_split(source, src.split, split_key, handle)
+            columns = columns_of(rows)
+        fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format")
+        opened.append([src, source, fp, handle, rows, refs, fmt, fmt_options])
+        fps.append(fp)
 
-    fp, handle = fingerprint_split(source, cfg.data.split, "data.split")
     eval_handle = eval_source = None
     eval_spec = ""
+    first = opened[0][1]
     if cfg.data.eval_split:
-        eval_source = source
+        eval_source = first
         eval_spec = str(cfg.data.eval_split)
-        if source.kind == "local" and Path(eval_spec).expanduser().exists():
+        if first.kind == "local" and Path(eval_spec).expanduser().exists():
             eval_source, eval_spec = resolve_source(eval_spec), "train"
         efp, eval_handle = fingerprint_split(eval_source, eval_spec, "data.eval_split")
-        fp += "|eval:" + efp
+        fps[0] += "|eval:" + efp
 
-    # Rows are read only on a cache miss, except that auto-detection needs a local source's columns.
-    rows: list[Any] | None = None
-    refs: list[RowRef] | None = None
-    columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
-    if cfg.data.format == "auto" and columns is None:
-        rows, refs = read_split(source, cfg.data.split, "data.split", handle)
-        columns = columns_of(rows)
-    fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe())
-
-    parts = cache_key_parts(cfg, fmt, fmt_options, template, tokenizer, fp)
+    fmt0, options0 = opened[0][6], opened[0][7]
+    parts = cache_key_parts(cfg, fmt0, options0, template, tokenizer, fps[0])
+    if len(opened) > 1:
+        # Every source's content, split, weight and format take part in the key.
+        parts["sources"] = [[o[0].spec, o[0].split, o[0].weight, o[2],
+                             cache_key_parts(cfg, o[6], o[7], template, tokenizer, o[2])["format"]] for o in opened]
     key = cache_key(parts)
+    described = " + ".join(o[1].describe() for o in opened)
     root = cache_root(cfg) if use_cache else None
     if root is not None:
         entry = load_entry(root / key)
         if entry is not None:
             cached = PreparedData(**entry)
-            cached.stats["source"] = source.describe()
+            cached.stats["source"] = described
             _report_skipped(cached.stats, quiet)
             return cached
 
-    if rows is None:
-        rows, refs = read_split(source, cfg.data.split, "data.split", handle)
     bad = _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction))
-    conversations, kept = _normalize(rows, refs, fmt, fmt_options, bad)
-    total = len(rows)
-    if total == 0:
-        raise DataError("the dataset has no rows", source=source.describe())
+    conversations: list[Any] = []
+    kept: list[RowRef] = []
+    total = 0
+    per_source: list[dict[str, Any]] = []
+    for src, source, _fp, handle, rows, refs, fmt, fmt_options in opened:
+        if rows is None:
+            rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
+        if not rows:
+            raise DataError("the dataset has no rows", source=source.describe())
+        skipped_before = len(bad.errors)
+        convs, kept_refs = _normalize(rows, refs, fmt, fmt_options, bad)
+        convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)
+        per_source.append({"source": source.describe(), "format": fmt.name, "split": src.split, "rows": len(rows),
+                           "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(convs)})
+        total += len(rows)
+        conversations += convs
+        kept += kept_refs
 
     if eval_handle is not None:
         assert eval_source is not None
         erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
-        eval_convs, eval_refs = _normalize(erows, erefs, fmt, fmt_options, bad)
+        eval_convs, eval_refs = _normalize(erows, erefs, fmt0, options0, bad)
         total += len(erows)
         train_convs, train_refs = conversations, kept
     else:
         (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
-            conversations, kept, float(cfg.data.test_size), int(cfg.training.seed))
+            conversations, kept, float(cfg.data.test_size), seed)
 
     train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
     eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
@@ -347,7 +427,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
                    f"were dropped (data.on_truncate=drop)" if train_enc.cut_dropped else "")
         raise DataError("no training row has a trained token: every row is fully masked, bad or too long "
                         f"(check template '{template.name}', data.train_on and model.max_seq_length){dropped}{first}",
-                        source=source.describe())
+                        source=described)
     bad.check(total)
 
     stats: dict[str, Any] = {
@@ -363,12 +443,15 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, use_
         "trained_tokens": sum(map(sum, train_enc.masks)),
         "eval_tokens": sum(map(len, eval_enc.input_ids)),
         "max_tokens": max(map(len, train_enc.input_ids + eval_enc.input_ids)),
-        "format": fmt.name,
+        "format": "+".join(dict.fromkeys(o[6].name for o in opened)),
         "template": template.name,
-        "source": source.describe(),
+        "source": described,
         "cache": "miss" if root is not None else "off",
         "cache_key": key,
     }
+    if len(opened) > 1:
+        stats["sources"] = per_source
+        stats["mix_seed"] = seed
     prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.input_ids else None,
                             stats, train_enc.conversations, eval_enc.conversations)
     _report_skipped(stats, quiet)
@@ -390,8 +473,22 @@ def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
         notice(f"  e.g. {example}")
 
 
+def describe_sources(stats: Mapping[str, Any]) -> list[str]:
+    """One line per source of a mixed run: its rows, format, skipped rows, weight and rows used."""
+    return [f"  {s['source']} ({s['format']}, {s['split']}): {s['rows']} rows, skipped {s['skipped']}, "
+            f"weight {s['weight']:g} → {s['used']} used" for s in stats.get("sources", ())]
+
+
 def describe_stats(stats: Mapping[str, Any]) -> str:
-    """One line: ``500 rows (sharegpt, template chatml) → 450 train / 50 eval; ...``."""
+    """One line: ``500 rows (sharegpt, template chatml) → 450 train / 50 eval; ...``; a mixed run adds a line per source."""
+    sources = describe_sources(stats)
+    if sources:
+        head = f"{len(sources)} datasets mixed with seed {stats['mix_seed']} (training.seed):"
+        return "\n".join([head, *sources, _describe_totals(stats)])
+    return _describe_totals(stats)
+
+
+def _describe_totals(stats: Mapping[str, Any]) -> str:
     return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train / "
             f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}"
             f"{_cut_detail(stats)}, "

@@ -11,13 +11,12 @@ fingerprint, so the cache (:mod:`.cache`) knows when the data changed.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from ..env import hub_reachable
 from ..errors import ConfigError, ConfigProblem, DataError, did_you_mean
 from .readers import READERS, SUPPORTED_EXTENSIONS, RowRef, hash_files
 
@@ -126,26 +125,12 @@ def _local_files(source: Source, split: str, key: str) -> list[Path]:
     return by_split[split]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine fails in a second instead of after retries."""
-    import huggingface_hub.constants as hub_constants
-
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(hub_constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _load_hub(source: Source, split: str) -> Any:
     """``datasets.load_dataset`` for a hub name; offline, only the local cache is tried."""
     import datasets
     import huggingface_hub.constants as hub_constants
 
-    online = _hub_reachable()
+    online = hub_reachable()
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
     if not online:
         # Offline mode makes `datasets` use its local cache and fail at once when the dataset

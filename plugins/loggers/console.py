@@ -105,7 +105,7 @@ class ConsoleLogger(Logger):
         if self._console is None:
             return
         if self._options.summary and summary:
-            self._console.print(summary_table(summary, title="run summary", brief=True))
+            self._console.print(summary_table(summary, title="run summary", brief=True, width=self._console.width))
 
     # -- formatting ------------------------------------------------------------------------
     def format_line(self, step: int, metrics: Mapping[str, Any]) -> str:

@@ -9,8 +9,8 @@ From the merged 16-bit HF model (the one ``merged_16bit`` wrote, or a temporary 
   TEMPLATE and stop lines come from the run's chat-template plugin;
 - with ``export.verify`` (default) each file is loaded in llama.cpp and its greedy tokens
   compared with the merged HF model's (:mod:`.verify`). Without llama-cpp-python
-  and with ``export.verify`` unset, the files are written and marked unverified (a notice
-  and ``verify.skipped`` in summary.json); ``export.verify=true`` makes that an error.
+  and with ``export.verify`` unset, the files are written and marked unverified (in the
+  export's line, and ``verify.skipped`` in summary.json); ``export.verify=true`` makes that an error.
 
 A quant that fails is reported and the others still get written; files appear only when
 complete (``.partial`` then rename).
@@ -75,6 +75,11 @@ class GgufExporter(Exporter):
         from .evaluate import eval_models
 
         return eval_models(context.run_dir.export_dir(self.name), self.name)
+
+    def answer(self, paths, messages, settings):
+        from .chat import answer_with_gguf
+
+        return answer_with_gguf(paths, messages, settings)
 
     def preflight(self, context: ExportContext, options: GgufOptions | None = None) -> list[str]:
         options = options or GgufOptions()
@@ -221,8 +226,8 @@ class GgufExporter(Exporter):
         if context.verifying and per_quant and not llama_cpp_available():
             # Only with export.verify unset (true is refused in preflight): the pure-Python quants
             # are still useful, but nobody may mistake them for checked ones.
-            verify = {"skipped": True, "summary": f"skipped, llama-cpp-python is not installed ({LLAMA_EXTRA_INSTALL})"}
-            notice(f"gguf: the files are NOT verified: {verify['summary']}")
+            # The summary is the export's one line (core/export.py prints it once, after the export).
+            verify = {"skipped": True, "summary": f"the files are NOT verified: llama-cpp-python is not installed ({LLAMA_EXTRA_INSTALL})"}
         elif context.verifying and per_quant:
             verify = self._verify(context, options, files, per_quant, errors)
         if adapter and context.verifying and llama_cpp_available():

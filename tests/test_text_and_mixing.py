@@ -1,0 +1,98 @@
+"""Raw-text data (the ``text`` and ``completion`` formats) and several datasets in one run (``data.datasets``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft.core.data import build_datasets, describe_stats
+from sft.core.errors import ConfigError
+from sft.core.testing import train_tiny, write_jsonl
+
+from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
+
+COMPLETIONS = [{"prompt": "The capital of France is", "completion": " Paris."},
+               {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"}]
+
+
+def _texts(prepared, tokenizer, i=0):
+    row = prepared.train[i]
+    return tokenizer.decode(row["input_ids"]), decoded_spans(row["input_ids"], row["assistant_masks"], tokenizer)
+
+
+def test_text_rows_train_every_token_with_no_chat_template(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "Iron glows in the forge.\nThe smith shapes it."}])
+    tokenizer = fresh_tokenizer(tiny_model_dir)
+    prepared = build_datasets(data_config(tiny_model_dir, path), None, tokenizer)  # format auto finds `text`
+    assert prepared.stats["format"] == "text"
+    text, trained = _texts(prepared, tokenizer)
+    assert text == "Iron glows in the forge.\nThe smith shapes it.<|im_end|>"  # no <|im_start|>: no template
+    assert trained == [text]
+    assert prepared.train_conversations == [[]]  # no conversation: the quick generation skips raw rows
+
+
+@pytest.mark.parametrize("train_on, expected", [("assistant", [" Paris.<|im_end|>"]),
+                                                ("all", ["The capital of France is Paris.<|im_end|>"])])
+def test_completion_rows_train_the_completion_or_everything(tiny_model_dir, tmp_path, train_on, expected):
+    path = write_jsonl(tmp_path / "pairs.jsonl", COMPLETIONS)
+    tokenizer = fresh_tokenizer(tiny_model_dir)
+    prepared = build_datasets(data_config(tiny_model_dir, path, f"data.train_on={train_on}"), None, tokenizer)
+    assert prepared.stats["format"] == "completion"
+    text, trained = _texts(prepared, tokenizer)
+    assert text == "The capital of France is Paris.<|im_end|>" and trained == expected
+    # Indentation and newlines of a completion survive as they are; the token that spans the
+    # boundary ("\n    ": the prompt's newline and the indentation) is trained, as with templates.
+    second = _texts(prepared, tokenizer, 1)
+    assert second[0] == "def add(a, b):\n    return a + b\n<|im_end|>"
+    assert second[1] == ([second[0]] if train_on == "all" else ["\n    return a + b\n<|im_end|>"])
+
+
+def test_a_bad_raw_row_is_located(tiny_model_dir, tmp_path):
+    from sft.core.errors import DataError
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [COMPLETIONS[0], {"prompt": "x", "completion": None}])
+    with pytest.raises(DataError, match=rf"{path}:2, row 1, field 'completion': null value"):
+        build_datasets(data_config(tiny_model_dir, path), None, fresh_tokenizer(tiny_model_dir))
+
+
+def _mixed(tiny_model_dir, tmp_path, *overrides):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", COMPLETIONS * 5)  # 10 rows
+    sources = [{"path": str(FIXTURES / "alpaca.jsonl"), "format": "alpaca"},
+               {"path": str(pairs), "weight": 0.5},
+               {"path": "sft:identity", "split": "train[:4]", "weight": 2}]
+    return data_config(tiny_model_dir, "unused", f"data.datasets={json.dumps(sources)}", *overrides)
+
+
+def test_several_datasets_mix_with_their_own_formats_weights_and_a_stated_seed(tiny_model_dir, tmp_path):
+    cfg = _mixed(tiny_model_dir, tmp_path)
+    tokenizer = fresh_tokenizer(tiny_model_dir)
+    prepared = build_datasets(cfg, None, tokenizer)
+    sources = prepared.stats["sources"]
+    assert [(s["format"], s["weight"], s["used"]) for s in sources] == [
+        ("alpaca", 1.0, sources[0]["rows"]), ("completion", 0.5, 5), ("sharegpt", 2.0, 8)]
+    assert prepared.stats["train_rows"] == sources[0]["rows"] + 5 + 8 and prepared.stats["mix_seed"] == 3407
+    lines = describe_stats(prepared.stats).splitlines()
+    assert lines[0] == "3 datasets mixed with seed 3407 (training.seed):"
+    assert "pairs.jsonl (completion, train): 10 rows, skipped 0, weight 0.5 → 5 used" in lines[2]
+    # The same seed draws the same rows; another seed may not, and changes the cache key.
+    again = build_datasets(_mixed(tiny_model_dir, tmp_path), None, fresh_tokenizer(tiny_model_dir))
+    assert again.train["input_ids"] == prepared.train["input_ids"]
+    other = build_datasets(_mixed(tiny_model_dir, tmp_path, "training.seed=1"), None, fresh_tokenizer(tiny_model_dir))
+    assert other.stats["cache_key"] != prepared.stats["cache_key"]
+
+
+def test_a_mixed_source_with_a_bad_format_or_weight_is_a_config_error(tiny_model_dir):
+    sources = [{"path": "a.jsonl", "format": "alpacca"}, {"path": "b.jsonl", "weight": 0}]
+    with pytest.raises(ConfigError) as err:
+        data_config(tiny_model_dir, "unused", f"data.datasets={json.dumps(sources)}", "data.eval_split=test")
+    text = str(err.value)
+    assert "data.datasets[0].format: unknown dataset format 'alpacca' (did you mean 'alpaca'?)" in text
+    assert "data.datasets[1].weight: must be > 0, got 0.0" in text and "data.eval_split: is for data.dataset" in text
+
+
+def test_a_run_trains_on_completion_data(tiny_model_dir, tmp_path):
+    run = train_tiny(tmp_path / "run", tiny_model_dir, dataset=write_jsonl(tmp_path / "p.jsonl", COMPLETIONS * 2))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["dataset"]["format"] == "completion"
+    assert summary["generation"]["prompt"] is None  # raw rows have no user turn to ask
