@@ -281,7 +281,7 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
 
 def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", created: list[RunDir]) -> Path:
-    from .env import current_environment, quiet_known_warnings, quiet_progress_bars
+    from .env import current_environment, quiet_known_warnings
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
     if pm is None:

@@ -31,7 +31,6 @@ from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.export import ExportContext
 from sft.core.interfaces import EvalModel, ExportResult, Exporter, HubCard
-from sft.core.notices import notice
 
 from ..merging import merging_for
 
