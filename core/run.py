@@ -163,8 +163,8 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         save_total_limit=int(t.save_total_limit),
         bf16=bool(bf16),
         fp16=bool(fp16),
-        # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU).
-        activation_checkpointing=False,
+        # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU); TRL turns it on.
+        **{_checkpointing_argument(SFTConfig): False},
         use_cpu=not env.cuda,
         packing=packing,
         # Rows are already truncated to model.max_seq_length by the data pipeline; packing
@@ -181,6 +181,16 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         save_only_model=False,
         **distributed.trainer_arguments(cfg),
     )
+
+
+def _checkpointing_argument(config_class: type) -> str:
+    """The TrainingArguments field that switches gradient checkpointing: transformers 5.18 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name now warns), and the
+    ``gpu`` extra's transformers 5.17 (Unsloth's cap) knows only the old one."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env: "Environment",

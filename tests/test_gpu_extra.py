@@ -103,3 +103,23 @@ def test_the_gpu_extra_resolves_with_the_project_pins():
     assert chosen["transformers"] == Version("5.17.0")
     assert chosen["datasets"] < Version("5")
     assert chosen["trl"] == Version("1.14.2")
+
+
+def test_checkpointing_is_switched_off_by_the_name_the_installed_transformers_knows():
+    """The gpu extra caps transformers at 5.17, whose TrainingArguments has no
+    ``activation_checkpointing`` (5.18 renamed ``gradient_checkpointing``): passing the new name
+    there raised TypeError before training could start."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from sft.core.run import _checkpointing_argument
+
+    @dataclasses.dataclass
+    class Transformers517Arguments:
+        gradient_checkpointing: bool = True
+
+    assert _checkpointing_argument(Transformers517Arguments) == "gradient_checkpointing"
+    name = _checkpointing_argument(SFTConfig)
+    assert name in {f.name for f in dataclasses.fields(SFTConfig)}
+    assert getattr(SFTConfig(output_dir="/tmp/unused", **{name: False}), name) is False
