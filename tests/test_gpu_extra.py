@@ -122,4 +122,4 @@ def test_checkpointing_is_switched_off_by_the_name_the_installed_transformers_kn
     assert _checkpointing_argument(Transformers517Arguments) == "gradient_checkpointing"
     name = _checkpointing_argument(SFTConfig)
     assert name in {f.name for f in dataclasses.fields(SFTConfig)}
-    assert getattr(SFTConfig(output_dir="/tmp/unused", **{name: False}), name) is False
+    assert getattr(SFTConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, **{name: False}), name) is False
