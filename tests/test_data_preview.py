@@ -61,7 +61,8 @@ def test_run_dry_run_previews_and_trains_nothing(smollm2_dir, tmp_path):
 def test_validate_reports_the_data_in_one_line(smollm2_dir, tmp_path):
     result = run_sft("validate", *_args(smollm2_dir, FIXTURES / "messages.jsonl", tmp_path), "data.test_size=1.0")
     assert re.fullmatch(r"config OK; data OK: 3 rows \(messages, template chatml\) → 2 train / 1 eval; skipped 0, "
-                        r"truncated 0, fully masked 0; \d+ train tokens, \d+ trained", result.stdout.strip())
+                        r"truncated 0, fully masked 0; \d+ train tokens, \d+ trained; exports OK: lora",
+                        result.stdout.strip())  # the exports' preflight runs in validate as in run
 
 
 def test_validate_fails_with_the_located_error_and_exit_2(smollm2_dir, tmp_path):
