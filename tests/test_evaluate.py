@@ -153,7 +153,7 @@ def test_bad_input_gets_a_clear_error(tiny_run: Path, tmp_path: Path):
     result = run_sft("eval", empty, check=False)
     assert result.exit_code == 1 and "no config.yaml" in result.output
     result = run_sft("eval", tiny_run, "eval.max_drop=-1", check=False)
-    assert result.exit_code == 2 and "eval.max_drop: must be 0 or more" in result.output
+    assert result.exit_code == 2 and "eval.max_drop: must be >= 0, got -1.0" in result.output
 
 
 def test_unknown_and_unreachable_tasks_are_named(monkeypatch):
