@@ -155,7 +155,8 @@ def test_a_packed_run_trains(tiny_model_dir, tmp_path):
 def test_a_finished_run_is_not_overwritten(tiny_model_dir, eval_run):
     from sft.core.errors import SftError
 
-    with pytest.raises(SftError, match="already holds a run.*--resume"):
+    # A finished run is never continued (issue 13), so the message points elsewhere, not at --resume.
+    with pytest.raises(SftError, match="already holds a finished run.*choose another directory"):
         train_tiny(eval_run, tiny_model_dir, pm=PM)
 
 
