@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["STRATEGIES", "World", "current_world", "under_launcher", "wants_launch", "preset", "fsdp_config",
            "BatchPlan", "batch_plan", "check_strategy", "setup", "barrier", "broadcast", "main_first",
-           "sum_across_ranks", "min_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env", "launch",
+           "sum_across_ranks", "min_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env",
            "write_layout", "check_resume", "LAYOUT_FILE"]
 
 #: The values of ``distributed.strategy``; each has a preset ``core/assets/accelerate/<name>.yaml``.

@@ -13,7 +13,6 @@ description is its field's ``help`` metadata (see :func:`sft.core.config.opt`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable

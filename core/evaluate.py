@@ -23,11 +23,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import SftError, did_you_mean
 from .metrics import eval_number as _num
