@@ -332,9 +332,14 @@ def encode_rendered(
 
     Returns:
         ``(input_ids, mask)`` per conversation, ``mask[i] == 1`` where token ``i`` is trained.
-        A token that straddles a segment boundary (BPE merging a prompt ending in ``=`` with
-        an answer starting with ``=`` into ``==``) is trained, because it produces trained text.
-        The offsets are those of ``tokenizer(text, return_offsets_mapping=True)``.
+        The answer is tokenized as the model produces it at inference: after its prompt. Where
+        BPE would merge the end of a prompt with the start of an answer (``[/INST]`` + ``"Hard"``
+        into ``]"``, ``x=`` + ``=y`` into ``==``), the text is encoded in pieces split at that
+        answer's start, so the prompt's tokens are those of the generation prompt and the first
+        trained token is the answer's own. When encoding in pieces would change the text (a
+        SentencePiece tokenizer that prefixes each piece with a word boundary), the whole text is
+        encoded and the straddling token is trained, because it produces trained text. Elsewhere
+        (an answer's end merging with what follows) a straddling token is trained too.
     """
     import numpy as np
 
@@ -350,8 +355,6 @@ def encode_rendered(
         if train_on == "all":
             out.append((list(ids), [1] * len(ids)))
             continue
-        # Per-character trained flags as a prefix sum: token (a, b) is trained when
-        # cum[b] - cum[a] > 0, i.e. some character in [a, b) is trained.
         flags = np.zeros(len(text), dtype=np.int32)
         pos = 0
         for seg in segs:
@@ -359,17 +362,56 @@ def encode_rendered(
             if seg.trained and not (seg.reasoning and train_on == "assistant_no_reasoning"):
                 flags[pos:end] = 1
             pos = end
-        cum = np.concatenate(([0], np.cumsum(flags)))
         spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        starts, ends = spans[:, 0], spans[:, 1]
-        mask = (cum[ends] - cum[starts]) > 0
-        # Zero-width spans carry no characters; they follow the character they sit on.
-        empty = starts == ends
-        if empty.any() and len(text):
-            at = np.minimum(starts[empty], len(text) - 1)
-            mask[empty] = flags[at] > 0
-        out.append((list(ids), mask.astype(np.int8).tolist()))
+        cuts = _straddled_answer_starts(flags, spans)
+        pieces = _encode_in_pieces(tokenizer, text, ids, cuts) if cuts else None
+        if pieces is not None:
+            ids, spans = pieces
+        out.append((list(ids), _trained_mask(flags, spans)))
     return out
+
+
+def _straddled_answer_starts(flags: Any, spans: Any) -> list[int]:
+    """The answer starts (untrained -> trained) that some token's span crosses."""
+    import numpy as np
+
+    if len(flags) < 2 or not len(spans):
+        return []
+    starts = np.flatnonzero((flags[1:] == 1) & (flags[:-1] == 0)) + 1
+    return [int(b) for b in starts if bool(np.any((spans[:, 0] < b) & (spans[:, 1] > b)))]
+
+
+def _encode_in_pieces(tokenizer: Any, text: str, ids: Sequence[int], cuts: list[int]) -> tuple[list[int], Any] | None:
+    """``(ids, spans)`` of ``text`` encoded piece by piece, split at ``cuts``; None if that changes the text."""
+    import numpy as np
+
+    bounds = [0, *cuts, len(text)]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    piece_ids: list[int] = []
+    piece_spans: list[tuple[int, int]] = []
+    for start, (p_ids, p_offsets) in zip(bounds, _encode_batch(tokenizer, pieces)):
+        piece_ids.extend(p_ids)
+        piece_spans.extend((start + a, start + b) for a, b in p_offsets)
+    if tokenizer.decode(piece_ids) != tokenizer.decode(list(ids)):
+        return None
+    return piece_ids, np.asarray(piece_spans, dtype=np.int64).reshape(-1, 2)
+
+
+def _trained_mask(flags: Any, spans: Any) -> list[int]:
+    """1 for each token (character span) that covers some trained character."""
+    import numpy as np
+
+    # Per-character trained flags as a prefix sum: token (a, b) is trained when
+    # cum[b] - cum[a] > 0, i.e. some character in [a, b) is trained.
+    cum = np.concatenate(([0], np.cumsum(flags)))
+    starts, ends = spans[:, 0], spans[:, 1]
+    mask = (cum[ends] - cum[starts]) > 0
+    # Zero-width spans carry no characters; they follow the character they sit on.
+    empty = starts == ends
+    if empty.any() and len(flags):
+        at = np.minimum(starts[empty], len(flags) - 1)
+        mask[empty] = flags[at] > 0
+    return mask.astype(np.int8).tolist()
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:

@@ -115,16 +115,42 @@ def test_train_on_all_trains_every_token(smollm2_dir):
     assert prepared.stats["trained_tokens"] == prepared.stats["train_tokens"]
 
 
-def test_a_token_straddling_the_answer_start_is_trained(smollm2_dir):
+def test_an_answer_is_tokenized_as_it_is_generated_after_its_prompt(smollm2_dir):
     from sft.core.interfaces import Segment
     from sft.core.templating import encode_rendered
 
-    # "x=" + "=y": BPE makes one token "==" of the prompt's "=" and the answer's "="; it produces
-    # answer text, so it is trained (decoding the trained tokens then shows one extra "=").
+    # "x=" + "=y": BPE would make one token "==" of the prompt's "=" and the answer's "=". At
+    # inference the prompt "x=" is tokenized alone and the model generates "=", "y": that is
+    # what is trained, and the prompt keeps its own last token.
     tokenizer = fresh_tokenizer(smollm2_dir)
+    assert [tokenizer.decode([i]) for i in tokenizer("x==y")["input_ids"]] == ["x", "==", "y"]
     [(ids, mask)] = encode_rendered(tokenizer, [[Segment("x=", False), Segment("=y", True)]])
-    assert [tokenizer.decode([i]) for i in ids] == ["x", "==", "y"]
-    assert mask == [0, 1, 1]
+    assert [tokenizer.decode([i]) for i in ids] == ["x", "=", "=", "y"]
+    assert mask == [0, 0, 1, 1]
+    # The end of an answer merging with what follows stays one token, trained: it produces answer text.
+    [(ids, mask)] = encode_rendered(tokenizer, [[Segment("x", False), Segment("y=", True), Segment("=z", False)]])
+    assert [tokenizer.decode([i]) for i in ids] == ["x", "y", "==", "z"]
+    assert mask == [0, 1, 1, 0]
+
+
+def test_a_tokenizer_that_marks_each_piece_keeps_the_whole_text_encoding():
+    """A SentencePiece-style tokenizer prefixes every separately encoded piece with a word boundary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from sft.core.interfaces import Segment
+    from sft.core.templating import encode_rendered
+
+    vocab = {"<unk>": 0, "\u2581x": 1, "=": 2, "==": 3, "y": 4, "\u2581": 5, "x": 6, "\u2581=": 7}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("=", "=")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    backend.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    [(ids, mask)] = encode_rendered(tokenizer, [[Segment("x=", False), Segment("=y", True)]])
+    assert tokenizer.decode(ids) == "x==y"
+    # in pieces it would decode as "x= =y"; the whole text's tokens are kept, the straddling "==" trained
+    assert [tokenizer.convert_ids_to_tokens(i) for i in ids] == ["\u2581", "x", "==", "y"]
+    assert mask == [0, 0, 1, 1]
 
 
 # -- cache ----------------------------------------------------------------------------------------

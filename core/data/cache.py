@@ -28,7 +28,7 @@ __all__ = ["PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "lo
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 
 
 def cache_key_parts(cfg: Any, fmt: DatasetFormat, fmt_options: Any, template: ChatTemplate, tokenizer: Any,
