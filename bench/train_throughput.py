@@ -56,6 +56,7 @@ from typing import Any
 
 GIB = 1024**3
 RESULT_TAG = "BENCH_RESULT "
+SETUP_TAG = "BENCH_SETUP "
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -325,7 +326,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> d
     from sft.core import hookimpl
     from sft.core.config import load_config
     from sft.core.interfaces import Logger
-    from sft.core.plugins import get_plugin_manager
+    from sft.core.plugins import get_plugin_manager, reset_plugin_manager
     from sft.core.run import run_training
 
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
@@ -354,6 +355,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> d
         def register_loggers(self, register):
             register(BenchClock())
 
+    reset_plugin_manager()  # a fresh one per setup: several setups can share a process
     pm = get_plugin_manager()
     pm.register(Plugin(), "bench-clock")
     chat = packing is not None
@@ -403,6 +405,8 @@ def run_unsloth_notebook(a: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTTrainer
 
+    if a.notebook_steps:  # its steps are long (~15 s): fewer of them, after one warm-up step
+        a = argparse.Namespace(**{**vars(a), "warmup": 1, "steps": a.notebook_steps})
     model, tokenizer = FastLanguageModel.from_pretrained(
         str(a.model_dir), max_seq_length=a.seq, load_in_4bit=True, dtype=None, local_files_only=True)
     model = FastLanguageModel.get_peft_model(
@@ -455,11 +459,11 @@ def versions() -> dict[str, str]:
 
 # -- driver ---------------------------------------------------------------------------------
 def worker(a: argparse.Namespace) -> None:
-    setup = a.worker
-    if setup == "create":
+    """Run the setups of ``--worker`` (``a+b+c``: one after another in this process)."""
+    if a.worker == "create":
         create_model(a.model_dir, a.tokenizer)
         return
-    result = {
+    setups = {
         "sft": lambda: run_sft(a, "default"),
         "sft-auto": lambda: run_sft(a, "auto"),
         "chat-packed": lambda: run_sft(a, "default", "auto"),
@@ -470,8 +474,30 @@ def worker(a: argparse.Namespace) -> None:
         "unsloth": lambda: run_unsloth(a),
         "hf": lambda: run_hf(a),
         "curve": lambda: run_unsloth(a, curve=[int(k) for k in a.curve.split(",")]),
-    }[setup]()
-    print(RESULT_TAG + json.dumps({"setup": setup, **result}), flush=True)
+    }
+    for setup in a.worker.split("+"):
+        print(SETUP_TAG + setup, flush=True)
+        if "+" in a.worker:
+            _release_gpu()
+        try:
+            result = setups[setup]()
+        except Exception as exc:  # noqa: BLE001 - the next setup of a shared process still runs
+            import traceback
+
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        print(RESULT_TAG + json.dumps({"setup": setup, **result}), flush=True)
+
+
+def _release_gpu() -> None:
+    """Between setups of one process: free the last run's CUDA memory and restart the peak."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 LABELS = {
@@ -541,9 +567,41 @@ def chat_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _sections(output: str) -> dict[str, str]:
+    """A worker's output split by setup (its ``SETUP_TAG`` lines); what came before goes to the first."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(SETUP_TAG):
+            current = sections.setdefault(line[len(SETUP_TAG):].strip(), current if not sections else [])
+            continue
+        current.append(line)
+    return {k: "\n".join(v) for k, v in sections.items()}
+
+
+def _result(setup: str, output: str) -> dict[str, Any]:
+    """The setup's result line, with the run log's memory plan and packing choice; or its error."""
+    found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
+    if not found:
+        tail = [l for l in output.splitlines() if l.strip()]
+        print("\n".join(tail[-40:]), flush=True)
+        return {"error": (tail[-1] if tail else "not reached")[:200]}
+    result = json.loads(found[-1])
+    plan = [line.split("] ", 1)[-1] for line in output.splitlines() if "memory=auto:" in line]
+    if plan:
+        result["memory_plan"] = plan[-1]
+    chose = [line.split("] ", 1)[-1] for line in output.splitlines() if "training.packing:" in line]
+    if chose:
+        result["packing"] = chose[-1]
+    if "error" in result:
+        print("\n".join(output.splitlines()[-40:]), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setups", default="sft,unsloth,hf,sft-auto,curve")
+    p.add_argument("--setups", default="sft,unsloth,hf,sft-auto,curve",
+                   help="Comma-separated; a+b runs a then b in one process (saves its start, imports and CUDA init).")
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sft-bench/llama-3.1-8b-shape"))
     p.add_argument("--work", type=Path, default=Path("/tmp/sft-bench"))
     p.add_argument("--tokenizer", default=None, help="Tokenizer folder for the random model (default: embedded SmolLM2).")
@@ -556,6 +614,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat-rows", type=int, default=3000, help="Conversations in the chat workload.")
     p.add_argument("--chat-seed", type=int, default=0)
     p.add_argument("--chat-accumulation", type=int, default=2, help="Gradient accumulation of the chat setups.")
+    p.add_argument("--notebook-steps", type=int, default=None,
+                   help="Measured steps of unsloth-notebook, after one warm-up step (default: --warmup / --steps).")
+    p.add_argument("--deadline", type=int, default=None,
+                   help="Seconds for all setups: each process gets what is left (a cut one keeps its finished setups).")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds per setup subprocess.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -573,37 +635,30 @@ def main(argv: list[str] | None = None) -> None:
             "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
             "--curve", a.curve, "--curve-steps", str(a.curve_steps), "--chat-rows", str(a.chat_rows),
             "--chat-seed", str(a.chat_seed), "--chat-accumulation", str(a.chat_accumulation)]
+    if a.notebook_steps:
+        base += ["--notebook-steps", str(a.notebook_steps)]
+    end = time.perf_counter() + a.deadline if a.deadline else None
     if not (a.model_dir / "config.json").exists():
         subprocess.run(base + ["--worker", "create"], env=env, check=True)
     results: dict[str, dict[str, Any]] = {}
-    for setup in a.setups.split(","):
+    for group in a.setups.split(","):
         start = time.perf_counter()
-        print(f"== {setup}", flush=True)
-        # The log is written as the setup runs, so a setup cut short still leaves its output.
-        log = a.work / f"{setup}.log"
+        print(f"== {group}", flush=True)
+        # The log is written as the setups run, so a process cut short still leaves its output.
+        log = a.work / f"{group}.log"
+        limit = a.timeout if end is None else max(1, min(a.timeout, int(end - time.perf_counter())))
         with log.open("w") as f:
             try:
-                subprocess.run(base + ["--worker", setup], env=env, stdout=f, stderr=subprocess.STDOUT,
-                               timeout=a.timeout)
+                subprocess.run(base + ["--worker", group], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit)
             except subprocess.TimeoutExpired:
-                f.write(f"\ntimed out after {a.timeout}s\n")
-        output = log.read_text(errors="replace")
-        found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
-        if found:
-            results[setup] = json.loads(found[-1])
-            plan = [line.split("] ", 1)[-1] for line in output.splitlines() if "memory=auto:" in line]
-            if plan:
-                results[setup]["memory_plan"] = plan[-1]
-            chose = [line.split("] ", 1)[-1] for line in output.splitlines() if "training.packing:" in line]
-            if chose:
-                results[setup]["packing"] = chose[-1]
-        else:
-            tail = [l for l in output.splitlines() if l.strip()][-3:]
-            results[setup] = {"error": (tail[-1] if tail else "no output")[:200]}
-            print("\n".join(output.splitlines()[-40:]), flush=True)
-        shown = {k: v for k, v in results[setup].items() if k != "versions"}
-        print(f"   {time.perf_counter() - start:.0f}s: {json.dumps(shown)}", flush=True)
-        if a.json:  # after every setup: a call cut short keeps what it measured
+                f.write(f"\ntimed out after {limit}s\n")
+        sections = _sections(log.read_text(errors="replace"))
+        for setup in group.split("+"):
+            results[setup] = _result(setup, sections.get(setup, ""))
+            shown = {k: v for k, v in results[setup].items() if k != "versions"}
+            print(f"   {setup}: {json.dumps(shown)}", flush=True)
+        print(f"   {time.perf_counter() - start:.0f}s", flush=True)
+        if a.json:  # after every process: a call cut short keeps what it measured
             a.json.write_text(json.dumps(results, indent=2))
     print()
     print(table(results))
