@@ -383,6 +383,8 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> d
         "training.optim=adamw_8bit", "training.learning_rate=2e-4", "training.logging_steps=1",
         f"training.save_steps={steps + 100}", f"training.memory={memory}", "training.generation_max_new_tokens=4",
         f"training.packing={packing or 'false'}", "loggers.enabled=[bench-clock]", "export.enabled=[]",
+        # the fixed-length rows are cut to exactly --seq tokens (sft's default drops a row cut inside an answer)
+        f"data.on_truncate={'drop' if chat else 'truncate'}",
     ]
     cfg = load_config(None, overrides, pm=pm)
     run_training(cfg)

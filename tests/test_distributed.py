@@ -137,10 +137,18 @@ def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
 
 @pytest.fixture(autouse=True, scope="module")
 def _bundled_plugins_only():
-    """The workers are fresh interpreters: give them only the bundled plugins, like this process."""
+    """The workers are fresh interpreters: they and this process see only the bundled plugins.
+
+    The process-wide plugin manager is rebuilt under that setting: one made earlier in the
+    session has the installed plugins too, whose config sections the workers would refuse.
+    """
+    from sft.core.plugins import reset_plugin_manager
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SFT_DISABLE_PLUGIN_AUTOLOAD", "1")
+        reset_plugin_manager()
         yield
+    reset_plugin_manager()
 
 
 @pytest.fixture(scope="module")
