@@ -41,11 +41,12 @@ def test_completion_rows_train_the_completion_or_everything(tiny_model_dir, tmp_
     assert prepared.stats["format"] == "completion"
     text, trained = _texts(prepared, tokenizer)
     assert text == "The capital of France is Paris.<|im_end|>" and trained == expected
-    # Indentation and newlines of a completion survive as they are; the token that spans the
-    # boundary ("\n    ": the prompt's newline and the indentation) is trained, as with templates.
+    # Indentation and newlines of a completion survive as they are. BPE would make one token of
+    # the prompt's newline and the completion's indentation ("\n    "); the row is encoded split at
+    # the completion's start, as it is generated after its prompt, so exactly the completion trains.
     second = _texts(prepared, tokenizer, 1)
     assert second[0] == "def add(a, b):\n    return a + b\n<|im_end|>"
-    assert second[1] == ([second[0]] if train_on == "all" else ["\n    return a + b\n<|im_end|>"])
+    assert second[1] == ([second[0]] if train_on == "all" else ["    return a + b\n<|im_end|>"])
 
 
 def test_a_bad_raw_row_is_located(tiny_model_dir, tmp_path):
