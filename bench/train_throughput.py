@@ -572,12 +572,14 @@ def chat_table(results: dict[str, dict[str, Any]]) -> str:
 def _sections(output: str) -> dict[str, str]:
     """A worker's output split by setup (its ``SETUP_TAG`` lines); what came before goes to the first."""
     sections: dict[str, list[str]] = {}
-    current: list[str] = []
+    current: list[str] = []  # the process start, before the first tag, belongs to the first setup
     for line in output.splitlines():
         if line.startswith(SETUP_TAG):
-            current = sections.setdefault(line[len(SETUP_TAG):].strip(), current if not sections else [])
-            continue
-        current.append(line)
+            name = line[len(SETUP_TAG):].strip()
+            sections[name] = current if not sections else []
+            current = sections[name]
+        else:
+            current.append(line)
     return {k: "\n".join(v) for k, v in sections.items()}
 
 
