@@ -27,7 +27,9 @@ the Unsloth Llama-3.1 conversational notebook:
 
 - ``chat-packed`` / ``chat-packed-auto``: ``sft run`` with ``training.packing=auto`` (which
   packs this data) at memory=default / auto;
-- ``chat-padded`` / ``chat-padded-auto``: ``training.packing=false`` (length-grouped padding);
+- ``chat-padded`` / ``chat-padded-auto``: ``training.packing=false`` (length-grouped padding,
+  micro-batches merged); ``chat-padded-separate``: the same at memory=default with
+  ``training.merge_micro_batches=false``;
 - ``unsloth-notebook``: the notebook's own script on the same conversations as ChatML text,
   TRL's SFTTrainer with ``packing=True``.
 
@@ -315,12 +317,13 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
             "step_seconds": clock.step_seconds(a.warmup)}
 
 
-def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> dict[str, Any]:
+def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merge: bool = True) -> dict[str, Any]:
     """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin.
 
     ``packing`` None: the fixed-length workload (rows of exactly ``--seq`` tokens, batch x 1).
     Otherwise the chat workload (:func:`chat_conversations`, batch x ``--chat-accumulation``)
-    with ``training.packing=<packing>``. tokens/s is the run's own count of non-pad tokens
+    with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``. tokens/s
+    is the run's own count of non-pad tokens
     (``metrics.jsonl``'s ``tokens``) over the measured steps.
     """
     from sft.core import hookimpl
@@ -371,7 +374,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> d
             for r in range(steps * a.batch):
                 convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
                 f.write(json.dumps({"conversations": convo}) + "\n")
-    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}"
+    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}{'' if merge else '-separate'}"
     shutil.rmtree(out, ignore_errors=True)  # sft run refuses to overwrite a finished run
     overrides = [
         f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
@@ -382,7 +385,8 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None) -> d
         f"training.gradient_accumulation_steps={accumulation}", f"training.max_steps={steps}",
         "training.optim=adamw_8bit", "training.learning_rate=2e-4", "training.logging_steps=1",
         f"training.save_steps={steps + 100}", f"training.memory={memory}", "training.generation_max_new_tokens=4",
-        f"training.packing={packing or 'false'}", "loggers.enabled=[bench-clock]", "export.enabled=[]",
+        f"training.packing={packing or 'false'}", f"training.merge_micro_batches={str(merge).lower()}",
+        "loggers.enabled=[bench-clock]", "export.enabled=[]",
         # the fixed-length rows are cut to exactly --seq tokens (sft's default drops a row cut inside an answer)
         f"data.on_truncate={'drop' if chat else 'truncate'}",
     ]
@@ -472,6 +476,7 @@ def worker(a: argparse.Namespace) -> None:
         "chat-packed-auto": lambda: run_sft(a, "auto", "auto"),
         "chat-padded": lambda: run_sft(a, "default", "false"),
         "chat-padded-auto": lambda: run_sft(a, "auto", "false"),
+        "chat-padded-separate": lambda: run_sft(a, "default", "false", merge=False),
         "unsloth-notebook": lambda: run_unsloth_notebook(a),
         "unsloth": lambda: run_unsloth(a),
         "hf": lambda: run_hf(a),
@@ -543,6 +548,7 @@ CHAT_LABELS = {
     "chat-padded": ("sft run, chat data, packing=false, memory=default", "sft"),
     "chat-packed-auto": ("sft run, chat data, packing=auto, memory=auto", "sft-auto"),
     "chat-padded-auto": ("sft run, chat data, packing=false, memory=auto", "sft-auto"),
+    "chat-padded-separate": ("sft run, chat data, packing=false, merge_micro_batches=false, memory=default", "sft"),
     "unsloth-notebook": ("raw Unsloth notebook script (TRL packing=True, ChatML text)", "sft"),
 }
 
@@ -562,10 +568,10 @@ def chat_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {label} | failed: {r['error']} | | | | |")
             continue
         ref = results.get(ref_setup, {}).get("tokens_per_s")
-        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / ref:.3f} |"
-                     f" {r['tokens_per_s'] / raw:.2f} | {r['peak_gib']:.2f} | {r.get('tokens_per_step', 0):,.0f} |"
-                     if ref and raw else
-                     f"| {label} | {r['tokens_per_s']:,.0f} | - | - | {r['peak_gib']:.2f} | |")
+        to_fixed = f"{r['tokens_per_s'] / ref:.3f}" if ref else "-"
+        to_raw = f"{r['tokens_per_s'] / raw:.2f}" if raw else "-"
+        lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {to_fixed} | {to_raw} | {r['peak_gib']:.2f} |"
+                     f" {r.get('tokens_per_step', 0):,.0f} |")
     return "\n".join(lines)
 
 
@@ -583,20 +589,23 @@ def _sections(output: str) -> dict[str, str]:
     return {k: "\n".join(v) for k, v in sections.items()}
 
 
+#: What a setup's result keeps from its run log: key -> a text of the line (the last one wins).
+RUN_LOG_CHOICES = {"memory_plan": "memory=auto:", "packing": "training.packing:",
+                   "merging": "micro-batches ran as"}
+
+
 def _result(setup: str, output: str) -> dict[str, Any]:
-    """The setup's result line, with the run log's memory plan and packing choice; or its error."""
+    """The setup's result line, with the run log's choices (:data:`RUN_LOG_CHOICES`); or its error."""
     found = [line[len(RESULT_TAG):] for line in output.splitlines() if line.startswith(RESULT_TAG)]
     if not found:
         tail = [l for l in output.splitlines() if l.strip()]
         print("\n".join(tail[-40:]), flush=True)
         return {"error": (tail[-1] if tail else "not reached")[:200]}
     result = json.loads(found[-1])
-    plan = [line.split("] ", 1)[-1] for line in output.splitlines() if "memory=auto:" in line]
-    if plan:
-        result["memory_plan"] = plan[-1]
-    chose = [line.split("] ", 1)[-1] for line in output.splitlines() if "training.packing:" in line]
-    if chose:
-        result["packing"] = chose[-1]
+    for key, marker in RUN_LOG_CHOICES.items():
+        chose = [line.split("] ", 1)[-1] for line in output.splitlines() if marker in line]
+        if chose:
+            result[key] = chose[-1]
     if "error" in result:
         print("\n".join(output.splitlines()[-40:]), flush=True)
     return result

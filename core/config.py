@@ -140,6 +140,7 @@ class TrainingConfig:
     save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.", ge=1)
     save_total_limit: int = opt(2, "Keep this many complete checkpoints.", ge=1)
     packing: str = opt("auto", "Pack several rows into each sequence of max_seq_length tokens, documents kept apart. auto: pack when rows average at most half of max_seq_length and packing still leaves 10 optimizer steps an epoch (the run log says what it chose). Unpacked rows are padded in length-grouped batches.", ["auto", "true", "false"])
+    merge_micro_batches: bool = opt(True, "Unpacked rows on one process: run the micro-batches of an optimizer step (gradient_accumulation_steps) as one forward and backward while together they hold at most per_device_train_batch_size x max_seq_length padded tokens. Same rows, same token-weighted loss, fewer and larger passes (short rows leave a QLoRA pass bound by its fixed cost); memory stays within one batch of full-length rows.")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; None follows model.dtype.")
     fp16: Optional[bool] = opt(None, "fp16 mixed precision; None follows model.dtype.")
     memory: str = opt("default", "default: Unsloth's offloaded gradient checkpointing. auto: checkpoint only as many layers as free VRAM requires (CUDA).", ["default", "auto"])

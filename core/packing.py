@@ -13,6 +13,12 @@ Every backend trains on the same batches, so this lives in core:
   from a shuffled pool sorted by length, so a batch pads to a length close to each of its rows
   (transformers' ``LengthGroupedSampler`` grouping, seeded by ``training.seed`` and the epoch,
   so an order is the same on every run and after a resume).
+- :func:`merge_micro_batches`: without packing, the micro-batches of one optimizer step
+  (gradient accumulation) run as one forward and backward while together they hold at most
+  ``per_device_train_batch_size x max_seq_length`` padded tokens. A QLoRA step has a fixed
+  host-side cost per pass (kernel launches the GPU waits on, ~0.3 s for the 8B shape), which
+  8 short chat rows cannot hide; the same rows in one pass can. The loss is the same
+  token-weighted sum, and the memory stays within that of one batch of full-length rows.
 - :func:`real_tokens`: the non-padding tokens of a collated batch, which is what
   ``summary.json``, the console and W&B count.
 
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["PackingDecision", "decide_packing", "length_grouped_sampler", "real_tokens",
-           "AUTO_MAX_FILL", "AUTO_MIN_STEPS"]
+           "merge_micro_batches", "MergedAway", "MERGE_PADDING", "AUTO_MAX_FILL", "AUTO_MIN_STEPS"]
 
 #: ``auto`` packs when the mean row fills at most this fraction of ``max_seq_length`` (a packed
 #: sequence then holds two rows or more on average).
@@ -100,6 +106,79 @@ def _sampler_class() -> type:
 def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int) -> Any:
     """A seeded length-grouped sampler over rows of ``lengths`` tokens (see the module docstring)."""
     return _sampler_class()(lengths, batch_size, seed)
+
+
+#: The keys of a padded batch of unpacked rows (TRL's collator) and what each is padded with
+#: when micro-batches are merged; None: the tokenizer's pad token. A batch with any other key
+#: (a padding-free one's ``position_ids``, a plugin's extra column) is never merged.
+MERGE_PADDING: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100}
+
+
+class MergedAway(dict):
+    """The place of a micro-batch whose rows run in a later micro-batch of the same step.
+
+    The Trainer still iterates over it (its accumulation count, gradient sync and logging stay
+    those of ``gradient_accumulation_steps`` micro-batches); ``sft``'s trainer skips its forward
+    and backward. It holds empty ``input_ids`` and ``attention_mask``, so the Trainer's own
+    per-micro-batch bookkeeping (FLOPs, tokens seen) counts nothing for it.
+    """
+
+    @classmethod
+    def like(cls, batch: Mapping[str, Any]) -> "MergedAway":
+        ids = batch["input_ids"]
+        return cls(input_ids=ids.new_zeros((0, 0)), attention_mask=batch["attention_mask"].new_zeros((0, 0)))
+
+
+def _mergeable(batch: Any) -> bool:
+    if not isinstance(batch, Mapping) or isinstance(batch, MergedAway):
+        return False
+    if not {"input_ids", "attention_mask"} <= set(batch) <= set(MERGE_PADDING):
+        return False
+    rows = batch["input_ids"].shape[0]
+    return all(getattr(t, "ndim", 0) == 2 and t.shape[0] == rows for t in batch.values())
+
+
+def _padded_tokens(group: list[Mapping[str, Any]]) -> int:
+    return sum(b["input_ids"].shape[0] for b in group) * max(b["input_ids"].shape[1] for b in group)
+
+
+def _concatenate(group: list[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    width = max(b["input_ids"].shape[1] for b in group)
+    # Padding on the right is right whatever side the collator padded: the added positions are
+    # masked out of attention and loss, and no position id is derived from them.
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]),
+                                  value=pad_token_id if pad is None else pad) for b in group])
+            for key, pad in MERGE_PADDING.items() if key in group[0]}
+
+
+def merge_micro_batches(batches: list[Any], budget: int, pad_token_id: int) -> list[Any]:
+    """One optimizer step's micro-batches, consecutive ones merged while together they hold at
+    most ``budget`` padded tokens (rows x the longest row).
+
+    The list keeps its length: a merged batch takes the place of the last of its group (so the
+    last micro-batch, the one that syncs gradients, is always a real one) and the others become
+    :class:`MergedAway`. Unless every batch is a padded batch of :data:`MERGE_PADDING`'s keys,
+    the batches are returned as they are.
+    """
+    if len(batches) < 2 or not all(_mergeable(b) for b in batches):
+        return batches
+    merged: list[Any] = []
+    group: list[Mapping[str, Any]] = []
+
+    def close() -> None:
+        merged.extend(MergedAway.like(b) for b in group[:-1])
+        merged.append(group[0] if len(group) == 1 else _concatenate(group, pad_token_id))
+
+    for batch in batches:
+        if group and _padded_tokens(group + [batch]) > budget:
+            close()
+            group = []
+        group.append(batch)
+    close()
+    return merged
 
 
 def real_tokens(inputs: Mapping[str, Any]) -> Any:

@@ -183,6 +183,23 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
     )
 
 
+def _merge_budget(cfg: "DictConfig", plan: "distributed.BatchPlan", packing: bool) -> int | None:
+    """The padded tokens a merged micro-batch may hold (:func:`sft.core.packing.merge_micro_batches`),
+    or None when micro-batches are not merged: packed rows already fill their sequences, and
+    several processes would have to agree on every merge (each runs its own forward passes,
+    and FSDP's gather weights in each of them)."""
+    if packing or not cfg.training.merge_micro_batches or plan.gradient_accumulation_steps < 2:
+        return None
+    if plan.world_size > 1:
+        notice("training.merge_micro_batches: not with several processes; each micro-batch runs as it is")
+        return None
+    budget = plan.per_device * int(cfg.model.max_seq_length)
+    notice(f"training.merge_micro_batches: the {plan.gradient_accumulation_steps} micro-batches of a step run "
+           f"as one pass while together they hold at most {budget:,} padded tokens "
+           f"({plan.per_device} rows x model.max_seq_length={cfg.model.max_seq_length})")
+    return budget
+
+
 def _checkpointing_argument(config_class: type) -> str:
     """The TrainingArguments field that switches gradient checkpointing: transformers 5.18 renamed
     ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name now warns), and the
@@ -208,6 +225,7 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
     if str(t.packing).lower() == "auto":
         notice(decision.describe())
     args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None, packing=decision.pack)
+    merge_budget = _merge_budget(cfg, plan, decision.pack)
     # TRL warns that padding-free packing wants FlashAttention; transformers >= 5 keeps packed
     # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
     logging.getLogger("trl.trainer.sft_trainer").addFilter(
@@ -222,6 +240,7 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
         processing_class=tokenizer,
         callbacks=list(callbacks),
         trained_positions_loss=trained_positions_loss,
+        merge_budget=merge_budget,
     )
     # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
     trainer.remove_callback(PrinterCallback)

@@ -21,6 +21,11 @@
   checkpoint, so it survives a resume.
 - **Length-grouped batches** when rows are not packed: a sampler seeded by ``args.seed`` and
   the epoch (:func:`sft.core.packing.length_grouped_sampler`).
+- **Merged micro-batches** (``merge_budget``, unpacked rows, one process): the micro-batches
+  of an optimizer step run as one pass while together they hold at most ``merge_budget``
+  padded tokens (:func:`sft.core.packing.merge_micro_batches`). Only where the loss is
+  normalised by the step's token count (``num_items_in_batch``), so the gradients are the
+  unmerged ones: a loss averaged per micro-batch would weigh merged rows differently.
 
 :func:`metrics_callback` sends every logging step to the :class:`~sft.core.metrics.MetricsHub`.
 """
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import SftError
+from .notices import notice
 
 if TYPE_CHECKING:
     from .metrics import MetricsHub
@@ -64,13 +70,17 @@ def trainer_class() -> type:
     from trl import SFTTrainer
 
     from . import checkpoints, distributed
-    from .packing import real_tokens
+    from .packing import MergedAway, merge_micro_batches, real_tokens
 
     class SftTrainer(SFTTrainer):
         """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
 
-        def __init__(self, *args: Any, trained_positions_loss: bool = False, **kwargs: Any):
+        def __init__(self, *args: Any, trained_positions_loss: bool = False,
+                     merge_budget: int | None = None, **kwargs: Any):
             self.trained_positions_loss = trained_positions_loss
+            self.merge_budget = merge_budget
+            #: micro-batches drawn and passes run while merging; None: nothing could be merged
+            self._merged: list[int] | None = None
             self._staging: Path | None = None
             #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
             self._pending: list[tuple[int, Any, Any]] = []
@@ -119,7 +129,18 @@ def trainer_class() -> type:
                         * self.args.world_size)
             return length_grouped_sampler(lengths, per_step, self.args.seed)
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.merge_budget and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                batches = merge_micro_batches(batches, self.merge_budget, self.processing_class.pad_token_id)
+                drawn, passes = self._merged or (0, 0)
+                self._merged = [drawn + len(batches),
+                                passes + sum(not isinstance(b, MergedAway) for b in batches)]
+            return batches, num_items_in_batch
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if isinstance(inputs, MergedAway):  # its rows run in the step's next micro-batch
+                return torch.zeros((), device=self.args.device)
             seen = real_tokens(inputs)
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._pending.append((self.state.global_step + 1, seen, loss.detach()))
@@ -164,6 +185,10 @@ def trainer_class() -> type:
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
             self._settle()
+            if self.merge_budget:
+                notice(f"training.merge_micro_batches: {self._merged[0]} micro-batches ran as {self._merged[1]} passes"
+                       if self._merged else "training.merge_micro_batches: nothing merged (the loss is not "
+                       "normalised by each step's token count here, so merged rows would weigh differently)")
             return result
 
         # -- checkpoints -----------------------------------------------------------------

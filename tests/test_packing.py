@@ -131,6 +131,86 @@ def test_a_packed_batch_equals_its_documents_run_alone(attention, tiny_model_dir
         assert torch.allclose(grad, alone_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+def _train_counting_passes(cfg, tiny_model_dir, tmp_path):
+    """Train ``cfg`` from one fixed start (seeded LoRA init, non-zero LoRA B); return the trained
+    LoRA weights, the logged losses and how many forward passes the model ran."""
+    import torch
+
+    from sft.core.backends import select_backend
+    from sft.core.data import build_datasets
+    from sft.core.env import current_environment
+    from sft.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_datasets(cfg, PM, tokenizer, use_cache=False)
+    backend = select_backend(cfg, PM, current_environment())
+    model, _ = backend.load(cfg)
+    torch.manual_seed(0)
+    model = backend.prepare_for_training(model, cfg)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    passes = []
+    model.register_forward_hook(lambda module, args, output: passes.append(1))
+    trainer = _trainer(cfg, model, tokenizer, data, tmp_path)
+    trainer.train()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return weights, losses, len(passes), trainer.state.num_input_tokens_seen
+
+
+def test_merged_micro_batches_train_exactly_like_separate_ones(tiny_model_dir, chat_file, tmp_path, capsys):
+    """Unpacked rows, batch 2 x accumulation 4: merging the micro-batches of a step (while they
+    hold at most 2 x 192 padded tokens) runs fewer passes and trains the same weights."""
+    import torch
+
+    common = ("training.packing=false", "model.max_seq_length=192", "training.per_device_train_batch_size=2",
+              "training.gradient_accumulation_steps=4", "training.max_steps=2", "training.logging_steps=1",
+              "training.warmup_steps=0")
+    merged_cfg = tiny_config(tmp_path / "merged", tiny_model_dir, *common, dataset=chat_file, pm=PM)
+    separate_cfg = tiny_config(tmp_path / "separate", tiny_model_dir, *common,
+                               "training.merge_micro_batches=false", dataset=chat_file, pm=PM)
+    merged = _train_counting_passes(merged_cfg, tiny_model_dir, tmp_path / "a")
+    err = capsys.readouterr().err
+    assert "the 4 micro-batches of a step run as one pass while together they hold at most 384" in err
+    assert f"training.merge_micro_batches: 8 micro-batches ran as {merged[2]} passes" in err
+    separate = _train_counting_passes(separate_cfg, tiny_model_dir, tmp_path / "b")
+
+    assert separate[2] == 2 * 4
+    assert 2 <= merged[2] <= separate[2] - 2  # steps merged, and at least one pass a step
+    assert merged[3] == separate[3]  # the same real tokens were trained on
+    assert merged[1] == pytest.approx(separate[1], rel=1e-5)
+    assert merged[0].keys() == separate[0].keys()
+    for name, weight in merged[0].items():
+        assert torch.allclose(weight, separate[0][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_micro_batches_merge_within_the_budget_and_keep_their_places():
+    import torch
+
+    from sft.core.packing import MergedAway, merge_micro_batches
+
+    def batch(rows, width, fill):
+        ids = torch.full((rows, width), fill)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    a, b, c = batch(2, 3, 1), batch(2, 5, 2), batch(2, 9, 3)
+    out = merge_micro_batches([a, b, c], budget=20, pad_token_id=0)
+    assert len(out) == 3 and isinstance(out[0], MergedAway) and out[2] is c
+    assert out[0]["input_ids"].numel() == 0
+    joined = out[1]
+    assert joined["input_ids"].shape == (4, 5)  # 4 rows x 5 = 20 tokens; c would make 6 x 9
+    assert joined["input_ids"][:2].tolist() == [[1, 1, 1, 0, 0]] * 2
+    assert joined["attention_mask"][:2].tolist() == [[1, 1, 1, 0, 0]] * 2
+    assert joined["labels"][:2].tolist() == [[1, 1, 1, -100, -100]] * 2
+    assert torch.equal(joined["input_ids"][2:], b["input_ids"])
+    # A batch with a key of its own (packed rows' position_ids) is never merged.
+    packed = [dict(x, position_ids=x["input_ids"]) for x in (a, b)]
+    assert merge_micro_batches(packed, budget=100, pad_token_id=0) == packed
+
+
 def test_auto_packs_short_rows_when_enough_remain():
     chat = {"train_rows": 3000, "train_tokens": 3000 * 363}
     decision = decide_packing("auto", chat, 2048, 8, 2)
