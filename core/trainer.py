@@ -183,7 +183,10 @@ def trainer_class() -> type:
             return super()._maybe_log_save_evaluate(*args, **kwargs)
 
         def train(self, *args, **kwargs):
-            result = super().train(*args, **kwargs)
+            try:
+                result = super().train(*args, **kwargs)
+            finally:
+                _forget_bitsandbytes_overrides(self.model)
             self._settle()
             if self.merge_budget:
                 notice(f"training.merge_micro_batches: {self._merged[0]} micro-batches ran as {self._merged[1]} passes"
@@ -229,6 +232,26 @@ def trainer_class() -> type:
                 checkpoints.rotate(root, self.args.save_total_limit)
 
     return SftTrainer
+
+
+def _forget_bitsandbytes_overrides(model: Any) -> None:
+    """Drop ``model``'s modules from bitsandbytes' process-wide ``GlobalOptimManager``.
+
+    For an 8-bit optimizer transformers' Trainer registers every ``nn.Embedding`` of the model
+    there (embeddings keep 32-bit optimizer state), and the manager holds those modules, with
+    their weights, for the life of the process: a notebook that trains twice kept each earlier
+    run's embedding on the GPU (1 GiB a run for the Llama-3.1-8B shape; docs/benchmarks.md).
+    The optimizer has read the overrides at its first step, so training is done with them.
+    """
+    import sys
+
+    bitsandbytes = sys.modules.get("bitsandbytes")
+    if bitsandbytes is None:  # never imported: nothing was registered
+        return
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    mine = {id(module) for module in model.modules()}
+    manager.module_weight_config_triple = [entry for entry in manager.module_weight_config_triple
+                                           if id(entry[0]) not in mine]
 
 
 def _local(tensor: Any) -> Any:
