@@ -154,7 +154,7 @@ def _concatenate(group: list[Mapping[str, Any]], pad_token_id: int) -> dict[str,
             for key, pad in MERGE_PADDING.items() if key in group[0]}
 
 
-def merge_micro_batches(batches: list[Any], budget: int, pad_token_id: int) -> list[Any]:
+def merge_micro_batches(batches: list[Any], budget: int, pad_token_id: int | None) -> list[Any]:
     """One optimizer step's micro-batches, consecutive ones merged while together they hold at
     most ``budget`` padded tokens (rows x the longest row).
 
@@ -165,6 +165,8 @@ def merge_micro_batches(batches: list[Any], budget: int, pad_token_id: int) -> l
     """
     if len(batches) < 2 or not all(_mergeable(b) for b in batches):
         return batches
+    # Any id will do where the attention mask is 0; a tokenizer without a pad token gets 0.
+    pad_token_id = 0 if pad_token_id is None else pad_token_id
     merged: list[Any] = []
     group: list[Mapping[str, Any]] = []
 
