@@ -127,12 +127,42 @@ def pretrained_kwargs(model_cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _tokenizer_choice_config(path: str) -> dict[str, Any]:
+    """``config=`` for ``AutoTokenizer.from_pretrained``: what it reads of ``config.json`` to choose
+    the tokenizer class, without importing the model's own config class; {} to let it load that.
+
+    AutoTokenizer loads the model config only to choose a class, and importing a model's config
+    class costs ~2.7 s of CPU with transformers 5.23 (its validators import the activations, the
+    kernels hub and ``torch.distributed.tensor``): a third of ``sft preview`` on a 2-core machine.
+    When ``tokenizer_config.json`` names its class and brings no code of its own (``auto_map``),
+    AutoTokenizer (5.17 to 5.23) chooses from that class, the config's ``model_type`` and its
+    name alone, so a base ``PreTrainedConfig`` with those two gives the same tokenizer
+    (``tests/test_tokenizer_choice.py`` checks it for every family the tests build)."""
+    import json
+
+    folder = Path(path)
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):  # a hub id, or no config here: AutoTokenizer finds its own
+        return {}
+    if not (isinstance(tokenizer_config, dict) and tokenizer_config.get("tokenizer_class") and model_type
+            and "auto_map" not in tokenizer_config):
+        return {}
+    from transformers import PreTrainedConfig
+
+    return {"config": PreTrainedConfig(model_type=model_type, name_or_path=str(path))}
+
+
 def load_tokenizer(model_cfg: Any) -> Any:
     """The tokenizer of ``model_cfg`` (a ``model`` config node), resolved like the model."""
     path = resolve_model(model_cfg.name, model_cfg.revision)  # an unreachable model fails before the import
     from transformers import AutoTokenizer
 
+    kwargs = pretrained_kwargs(model_cfg)
+    if not model_cfg.gguf_file:
+        kwargs.update(_tokenizer_choice_config(path))
     try:
-        return AutoTokenizer.from_pretrained(path, **pretrained_kwargs(model_cfg))
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise SftError(f"model.name: cannot load the tokenizer of '{model_cfg.name}': {exc}") from None

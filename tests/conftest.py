@@ -37,3 +37,18 @@ def embedded_default_run(tmp_path_factory, smollm2_dir) -> Path:
     [run] = (work / "runs").iterdir()
     (run / "cli-output.txt").write_text(result.output)
     return run
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """``family_models(name)``: a tiny model of that family (:mod:`families`), built once a session."""
+    from families import make_tiny_family
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = make_tiny_family(root / name, name)
+        return built[name]
+    return get

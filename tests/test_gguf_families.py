@@ -21,7 +21,7 @@ import pytest
 
 from sft.core.testing import make_plugin_manager, train_tiny
 
-from families import FAMILIES, make_tiny_family
+from families import FAMILIES
 
 converter = pytest.importorskip("sft.plugins.exporters.gguf.llama_converter")
 PM = make_plugin_manager()
@@ -35,19 +35,6 @@ def needs_llama_cpp():
         pytest.skip(problem)
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python is not installed (pip install 'sft-forge[llama]')")
-
-
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    """A tiny model per family, built once for the module."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = make_tiny_family(root / name, name)
-        return built[name]
-    return get
 
 
 def _gguf_meta(path: str) -> dict:
