@@ -15,8 +15,8 @@ Every backend trains on the same batches, so this lives in core:
   so an order is the same on every run and after a resume).
 - :func:`merge_micro_batches`: without packing, the micro-batches of one optimizer step
   (gradient accumulation) run as one forward and backward while together they hold at most
-  ``per_device_train_batch_size x max_seq_length`` padded tokens. A QLoRA step has a fixed
-  host-side cost per pass (kernel launches the GPU waits on, ~0.3 s for the 8B shape), which
+  ``per_device_train_batch_size x max_seq_length`` padded tokens. A QLoRA pass has a fixed
+  cost (~0.23 s for the 8B shape, most of it kernel launches the GPU waits on), which
   8 short chat rows cannot hide; the same rows in one pass can. The loss is the same
   token-weighted sum, and the memory stays within that of one batch of full-length rows.
 - :func:`real_tokens`: the non-padding tokens of a collated batch, which is what
