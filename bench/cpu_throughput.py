@@ -34,7 +34,7 @@ def _config(batch: int, steps: int, out: Path, model: str | None) -> Any:
 
 
 def _model(cfg: Any) -> Any:
-    from sft.core.backends import select_backend
+    from sft.engine.backends import select_backend
     from sft.core.env import current_environment
     from sft.core.plugins import get_plugin_manager
 
@@ -77,7 +77,7 @@ def trainer_run(cfg: Any, data: Any, tokenizer: Any, trained_positions_loss: boo
     from transformers import TrainerCallback
 
     from sft.core.env import current_environment
-    from sft.core.run import build_trainer
+    from sft.engine.run import build_trainer
 
     class Clock(TrainerCallback):
         timed: list[tuple[int, float]] = []
@@ -117,9 +117,9 @@ def main() -> None:
 
     import torch
 
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
     from sft.core.templating import prepare_tokenizer, resolve_template
-    from sft.core.models import load_tokenizer
+    from sft.engine.models import load_tokenizer
     from sft.core.plugins import get_plugin_manager
 
     import datasets

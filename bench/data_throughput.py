@@ -61,9 +61,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from sft.core.config import load_config
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
     from sft.core.templating import prepare_tokenizer, resolve_template
-    from sft.core.models import embedded_model_dir
+    from sft.engine.models import embedded_model_dir
     from sft.core.plugins import get_plugin_manager
     from sft.core.templating import encode_rendered
 
@@ -100,7 +100,7 @@ def main() -> None:
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from sft.core.testing import make_tiny_llama
+    from sft.testing import make_tiny_llama
 
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     messages = [{"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]]}

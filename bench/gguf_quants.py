@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sft.core.export import export_run
+from sft.engine.export import export_run
 from sft.plugins.exporters.gguf.quants import ALL_QUANTS
 
 

@@ -13,7 +13,7 @@ safetensors; QLoRA r=16 on all 7 linear projections, rsLoRA, adamw_8bit; batches
 Setups, each in its own subprocess so peaks don't mix and Unsloth's patches can't reach
 the transformers baseline:
 
-- ``sft``: ``sft.core.run.run_training`` with ``model.backend=unsloth`` (``training.memory=default``);
+- ``sft``: ``sft.engine.run.run_training`` with ``model.backend=unsloth`` (``training.memory=default``);
 - ``sft-auto``: the same with ``training.memory=auto``;
 - ``unsloth``: a plain Unsloth + TRL script with the same settings;
 - ``hf``: transformers + peft + bitsandbytes (NF4, sdpa attention, gradient checkpointing);
@@ -330,7 +330,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     from sft.core.config import load_config
     from sft.core.interfaces import Logger
     from sft.core.plugins import get_plugin_manager, reset_plugin_manager
-    from sft.core.run import run_training
+    from sft.engine.run import run_training
 
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(a)
         return
     if a.tokenizer is None:
-        from sft.core.models import embedded_model_dir
+        from sft.engine.models import embedded_model_dir
 
         a.tokenizer = str(embedded_model_dir())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

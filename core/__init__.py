@@ -2,7 +2,7 @@
 
 The public API for plugin authors::
 
-    from sft.core import hookimpl, ChatTemplate, DatasetFormat, Exporter, Logger, Message, Segment
+    from sft.core import hookimpl, ChatTemplate, DatasetFormat, Exporter, Logger, Message, Publisher, Segment
 """
 
 from .errors import ConfigError, DataError, PluginError, SftError
@@ -11,10 +11,12 @@ from .interfaces import (
     ChatTemplate,
     DatasetFormat,
     Exporter,
+    ExportContext,
     ExportResult,
     HubCard,
     Logger,
     Message,
+    Publisher,
     RunInfo,
     Segment,
     TrainingBackend,
@@ -25,10 +27,12 @@ __all__ = [
     "ChatTemplate",
     "DatasetFormat",
     "Exporter",
+    "ExportContext",
     "ExportResult",
     "HubCard",
     "Logger",
     "Message",
+    "Publisher",
     "RunInfo",
     "Segment",
     "TrainingBackend",

@@ -155,20 +155,14 @@ class LoggersConfig:
 
 
 @dataclass
-class PushConfig:
-    repo_id: Optional[str] = opt(None, "Push every export to the Hugging Face Hub as soon as it is written: owner/name, or name for your own account. Each exporter gets its own repo named after this one (merged_16bit: the name itself, lora: -lora, gguf: -GGUF; see docs/hub.md). null: push nothing. The token comes from HF_TOKEN or `hf auth login`, never from the config.")
-    private: bool = opt(True, "Create the repos private. A repo that already exists keeps its visibility.")
-    revision: Optional[str] = opt(None, "Branch to push to, created from main when missing. null: main.")
-    commit_message: Optional[str] = opt(None, "Commit message. null: 'Upload <exporter> export of <run name> (sft)'.")
-    force: bool = opt(False, "Push into a repo that exists and was not made by sft (its model card lacks the sft-forge tag). sft never deletes files on the Hub; it adds or replaces its own.")
-    base_model: Optional[str] = opt(None, "Hub id of the base model, for the model card's base_model when model.name is a local folder. null: model.name when it is a Hub id.")
-
-
-@dataclass
 class ExportConfig:
     enabled: List[str] = opt(["lora"], "Exporter plugins to run after training, in order.")
     verify: Optional[bool] = opt(None, "Check each export works (for GGUF: load it in llama.cpp and compare greedy tokens). null (default): check whatever can be checked here; a GGUF is written unverified, with a notice, when llama-cpp-python is not installed. true: require every check. false: none.")
-    push: PushConfig = field(default_factory=PushConfig)
+
+
+@dataclass
+class PublishConfig:
+    enabled: List[str] = opt([], "Publisher plugins each export goes to as soon as it is written (hub: the Hugging Face Hub). A publisher whose main option is set joins by itself (publish.hub.repo_id, or sft run --push-to-hub). `sft publish RUN --to NAME` sends a finished run's exports later.")
 
 
 @dataclass
@@ -197,6 +191,7 @@ class SftConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -207,6 +202,7 @@ PLUGIN_NAME_KEYS = (
     ("template.name", "chat_template", False, ()),
     ("loggers.enabled", "logger", True, ()),
     ("export.enabled", "exporter", True, ()),
+    ("publish.enabled", "publisher", True, ()),
     ("model.backend", "backend", False, ("auto",)),
 )
 
@@ -551,6 +547,7 @@ def load_config(
     preset = raw.get("preset")
     if isinstance(preset, str) and preset in PRESETS:
         raw = _deep_merge(preset_values(preset), raw)  # beneath everything the user set
+    raw = _publishers_of(raw, pm)
     _apply(schema, raw, "", problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
@@ -559,6 +556,32 @@ def load_config(
     if problems:
         raise ConfigError(problems, source=path)
     return schema
+
+
+def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
+    """Each publisher's options read from the section it declares it ``moved_from`` (with a notice),
+    and a publisher whose ``enabled_by`` option is set added to ``publish.enabled``."""
+    from .notices import notice
+
+    for name, publisher in sorted(pm.registry("publisher").items()):
+        if publisher.moved_from:
+            *parents, leaf = publisher.moved_from.split(".")
+            node = raw
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                old = node.pop(leaf)
+                keys = ", ".join(f"{publisher.moved_from}.{k}" for k in old) if isinstance(old, dict) else publisher.moved_from
+                notice(f"{keys}: read as publish.{name}.* (the {publisher.moved_from} section moved there; "
+                       "write that to silence this notice)")
+                raw = _deep_merge(raw, {"publish": {name: old}})
+        options = (raw.get("publish") or {}).get(name) if isinstance(raw.get("publish"), dict) else None
+        if publisher.enabled_by and isinstance(options, dict) and options.get(publisher.enabled_by) is not None:
+            enabled = raw["publish"].get("enabled")
+            enabled = list(enabled) if isinstance(enabled, list) else []
+            if name not in enabled:
+                raw["publish"]["enabled"] = [*enabled, name]
+    return raw
 
 
 def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -> Any:

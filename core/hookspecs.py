@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .interfaces import ChatTemplate, DatasetFormat, Exporter, Logger, TrainingBackend
+    from .interfaces import ChatTemplate, DatasetFormat, Exporter, Logger, Publisher, TrainingBackend
 
 __all__ = ["hookspec", "hookimpl"]
 
@@ -90,5 +90,19 @@ def register_backends(register: "Callable[[TrainingBackend], None]") -> None:
     plain transformers).
 
     :param register: call ``register(backend)`` once per :class:`~sft.core.interfaces.TrainingBackend`.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_publishers(register: "Callable[[Publisher], None]") -> None:
+    """Register publishers: objects that send a run's finished exports somewhere (the Hugging Face Hub, a folder).
+
+    Called once, when the plugin manager first builds its registry (before any config is
+    validated), so that ``publish.enabled`` and ``publish.<name>.*`` options can be checked.
+    The engine calls every enabled publisher's ``preflight`` before training, ``start`` before
+    the first export is published and ``publish`` for each export as soon as it is written.
+
+    :param register: call ``register(publisher)`` once per :class:`~sft.core.interfaces.Publisher`.
     :return: nothing; the return value is ignored.
     """

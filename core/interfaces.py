@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping, Protocol, Sequence, TypeVar
 
 if TYPE_CHECKING:
     from .env import Environment
-    from .export import ExportContext
+    from .rundir import RunDir
+
+from .errors import SftError
+
+T = TypeVar("T")
 
 __all__ = [
     "ROLES",
@@ -36,6 +41,8 @@ __all__ = [
     "EvalModel",
     "ExportResult",
     "HubCard",
+    "ExportContext",
+    "Publisher",
     "TrainingBackend",
     "KINDS",
     "tools_of",
@@ -283,13 +290,110 @@ class EvalModel:
 
     ``score(tasks, limit)`` runs lm-eval on ``tasks`` (names or YAML paths, already checked) with
     the chat template applied and returns task -> metric -> value, as
-    :func:`sft.core.evaluate.run_lm_eval` does; it raises :class:`~sft.core.errors.SftError`
+    :func:`sft.engine.evaluate.run_lm_eval` does; it raises :class:`~sft.core.errors.SftError`
     when the model cannot be scored.
     """
 
     label: str
     source: str
     score: Callable[[list[str], "int | None"], dict[str, dict[str, Any]]] = field(repr=False, compare=False)
+
+
+class ExportContext(Protocol):
+    """What every exporter and publisher gets for one finished run (the engine builds it: :mod:`sft.engine.export`).
+
+    Everything heavy (the tokenizer, the base model's config) is built on first use and kept
+    for the rest of the export run; :meth:`shared` keeps what several exporters share (a
+    merged model) the same way.
+    """
+
+    #: The run directory (``config.yaml``, ``adapter/``, ``exports/``, ``summary.json``).
+    run_dir: "RunDir"
+    #: The resolved config: the run's, plus any ``sft export`` / ``sft publish`` overrides.
+    config: Any
+    #: The plugin manager the config was validated with (``pm.get("exporter", name)``).
+    pm: Any
+    #: The run's chat template, configured with its ``template.<name>`` options.
+    template: "ChatTemplate"
+    #: True in the preflight before training: the adapter does not exist yet.
+    before_training: bool
+
+    @property
+    def name(self) -> str:
+        """A file-name stem for exports: the run name, else the run folder's name."""
+
+    @property
+    def env(self) -> "Environment":
+        """The hardware and libraries of this process."""
+
+    @property
+    def adapter_dir(self) -> Path:
+        """``<run>/adapter``: the LoRA adapter (or the whole model of a full fine-tune) and the tokenizer."""
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Scratch space inside the run (same filesystem, so renames are atomic), removed after the export run."""
+
+    @property
+    def verifying(self) -> bool:
+        """Whether exports are checked (``export.verify`` true or null)."""
+
+    @property
+    def is_full_model(self) -> bool:
+        """True when the run trained every weight (no LoRA adapter)."""
+
+    @property
+    def trained_in_4bit(self) -> bool:
+        """Whether training loaded the base quantized to 4 bits."""
+
+    @property
+    def base_model(self) -> str:
+        """Local folder or Hub id of the base model."""
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the run's tokenizer lives (the adapter folder; the base model's before training)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The run's tokenizer, with the template's Jinja as its ``chat_template``."""
+
+    @property
+    def eot_token(self) -> str:
+        """The template's end-of-turn token (its first stop token)."""
+
+    def shared(self, key: str, build: Callable[[], T]) -> T:
+        """``build()`` once per export run, then the same object."""
+
+    def output_dir(self, name: str) -> Path:
+        """``<run>/exports/<name>`` (created). Exporters write only here."""
+
+    def base_config(self) -> dict[str, Any]:
+        """The base model's ``config.json`` as a dict."""
+
+    def base_local_dir(self) -> Path | None:
+        """The folder holding the base weights, or None when they are not on disk."""
+
+    def parameter_count(self) -> int:
+        """Parameters of the base model, from its weight headers (nothing is loaded)."""
+
+    def tokenizer_problems(self) -> list[str]:
+        """Missing tokenizer files (checked before any work)."""
+
+    def adapter_problems(self) -> list[str]:
+        """Missing adapter files (none are expected before training)."""
+
+    def verify_prompt(self, text: str | None = None) -> str:
+        """The template-rendered generation prompt exports are checked with."""
+
+    def stop_token_ids(self) -> set[int]:
+        """Ids of the template's stop tokens and the tokenizer's EOS."""
+
+    def save_tokenizer(self, path: str | Path) -> None:
+        """Save the run's tokenizer (template chat_template included) into ``path``."""
+
+    def disk_problem(self, expected_bytes: int, what: str) -> str | None:
+        """Reserve ``expected_bytes`` on the run's filesystem; a message when they will not fit."""
 
 
 class Exporter(Plugin):
@@ -373,6 +477,50 @@ class TrainingBackend(Plugin):
         """
 
 
+class Publisher(Plugin):
+    """Sends a run's finished exports somewhere: the Hugging Face Hub, a folder, a bucket.
+
+    The engine reaches every publisher in ``publish.enabled`` the same way: :meth:`preflight`
+    before training (and before ``--nproc`` workers start), :meth:`start` once per export run
+    or ``sft publish``, then :meth:`publish` for each export as soon as it is written. What
+    each call returns or raises is recorded in ``summary.json`` (``publish.<name>``), so a
+    failure loses nothing: the exports stay on disk and ``sft publish RUN --to NAME`` retries.
+    Instances are shared, so :meth:`start` resets any state of an earlier run.
+    """
+
+    #: An option whose value, when set (not null), lists this publisher in ``publish.enabled``
+    #: by itself (the hub's ``repo_id``: ``--push-to-hub R`` alone pushes). None: only the list does.
+    enabled_by: ClassVar[str | None] = None
+    #: A config section this publisher's options were read from before publishers were a
+    #: kind (the hub's ``export.push``): its keys are read as ``publish.<name>.*``, with a notice.
+    moved_from: ClassVar[str | None] = None
+
+    def preflight(self, config: Any, exporters: Sequence[Exporter], options: Any = None) -> list[str]:
+        """Problems that would make publishing the exports of ``exporters`` fail (a missing or
+        refused token, a destination that may not be written), found before training starts and
+        before the run directory exists; ``config`` is the validated run config. Default: none."""
+        return []
+
+    def start(self, context: ExportContext, options: Any = None) -> str:
+        """Get ready to publish ``context``'s run (check credentials) and return where its exports
+        go (a repo, a folder), recorded in ``summary.json``. Raise
+        :class:`~sft.core.errors.SftError` when nothing can be published: the exports are still
+        written, and the failure is recorded for ``sft publish`` to retry."""
+        return self.name
+
+    @abstractmethod
+    def publish(self, context: ExportContext, exporter: Exporter, result: ExportResult,
+                options: Any = None) -> dict[str, Any]:
+        """Publish one finished export and return its record for ``summary.json`` (JSON values;
+        ``ok``, and ``error`` when it failed, are added by the engine when missing). Raising
+        :class:`~sft.core.errors.SftError` records a failure; the other exports still go."""
+
+    def error_text(self, exc: BaseException) -> str:
+        """The one line recorded and shown for an exception :meth:`start` or :meth:`publish`
+        raised; override it to scrub secrets from library messages. Default: the message."""
+        return str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+
+
 #: The plugin kinds: kind name -> (hook name, interface, config section of its options).
 KINDS: dict[str, tuple[str, type, str]] = {
     "dataset_format": ("register_dataset_formats", DatasetFormat, "data"),
@@ -380,4 +528,5 @@ KINDS: dict[str, tuple[str, type, str]] = {
     "logger": ("register_loggers", Logger, "loggers"),
     "exporter": ("register_exporters", Exporter, "export"),
     "backend": ("register_backends", TrainingBackend, "model"),
+    "publisher": ("register_publishers", Publisher, "publish"),
 }

@@ -137,3 +137,11 @@ class RunDir:
                 summary[key] = value
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+
+def dir_size(path: str | Path) -> int:
+    """Total bytes of the files under ``path`` (or of the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

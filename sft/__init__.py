@@ -10,7 +10,7 @@ For notebooks and scripts (see docs/python-api.md)::
 Plugin authors import from :mod:`sft.core`. Importing ``sft`` imports nothing heavy.
 """
 
-from sft.core.api import Run, config, load, train
+from sft.api import Run, config, load, train
 from sft.core.errors import ConfigError, DataError, SftError
 
 __all__ = ["Run", "config", "load", "train", "SftError", "ConfigError", "DataError"]

@@ -1,4 +1,4 @@
-"""Fixtures shared by sft's own test modules (the plugin-author kit is sft.core.testing)."""
+"""Fixtures shared by sft's own test modules (the plugin-author kit is sft.testing)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def embedded_default_run(tmp_path_factory, smollm2_dir) -> Path:
     if reuse:
         return Path(reuse)
     from sft.core import plugins
-    from sft.core.testing import make_plugin_manager, run_sft
+    from sft.testing import make_plugin_manager, run_sft
 
     work = tmp_path_factory.mktemp("default")
     mp = pytest.MonkeyPatch()

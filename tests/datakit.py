@@ -40,10 +40,10 @@ def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any, raw_trained:
 
     A raw-text row (no conversation) trains ``raw_trained[i]``, its trained segments' text,
     followed by the end-of-sequence token. One leading space is tolerated, as in
-    :func:`sft.core.testing.assert_exact_masking`: in ``ASSISTANT: answer`` layouts the
+    :func:`sft.testing.assert_exact_masking`: in ``ASSISTANT: answer`` layouts the
     separating space is part of the answer's first token. Returns the number of rows checked.
     """
-    from sft.core.testing import expected_spans
+    from sft.testing import expected_spans
 
     ids_col, mask_col = prepared.train["input_ids"], prepared.train["assistant_masks"]
     assert len(ids_col) == len(prepared.train_conversations)

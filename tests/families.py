@@ -67,11 +67,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 
 
 def _corpus() -> str:
-    from sft.core.models import resolve_model  # noqa: F401 - the package is importable
+    from sft.engine.models import resolve_model  # noqa: F401 - the package is importable
 
     from importlib.resources import files
 
-    rows = json.loads(files("sft.core.assets").joinpath("identity.json").read_text())
+    rows = json.loads(files("sft.engine.assets").joinpath("identity.json").read_text())
     lines = [turn["value"] for row in rows for turn in row["conversations"]]
     lines += ["What is the capital of France?", "Paris is the capital of France.", "Hello! How can I help you today?",
               "Quote \"this\" and {{ that }}, tabs\tand newlines, ünïcödé — 'quotes' 1234 3.14."]
@@ -123,7 +123,7 @@ def make_tiny_family(path: str | Path, family: str, seed: int = 0) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from sft.core.models import embedded_model_dir
+    from sft.engine.models import embedded_model_dir
 
     fam = FAMILIES[family]
     path = Path(path)

@@ -12,7 +12,7 @@ import pytest
 
 from sft.core.config import load_config
 from sft.core.errors import ConfigError
-from sft.core.testing import make_plugin_manager
+from sft.testing import make_plugin_manager
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def pm():
 
 
 def _sft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sft.core.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "sft.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1"})
 
 
@@ -84,7 +84,7 @@ def test_nothing_heavy_loads_before_the_config_is_valid():
         """
         import sys
         from click.testing import CliRunner
-        from sft.core.cli import cli
+        from sft.cli import cli
         result = CliRunner().invoke(cli, ["run", "--dataset", "missing.json", "traning.x=1"])
         assert result.exit_code == 2, result.output
         print("HEAVY", [m for m in ("torch", "transformers", "datasets", "peft", "trl") if m in sys.modules])

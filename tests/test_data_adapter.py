@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.data import build_datasets
+from sft.engine.data import build_datasets
 from sft.core.errors import DataError
 from sft.core.interfaces import Message
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from datakit import data_config, decoded_spans, fresh_tokenizer
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sft.core.data import build_datasets
+from sft.engine.data import build_datasets
 from sft.core.errors import ConfigError, DataError
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from datakit import FIXTURES, data_config, fresh_tokenizer
 

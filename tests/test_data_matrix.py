@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from sft.core.data import build_datasets, read_rows
+from sft.engine.data import build_datasets, read_rows
 from sft.core.templating import resolve_template
 from sft.core.plugins import get_plugin_manager
 

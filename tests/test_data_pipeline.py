@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from sft.core.data import build_datasets, read_rows
+from sft.engine.data import build_datasets, read_rows
 from sft.core.interfaces import Message
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sft.core.testing import run_sft, write_jsonl
+from sft.testing import run_sft, write_jsonl
 
 from datakit import FIXTURES, REAL_SHAREGPT
 
@@ -79,7 +79,7 @@ def test_validate_and_preview_never_load_model_weights(smollm2_dir, tmp_path):
         "def refuse(*a, **k): raise AssertionError('model weights loaded')\n"
         "transformers.AutoModelForCausalLM.from_pretrained = refuse\n"
         "transformers.AutoModel.from_pretrained = refuse\n"
-        "from sft.core.cli import cli\n"
+        "from sft.cli import cli\n"
         "for command in ('validate', 'preview'):\n"
         "    cli.main([command, *sys.argv[1:]], standalone_mode=False)\n"
         "print('torch' in sys.modules and any(m.startswith('transformers.models.llama.modeling') for m in sys.modules))\n"
@@ -95,7 +95,7 @@ def test_preview_of_the_500_conversation_file_takes_under_10_seconds(smollm2_dir
     # CPU time, not wall time: CI and dev machines run other jobs beside this one.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sft.core.cli", "preview", "--json",
+    proc = subprocess.run([sys.executable, "-m", "sft.cli", "preview", "--json",
                            *_args(smollm2_dir, REAL_SHAREGPT, tmp_path)],
                           capture_output=True, text=True, env={**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1"})
     wall = time.perf_counter() - start

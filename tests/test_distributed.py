@@ -11,7 +11,7 @@
 FSDP2 does not run on CPU: accelerate shards only on accelerator devices (on gloo it would
 train unsharded), so it is refused there; tests/gpu/test_distributed_gpu.py runs it.
 
-The test process is the launcher (``sft.core.launch.launch``, what ``sft run --nproc 2``
+The test process is the launcher (``sft.launch.launch``, what ``sft run --nproc 2``
 calls); the workers are fresh interpreters and load only the bundled plugins. The tiny model
 makes a step take milliseconds: the workers' start-up (importing torch, transformers, TRL)
 is most of the time.
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from sft.core.testing import tiny_overrides
+from sft.testing import tiny_overrides
 
 STEPS, SAVE_EVERY, KILL_AFTER = 8, 2, 4
 #: One process: batch 2 × accumulation 2; two processes keep that global batch (2 × 1 × 2).
@@ -44,7 +44,7 @@ import os
 if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_PAUSE_FLAG"):
     import time
     from pathlib import Path
-    import sft.core.trainer as trainer_module
+    import sft.engine.trainer as trainer_module
 
     build = trainer_module.trainer_class
 
@@ -68,7 +68,7 @@ if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_PAUSE_FLAG")
 NAN_HOOK = '''
 import os
 if os.environ.get("LOCAL_RANK") == "1" and os.environ.get("SFT_TEST_NAN_AT"):
-    import sft.core.trainer as trainer_module
+    import sft.engine.trainer as trainer_module
 
     build = trainer_module.trainer_class
 
@@ -98,26 +98,26 @@ def _hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str, **env: str
 
 
 def _config(out: Path, model: Path, *extra: str) -> Any:
-    from sft.core.testing import tiny_config
+    from sft.testing import tiny_config
 
     return tiny_config(out, model, *SHARED, *extra, steps=STEPS)
 
 
 def _launch(out: Path, model: Path, *extra: str, resume: bool = False) -> Path:
     """``sft run --nproc 2`` as the CLI does it: this process is the launcher, the two workers are fresh ones."""
-    from sft.core.launch import launch
+    from sft.launch import launch
 
     return launch(_config(out, model, "distributed.num_processes=2", *extra), resume=resume)
 
 
 def _train(out: Path, model: Path, resume: bool = False) -> Path:
-    from sft.core.run import run_training
+    from sft.engine.run import run_training
 
     return run_training(_config(out, model), resume=resume)
 
 
 def _train_steps(run: Path) -> list[dict]:
-    from sft.core.metrics import read_metrics
+    from sft.engine.metrics import read_metrics
 
     return [r for r in read_metrics(run) if "loss" in r]
 
@@ -184,7 +184,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(runs
 
 def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny_model_dir, tmp_path, monkeypatch,
                                                                       capfd):
-    from sft.core.launch import DistributedError
+    from sft.launch import DistributedError
 
     flag, killed = tmp_path / "paused", tmp_path / "killed"
     _hook(tmp_path, monkeypatch, PAUSE_HOOK, SFT_TEST_PAUSE_FLAG=str(flag), SFT_TEST_PAUSE_AT=str(KILL_AFTER))
@@ -231,7 +231,7 @@ def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_path, monkeypatch, capfd):
-    from sft.core.launch import DistributedError
+    from sft.launch import DistributedError
 
     nan_at = 3
     _hook(tmp_path, monkeypatch, NAN_HOOK, SFT_TEST_NAN_AT=str(nan_at))
@@ -254,7 +254,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_pat
 def _refusal(tmp_path: Path, model: Path, *extra: str) -> str:
     from click.testing import CliRunner
 
-    from sft.core.cli import cli
+    from sft.cli import cli
 
     result = CliRunner().invoke(cli, ["run", *tiny_overrides(tmp_path / "run", model), "data.dataset=sft:identity",
                                       "--nproc", "2", *extra])
@@ -275,7 +275,7 @@ def test_keep_global_batch_that_cannot_split_is_refused(tiny_model_dir, tmp_path
 
 
 def test_backends_declare_their_strategies(tiny_model_dir, tmp_path, sft_plugin_manager):
-    from sft.core.testing import tiny_config
+    from sft.testing import tiny_config
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "model.method=qlora", "distributed.strategy=fsdp2",
                       "model.dtype=bfloat16")
@@ -293,9 +293,9 @@ def test_backends_declare_their_strategies(tiny_model_dir, tmp_path, sft_plugin_
 
 
 def test_resume_with_another_global_batch_is_refused(runs, tiny_model_dir, tmp_path):
-    from sft.core.distributed import check_resume
+    from sft.engine.distributed import check_resume
     from sft.core.errors import SftError
-    from sft.core.testing import make_plugin_manager, tiny_config
+    from sft.testing import make_plugin_manager, tiny_config
 
     checkpoint = runs["ddp"] / "checkpoints" / f"checkpoint-{STEPS}"
     pm = make_plugin_manager()

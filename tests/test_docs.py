@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core import docgen
+from sft import docgen
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -18,8 +18,8 @@ def test_generated_docs_are_current(path: Path):
     # Regenerate and compare: a new config key, a changed default or help text, a plugin
     # option or a CLI option that is not in the committed docs fails here.
     expected = docgen.generate(DOCS)[path]
-    assert path.exists(), f"{path} is missing: run python -m sft.core.docgen"
-    assert path.read_text() == expected, f"{path} is out of date: run python -m sft.core.docgen"
+    assert path.exists(), f"{path} is missing: run python -m sft.docgen"
+    assert path.read_text() == expected, f"{path} is out of date: run python -m sft.docgen"
 
 
 def test_every_config_key_is_in_the_reference_with_type_default_and_description():
@@ -52,7 +52,7 @@ def test_check_mode_detects_a_stale_file(tmp_path: Path):
 
 
 def test_every_cli_command_is_in_the_cli_reference():
-    from sft.core.cli import cli
+    from sft.cli import cli
 
     text = (DOCS / "cli.md").read_text()
     for name in cli.commands:

@@ -34,7 +34,7 @@ def test_the_quick_generation_uses_the_new_name(default_run):
 
 
 def test_it_answers_a_question_it_never_saw(default_run, capsys):
-    from sft.core.generate import generate_from_run
+    from sft.engine.generate import generate_from_run
 
     text = generate_from_run(default_run, "What name do you go by?", max_new_tokens=24)
     assert NAME in text, text

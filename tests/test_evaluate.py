@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import run_sft, tiny_overrides
+from sft.testing import run_sft, tiny_overrides
 
 IDENTITY, KNOWLEDGE = "sft_identity", "sft_knowledge"
 
@@ -158,7 +158,7 @@ def test_bad_input_gets_a_clear_error(tiny_run: Path, tmp_path: Path):
 
 def test_unknown_and_unreachable_tasks_are_named(monkeypatch):
     from sft.core.errors import SftError
-    from sft.core.evaluate import _load_tasks, _task_manager, resolve_tasks
+    from sft.engine.evaluate import _load_tasks, _task_manager, resolve_tasks
 
     tm = _task_manager(["hellaswag"])  # lm-eval's whole index (about 11 s on 2 cores)
     with pytest.raises(SftError, match="unknown task 'sft_identiy' \\(did you mean 'sft_identity'\\?\\)"):

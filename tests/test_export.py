@@ -19,7 +19,7 @@ import pytest
 
 from sft.core import hookimpl
 from sft.core.interfaces import ExportResult, Exporter
-from sft.core.testing import make_plugin_manager, run_sft
+from sft.testing import make_plugin_manager, run_sft
 
 
 def build_run(run_dir: Path, model_dir: Path | str, *overrides: str, b_std: float = 0.02, seed: int = 0) -> Path:
@@ -31,7 +31,7 @@ def build_run(run_dir: Path, model_dir: Path | str, *overrides: str, b_std: floa
 
     from sft.core.config import load_config
     from sft.core.templating import prepare_tokenizer
-    from sft.core.models import resolve_model
+    from sft.engine.models import resolve_model
 
     pm = make_plugin_manager()
     cfg = load_config(overrides=[f"model.name={model_dir}", "model.method=lora", "lora.r=4", "lora.lora_alpha=8",
@@ -226,7 +226,7 @@ def test_export_needs_a_finished_run(tmp_path: Path, sft_plugin_manager) -> None
 
 def test_sft_run_checks_exports_before_training(tmp_path: Path, tiny_model_dir: Path, sft_plugin_manager) -> None:
     """An export that cannot work stops ``sft run`` before the model loads, with every reason."""
-    from sft.core.testing import tiny_overrides
+    from sft.testing import tiny_overrides
 
     out = tmp_path / "run"
     result = run_sft("run", *tiny_overrides(out, tiny_model_dir), "export.enabled=[lora,merged_4bit,gguf]",
@@ -292,7 +292,7 @@ class AlwaysFailsPlugin:
 
 def test_sft_run_exits_1_when_an_export_fails_and_says_how_to_retry(tmp_path: Path, tiny_model_dir: Path,
                                                                      sft_plugin_manager) -> None:
-    from sft.core.testing import tiny_overrides
+    from sft.testing import tiny_overrides
 
     sft_plugin_manager.register(AlwaysFailsPlugin(), "always-fails-plugin")
     out = tmp_path / "run"
@@ -330,7 +330,7 @@ def test_gguf_with_added_eot_token(tmp_path: Path, tiny_model_dir: Path, sft_plu
     """llama3 on SmolLM2's vocabulary: training adds the EOT and resizes the embeddings; the GGUF carries it."""
     from transformers import AutoTokenizer
 
-    from sft.core.testing import train_tiny
+    from sft.testing import train_tiny
 
     run = train_tiny(tmp_path / "run", tiny_model_dir, "template.name=llama3", pm=sft_plugin_manager)
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
@@ -363,7 +363,7 @@ def test_exporter_options_listed_with_choices() -> None:
 
 def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
     from sft.core.config import load_config
-    from sft.core.export import ExportContext
+    from sft.engine.export import ExportContext
     from sft.plugins.exporters.merging import merging_for
 
     pm = make_plugin_manager()
@@ -385,7 +385,7 @@ def test_smollm2_default_run_exports_lora_merged_and_verified_gguf(tmp_path: Pat
 
     from sft.core.config import DEFAULT_MODEL
     from sft.plugins.exporters.gguf.header import gguf_tensor_types
-    from sft.core.testing import train_tiny
+    from sft.testing import train_tiny
 
     run = train_tiny(tmp_path / "smol", DEFAULT_MODEL, "training.run_name=smol", "training.learning_rate=1e-3",
                      "export.enabled=[lora,merged_16bit,gguf]", "export.gguf.quants=[f16,q8_0,q4_k_m]",
@@ -461,7 +461,7 @@ def test_f16_gguf_logits_match_transformers(shape: str, tmp_path: Path, tiny_mod
 
     from sft.plugins.exporters.gguf.convert import convert_to_gguf
     from sft.plugins.exporters.gguf.header import gguf_tensor_types
-    from sft.core.testing import make_tiny_llama
+    from sft.testing import make_tiny_llama
 
     extra = {"rope_parameters": LLAMA3_ROPE, "max_position_embeddings": 2048} if shape == "llama3-rope" else {}
     model_dir = make_tiny_llama(tmp_path / "model", tokenizer_dir=tiny_model_dir, initializer_range=0.1, **extra)

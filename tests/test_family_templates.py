@@ -15,7 +15,7 @@ from sft.core.errors import SftError
 from sft.core.interfaces import Message
 from sft.core.plugins import get_plugin_manager
 from sft.core.templating import segments_text
-from sft.core.testing import assert_exact_masking
+from sft.testing import assert_exact_masking
 
 from datakit import fresh_tokenizer
 

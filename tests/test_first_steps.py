@@ -19,7 +19,7 @@ import pytest
 import sft
 from sft.core.config import load_config
 from sft.core.errors import ConfigError, SftError
-from sft.core.testing import run_sft, tiny_overrides, train_tiny, write_jsonl
+from sft.testing import run_sft, tiny_overrides, train_tiny, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sft-plugin-example"
@@ -28,7 +28,7 @@ EXAMPLE = ROOT / "examples" / "sft-plugin-example"
 # -- model names -------------------------------------------------------------------------------
 def test_the_embedded_model_has_its_own_name_and_is_the_default(smollm2_dir):
     from sft.core.config import DEFAULT_MODEL
-    from sft.core.models import resolve_model
+    from sft.engine.models import resolve_model
 
     assert DEFAULT_MODEL == "sft:smollm2" and load_config().model.name == "sft:smollm2"
     assert resolve_model("sft:smollm2") == str(smollm2_dir)
@@ -44,7 +44,7 @@ def _offline(monkeypatch, cache: Path) -> None:
 
 
 def test_an_uncached_hub_id_fails_offline_at_once_and_is_never_the_embedded_copy(monkeypatch, tmp_path):
-    from sft.core.models import load_tokenizer
+    from sft.engine.models import load_tokenizer
 
     _offline(monkeypatch, tmp_path / "empty-cache")
     cfg = load_config(overrides=["model.name=HuggingFaceTB/SmolLM2-135M-Instruct"])
@@ -59,7 +59,7 @@ def test_an_uncached_hub_id_fails_offline_at_once_and_is_never_the_embedded_copy
 
 def test_a_cached_hub_id_loads_the_hubs_files_offline(monkeypatch, tmp_path, tiny_model_dir):
     """The snapshot layout huggingface_hub writes: refs/main names the commit under snapshots/."""
-    from sft.core.models import load_tokenizer, resolve_model
+    from sft.engine.models import load_tokenizer, resolve_model
 
     repo = tmp_path / "hub" / "models--someorg--tiny"
     commit = "0" * 40
@@ -107,7 +107,7 @@ def test_an_alias_suggests_its_dotted_key_and_an_ambiguous_flat_key_is_not_guess
 
 # -- the console logger ------------------------------------------------------------------------
 def test_logger_flags_add_to_the_console_and_remove_only_when_asked():
-    from sft.core.cli import _logger_list
+    from sft.cli import _logger_list
 
     assert _logger_list(None, [], ("csv",), False) == ["console", "csv"]
     assert _logger_list(None, [], ("csv", "-console"), False) == ["csv"]
@@ -190,7 +190,7 @@ def test_run_files_are_written_with_the_users_umask(tiny_run):
 
 
 def test_sft_report_never_cuts_a_word_at_80_columns(tiny_run, monkeypatch):
-    from sft.core.metrics import wrap_value
+    from sft.engine.metrics import wrap_value
 
     assert wrap_value("/tmp/pytest-of-root/pytest-35/test_tokens_are_the_real_token0/run", 30).splitlines() == [
         "/tmp/pytest-of-root/pytest-35/", "test_tokens_are_the_real_", "token0/run"]
@@ -203,7 +203,7 @@ def test_sft_report_never_cuts_a_word_at_80_columns(tiny_run, monkeypatch):
 
 def test_sft_export_is_as_quiet_as_sft_run(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    out = subprocess.run([sys.executable, "-m", "sft.core.cli", "export", str(run), "--exporter", "merged_16bit"],
+    out = subprocess.run([sys.executable, "-m", "sft.cli", "export", str(run), "--exporter", "merged_16bit"],
                          capture_output=True, text=True, check=True)
     text = out.stdout + out.stderr
     assert "export merged_16bit: ok" in text
@@ -211,9 +211,9 @@ def test_sft_export_is_as_quiet_as_sft_run(tiny_run, tmp_path):
 
 
 def test_the_example_readmes_command_works_with_the_shipped_dolly_file(sft_plugin_manager, monkeypatch):
-    from sft_plugin_example import csv_logger, dolly, modelcard, vicuna
+    from sft_plugin_example import csv_logger, dolly, folder, vicuna
 
-    for module in (dolly, vicuna, csv_logger, modelcard):
+    for module in (dolly, vicuna, csv_logger, folder):
         sft_plugin_manager.register(module, module.__name__)
     [command] = [line for line in (EXAMPLE / "README.md").read_text().splitlines() if line.startswith("sft run ")]
     monkeypatch.chdir(EXAMPLE)

@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 
-from sft.core.testing import run_sft
+from sft.testing import run_sft
 
 pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")
 def gguf_run(tiny_run, tmp_path_factory):
-    from sft.core.export import export_run
+    from sft.engine.export import export_run
 
     run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("gguf-chat") / "run")
     [result] = export_run(run, ["gguf"], ["export.gguf.quants=[f16]"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import make_plugin_manager, train_tiny
+from sft.testing import make_plugin_manager, train_tiny
 
 from families import FAMILIES
 
@@ -49,7 +49,7 @@ def test_family_trains_merges_converts_and_matches_in_llama_cpp(family, family_m
     from transformers import AutoTokenizer
 
     from sft.core import plugins
-    from sft.core.export import export_run
+    from sft.engine.export import export_run
     from sft.core.templating import end_of_turn
 
     monkeypatch.setattr(plugins, "_manager", PM)
@@ -90,7 +90,7 @@ def _tiny_opt(path: Path, tokenizer_dir: Path) -> Path:
 
 
 def test_validate_refuses_an_architecture_llama_cpp_cannot_convert(tiny_model_dir, tmp_path, sft_plugin_manager):
-    from sft.core.testing import run_sft
+    from sft.testing import run_sft
 
     model = _tiny_opt(tmp_path / "opt", tiny_model_dir)
     result = run_sft("validate", "--exporter", "gguf", f"model.name={model}", f"training.output_dir={tmp_path / 'run'}",
@@ -105,7 +105,7 @@ def test_validate_runs_llama_cpp_dry_run_and_reports_a_tokenizer_it_cannot_handl
                                                                                    sft_plugin_manager):
     import shutil
 
-    from sft.core.testing import run_sft
+    from sft.testing import run_sft
 
     model = tmp_path / "odd-split"
     shutil.copytree(tiny_model_dir, model)
@@ -166,7 +166,7 @@ def test_python_and_llama_cpp_converters_write_the_same_smollm2_gguf(smollm2_dir
 # -- the LoRA adapter as GGUF -------------------------------------------------------------------
 def test_lora_adapter_gguf_on_the_base_gguf_gives_the_merged_greedy_tokens(family_models, tmp_path, monkeypatch):
     from sft.core import plugins
-    from sft.core.export import export_run
+    from sft.engine.export import export_run
 
     monkeypatch.setattr(plugins, "_manager", PM)
     # A large learning rate, so the adapter visibly changes the base model's greedy answer.
@@ -197,7 +197,7 @@ def test_lora_adapter_gguf_on_the_base_gguf_gives_the_merged_greedy_tokens(famil
 
 def test_without_the_converter_validate_gives_the_one_command_that_fetches_it(family_models, tmp_path, monkeypatch,
                                                                               sft_plugin_manager):
-    from sft.core.testing import run_sft
+    from sft.testing import run_sft
 
     model = family_models("qwen2")
     monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "empty-cache"))  # no converter fetched here

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import run_sft
+from sft.testing import run_sft
 
 LLAMA_LOGITS = textwrap.dedent("""
     import json, sys

@@ -25,7 +25,9 @@ from sft.core import (
     ExportResult,
     Logger,
     Message,
+    Publisher,
     RunInfo,
+    SftError,
     TrainingBackend,
     hookimpl,
     hookspecs,
@@ -33,7 +35,7 @@ from sft.core import (
 from sft.core.config import opt
 from sft.core.interfaces import KINDS
 from sft.core.templating import Turn, TurnTemplate
-from sft.core.testing import tiny_config, train_tiny, trained_spans, write_jsonl
+from sft.testing import tiny_config, train_tiny, trained_spans, write_jsonl
 
 TESTS = Path(__file__).parent
 HOOKS = sorted(name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "sft_spec"))
@@ -81,7 +83,7 @@ class PipePlugin:
 
 
 def test_hook_register_dataset_formats(sft_plugin_manager, tiny_model_dir, tiny_tokenizer, tmp_path: Path):
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     sft_plugin_manager.register(PipePlugin(), "pipe-plugin")
     rows = [{"dialogue": f"What is {n}+{n}?|{2 * n}"} for n in range(5)] + [{"dialogue": "no separator"}]
@@ -124,7 +126,7 @@ class BracketPlugin:
 
 
 def test_hook_register_chat_templates(sft_plugin_manager, tiny_model_dir, tiny_tokenizer, tmp_path: Path):
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     sft_plugin_manager.register(BracketPlugin(), "bracket-plugin")
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "template.name=brackets", "template.brackets.answer_tag=<ANS>")
@@ -221,13 +223,14 @@ class ExporterPlugin:
 def test_hook_register_exporters(sft_plugin_manager, tiny_run: Path, tmp_path: Path):
     from sft.core.config import load_config
     from sft.core.env import current_environment
-    from sft.core.export import run_exporters
     from sft.core.rundir import RunDir
+    from sft.core.templating import resolve_template
+    from sft.engine.export import run_exporters
 
     sft_plugin_manager.register(ExporterPlugin(), "exporter-plugin")
     run = RunDir.of(shutil.copytree(tiny_run, tmp_path / "run"))
     cfg = load_config(str(run.config), ["export.enabled=[manifest,needs_gpu]", "export.manifest.filename=files.txt"])
-    manifest, gpu = run_exporters(cfg, run)
+    manifest, gpu = run_exporters(cfg, run, sft_plugin_manager, resolve_template(cfg, sft_plugin_manager))
     assert manifest.ok and manifest.details == {"template": "chatml"}
     listed = (run.export_dir("manifest") / "files.txt").read_text().split()
     assert "adapter_model.safetensors" in listed and "tokenizer_config.json" in listed
@@ -252,7 +255,7 @@ class RecordingBackend(TrainingBackend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from sft.core.models import load_tokenizer
+        from sft.engine.models import load_tokenizer
 
         self.calls.append(f"load {config.model.name}")
         return AutoModelForCausalLM.from_pretrained(config.model.name, dtype=torch.float32), load_tokenizer(config.model)
@@ -284,3 +287,97 @@ def test_hook_register_backends(sft_plugin_manager, tiny_model_dir, tmp_path: Pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["backend"] == "recording" and summary["steps"] == 2
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- register_publishers --------------------------------------------------------------------
+class CountedBrackets(BracketTemplate):
+    """The bracket template, counting how often a run resolves it (it should be once)."""
+
+    name = "counted_brackets"
+    configured = 0
+
+    def configure(self, options: BracketOptions) -> "BracketTemplate":
+        CountedBrackets.configured += 1
+        return super().configure(options)
+
+
+@dataclass
+class ShelfOptions:
+    shelf: str | None = opt(None, "Where the exports go; setting it turns the publisher on.")
+
+
+class ShelfPublisher(Publisher):
+    """Keeps every call; ``broken`` makes its publications fail."""
+
+    name = "shelf"
+    description = "records publications"
+    options = ShelfOptions
+    enabled_by = "shelf"
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.calls: list[tuple[str, Any]] = []
+
+    def preflight(self, config: Any, exporters: Any, options: Any = None) -> list[str]:
+        self.calls.append(("preflight", (Path(config.training.output_dir).exists(), [e.name for e in exporters])))
+        return [] if options.shelf != "refused" else ["the shelf refuses"]
+
+    def start(self, context: Any, options: Any = None) -> str:
+        self.calls.append(("start", context.template.assistant.prefix))
+        return f"shelf:{options.shelf}"
+
+    def publish(self, context: Any, exporter: Exporter, result: ExportResult, options: Any = None) -> dict[str, Any]:
+        self.calls.append(("publish", (exporter.name, sorted(f.name for p in result.paths for f in Path(p).rglob("*")))))
+        if self.broken:
+            raise SftError("the shelf collapsed")
+        return {"where": f"shelf:{options.shelf}/{exporter.name}"}
+
+
+class PublisherPlugin:
+    def __init__(self, broken: bool = False) -> None:
+        self.publisher = ShelfPublisher(broken)
+
+    @hookimpl
+    def register_chat_templates(self, register):
+        register(CountedBrackets())
+
+    @hookimpl
+    def register_publishers(self, register):
+        register(self.publisher)
+
+
+def test_hook_register_publishers(sft_plugin_manager, tiny_model_dir, tmp_path: Path):
+    from sft.engine.export import publish_run
+
+    plugin = PublisherPlugin()
+    sft_plugin_manager.register(plugin, "publisher-plugin")
+    CountedBrackets.configured = 0
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "export.enabled=[lora]", "publish.shelf.shelf=top",
+                     "template.name=counted_brackets", "template.counted_brackets.answer_tag=<ANS>")
+    # Checked before the run directory existed; started with the run's configured template; each export sent.
+    assert [name for name, _ in plugin.publisher.calls] == ["preflight", "start", "publish"]
+    assert plugin.publisher.calls[0][1] == (False, ["lora"]) and plugin.publisher.calls[1][1] == "<ANS>\n"
+    assert "adapter_model.safetensors" in plugin.publisher.calls[2][1][1]
+    published = json.loads((run / "summary.json").read_text())["publish"]["shelf"]
+    assert published == {"target": "shelf:top", "exports": {"lora": {"where": "shelf:top/lora", "ok": True}}}
+    # The run resolved its configured template once and handed it to data, training, the quick generation,
+    # the export context and the publisher.
+    assert CountedBrackets.configured == 1
+
+    # sft publish sends the finished run again; a failure is recorded, never raised past the record.
+    plugin.publisher.broken = True
+    records = publish_run(run, "shelf", overrides=["publish.shelf.shelf=bottom"])
+    assert records == {"lora": {"ok": False, "error": "the shelf collapsed"}}
+    published = json.loads((run / "summary.json").read_text())["publish"]["shelf"]
+    assert published["target"] == "shelf:bottom" and published["exports"]["lora"]["ok"] is False
+
+
+def test_a_refused_publisher_stops_the_run_before_the_run_directory_exists(sft_plugin_manager, tiny_model_dir,
+                                                                           tmp_path: Path):
+    from sft.engine.run import run_training
+
+    sft_plugin_manager.register(PublisherPlugin(), "publisher-plugin")
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, "export.enabled=[lora]", "publish.shelf.shelf=refused")
+    with pytest.raises(SftError, match="training did not start.*\n  - shelf: the shelf refuses"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()

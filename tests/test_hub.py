@@ -1,4 +1,4 @@
-"""Pushing exports to the Hugging Face Hub (core/hub.py), against the loopback Hub of tests/hubstub.py.
+"""Pushing exports to the Hugging Face Hub (plugins/publishers/hub/), against the loopback Hub of tests/hubstub.py.
 
 The client is the real huggingface_hub. ``sft push`` and ``sft run`` run as subprocesses with
 ``HF_ENDPOINT`` pointing at the stub and the token in ``HF_TOKEN``, as a user runs them (the
@@ -21,8 +21,8 @@ import pytest
 
 from hubstub import HubStub
 
-from sft.core.hub import TAG
-from sft.core.testing import make_plugin_manager, run_sft, tiny_overrides
+from sft.plugins.publishers.hub.pusher import TAG
+from sft.testing import make_plugin_manager, run_sft, tiny_overrides
 
 TOKEN = "hf_sftLoopbackToken4f9c2e7a1b"
 READ_TOKEN = "hf_sftReadOnlyToken0d3b8a"
@@ -46,14 +46,14 @@ def hub_env(hub: HubStub, home: Path, token: str | None = TOKEN) -> dict[str, st
 
 
 def sft(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sft.core.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sft.cli", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test kit's tiny run with lora, merged_16bit and gguf (q8_0) exports on disk (unverified, for speed)."""
-    from sft.core.export import export_run
+    from sft.engine.export import export_run
 
     run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("hub") / "run"))
     results = export_run(run, ["lora", "merged_16bit", "gguf"], ["export.verify=false"], pm=make_plugin_manager())
@@ -90,7 +90,7 @@ def summary(run: Path) -> dict:
 
 def test_push_lands_the_exports_byte_for_byte_with_private_repos_and_model_cards(run_dir: Path, hub: HubStub,
                                                                                tmp_path: Path) -> None:
-    res = sft("push", run_dir, "--repo", "tiny", f"export.push.base_model={BASE}", env=hub_env(hub, tmp_path / "hf"))
+    res = sft("push", run_dir, "--repo", "tiny", f"publish.hub.base_model={BASE}", env=hub_env(hub, tmp_path / "hf"))
     assert res.returncode == 0, res.stderr
 
     # One repo per export kind, named as Unsloth users expect; private by default.
@@ -109,7 +109,7 @@ def test_push_lands_the_exports_byte_for_byte_with_private_repos_and_model_cards
         assert card["base_model"] == BASE
         assert {"sft-forge", "chatml"} <= set(card["tags"])
         assert card["pipeline_tag"] == "text-generation"
-        record = summary(run_dir)["hub"]["pushes"][name]
+        record = summary(run_dir)["publish"]["hub"]["exports"][name]
         assert record["ok"] and record["repo"] == repo_id and record["private"] is True
         assert sorted(record["uploaded"]) == sorted([*local, "loss.png", "README.md"])
 
@@ -134,9 +134,9 @@ def test_a_connection_cut_mid_push_then_sft_push_completes_and_skips_what_is_the
     hub.cut_commit("alice/cut")  # merged_16bit's commit: its blobs are up, the connection drops before the answer
     res = sft("push", run_dir, "--repo", "alice/cut", env=env)
     assert res.returncode == 1
-    retry = re.search(r"Retry with: (sft push .*)", res.stderr).group(1)
-    assert retry == f"sft push {run_dir} --exporter merged_16bit --repo alice/cut"
-    pushes = summary(run_dir)["hub"]["pushes"]
+    retry = re.search(r"Retry with: (sft publish .*)", res.stderr).group(1)
+    assert retry == f"sft publish {run_dir} --to hub --exporter merged_16bit"  # the repo is the run's last target
+    pushes = summary(run_dir)["publish"]["hub"]["exports"]
     assert not pushes["merged_16bit"]["ok"] and pushes["lora"]["ok"] and pushes["gguf"]["ok"]
     assert "model.safetensors" not in hub.repos["alice/cut"].files()  # nothing committed there
     weights = (run_dir / "exports/merged_16bit/model.safetensors").read_bytes()
@@ -144,11 +144,11 @@ def test_a_connection_cut_mid_push_then_sft_push_completes_and_skips_what_is_the
     assert (run_dir / "exports/merged_16bit/model.safetensors").is_file()  # nothing lost locally
 
     puts, commits = len(hub.requests("PUT")), {r: len(repo.commits) for r, repo in hub.repos.items()}
-    res = sft("push", run_dir, env=env)  # every export; the repo comes from the last push
+    res = sft(*retry.split()[1:4], env=env)  # sft publish RUN --to hub: every export, to the last push's repo
     assert res.returncode == 0, res.stderr
     assert len(hub.requests("PUT")) == puts  # no blob was sent again
     assert {r: len(repo.commits) for r, repo in hub.repos.items()} == {**commits, "alice/cut": 1}
-    pushes = summary(run_dir)["hub"]["pushes"]
+    pushes = summary(run_dir)["publish"]["hub"]["exports"]
     assert pushes["lora"]["uploaded"] == [] and "adapter_model.safetensors" in pushes["lora"]["skipped"]
     assert pushes["gguf"]["uploaded"] == [] and pushes["gguf"]["commit"] is None
     assert "model.safetensors" in pushes["merged_16bit"]["uploaded"]
@@ -166,13 +166,13 @@ def test_a_repo_sft_did_not_make_needs_force_and_keeps_its_files(run_dir: Path, 
     assert sorted(theirs.files()) == [".gitattributes", "README.md", "notes.txt"] and not theirs.commits
 
     # Forced, onto a branch of theirs (created from main).
-    res = sft("push", run_dir, "--exporter", "lora", "--repo", "theirs", "--force", "export.push.revision=sft", env=env)
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "theirs", "--force", "publish.hub.revision=sft", env=env)
     assert res.returncode == 0, res.stderr
     assert sorted(theirs.files()) == [".gitattributes", "README.md", "notes.txt"]  # main untouched
     pushed = theirs.files("sft")
     assert pushed["notes.txt"] == b"keep"  # sft adds and replaces, never deletes
     assert pushed["adapter_model.safetensors"] == (run_dir / "exports/lora/adapter_model.safetensors").read_bytes()
-    assert TAG in theirs.card("sft")["tags"] and summary(run_dir)["hub"]["pushes"]["lora"]["revision"] == "sft"
+    assert TAG in theirs.card("sft")["tags"] and summary(run_dir)["publish"]["hub"]["exports"]["lora"]["revision"] == "sft"
 
 
 def test_a_bad_token_fails_before_training(tiny_model_dir: Path, hub: HubStub, tmp_path: Path) -> None:
@@ -192,13 +192,14 @@ def test_a_missing_or_read_only_token_is_refused_before_training(token, message,
 
     from sft.core.config import load_config
     from sft.core.errors import SftError
-    from sft.core.hub import preflight_push
+    from sft.engine.publish import Publishing
 
     patch_hub(monkeypatch, hub, tmp_path, token)
     pm = make_plugin_manager()
-    cfg = load_config(overrides=["export.enabled=[lora,gguf]", "export.push.repo_id=x"], pm=pm)
-    with pytest.raises(SftError, match=message):
-        preflight_push(cfg, pm)
+    cfg = load_config(overrides=["export.enabled=[lora,gguf]", "publish.hub.repo_id=x"], pm=pm)
+    assert list(cfg.publish.enabled) == ["hub"]  # setting the repo turns the hub publisher on
+    with pytest.raises(SftError, match=f"training did not start.*\n  - hub: .*{message}"):
+        Publishing(cfg, pm).preflight(list(cfg.export.enabled))
     assert constants.ENDPOINT == hub.endpoint
 
 
@@ -206,8 +207,23 @@ def test_the_token_cannot_be_put_in_the_config() -> None:
     from sft.core.config import load_config
     from sft.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"export.push.token: unknown key"):
-        load_config(overrides=["export.push.repo_id=alice/x", "export.push.token=hf_abc"], pm=make_plugin_manager())
+    with pytest.raises(ConfigError, match=r"publish.hub.token: unknown key"):
+        load_config(overrides=["publish.hub.repo_id=alice/x", "publish.hub.token=hf_abc"], pm=make_plugin_manager())
+
+
+def test_an_old_export_push_section_reads_as_the_hub_publisher_with_a_notice(tmp_path: Path, capsys) -> None:
+    """Runs made before publishers were a plugin kind keep working: their config.yaml's export.push."""
+    from sft.core.config import load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text("export:\n  enabled: [lora]\n  push:\n    repo_id: alice/old\n    private: false\n")
+    cfg = load_config(str(old), pm=make_plugin_manager())
+    assert cfg.publish.hub.repo_id == "alice/old" and cfg.publish.hub.private is False
+    assert list(cfg.publish.enabled) == ["hub"] and "push" not in cfg.export
+    assert "export.push.repo_id, export.push.private: read as publish.hub.*" in capsys.readouterr().err
+    # Without a repo, the old section turns nothing on.
+    cfg = load_config(overrides=["export.push.private=false"], pm=make_plugin_manager())
+    assert list(cfg.publish.enabled) == [] and cfg.publish.hub.private is False
 
 
 def patch_hub(monkeypatch: pytest.MonkeyPatch, hub: HubStub, tmp_path: Path, token: str | None = TOKEN) -> None:
@@ -233,26 +249,26 @@ def test_sft_run_push_to_hub_exits_1_naming_the_retry_which_then_completes(tiny_
     res = run_sft("run", *tiny_overrides(out, tiny_model_dir), "export.enabled=[lora]", "--push-to-hub", "e2e", check=False)
     assert res.exit_code == 1, res.output
     assert (out / "exports/lora/adapter_model.safetensors").is_file()  # the export is safe on disk
-    assert f"Retry with: sft push {out} --exporter lora\n" in res.output
+    assert f"Retry with: sft publish {out} --to hub --exporter lora\n" in res.output
     assert "repo_id: e2e" in (out / "config.yaml").read_text()
 
     res = run_sft("push", out, "--exporter", "lora")  # the repo comes from the run's config.yaml
     remote = hub.repos["alice/e2e-lora"].files()
     for path, data in local_files(out / "exports/lora").items():
         assert sha256(remote[path]) == sha256(data)
-    record = summary(out)["hub"]["pushes"]["lora"]
+    record = summary(out)["publish"]["hub"]["exports"]["lora"]
     assert record["ok"] and record["private"] is True and "tokenizer.json" in record["uploaded"]
     assert_token_nowhere(out, res.output)
 
 
 def test_the_python_apis_push_is_sft_push(run_dir: Path, hub: HubStub, tmp_path: Path, monkeypatch,
                                           sft_plugin_manager) -> None:
-    """``run.push(...)`` in a notebook goes through sft push's machinery (export.push_run)."""
+    """``run.push(...)`` in a notebook goes through sft push's machinery (the publish fan-out)."""
     import sft
 
     patch_hub(monkeypatch, hub, tmp_path)
     records = sft.load(run_dir).push("alice/api", exporters=["lora"])
-    assert records["lora"]["ok"] and summary(run_dir)["hub"]["pushes"]["lora"]["ok"]
+    assert records["lora"]["ok"] and summary(run_dir)["publish"]["hub"]["exports"]["lora"]["ok"]
     [repo] = [name for name in hub.repos if name.startswith("alice/api")]
     remote = hub.repos[repo].files()
     for path, data in local_files(run_dir / "exports/lora").items():

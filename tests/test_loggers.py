@@ -24,7 +24,7 @@ import pytest
 
 from sft.core import hookimpl
 from sft.core.interfaces import Logger, RunInfo
-from sft.core.metrics import (
+from sft.engine.metrics import (
     EVAL_COLOR,
     TRAIN_COLOR,
     MetricsHub,
@@ -109,8 +109,8 @@ def _config(run_dir: Path, model_dir: Path, pm: Any):
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> LoggedRun:
     from sft.core import plugins
-    from sft.core.testing import make_plugin_manager
-    from sft.core.run import run_training
+    from sft.testing import make_plugin_manager
+    from sft.engine.run import run_training
 
     run_dir = tmp_path_factory.mktemp("logged") / "run"
     broken = BrokenPlugin()
@@ -233,7 +233,7 @@ def test_loss_plot_without_eval_has_one_curve(tmp_path: Path) -> None:
 def test_sft_report_regenerates_the_plot_and_prints_the_summary(logged_run: LoggedRun) -> None:
     from click.testing import CliRunner
 
-    from sft.core.cli import cli
+    from sft.cli import cli
 
     png = logged_run.run_dir / "loss.png"
     png.unlink()
@@ -249,7 +249,7 @@ def test_sft_report_regenerates_the_plot_and_prints_the_summary(logged_run: Logg
 def test_sft_report_on_a_folder_without_metrics_says_so(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from sft.core.cli import cli
+    from sft.cli import cli
 
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 1
@@ -281,7 +281,7 @@ def test_misconfigured_wandb_is_disabled_with_how_to_fix_it(tmp_path: Path) -> N
 
     script = (
         "from sft.core.interfaces import RunInfo\n"
-        "from sft.core.metrics import MetricsHub\n"
+        "from sft.engine.metrics import MetricsHub\n"
         "from sft.plugins.loggers.wandb import WandbLogger, WandbOptions\n"
         "import sys\n"
         "hub = MetricsHub(sys.argv[1], [(WandbLogger(), WandbOptions(mode='online'))])\n"
@@ -394,7 +394,7 @@ def test_wandb_api_key_is_never_written(logged_run: LoggedRun) -> None:
 
 
 def test_wandb_logs_export_paths_and_redacts_secrets() -> None:
-    from sft.core.metrics import export_paths
+    from sft.engine.metrics import export_paths
     from sft.plugins.loggers.wandb import redact, wandb_metrics
 
     summary = {"exports": {"lora": {"ok": True, "paths": ["runs/x/exports/lora"]},
@@ -425,7 +425,7 @@ def test_tensorboard_event_files_have_the_same_loss_series_as_metrics_jsonl(logg
 
 
 def test_summary_rows_flatten_nested_keys_and_show_durations() -> None:
-    from sft.core.metrics import flatten_summary
+    from sft.engine.metrics import flatten_summary
 
     rows = dict(flatten_summary({
         "steps": 60, "train_loss": 1.23456, "tokens_per_second": 5120.4, "exports": {"lora": {"paths": ["a", "b"]}},
@@ -438,7 +438,7 @@ def test_summary_rows_flatten_nested_keys_and_show_durations() -> None:
 def test_the_end_of_run_table_leaves_export_details_to_sft_report() -> None:
     from rich.console import Console
 
-    from sft.core.metrics import summary_table
+    from sft.engine.metrics import summary_table
 
     summary = {"steps": 60, "exports": {"gguf": {"ok": True, "paths": ["x.gguf"],
                                                  "details": {"verify": {"reference": [1, 2, 3]}}}},

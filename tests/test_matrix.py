@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from sft.core.plugins import PluginManager
-from sft.core.testing import assert_exact_masking, tiny_config, train_tiny, write_jsonl
+from sft.testing import assert_exact_masking, tiny_config, train_tiny, write_jsonl
 
 
 def _registry() -> PluginManager:
@@ -145,7 +145,7 @@ def shared_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_exporter(exporter: str, shared_run: Path, monkeypatch):
     from sft.core import plugins
     from sft.core.config import load_config
-    from sft.core.export import export_run
+    from sft.engine.export import export_run
     from sft.core.rundir import RunDir
 
     monkeypatch.setattr(plugins, "_manager", PM)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import sft
 from sft.core.errors import SftError
-from sft.core.testing import tiny_overrides
+from sft.testing import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "writing-a-dataset-adapter.md"
@@ -108,7 +108,7 @@ def test_the_adapter_guide_builds_an_installable_package_that_passes_the_matrix(
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(site)}
-    shown = subprocess.run([sys.executable, "-m", "sft.core.cli", "plugins", "qa"], env=env, capture_output=True,
+    shown = subprocess.run([sys.executable, "-m", "sft.cli", "plugins", "qa"], env=env, capture_output=True,
                            text=True, check=True).stdout
     assert "qa  (dataset format, version 1; plugin qa from my-qa 0.1.0)" in shown and "system_prompt: str" in shown
 

@@ -1,7 +1,7 @@
 """Packed and padded batches (issue 14): documents stay apart, auto packing, length groups, real token counts.
 
-The equivalence tests go through the trainer a run builds (``sft.core.run.build_trainer``:
-TRL's packing and collator, ``sft.core.trainer``'s loss) on the tiny random Llama in float32.
+The equivalence tests go through the trainer a run builds (``sft.engine.run.build_trainer``:
+TRL's packing and collator, ``sft.engine.trainer``'s loss) on the tiny random Llama in float32.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from sft.core.packing import decide_packing, length_grouped_sampler
-from sft.core.testing import make_plugin_manager, tiny_config, train_tiny, write_jsonl
+from sft.engine.packing import decide_packing, length_grouped_sampler
+from sft.testing import make_plugin_manager, tiny_config, train_tiny, write_jsonl
 
 PM = make_plugin_manager()
 
@@ -43,7 +43,7 @@ def chat_file(tmp_path_factory):
 
 def _trainer(cfg, model, tokenizer, data, tmp_path):
     from sft.core.env import current_environment
-    from sft.core.run import build_trainer
+    from sft.engine.run import build_trainer
 
     return build_trainer(cfg, model, tokenizer, data, current_environment(), tmp_path / "ckpt",
                          trained_positions_loss=True)
@@ -55,10 +55,10 @@ def test_a_packed_batch_equals_its_documents_run_alone(attention, tiny_model_dir
     run one by one; position ids restart at every document; no document sees another."""
     import torch
 
-    from sft.core.backends import select_backend
-    from sft.core.data import build_datasets
+    from sft.engine.backends import select_backend
+    from sft.engine.data import build_datasets
     from sft.core.env import current_environment
-    from sft.core.models import load_tokenizer
+    from sft.engine.models import load_tokenizer
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "training.packing=true", "model.max_seq_length=256",
                       dataset=chat_file, pm=PM)
@@ -136,10 +136,10 @@ def _train_counting_passes(cfg, tiny_model_dir, tmp_path):
     LoRA weights, the logged losses and how many forward passes the model ran."""
     import torch
 
-    from sft.core.backends import select_backend
-    from sft.core.data import build_datasets
+    from sft.engine.backends import select_backend
+    from sft.engine.data import build_datasets
     from sft.core.env import current_environment
-    from sft.core.models import load_tokenizer
+    from sft.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg, PM, tokenizer, use_cache=False)
@@ -190,7 +190,7 @@ def test_merged_micro_batches_train_exactly_like_separate_ones(tiny_model_dir, c
 def test_micro_batches_merge_within_the_budget_and_keep_their_places():
     import torch
 
-    from sft.core.packing import MergedAway, merge_micro_batches
+    from sft.engine.packing import MergedAway, merge_micro_batches
 
     def batch(rows, width, fill):
         ids = torch.full((rows, width), fill)
@@ -268,7 +268,7 @@ def test_tokens_are_the_real_tokens(packing, tiny_model_dir, chat_file, tmp_path
 def test_qlora_on_cuda_without_bitsandbytes_stops_before_the_data(tmp_path):
     import importlib.util
 
-    from sft.core.backends import check_cuda_dependencies
+    from sft.engine.backends import check_cuda_dependencies
     from sft.core.config import load_config
     from sft.core.env import Environment
     from sft.core.errors import ConfigError

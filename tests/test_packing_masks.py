@@ -1,6 +1,6 @@
 """Packing through the real trainer: the batches `sft run` trains on keep documents and masks apart.
 
-Built with :func:`sft.core.run.build_trainer` (TRL's collator as the run configures it, never
+Built with :func:`sft.engine.run.build_trainer` (TRL's collator as the run configures it, never
 one made by hand), on the tiny model with ``training.packing=true``: every packed row is
 cut into its documents by ``position_ids`` (each restarts at 0), each document is one
 prepared row, token for token, and its labels are exactly that row's trained tokens.
@@ -8,18 +8,18 @@ prepared row, token for token, and its labels are exactly that row's trained tok
 
 from __future__ import annotations
 
-from sft.core.testing import tiny_config
+from sft.testing import tiny_config
 
 
 def test_packed_batches_have_per_document_positions_and_the_rows_masks(tiny_model_dir, tmp_path):
     import torch
 
-    from sft.core.backends import select_backend
-    from sft.core.data import build_datasets
+    from sft.engine.backends import select_backend
+    from sft.engine.data import build_datasets
     from sft.core.env import current_environment
-    from sft.core.models import load_tokenizer
+    from sft.engine.models import load_tokenizer
     from sft.core.plugins import get_plugin_manager
-    from sft.core.run import build_trainer
+    from sft.engine.run import build_trainer
     from sft.core.templating import resolve_template
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "training.packing=true", "model.max_seq_length=256",

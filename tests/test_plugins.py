@@ -15,7 +15,7 @@ import pytest
 from sft.core import ChatTemplate, Segment, hookimpl
 from sft.core.config import load_config
 from sft.core.errors import ConfigError, PluginError
-from sft.core.testing import make_plugin_manager
+from sft.testing import make_plugin_manager
 
 
 class EchoTemplate(ChatTemplate):
@@ -144,7 +144,7 @@ def _fake_distribution(root: Path, dist: str, module: str, body: str, ep_name: s
 
 def _sft(*args: str, pythonpath: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": str(pythonpath), **env}
-    return subprocess.run([sys.executable, "-m", "sft.core.cli", *args], capture_output=True, text=True, env=environ)
+    return subprocess.run([sys.executable, "-m", "sft.cli", *args], capture_output=True, text=True, env=environ)
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_cli_listing_does_not_import_heavy_libraries():
         """
         import sys
         from click.testing import CliRunner
-        from sft.core.cli import cli
+        from sft.cli import cli
         for args in (["--help"], ["plugins"], ["plugins", "--json"]):
             result = CliRunner().invoke(cli, args)
             assert result.exit_code == 0, result.output

@@ -29,8 +29,8 @@ SLOW_WRITE = 0.25  # seconds per slowed library write; four of them per checkpoi
 CHILD = textwrap.dedent("""
     import sys, time
     import safetensors.torch, torch
-    from sft.core.testing import tiny_config
-    from sft.core.run import run_training
+    from sft.testing import tiny_config
+    from sft.engine.run import run_training
 
     mode, model, out, pause_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     marker, told = f".staging-{pause_at}", []
@@ -75,7 +75,7 @@ def _lora_weights(run: Path) -> dict:
 
 
 def _final_loss(run: Path) -> float:
-    from sft.core.metrics import read_metrics
+    from sft.engine.metrics import read_metrics
 
     return [r for r in read_metrics(run) if "loss" in r][-1]["loss"]
 
@@ -100,7 +100,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     ckpts = killed / "checkpoints"
     assert (ckpts / f"checkpoint-{PAUSE_AT - SAVE_EVERY}" / "COMPLETE").is_file()
     assert not (killed / "adapter").exists()
-    from sft.core import checkpoints
+    from sft.engine import checkpoints
 
     resumable = checkpoints.last_complete(ckpts, verify=True)
     assert resumable.step in (PAUSE_AT - SAVE_EVERY, PAUSE_AT)  # the kill may land after COMPLETE
@@ -122,7 +122,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
     # metrics.jsonl has each step once: the resumed run dropped what came after its checkpoint.
-    from sft.core.metrics import read_metrics
+    from sft.engine.metrics import read_metrics
 
     steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
@@ -130,8 +130,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
 
 def test_resume_without_a_complete_checkpoint_says_so(tiny_model_dir, tmp_path):
     from sft.core.errors import SftError
-    from sft.core.testing import make_plugin_manager, tiny_config
-    from sft.core.run import run_training
+    from sft.testing import make_plugin_manager, tiny_config
+    from sft.engine.run import run_training
 
     pm = make_plugin_manager()
     (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from sft.core import ChatTemplate, Segment, hookimpl
-from sft.core import checkpoints
+from sft.engine import checkpoints
 from sft.core.config import config_to_yaml, load_config, shareable_container
 from sft.core.errors import ConfigError, DataError, SftError
-from sft.core.resume import ResumeError, RunLockedError, check_resume, run_lock
+from sft.engine.resume import ResumeError, RunLockedError, check_resume, run_lock
 from sft.core.rundir import RunDir
-from sft.core.testing import make_plugin_manager, run_sft, write_jsonl
+from sft.testing import make_plugin_manager, run_sft, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ollama_modelfile import parse_modelfile  # noqa: E402
@@ -47,13 +47,13 @@ def test_out_of_range_numbers_are_config_errors_all_at_once():
 
 
 def test_the_reference_shows_each_range():
-    from sft.core.docgen import configuration_markdown
+    from sft.docgen import configuration_markdown
 
     text = configuration_markdown()
     row = next(line for line in text.splitlines() if line.startswith("| `lora_dropout`"))
     assert "Range: `>= 0 and < 1`" in row
     generated = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
-    assert generated == text, "docs/configuration.md is stale: python -m sft.core.docgen --docs docs"
+    assert generated == text, "docs/configuration.md is stale: python -m sft.docgen --docs docs"
 
 
 # -- security: names are names, secrets stay in the environment -----------------------------
@@ -183,7 +183,7 @@ def _latin1_file(path: Path, suffix: str) -> Path:
 def test_non_utf8_rows_name_file_line_and_byte_and_skip_counts_them(tmp_path, tiny_model_dir, suffix):
     from transformers import AutoTokenizer
 
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     data = _latin1_file(tmp_path / f"train{suffix}", suffix)
     raw = data.read_bytes()
@@ -205,7 +205,7 @@ def test_non_utf8_rows_name_file_line_and_byte_and_skip_counts_them(tmp_path, ti
 def test_on_truncate(tmp_path, tiny_model_dir, policy):
     from transformers import AutoTokenizer
 
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     rows = _rows(4) + [{"instruction": "tell me a long story", "output": " ".join(["word"] * 600)}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -285,8 +285,8 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
 def test_two_writers_of_one_cache_entry_leave_a_whole_entry(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from sft.core.data import build_datasets
-    from sft.core.data.cache import load_entry, store_entry
+    from sft.engine.data import build_datasets
+    from sft.engine.data.cache import load_entry, store_entry
 
     data = write_jsonl(tmp_path / "train.jsonl", _rows(8))
     cfg = load_config(overrides=[f"data.dataset={data}", f"model.name={tiny_model_dir}", "data.cache_dir=none"])
@@ -346,7 +346,7 @@ def test_resume_refuses_a_finished_run_and_optimisation_changes_and_writes_nothi
 
 
 def test_resume_without_a_name_picks_the_one_unfinished_matching_run(tmp_path, monkeypatch):
-    from sft.core.run import resolve_run_dir
+    from sft.engine.run import resolve_run_dir
 
     cfg = load_config(overrides=["export.enabled=[]"])
     other = load_config(overrides=["export.enabled=[]", "training.learning_rate=0.1"])
@@ -363,7 +363,7 @@ def test_resume_without_a_name_picks_the_one_unfinished_matching_run(tmp_path, m
 
 
 def test_resume_with_only_an_incomplete_checkpoint_says_to_start_over_and_a_new_run_can(tmp_path):
-    from sft.core.run import _check_fresh, _resume_point
+    from sft.engine.run import _check_fresh, _resume_point
 
     cfg = load_config(overrides=["export.enabled=[]"])
     run = _fake_run(tmp_path / "run", cfg, complete=False)
@@ -416,7 +416,7 @@ def test_the_gpu_skip_hook_skips_the_marker_and_nothing_else(tmp_path):
         "@pytest.mark.gpu\ndef test_marked():\n    pass\n")
     env = {k: v for k, v in os.environ.items() if k != "SFT_FORCE_GPU_TESTS"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even on a machine that has one
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "sft.core.testing", "-rs", "-q", "-p", "no:cacheprovider",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "sft.testing", "-rs", "-q", "-p", "no:cacheprovider",
                              str(tmp_path / "gpu")], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert "3 passed, 1 skipped" in result.stdout, result.stdout
     assert "test_third_party.py:10: needs a CUDA GPU" in result.stdout  # line 10: test_marked

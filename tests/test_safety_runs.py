@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from sft.core import checkpoints, hookimpl
+from sft.core import hookimpl
+from sft.engine import checkpoints
 from sft.core.interfaces import Logger
-from sft.core.testing import make_tiny_llama, run_sft, tiny_overrides, train_tiny
+from sft.testing import make_tiny_llama, run_sft, tiny_overrides, train_tiny
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sft.core.cli", *map(str, args)]
+    return [sys.executable, "-m", "sft.cli", *map(str, args)]
 
 
 def _env() -> dict[str, str]:
@@ -77,8 +78,8 @@ def test_a_resume_with_an_incompatible_config_changes_nothing(trained_then_kille
 
 
 def test_a_resume_that_trains_no_step_keeps_the_runs_figures(trained_then_killed, tiny_model_dir):
-    from sft.core.run import run_training
-    from sft.core.testing import tiny_config
+    from sft.engine.run import run_training
+    from sft.testing import tiny_config
 
     run = trained_then_killed
     earlier = json.loads((run / "summary.json").read_text())
@@ -127,7 +128,7 @@ def _remote_code_model(path: Path) -> Path:
 
 
 def test_remote_code_is_refused_in_one_line_and_generate_honours_trust_remote_code(tmp_path, capsys):
-    from sft.core.generate import generate_from_run
+    from sft.engine.generate import generate_from_run
 
     model = _remote_code_model(tmp_path / "model")
     refused = run_sft("run", *tiny_overrides(tmp_path / "refused", model, steps=1), check=False)
@@ -145,7 +146,7 @@ def test_generate_loads_a_run_trained_from_a_gguf_file(tmp_path, tiny_model_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft.core.config import config_to_yaml, load_config
-    from sft.core.generate import load_run
+    from sft.engine.generate import load_run
     from sft.plugins.exporters.gguf.convert import convert_to_gguf
 
     folder = tmp_path / "gguf-model"

@@ -13,7 +13,7 @@ from sft.core.templating import prepare_tokenizer, resolve_template
 from sft.core.interfaces import Message
 from sft.core.plugins import get_plugin_manager
 from sft.core.templating import adds_bos, as_messages, end_of_turn, segments_text
-from sft.core.testing import TINY_CONVERSATION, assert_exact_masking
+from sft.testing import TINY_CONVERSATION, assert_exact_masking
 
 from datakit import fresh_tokenizer
 

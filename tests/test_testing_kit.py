@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sft.core import Segment
-from sft.core.testing import TINY_CONVERSATION, assert_exact_masking, run_sft, tiny_overrides, trained_spans
+from sft.testing import TINY_CONVERSATION, assert_exact_masking, run_sft, tiny_overrides, trained_spans
 from sft.plugins.templates.chatml import ChatML
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sft.core.data import build_datasets, describe_stats
+from sft.engine.data import build_datasets, describe_stats
 from sft.core.errors import ConfigError
-from sft.core.testing import train_tiny, write_jsonl
+from sft.testing import train_tiny, write_jsonl
 
 from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
 

@@ -1,4 +1,4 @@
-"""``sft.core.models.load_tokenizer`` gives the tokenizer transformers' AutoTokenizer chooses from
+"""``sft.engine.models.load_tokenizer`` gives the tokenizer transformers' AutoTokenizer chooses from
 the model's own config, for every family the tests build and for the embedded SmolLM2, while
 choosing it without importing the model's config class (which made ``sft preview`` slow)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from sft.core.config import load_config
-from sft.core.models import _tokenizer_choice_config, load_tokenizer
-from sft.core.testing import make_plugin_manager
+from sft.engine.models import _tokenizer_choice_config, load_tokenizer
+from sft.testing import make_plugin_manager
 
 from families import FAMILIES
 

@@ -17,8 +17,8 @@ from sft.core.errors import DataError, SftError
 from sft.core.formats import validate_conversation
 from sft.core.interfaces import Conversation, Message, ToolCall
 from sft.core.plugins import PluginManager
-from sft.core.render_check import render_difference
-from sft.core.testing import (TINY_CONVERSATION, TOOL_CONVERSATIONS, TOOL_TOOLS, assert_exact_masking,
+from sft.engine.render_check import render_difference
+from sft.testing import (TINY_CONVERSATION, TOOL_CONVERSATIONS, TOOL_TOOLS, assert_exact_masking,
                               assert_renders_like, write_jsonl)
 from sft.core.templating import as_messages
 
@@ -184,7 +184,7 @@ def _call_row(arguments, tool_turn=None, tools=None, reasoning_on=None):
         {"role": "assistant", "content": "x"}]}, "tool call\\(s\\) f have no result"),
 ])
 def test_bad_tool_rows_name_file_line_and_what_is_wrong(row, message, tiny_model_dir, tmp_path):
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     path = write_jsonl(tmp_path / "tools.jsonl", [_call_row({"city": "Paris"}), row])
     with pytest.raises(DataError, match=rf"^{path}:2, row 1.*{message}"):
@@ -192,7 +192,7 @@ def test_bad_tool_rows_name_file_line_and_what_is_wrong(row, message, tiny_model
 
 
 def test_a_call_of_an_undeclared_tool_warns_with_the_location_and_trains(tiny_model_dir, tmp_path, capsys):
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     tools = [{"type": "function", "function": {"name": "get_wether", "parameters": {}}}]
     path = write_jsonl(tmp_path / "tools.jsonl", [_call_row({"city": "Paris"}, tools=tools)] * 2)
@@ -204,7 +204,7 @@ def test_a_call_of_an_undeclared_tool_warns_with_the_location_and_trains(tiny_mo
 
 
 def test_tool_conversations_survive_the_data_cache(tiny_model_dir, tmp_path):
-    from sft.core.data import build_datasets
+    from sft.engine.data import build_datasets
 
     path = write_jsonl(tmp_path / "tools.jsonl", [_call_row({"city": "Paris"}, tools=list(TOOL_TOOLS))] * 3)
     cfg = data_config(tiny_model_dir, path, "template.name=hermes", "data.test_size=0", f"data.cache_dir={tmp_path / 'c'}")
@@ -291,7 +291,7 @@ def _parse_tool_call(text: str) -> dict:
 @pytest.fixture(scope="module")
 def tool_run(tiny_model_dir, tmp_path_factory):
     """The tiny Llama fully fine-tuned on the weather tool set with ``hermes``, long enough to learn the call format."""
-    from sft.core.testing import train_tiny
+    from sft.testing import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("tools") / "run", tiny_model_dir, "template.name=hermes",
                       "model.method=full", "training.learning_rate=1e-2", "training.lr_scheduler_type=constant", "data.test_size=0",
@@ -300,7 +300,7 @@ def tool_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_trained_model_calls_the_tool_in_sft_generate_and_in_the_exported_gguf(tool_run):
-    from sft.core.testing import run_sft
+    from sft.testing import run_sft
 
     result = run_sft("generate", tool_run, HELD_BACK, "--tools", TOOL_SPECS, "--max-new-tokens", "40")
     _parse_tool_call(result.output)
@@ -321,7 +321,7 @@ def test_trained_model_calls_the_tool_in_sft_generate_and_in_the_exported_gguf(t
 
 
 def test_check_template_reports_rows_that_differ_from_the_models_own_template(tiny_model_dir, tmp_path):
-    from sft.core.testing import run_sft
+    from sft.testing import run_sft
 
     same = run_sft("preview", "--check-template", f"model.name={tiny_model_dir}", f"data.dataset={FIXTURES / 'messages.jsonl'}",
                    "template.name=tokenizer", "data.cache_dir='off'")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.metrics import read_metrics
+from sft.engine.metrics import read_metrics
 from sft.core.rundir import RunDir
-from sft.core.testing import make_plugin_manager, tiny_config, train_tiny
+from sft.testing import make_plugin_manager, tiny_config, train_tiny
 
 PM = make_plugin_manager()
 
@@ -66,7 +66,7 @@ def test_summary(eval_run):
 
 def test_adapter_reloads_and_generates_the_same_text(eval_run, capsys):
     """Greedy decoding from the saved adapter reproduces the quick generation made in memory."""
-    from sft.core.generate import generate_from_run
+    from sft.engine.generate import generate_from_run
 
     summary = json.loads((eval_run / "summary.json").read_text())
     text = generate_from_run(eval_run, summary["generation"]["prompt"], max_new_tokens=6)
@@ -88,11 +88,11 @@ def test_only_trained_tokens_get_labels_and_the_loss_is_the_standard_one(tiny_mo
     """TRL turns ``assistant_masks`` into labels; our trained-positions loss equals the model's own loss."""
     import torch
 
-    from sft.core.backends import select_backend
-    from sft.core.data import build_datasets
+    from sft.engine.backends import select_backend
+    from sft.engine.data import build_datasets
     from sft.core.env import current_environment
-    from sft.core.models import load_tokenizer
-    from sft.core.run import build_trainer
+    from sft.engine.models import load_tokenizer
+    from sft.engine.run import build_trainer
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, pm=PM)
     env = current_environment()
@@ -128,9 +128,9 @@ def test_packing_keeps_rows_apart(tiny_model_dir, tmp_path):
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from sft.core.backends import select_backend
+    from sft.engine.backends import select_backend
     from sft.core.env import current_environment
-    from sft.core.trainer import trainer_class
+    from sft.engine.trainer import trainer_class
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, pm=PM)
     model, tokenizer = select_backend(cfg, PM, current_environment()).load(cfg)
@@ -163,7 +163,7 @@ def test_a_finished_run_is_not_overwritten(tiny_model_dir, eval_run):
 def test_an_epoch_run_announces_the_steps_it_takes(tiny_model_dir, tmp_path, capsys):
     """5 rows, batch 2, accumulation 2, 2 epochs: 3 batches make 2 optimizer steps per epoch
     (a short last batch and a short last accumulation still count), so 4 steps in all."""
-    from sft.core.testing import write_jsonl
+    from sft.testing import write_jsonl
 
     rows = [{"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]}
             for i in range(5)]

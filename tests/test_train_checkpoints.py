@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft.core import checkpoints
-from sft.core.checkpoints import COMPLETE, commit_checkpoint, last_complete, rotate, scan, staging_dir
+from sft.engine import checkpoints
+from sft.engine.checkpoints import COMPLETE, commit_checkpoint, last_complete, rotate, scan, staging_dir
 
 
 def _write(root: Path, step: int) -> Path:

@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 
-from sft.core.testing import run_sft, tiny_overrides
+from sft.testing import run_sft, tiny_overrides
 
 
 def test_bad_config_exits_2_before_torch_is_imported(tmp_path):
     """``-X importtime`` lists every module the process imported: torch must not be among them."""
     env = {**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sft.core.cli", "run", "traning.x=1"],
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sft.cli", "run", "traning.x=1"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "traning: unknown key (did you mean 'training'?)" in proc.stderr

@@ -12,7 +12,7 @@ keeps the adapters in it too: FSDP2 flattens one dtype per shard, and with the d
 uint8 storage it trains with loss 0 and NaN gradients without an error (accelerate#3983).
 
 The loss is computed only at trained positions (``trained_positions_loss``), which the
-trainer in :mod:`sft.core.trainer` honours: the output head then projects a few hundred hidden
+trainer in :mod:`sft.engine.trainer` honours: the output head then projects a few hundred hidden
 states instead of every position of the batch onto the 49k-word vocabulary.
 """
 
@@ -71,7 +71,7 @@ class TransformersBackend(TrainingBackend):
             return None
         import torch
 
-        from sft.core.backends import resolve_dtype
+        from sft.engine.backends import resolve_dtype
         from sft.core.env import current_environment
 
         compute = resolve_dtype(config, current_environment())
@@ -85,13 +85,13 @@ class TransformersBackend(TrainingBackend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from sft.core.backends import resolve_dtype
+        from sft.engine.backends import resolve_dtype
         from sft.core.env import current_environment
         from sft.core.errors import SftError
-        from sft.core.models import forget_gguf_quantization, load_tokenizer, pretrained_kwargs, resolve_model
+        from sft.engine.models import forget_gguf_quantization, load_tokenizer, pretrained_kwargs, resolve_model
         from sft.core.notices import notice
 
-        from sft.core import distributed
+        from sft.engine import distributed
 
         env = current_environment()
         method = config.model.method
@@ -127,7 +127,7 @@ class TransformersBackend(TrainingBackend):
     def prepare_for_training(self, model: Any, config: Any, new_token_rows: Sequence[int] = ()) -> Any:
         import torch
 
-        from sft.core.backends import resolve_dtype
+        from sft.engine.backends import resolve_dtype
         from sft.core.env import current_environment
 
         from .common import lora_settings
@@ -164,7 +164,7 @@ class TransformersBackend(TrainingBackend):
         torch.manual_seed(int(config.lora.random_state))
         peft_config = LoraConfig(task_type="CAUSAL_LM", **settings, **extra)
         model = get_peft_model(model, peft_config)
-        from sft.core import distributed
+        from sft.engine import distributed
 
         if distributed.is_fsdp(config) and getattr(model, "is_loaded_in_4bit", False):
             # FSDP2 shards one dtype: the adapters (and what prepare_model_for_kbit_training

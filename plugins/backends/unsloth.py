@@ -73,8 +73,8 @@ class UnslothBackend(TrainingBackend):
         import torch
         from unsloth import FastLanguageModel
 
-        from sft.core import distributed
-        from sft.core.models import pretrained_kwargs, resolve_model
+        from sft.engine import distributed
+        from sft.engine.models import pretrained_kwargs, resolve_model
 
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
         method = config.model.method

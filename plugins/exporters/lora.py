@@ -13,9 +13,8 @@ from typing import Any
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
-from sft.core.export import ExportContext, dir_size
-from sft.core.interfaces import ExportResult, Exporter, HubCard, Message
-from sft.core.rundir import staged_dir
+from sft.core.interfaces import ExportContext, ExportResult, Exporter, HubCard, Message
+from sft.core.rundir import dir_size, staged_dir
 
 __all__ = ["LoraExporter", "register_exporters"]
 

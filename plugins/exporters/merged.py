@@ -20,9 +20,8 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
-from sft.core.export import ExportContext, dir_size
-from sft.core.interfaces import EvalModel, ExportResult, Exporter, HubCard
-from sft.core.rundir import staged_dir
+from sft.core.interfaces import ExportContext, EvalModel, ExportResult, Exporter, HubCard
+from sft.core.rundir import dir_size, staged_dir
 
 from .merging import merging_for
 
@@ -78,13 +77,13 @@ class Merged16Exporter(Exporter):
     version = "1"
     description = "LoRA merged into the 16-bit base weights (HF safetensors); a 4-bit QLoRA base is reloaded in 16-bit first"
     options = Merged16Options
-    hub_suffix = ""  # the model itself: the repo named by export.push.repo_id
+    hub_suffix = ""  # the model itself: the repo named by publish.hub.repo_id
 
     def eval_models(self, context: ExportContext) -> list[EvalModel]:
         folder = context.run_dir.export_dir(self.name)
         if not (folder / "config.json").is_file():
             return []
-        from sft.core.evaluate import score_hf_folder
+        from sft.engine.evaluate import score_hf_folder
 
         return [EvalModel(self.name, str(folder), lambda tasks, limit: score_hf_folder(folder, tasks, limit))]
 

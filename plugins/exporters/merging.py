@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from sft.core.errors import SftError
-from sft.core.models import forget_gguf_quantization, pretrained_kwargs
+from sft.engine.models import forget_gguf_quantization, pretrained_kwargs
 from sft.core.rundir import staged_dir, swap_in
 
 if TYPE_CHECKING:
-    from sft.core.export import ExportContext
+    from sft.core.interfaces import ExportContext
 
 __all__ = ["MERGED_MARKER", "Merging", "merging_for", "adapter_embedding_rows"]
 

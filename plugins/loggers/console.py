@@ -16,7 +16,7 @@ from typing import Any, Mapping, TextIO
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.interfaces import Logger, RunInfo
-from sft.core.metrics import format_duration, format_metric, summary_table
+from sft.engine.metrics import format_duration, format_metric, summary_table
 
 __all__ = ["ConsoleLogger", "ConsoleOptions", "register_loggers"]
 

@@ -17,7 +17,7 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
-from sft.core.metrics import export_paths, namespaced
+from sft.engine.metrics import export_paths, namespaced
 
 __all__ = ["TensorBoardLogger", "TensorBoardOptions", "register_loggers"]
 

@@ -21,7 +21,7 @@ from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
-from sft.core.metrics import export_paths, namespaced
+from sft.engine.metrics import export_paths, namespaced
 from sft.core.notices import notice
 
 __all__ = ["WandbLogger", "WandbOptions", "wandb_metrics", "redact", "register_loggers"]

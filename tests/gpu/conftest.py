@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import make_tiny_llama
+from sft.testing import make_tiny_llama
 
 #: Row sizes are multiples of 256 so llama.cpp's K-quants (256-value super-blocks) apply to
 #: every projection instead of falling back to another type.

@@ -32,7 +32,7 @@ def sft_run(*overrides: str, log: Path, check: bool = True) -> subprocess.Comple
     Unsloth patches transformers' classes process-wide when imported; keeping it out of the
     test process lets the tests reload exports with plain transformers, as users would.
     """
-    proc = subprocess.run([sys.executable, "-m", "sft.core.cli", "run", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "sft.cli", "run", *overrides],
                           capture_output=True, text=True, timeout=900)
     log.write_text(proc.stdout + proc.stderr)
     if check and proc.returncode != 0:

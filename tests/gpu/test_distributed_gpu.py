@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from .support import learnable_rows
 
@@ -31,7 +31,7 @@ STEPS = 12
 
 def _torchrun(out: Path, model: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "-m", "sft.core.cli", "run",
+            "-m", "sft.cli", "run",
             f"model.name={model}", "model.backend=transformers", "model.dtype=bfloat16", "model.max_seq_length=128",
             "lora.r=8", "lora.lora_alpha=16", f"data.dataset={data}", "data.format=sharegpt",
             "template.name=chatml", f"training.output_dir={out}", f"training.max_steps={STEPS}",
@@ -91,7 +91,7 @@ def test_more_processes_than_gpus_is_refused(small_llama_dir, data, tmp_path):
     import torch
 
     n = torch.cuda.device_count() + 1
-    proc = subprocess.run([sys.executable, "-m", "sft.core.cli", "run", f"model.name={small_llama_dir}",
+    proc = subprocess.run([sys.executable, "-m", "sft.cli", "run", f"model.name={small_llama_dir}",
                            f"data.dataset={data}", f"training.output_dir={tmp_path / 'run'}", "--nproc", str(n)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

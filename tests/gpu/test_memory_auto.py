@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from .support import learnable_rows, sft_run
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from .support import learnable_rows
 
@@ -21,7 +21,7 @@ SCRIPT = """
 import gc, json, sys
 import torch
 from sft.core.config import load_config
-from sft.core.run import run_training
+from sft.engine.run import run_training
 
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 allocated = []

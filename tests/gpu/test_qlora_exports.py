@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sft.core.testing import write_jsonl
+from sft.testing import write_jsonl
 
 from .support import CODES, QUESTION, learnable_rows, sft_run
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.metrics import read_metrics
-from sft.core.testing import write_jsonl
+from sft.engine.metrics import read_metrics
+from sft.testing import write_jsonl
 
 from .support import CODES, QUESTION, learnable_rows, sft_run
 

@@ -1,15 +1,11 @@
-"""The ``modelcard`` exporter: a Hugging Face model card for the run.
+"""A Hugging Face model card for a run: what the ``folder`` publisher writes beside what it publishes.
 
-Writes ``exports/modelcard/README.md``: YAML front matter (``base_model``, ``library_name``,
-``pipeline_tag``, ``tags``, ``datasets`` for hub datasets, ``license``, ``language``) and a body
-with the dataset, the chat template, the hyperparameters, the final losses, the token counts
-and the exports listed in ``summary.json``. With ``adapter_readme`` (the default) the same file
-replaces PEFT's placeholder ``adapter/README.md``, so uploading the adapter folder to the Hub
-carries a real card.
-
-It needs no model, only the run's config and ``summary.json``, so it works on any finished run
-and ``sft export RUN --exporter modelcard`` refreshes it. List it last in ``export.enabled``: the
-card lists the exports that ran before it.
+A card describes a publication, not a format a model is written in, so it is written by the
+publisher (as sft's own hub publisher writes each repo's card), not by an exporter: YAML front
+matter (``base_model``, ``library_name``, ``pipeline_tag``, ``tags``, ``datasets`` for hub
+datasets, ``license``, ``language``) and a body with the dataset, the chat template, the
+hyperparameters, the final losses, the token counts and the run's exports. It needs no model,
+only the run's config and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -18,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from sft.core import Exporter, ExportResult, hookimpl
 from sft.core.config import opt
-from sft.core.rundir import RunDir, atomic_write_text
 
-__all__ = ["ModelCardExporter", "ModelCardOptions", "render_model_card", "read_front_matter", "register_exporters"]
+__all__ = ["ModelCardOptions", "render_model_card", "read_front_matter"]
 
 #: Hyperparameters shown in the card, as (config key, label).
 HYPERPARAMETERS = (
@@ -51,7 +45,6 @@ class ModelCardOptions:
     license: Optional[str] = opt(None, "The card's license (an SPDX-style Hub id such as apache-2.0); left out when null.")
     language: List[str] = opt([], "Languages of the training data (ISO codes, e.g. [en]).")
     tags: List[str] = opt([], "Extra Hub tags, added to sft, lora and the chat template's name.")
-    adapter_readme: bool = opt(True, "Also write the card to adapter/README.md, replacing PEFT's placeholder.")
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -127,7 +120,7 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
     if exports:
         lines += ["", "## Exports", "", "| exporter | ok | files |", "|---|---|---|"]
         for name, result in exports.items():
-            if name == "modelcard" or not isinstance(result, Mapping):
+            if not isinstance(result, Mapping):
                 continue
             files = ", ".join(f"`{Path(p).name}`" for p in result.get("paths", [])) or "-"
             lines.append(f"| {name} | {'yes' if result.get('ok') else 'no'} | {files} |")
@@ -135,7 +128,7 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
               f"sft generate runs/{run_name} \"Who are you?\"", "```", "",
               "With PEFT, from this folder (the tokenizer carries the chat template):", "", "```python",
               "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-              "path = \"adapter\"  # the folder holding this card and adapter_model.safetensors",
+              "path = \"lora\"  # the folder beside this card holding adapter_model.safetensors",
               "model = AutoPeftModelForCausalLM.from_pretrained(path)",
               "tokenizer = AutoTokenizer.from_pretrained(path)",
               "inputs = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"Who are you?\"}],",
@@ -152,39 +145,3 @@ def read_front_matter(text: str) -> dict[str, Any]:
     if not text.startswith("---\n") or "\n---\n" not in text[4:]:
         raise ValueError("no YAML front matter (--- ... ---) at the top")
     return yaml.safe_load(text[4:text.index("\n---\n", 4)]) or {}
-
-
-class ModelCardExporter(Exporter):
-    """Writes a Hugging Face model card from the run's config and summary."""
-
-    name = "modelcard"
-    version = "1"
-    description = "A Hugging Face model card (README.md with YAML front matter) from config.yaml and summary.json."
-    options = ModelCardOptions
-
-    def export(self, context: Any, options: ModelCardOptions | None = None) -> ExportResult:
-        """Write the card from ``context.config`` (the run's config plus any ``sft export`` overrides)."""
-        from omegaconf import OmegaConf
-
-        options = options or ModelCardOptions()
-        run: RunDir = context.run_dir
-        config = OmegaConf.to_container(context.config, resolve=True)
-        text = render_model_card(config, run.read_summary(), options, context.name,
-                                 trained_in_4bit=getattr(context, "trained_in_4bit", None))
-        out = Path(context.output_dir(self.name)) / "README.md"
-        atomic_write_text(out, text)
-        paths = [str(out)]
-        if options.adapter_readme and run.adapter.is_dir():
-            atomic_write_text(run.adapter / "README.md", text)
-            paths.append(str(run.adapter / "README.md"))
-        # Verify: the front matter parses back (as the Hub parses it) and names the trained base model.
-        front = read_front_matter(out.read_text())
-        verified = front.get("base_model") == _get(config, "model.name")
-        return ExportResult(self.name, ok=verified, paths=paths,
-                            details={"verified": verified, "front_matter": front},
-                            error=None if verified else "the card's base_model does not match the run's model.name")
-
-
-@hookimpl
-def register_exporters(register) -> None:
-    register(ModelCardExporter())

@@ -4,7 +4,7 @@ import csv
 import json
 
 from sft.core import RunInfo
-from sft.core.testing import train_tiny
+from sft.testing import train_tiny
 
 from sft_plugin_example import csv_logger
 

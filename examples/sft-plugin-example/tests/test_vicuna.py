@@ -1,6 +1,6 @@
 """The vicuna template trains exactly each answer plus EOS, and its Jinja and Ollama texts agree."""
 
-from sft.core.testing import assert_exact_masking
+from sft.testing import assert_exact_masking
 
 from sft_plugin_example.vicuna import DEFAULT_SYSTEM, VicunaOptions, VicunaTemplate
 
@@ -36,8 +36,8 @@ def test_a_configured_system_prompt_reaches_every_export(tiny_model_dir, tmp_pat
 
     from transformers import AutoTokenizer
 
-    from sft.core.generate import load_run
-    from sft.core.testing import train_tiny
+    from sft.engine.generate import load_run
+    from sft.testing import train_tiny
     from sft.plugins.exporters.gguf.header import read_gguf_header
 
     prompt = "You are Forge, a terse assistant."

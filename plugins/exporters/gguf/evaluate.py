@@ -199,9 +199,9 @@ def llama_cpp_lm(path: str | Path, threads: int | None = None) -> Any:
 def evaluate_here(request: dict[str, Any]) -> dict[str, Any]:
     """The worker's side of GGUF scoring: ``request`` has ``path``, ``tasks``, ``limit``, ``threads``.
 
-    Returns :func:`sft.core.evaluate.run_lm_eval`'s results, ``seconds`` and whether torch got imported.
+    Returns :func:`sft.engine.evaluate.run_lm_eval`'s results, ``seconds`` and whether torch got imported.
     """
-    from sft.core.evaluate import run_lm_eval
+    from sft.engine.evaluate import run_lm_eval
 
     start = time.perf_counter()
     lm = llama_cpp_lm(request["path"], request.get("threads"))

@@ -29,8 +29,7 @@ from typing import Any, List, Optional
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import SftError
-from sft.core.export import ExportContext
-from sft.core.interfaces import EvalModel, ExportResult, Exporter, HubCard
+from sft.core.interfaces import ExportContext, EvalModel, ExportResult, Exporter, HubCard
 
 from ..merging import merging_for
 
@@ -225,7 +224,7 @@ class GgufExporter(Exporter):
         if context.verifying and per_quant and not llama_cpp_available():
             # Only with export.verify unset (true is refused in preflight): the pure-Python quants
             # are still useful, but nobody may mistake them for checked ones.
-            # The summary is the export's one line (core/export.py prints it once, after the export).
+            # The summary is the export's one line (engine/export.py prints it once, after the export).
             verify = {"skipped": True, "summary": f"the files are NOT verified: llama-cpp-python is not installed ({LLAMA_EXTRA_INSTALL})"}
         elif context.verifying and per_quant:
             verify = self._verify(context, options, files, per_quant, errors)

@@ -70,7 +70,7 @@ def converter_version() -> str:
 
 def converter_home() -> Path:
     """``<sft cache>/llama.cpp``: where the sdist is downloaded and the converter extracted."""
-    from sft.core.models import cache_dir
+    from sft.engine.models import cache_dir
 
     return cache_dir("llama.cpp")
 

@@ -1,0 +1,87 @@
+"""Training backends: choosing one, and the dtype that training and every backend agree on.
+
+``model.backend: auto`` picks the available backend with the highest ``priority`` (Unsloth
+on CUDA, else plain transformers); a named backend that cannot run here is a config error
+that says why. Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sft.core.errors import ConfigError, ConfigProblem
+
+if TYPE_CHECKING:
+    from sft.core.env import Environment
+    from sft.core.interfaces import TrainingBackend
+    from sft.core.plugins import PluginManager
+
+__all__ = ["select_backend", "resolve_dtype", "check_cuda_dependencies", "bitsandbytes_installed",
+           "EIGHT_BIT_OPTIMIZERS"]
+
+#: Optimizers that need bitsandbytes (and so CUDA).
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+#: How a CUDA machine gets what its default run needs (unsloth, unsloth_zoo, bitsandbytes).
+GPU_INSTALL = "pip install 'sft-forge[gpu]'"
+
+
+def select_backend(cfg: Any, pm: "PluginManager", env: "Environment") -> "TrainingBackend":
+    """The backend ``cfg.model.backend`` names, or the best available one for ``auto``."""
+    from sft.core.config import plugin_options
+
+    registry = pm.registry("backend")
+    name = cfg.model.backend
+    if name != "auto":
+        backend = pm.get("backend", name, "model.backend")
+        reason = backend.unsupported_reason(env, plugin_options(cfg, "backend", name, pm))
+        if reason:
+            raise ConfigError([ConfigProblem("model.backend", f"backend '{name}' cannot run here: {reason}")])
+        return backend
+    reasons = []
+    for backend in sorted(registry.values(), key=lambda b: -b.priority):
+        reason = backend.unsupported_reason(env, plugin_options(cfg, "backend", backend.name, pm))
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    raise ConfigError([ConfigProblem(
+        "model.backend", "no training backend can run here" + (f" ({'; '.join(reasons)})" if reasons else
+                                                              " (none is registered)"))])
+
+
+def resolve_dtype(cfg: Any, env: "Environment") -> Any:
+    """The torch dtype for ``model.dtype``: auto is bf16 (or fp16) on CUDA, fp32 on CPU."""
+    import torch
+
+    name = cfg.model.dtype
+    if name == "auto":
+        if not env.cuda:
+            return torch.float32
+        return torch.bfloat16 if env.bf16 else torch.float16
+    return getattr(torch, name)
+
+
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_cuda_dependencies(cfg: Any, env: "Environment") -> None:
+    """Before the data stage: on CUDA, 4-bit QLoRA and 8-bit optimizers need bitsandbytes.
+
+    Without it the run would fail at model load (or at the first optimizer step), after the
+    data was built; this names the setting and the install instead. CPU runs fall back with
+    a notice elsewhere (QLoRA to LoRA, 8-bit AdamW to AdamW), so they are not checked.
+    """
+    if not env.cuda or bitsandbytes_installed():
+        return
+    problems = []
+    if cfg.model.method == "qlora":
+        problems.append(ConfigProblem("model.method", "qlora (the 4-bit base) needs bitsandbytes, which is not "
+                                      f"installed: {GPU_INSTALL}, or train model.method=lora"))
+    if cfg.training.optim in EIGHT_BIT_OPTIMIZERS:
+        problems.append(ConfigProblem("training.optim", f"{cfg.training.optim} needs bitsandbytes, which is not "
+                                      f"installed: {GPU_INSTALL}, or use training.optim=adamw_torch"))
+    if problems:
+        raise ConfigError(problems)

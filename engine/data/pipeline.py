@@ -1,0 +1,495 @@
+"""The data pipeline's stages: rows → conversations → token ids + trained-token masks.
+
+What the trainer and the CLI call:
+
+- :func:`build_datasets` returns :class:`PreparedData`: ``train``/``eval`` ``datasets.Dataset``
+  objects with ``input_ids`` and ``assistant_masks`` columns, the counts, and the
+  normalized conversations. The result is cached under a content-addressed key (:mod:`.cache`).
+- :func:`validate_data` (``sft validate``) runs the whole pipeline with the tokenizer only.
+
+Stages, all before any model loads:
+
+1. **Source** (:func:`.sources.resolve_source`): ``sft:<name>`` (a file packaged in ``engine/assets``), a
+   local ``.json``/``.jsonl``/``.parquet``/``.csv`` file or a folder of them, or a Hugging Face
+   Hub dataset through ``datasets.load_dataset``. ``data.split`` may slice (``train[:100]``,
+   ``train[10%:]``).
+2. **Rows** keep where they came from (file, line, row) so every error can say so.
+3. **Format**: ``data.format`` or, with ``auto``, the one format whose ``detect`` accepts the
+   columns. Each row becomes a conversation, checked by
+   :func:`sft.core.formats.validate_conversation`. Bad rows follow ``data.on_bad_row``.
+4. **Eval split**: ``data.eval_split`` or ``data.test_size`` rows drawn with ``training.seed``.
+5. **Tokens**: the template renders segments; :func:`sft.core.templating.encode_rendered`
+   tokenizes the full text and marks the tokens of trained segments. Rows longer than
+   ``model.max_seq_length`` follow ``data.on_truncate`` when the cut splits a trained turn
+   (dropped by default, counted); rows left with no trained token are bad
+   rows (counted); if every row is, that is an error whatever the policy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
+from sft.core.formats import validate_conversation
+from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
+from sft.core.notices import notice
+from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
+from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
+from .readers import BadRow, RowRef
+from .sources import columns_of, fingerprint_split, read_split, resolve_source
+
+if TYPE_CHECKING:
+    from sft.core.plugins import PluginManager
+
+__all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats", "validate_data"]
+
+#: Rows rendered and tokenized per batch (bounds memory, keeps the fast tokenizer's batching).
+ENCODE_BATCH = 2000
+
+
+def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str], source: str = "",
+                   name: str | None = None, key: str = "data.format") -> tuple[DatasetFormat, Any]:
+    """The dataset format (and its options) ``name`` (default ``cfg.data.format``); ``auto`` detects it from ``columns``."""
+    from sft.core.config import plugin_options
+    from sft.core.plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    name = name or cfg.data.format
+    if name != "auto":
+        return pm.get("dataset_format", name, key), plugin_options(cfg, "dataset_format", name, pm)
+    matches = []
+    for fname, fmt in sorted(pm.registry("dataset_format").items()):
+        options = plugin_options(cfg, "dataset_format", fname, pm)
+        if fmt.detect(columns, options):
+            matches.append((fmt, options))
+    shown = ", ".join(columns[:12]) or "none"
+    if not matches:
+        available = ", ".join(sorted(pm.registry("dataset_format")))
+        raise DataError(f"{key}=auto: no dataset format recognises the columns ({shown}); "
+                        f"set {key} to one of: {available}", source=source or None)
+    if len(matches) > 1:
+        names = ", ".join(f.name for f, _ in matches)
+        raise DataError(f"{key}=auto is ambiguous: the columns ({shown}) match the formats {names}; "
+                        f"set {key} to one of them", source=source or None)
+    return matches[0]
+
+
+# -- bad rows -----------------------------------------------------------------------------
+class _BadRows:
+    """Applies ``data.on_bad_row``: raise at once (``error``) or count and keep going (``skip``)."""
+
+    def __init__(self, policy: str, max_fraction: float):
+        self.policy = policy
+        self.max_fraction = max_fraction
+        self.errors: list[DataError] = []
+        self.reasons: dict[str, int] = {}
+        self.warnings = 0
+
+    #: Warnings printed one by one; the rest are counted (a dataset can warn on every row).
+    SHOWN_WARNINGS = 5
+
+    def warn(self, warning: DataError) -> None:
+        """A row that is kept but looks wrong (e.g. it calls a tool its ``tools`` do not declare)."""
+        self.warnings += 1
+        if self.warnings <= self.SHOWN_WARNINGS:
+            notice(f"data: warning: {warning}")
+
+    def add(self, error: DataError) -> None:
+        if self.policy == "error":
+            raise DataError(error.message + " (set data.on_bad_row=skip to skip such rows)", source=error.source,
+                            line=error.line, row=error.row, field=error.field)
+        self.errors.append(error)
+        reason = re.sub(r"\d+", "N", f"{error.field}: {error.message}" if error.field else error.message)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def check(self, total: int) -> None:
+        if self.warnings > self.SHOWN_WARNINGS:
+            notice(f"data: {self.warnings - self.SHOWN_WARNINGS} more warning(s) like these")
+        if not self.errors:
+            return
+        n = len(self.errors)
+        if n >= total:
+            raise DataError(f"all {total} rows are bad; the first: {self.errors[0]}")
+        if n / total > self.max_fraction:
+            raise DataError(f"{n} of {total} rows are bad ({n / total:.1%}), more than data.max_bad_fraction="
+                            f"{self.max_fraction}; the first: {self.errors[0]}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"count": len(self.errors), "reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1])),
+                "examples": [str(e) for e in self.errors[:10]]}
+
+
+@dataclass(frozen=True)
+class RawText:
+    """A row of a raw-text format: segments trained as they stand, no chat template."""
+
+    segments: tuple[Segment, ...]
+
+
+def _check_segments(segments: Any) -> RawText:
+    if not isinstance(segments, (list, tuple)) or not all(isinstance(s, Segment) for s in segments):
+        raise DataError(f"the format returned {type(segments).__name__}, not a list of Segment")
+    if not "".join(s.text for s in segments).strip():
+        raise DataError("empty text")
+    return RawText(tuple(segments))
+
+
+def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any,
+               bad: _BadRows) -> tuple[list[Any], list[RowRef]]:
+    """Rows -> conversations (lists of :class:`Message`) or, from a raw-text format, :class:`RawText`."""
+    conversations: list[Any] = []
+    kept: list[RowRef] = []
+    for row, ref in zip(rows, refs):
+        if isinstance(row, BadRow):
+            bad.add(row.error.located(row=ref.row))
+            continue
+        try:
+            if not isinstance(row, Mapping):
+                raise DataError(f"expected an object, got {type(row).__name__}")
+            segments = fmt.to_segments(row, options)
+            if segments is not None:
+                conversation: Any = _check_segments(segments)
+            else:
+                conversation = fmt.to_conversation(row, options)
+                for warning in validate_conversation(conversation):
+                    bad.warn(DataError(warning, source=ref.source, line=ref.line, row=ref.row))
+        except DataError as exc:
+            bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a plugin bug on one row is still a located error
+            bad.add(DataError(f"format '{fmt.name}' failed: {type(exc).__name__}: {exc}",
+                              source=ref.source, line=ref.line, row=ref.row))
+            continue
+        conversations.append(conversation)
+        kept.append(ref)
+    return conversations, kept
+
+
+# -- tokenization -------------------------------------------------------------------------
+@dataclass
+class _Encoded:
+    input_ids: list[list[int]] = field(default_factory=list)
+    masks: list[list[int]] = field(default_factory=list)
+    conversations: list[list[Message]] = field(default_factory=list)
+    truncated: int = 0
+    #: rows left out (``on_truncate=drop``) or ended with an added end-of-turn (``keep_eot``)
+    cut_dropped: int = 0
+    cut_eot: int = 0
+    fully_masked: int = 0
+
+
+def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], template: ChatTemplate,
+            tokenizer: Any, cfg: Any, bad: _BadRows) -> _Encoded:
+    out = _Encoded()
+    max_len = int(cfg.model.max_seq_length)
+    policy = str(cfg.data.on_truncate)
+    eot_ids: list[int] = []
+    if policy == "keep_eot":
+        eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
+    for lo in range(0, len(conversations), ENCODE_BATCH):
+        batch: list[tuple[list[Message], RowRef]] = []
+        rendered = []
+        for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
+            if isinstance(conversation, RawText):
+                # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
+                rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
+                batch.append((conversation, ref))
+                continue
+            try:
+                rendered.append(template.render(conversation, tokenizer))
+            except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
+                detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+                bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
+                                  source=ref.source, line=ref.line, row=ref.row))
+                continue
+            batch.append((conversation, ref))
+        encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
+        for (conversation, ref), (ids, mask) in zip(batch, encoded):
+            truncated = len(ids) > max_len
+            if truncated:
+                out.truncated += 1
+                # The cut splits a trained turn when the tokens on both sides of it are trained.
+                splits_turn = bool(mask[max_len - 1] and mask[max_len])
+                if splits_turn and policy == "drop":
+                    out.cut_dropped += 1
+                    continue
+                if splits_turn and policy == "keep_eot":
+                    keep = max_len - len(eot_ids)
+                    ids, mask = ids[:keep] + eot_ids, mask[:keep] + [1] * len(eot_ids)
+                    out.cut_eot += 1
+                else:
+                    ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask):
+                out.fully_masked += 1
+                why = (f"no trained token left after truncation to model.max_seq_length={max_len}"
+                       if truncated else "no trained token (all labels masked)")
+                bad.add(DataError(why, source=ref.source, line=ref.line, row=ref.row))
+                continue
+            out.input_ids.append(ids)
+            out.masks.append(mask)
+            # A raw-text row has no conversation; the quick generation and chat skip it.
+            out.conversations.append([] if isinstance(conversation, RawText) else conversation)
+    return out
+
+
+def _to_dataset(encoded: _Encoded) -> Any:
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    # Arrow arrays straight from the lists: Dataset.from_dict would encode row by row.
+    table = pa.table({
+        "input_ids": pa.array(encoded.input_ids, type=pa.list_(pa.int32())),
+        "assistant_masks": pa.array(encoded.masks, type=pa.list_(pa.int8())),
+    })
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def _hold_out(conversations: list, refs: list, test_size: float, seed: int) -> tuple[tuple[list, list], tuple[list, list]]:
+    """Split rows into ``(train, eval)`` pairs of (conversations, refs); ``test_size`` rows drawn with ``seed``.
+
+    Both keep the source order; the same seed always holds out the same rows.
+    """
+    n_eval = _eval_count(test_size, len(conversations))
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = ([c for i, c in enumerate(conversations) if i not in held], [r for i, r in enumerate(refs) if i not in held])
+    evals = ([conversations[i] for i in sorted(held)], [refs[i] for i in sorted(held)])
+    return train, evals
+
+
+def _eval_count(test_size: float, n: int) -> int:
+    if test_size <= 0:
+        return 0
+    count = int(test_size) if test_size >= 1 else max(1, round(test_size * n))
+    if count >= n:
+        raise ConfigError([ConfigProblem("data.test_size", f"{test_size} leaves no training rows out of {n}")])
+    return count
+
+
+@dataclass
+class _Source:
+    """One dataset of the run: ``data.dataset`` alone, or one entry of ``data.datasets``."""
+
+    key: str  # the config key it came from, for errors
+    spec: str
+    format: str
+    split: str
+    weight: float = 1.0
+
+
+def _sources(cfg: Any) -> list[_Source]:
+    if len(cfg.data.datasets):
+        return [_Source(f"data.datasets[{i}]", str(d.path), str(d.format), str(d.split), float(d.weight))
+                for i, d in enumerate(cfg.data.datasets)]
+    return [_Source("data", str(cfg.data.dataset), str(cfg.data.format), str(cfg.data.split))]
+
+
+def _weighted(items: list, refs: list, weight: float, seed: int) -> tuple[list, list]:
+    """``weight`` × the rows: whole copies, then a random subset (drawn with ``seed``) in source order."""
+    if weight == 1.0 or not items:
+        return items, refs
+    n = max(1, round(weight * len(items)))
+    whole, rest = divmod(n, len(items))
+    picked = list(range(len(items))) * whole + sorted(random.Random(seed).sample(range(len(items)), rest))
+    return [items[i] for i in picked], [refs[i] for i in picked]
+
+
+def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, template: ChatTemplate | None = None,
+                   use_cache: bool = True, quiet: bool = False) -> PreparedData:
+    """Load, normalize, mix, split, render and tokenize the configured data.
+
+    Args:
+        cfg: the run config (``data``, ``template``, ``model.max_seq_length``, ``training.seed``).
+        pm: the plugin manager (None: the process-wide one).
+        tokenizer: a fast Hugging Face tokenizer. It is passed through
+            :func:`prepare_tokenizer` (idempotent), so it may be modified.
+        template: the run's configured chat template, when the caller already resolved it
+            (``sft run`` does, once); else resolved here from ``cfg``.
+        use_cache: read and write the content-addressed cache (``data.cache_dir``).
+        quiet: do not print the skipped-rows notice.
+
+    Raises:
+        DataError: a bad row under ``on_bad_row=error`` (naming file:line, row and field),
+            too many bad rows, every row fully masked, or an unreadable source.
+        ConfigError: a bad split, test_size or format name.
+    """
+    if template is None:
+        template = resolve_template(cfg, pm, tokenizer)
+    else:
+        prepare_tokenizer(tokenizer, template, cfg)
+    seed = int(cfg.training.seed)
+    sources = _sources(cfg)
+    opened = []  # (source spec, resolved Source, fingerprint, handle, rows, refs, format, options)
+    fps: list[str] = []
+    for src in sources:
+        source = resolve_source(src.spec)
+        split_key = f"{src.key}.split"
+        fp, handle = fingerprint_split(source, src.split, split_key)
+        # Rows are read only on a cache miss, except that auto-detection needs a local source's columns.
+        rows: list[Any] | None = None
+        refs: list[RowRef] | None = None
+        columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
+        if src.format == "auto" and columns is None:
+            rows, refs = read_split(source, src.split, split_key, handle)
+            columns = columns_of(rows)
+        fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format")
+        opened.append([src, source, fp, handle, rows, refs, fmt, fmt_options])
+        fps.append(fp)
+
+    eval_handle = eval_source = None
+    eval_spec = ""
+    first = opened[0][1]
+    if cfg.data.eval_split:
+        eval_source = first
+        eval_spec = str(cfg.data.eval_split)
+        if first.kind == "local" and Path(eval_spec).expanduser().exists():
+            eval_source, eval_spec = resolve_source(eval_spec), "train"
+        efp, eval_handle = fingerprint_split(eval_source, eval_spec, "data.eval_split")
+        fps[0] += "|eval:" + efp
+
+    fmt0, options0 = opened[0][6], opened[0][7]
+    parts = cache_key_parts(cfg, fmt0, options0, template, tokenizer, fps[0])
+    if len(opened) > 1:
+        # Every source's content, split, weight and format take part in the key.
+        parts["sources"] = [[o[0].spec, o[0].split, o[0].weight, o[2],
+                             cache_key_parts(cfg, o[6], o[7], template, tokenizer, o[2])["format"]] for o in opened]
+    key = cache_key(parts)
+    described = " + ".join(o[1].describe() for o in opened)
+    root = cache_root(cfg) if use_cache else None
+    if root is not None:
+        entry = load_entry(root / key)
+        if entry is not None:
+            cached = PreparedData(**entry)
+            cached.stats["source"] = described
+            _report_skipped(cached.stats, quiet)
+            return cached
+
+    bad = _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction))
+    conversations: list[Any] = []
+    kept: list[RowRef] = []
+    total = 0
+    per_source: list[dict[str, Any]] = []
+    for src, source, _fp, handle, rows, refs, fmt, fmt_options in opened:
+        if rows is None:
+            rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
+        if not rows:
+            raise DataError("the dataset has no rows", source=source.describe())
+        skipped_before = len(bad.errors)
+        convs, kept_refs = _normalize(rows, refs, fmt, fmt_options, bad)
+        convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)
+        per_source.append({"source": source.describe(), "format": fmt.name, "split": src.split, "rows": len(rows),
+                           "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(convs)})
+        total += len(rows)
+        conversations += convs
+        kept += kept_refs
+
+    if eval_handle is not None:
+        assert eval_source is not None
+        erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
+        eval_convs, eval_refs = _normalize(erows, erefs, fmt0, options0, bad)
+        total += len(erows)
+        train_convs, train_refs = conversations, kept
+    else:
+        (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
+            conversations, kept, float(cfg.data.test_size), seed)
+
+    train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
+    eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
+    if not train_enc.input_ids:
+        first = f"; the first: {bad.errors[0]}" if bad.errors else ""
+        dropped = (f"; {train_enc.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
+                   f"were dropped (data.on_truncate=drop)" if train_enc.cut_dropped else "")
+        raise DataError("no training row has a trained token: every row is fully masked, bad or too long "
+                        f"(check template '{template.name}', data.train_on and model.max_seq_length){dropped}{first}",
+                        source=described)
+    bad.check(total)
+
+    stats: dict[str, Any] = {
+        "rows": total,
+        "skipped": bad.stats(),
+        "truncated": train_enc.truncated + eval_enc.truncated,
+        "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
+        "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
+        "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
+        "train_rows": len(train_enc.input_ids),
+        "eval_rows": len(eval_enc.input_ids),
+        "train_tokens": sum(map(len, train_enc.input_ids)),
+        "trained_tokens": sum(map(sum, train_enc.masks)),
+        "eval_tokens": sum(map(len, eval_enc.input_ids)),
+        "max_tokens": max(map(len, train_enc.input_ids + eval_enc.input_ids)),
+        "format": "+".join(dict.fromkeys(o[6].name for o in opened)),
+        "template": template.name,
+        "source": described,
+        "cache": "miss" if root is not None else "off",
+        "cache_key": key,
+    }
+    if len(opened) > 1:
+        stats["sources"] = per_source
+        stats["mix_seed"] = seed
+    prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.input_ids else None,
+                            stats, train_enc.conversations, eval_enc.conversations)
+    _report_skipped(stats, quiet)
+    if root is not None:
+        store_entry(root / key, prepared)
+    return prepared
+
+
+def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
+    if not quiet and stats.get("truncated_dropped"):
+        notice(f"data: left out {stats['truncated_dropped']} row(s) whose answer model.max_seq_length would cut "
+               f"(data.on_truncate=drop; keep_eot keeps them, cut, with their end-of-turn token)")
+    skipped = stats["skipped"]
+    if quiet or not skipped["count"]:
+        return
+    reasons = "; ".join(f"{n} × {r}" for r, n in list(skipped["reasons"].items())[:5])
+    notice(f"data: skipped {skipped['count']} of {stats['rows']} rows (data.on_bad_row=skip): {reasons}")
+    for example in skipped["examples"][:3]:
+        notice(f"  e.g. {example}")
+
+
+def describe_sources(stats: Mapping[str, Any]) -> list[str]:
+    """One line per source of a mixed run: its rows, format, skipped rows, weight and rows used."""
+    return [f"  {s['source']} ({s['format']}, {s['split']}): {s['rows']} rows, skipped {s['skipped']}, "
+            f"weight {s['weight']:g} → {s['used']} used" for s in stats.get("sources", ())]
+
+
+def describe_stats(stats: Mapping[str, Any]) -> str:
+    """One line: ``500 rows (sharegpt, template chatml) → 450 train / 50 eval; ...``; a mixed run adds a line per source."""
+    sources = describe_sources(stats)
+    if sources:
+        head = f"{len(sources)} datasets mixed with seed {stats['mix_seed']} (training.seed):"
+        return "\n".join([head, *sources, _describe_totals(stats)])
+    return _describe_totals(stats)
+
+
+def _describe_totals(stats: Mapping[str, Any]) -> str:
+    return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train / "
+            f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}"
+            f"{_cut_detail(stats)}, "
+            f"fully masked {stats['fully_masked']}; {stats['train_tokens']:,} train tokens, "
+            f"{stats['trained_tokens']:,} trained")
+
+
+def _cut_detail(stats: Mapping[str, Any]) -> str:
+    parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"))
+             if stats.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def validate_data(cfg: Any) -> str:
+    """``sft validate``: run the whole data pipeline with the tokenizer only (never model weights).
+
+    Returns a one-line report; raises :class:`DataError` / :class:`ConfigError`.
+    """
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = build_datasets(cfg, None, tokenizer)
+    return "data OK: " + describe_stats(prepared.stats)

@@ -1,0 +1,206 @@
+"""Reading dataset files into rows, each with where it came from (file, line, row).
+
+``.json`` (an array, or JSON lines saved as .json), ``.jsonl``, ``.csv`` and ``.parquet``.
+Every parse error names the file and line; a row whose bytes are not UTF-8 becomes a
+:class:`BadRow` naming the file, line and byte offset (so ``data.on_bad_row=skip`` can skip it).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sft.core.errors import DataError
+
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "hash_files"]
+
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not be read (its bytes are not UTF-8); the pipeline applies ``data.on_bad_row`` to it."""
+
+    error: DataError
+
+
+def _first_bad_byte(data: bytes, start: int) -> int:
+    """The offset of the first byte at or after ``start`` that is not valid UTF-8."""
+    try:
+        data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return start + exc.start
+    return start
+
+
+def _not_utf8(data: bytes, start: int, src: str, line: int | None) -> BadRow:
+    offset = _first_bad_byte(data, start)
+    return BadRow(DataError(
+        f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset}; save the file as UTF-8 "
+        f"(e.g. iconv -f latin1 -t utf-8 FILE)", source=src, line=line))
+
+
+def _line_start(data: bytes, line: int) -> int:
+    """The byte offset where 1-based ``line`` starts."""
+    offset = 0
+    for _ in range(line - 1):
+        found = data.find(b"\n", offset)
+        if found < 0:
+            break
+        offset = found + 1
+    return offset
+
+
+def _has_undecodable(text: str) -> bool:
+    """True when ``text`` (decoded with ``surrogateescape``) holds a byte that was not UTF-8."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _decode(data: bytes) -> str:
+    """The file's text; bytes that are not UTF-8 become lone surrogates, so the rows that hold them
+    can be found (and skipped under ``on_bad_row=skip``) instead of failing the whole file."""
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _byte_offset(text: str, i: int, data: bytes) -> int:
+    """The byte offset in ``data`` of character ``i`` of ``text = _decode(data)``."""
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    return bom + len(text[:i].encode("utf-8", errors="surrogateescape"))
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where one row came from: its file (or hub name), 1-based line when known, 0-based row."""
+
+    source: str
+    line: int | None
+    row: int
+
+
+def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
+    """A JSON array of rows, each with the line its object starts on. JSONL-in-.json works too."""
+    data = path.read_bytes()
+    text = _decode(data)
+    src = str(path)
+    decoder = json.JSONDecoder()
+    i = _skip_ws(text, 0)
+    if i < len(text) and text[i] == "{":
+        # One object per line saved as .json is common; a single object is not a dataset.
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":
+                return _read_jsonl(path)
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
+        raise DataError(f"expected a list of rows (a JSON array) or JSON lines, got an object with keys "
+                        f"{', '.join(list(obj)[:8])}", source=src, line=1)
+    if i >= len(text) or text[i] != "[":
+        if i >= len(text):
+            raise DataError("the file is empty", source=src)
+        raise DataError("expected a JSON array of rows", source=src, line=text.count("\n", 0, i) + 1)
+    rows: list[Any] = []
+    refs: list[RowRef] = []
+    line, counted = 1, 0  # line number at offset `counted`, advanced incrementally
+    i = _skip_ws(text, i + 1)
+    try:
+        if i < len(text) and text[i] == "]":
+            return rows, refs
+        while True:
+            obj, end = decoder.raw_decode(text, i)
+            line += text.count("\n", counted, i)
+            counted = i
+            if _has_undecodable(text[i:end]):
+                obj = _not_utf8(data, _byte_offset(text, i, data), src, line)
+            rows.append(obj)
+            refs.append(RowRef(src, line, len(refs)))
+            i = _skip_ws(text, end)
+            if i < len(text) and text[i] == ",":
+                i = _skip_ws(text, i + 1)
+                continue
+            if i < len(text) and text[i] == "]":
+                break
+            raise json.JSONDecodeError("expected ',' or ']' after a row", text, i)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
+    return rows, refs
+
+
+def _skip_ws(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _read_jsonl(path: Path) -> tuple[list[Any], list[RowRef]]:
+    rows: list[Any] = []
+    refs: list[RowRef] = []
+    src = str(path)
+    data = path.read_bytes()
+    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    for lineno, raw in enumerate(data[offset:].splitlines(keepends=True), 1):
+        start, offset = offset, offset + len(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rows.append(_not_utf8(data, start, src, lineno))
+            refs.append(RowRef(src, lineno, len(refs)))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=lineno) from None
+        refs.append(RowRef(src, lineno, len(refs)))
+    return rows, refs
+
+
+def _read_csv(path: Path) -> tuple[list[Any], list[RowRef]]:
+    rows: list[Any] = []
+    refs: list[RowRef] = []
+    src = str(path)
+    data = path.read_bytes()
+    with io.StringIO(_decode(data), newline="") as f:
+        reader = csv.DictReader(f)
+        start = 2  # line 1 is the header
+        try:
+            for row in reader:
+                values = [str(v) for v in list(row.values()) + list(row.keys()) if v is not None]
+                if any(_has_undecodable(v) for v in values):
+                    rows.append(_not_utf8(data, _line_start(data, start), src, start))
+                else:
+                    rows.append(dict(row))
+                refs.append(RowRef(src, start, len(refs)))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise DataError(f"invalid CSV: {exc}", source=src, line=reader.line_num) from None
+    return rows, refs
+
+
+def _read_parquet(path: Path) -> tuple[list[Any], list[RowRef]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+        raise DataError(f"cannot read Parquet: {exc}", source=str(path)) from None
+    return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
+
+
+READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def hash_files(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:  # contents in order; names don't matter (a renamed copy hits the cache)
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()

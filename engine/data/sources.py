@@ -1,0 +1,195 @@
+"""Where rows come from: ``data.dataset`` resolved to packaged assets, local files or folders, or the Hub.
+
+- ``sft:<name>``: a file packaged in ``engine/assets``;
+- a local file or a folder of them (splits from file or folder names: ``train.jsonl``, ``test-0.parquet``);
+- a Hugging Face Hub dataset through ``datasets.load_dataset`` (offline: the local cache only).
+
+``data.split`` may slice (``train[:100]``, ``train[10%:]``). Each split gets a content
+fingerprint, so the cache (:mod:`.cache`) knows when the data changed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.core.env import hub_reachable
+from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
+from .readers import READERS, SUPPORTED_EXTENSIONS, RowRef, hash_files
+
+__all__ = ["Source", "resolve_source", "parse_split", "fingerprint_split", "read_split", "read_rows", "columns_of"]
+
+ASSETS_DIR = Path(__file__).parent.parent / "assets"
+#: Split names recognised in file names inside a dataset folder (``train.jsonl``, ``test-0.parquet``).
+SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+@dataclass
+class Source:
+    """A resolved ``data.dataset``: ``kind`` is ``local`` (files, incl. ``sft:`` assets) or ``hub``."""
+
+    spec: str
+    kind: str
+    path: Path | None = None
+    name: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return self.spec
+
+
+def resolve_source(spec: str) -> Source:
+    """Decide what ``data.dataset`` names. Raises :class:`DataError` for a missing local path."""
+    spec = str(spec).strip()
+    if not spec:
+        raise ConfigError([ConfigProblem("data.dataset", "is empty")])
+    if spec.startswith("sft:"):
+        name = spec[4:]
+        path = ASSETS_DIR / f"{name}.json"
+        if not path.is_file():
+            available = sorted(p.stem for p in ASSETS_DIR.glob("*.json"))
+            raise ConfigError([ConfigProblem(
+                "data.dataset", f"no packaged dataset '{spec}'{did_you_mean(name, available)}; "
+                                f"available: {', '.join('sft:' + a for a in available) or 'none'}")])
+        return Source(spec, "local", path=path)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return Source(spec, "local", path=path)
+    # Hub names are "name" or "org/name"; anything else path-like that is missing is a typo.
+    looks_local = spec.endswith(SUPPORTED_EXTENSIONS) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local:
+        raise DataError("no such file or folder", source=spec)
+    name, _, revision = spec.partition("@")
+    return Source(spec, "hub", name=name, revision=revision or None)
+
+
+_SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def parse_split(split: str, key: str = "data.split") -> tuple[str, str | None, str | None]:
+    """``"train[:100]"`` → ``("train", None, "100")``; bounds may be percentages (``"10%"``)."""
+    m = _SPLIT_RE.match(str(split))
+    if not m:
+        raise ConfigError([ConfigProblem(key, f"'{split}' is not a split like train, train[:100] or train[10%:]")])
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _slice(items: list, start: str | None, stop: str | None) -> list:
+    def bound(b: str | None) -> int | None:
+        if b is None:
+            return None
+        if b.endswith("%"):
+            return round(len(items) * int(b[:-1]) / 100)
+        return int(b)
+
+    return items[bound(start):bound(stop)]
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split a file in a dataset folder belongs to, from its name or its folder's name."""
+    names = [path.stem.lower()] + [p.lower() for p in path.relative_to(root).parts[:-1]]
+    for name in names:
+        for split in SPLIT_NAMES:
+            if name == split or re.match(rf"^{split}[-_.]", name):
+                return split
+    return None
+
+
+def _local_files(source: Source, split: str, key: str) -> list[Path]:
+    """The files of ``split`` (already stripped of slicing) for a local source."""
+    assert source.path is not None
+    if source.path.is_file():
+        if source.path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            raise DataError(f"unsupported file type '{source.path.suffix}'; use one of {', '.join(SUPPORTED_EXTENSIONS)}",
+                            source=str(source.path))
+        if split != "train":
+            raise ConfigError([ConfigProblem(key, f"a single file has only the split 'train', not '{split}' "
+                                                  f"(use a folder with {split}.jsonl, or data.test_size)")])
+        return [source.path]
+    files = sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(source.path).parts))
+    if not files:
+        raise DataError(f"the folder holds no {'/'.join(SUPPORTED_EXTENSIONS)} files", source=str(source.path))
+    by_split: dict[str, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(_split_of(f, source.path) or "", []).append(f)
+    if set(by_split) == {""}:
+        by_split = {"train": files}  # no split names: every file is training data
+    by_split.pop("", None)
+    if split not in by_split:
+        raise ConfigError([ConfigProblem(key, f"the folder {source.path} has no split '{split}'"
+                                              f"{did_you_mean(split, by_split)}; splits: {', '.join(sorted(by_split))}")])
+    return by_split[split]
+
+
+def _load_hub(source: Source, split: str) -> Any:
+    """``datasets.load_dataset`` for a hub name; offline, only the local cache is tried."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    online = hub_reachable()
+    saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    if not online:
+        # Offline mode makes `datasets` use its local cache and fail at once when the dataset
+        # is not there, instead of retrying the network for half a minute.
+        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(source.name, split=split, revision=source.revision)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all become one clear error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not online:
+            msg = (f"cannot load hub dataset '{source.name}': the Hugging Face Hub cannot be reached and the "
+                   f"dataset is not in the local cache ({first}). Use a local file, or connect and run once to cache it")
+        elif type(exc).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError"):
+            msg = f"hub dataset '{source.name}' not found ({first})"
+        else:
+            msg = f"cannot load hub dataset '{source.name}' split '{split}': {type(exc).__name__}: {first}"
+        raise DataError(msg, source=source.name) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def fingerprint_split(source: Source, split: str, key: str) -> tuple[str, Any]:
+    """A content hash for ``split`` of ``source``, plus what reading it needs (files or a hub dataset)."""
+    name, start, stop = parse_split(split, key)
+    if source.kind == "local":
+        files = _local_files(source, name, key)
+        return hash_files(files) + f"|{start}:{stop}", files
+    ds = _load_hub(source, split)
+    # The fingerprint `datasets` derives from the downloaded files at the resolved revision.
+    return f"hub|{source.name}|{source.revision}|{split}|{getattr(ds, '_fingerprint', '')}", ds
+
+
+def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[Any], list[RowRef]]:
+    if source.kind == "hub":
+        rows = handle.to_list()
+        return rows, [RowRef(source.name, None, i) for i in range(len(rows))]
+    _name, start, stop = parse_split(split, key)
+    rows: list[Any] = []
+    refs: list[RowRef] = []
+    for f in handle:
+        r, rf = READERS[f.suffix.lower()](f)
+        rows += r
+        refs += rf
+    if start is not None or stop is not None:
+        idx = _slice(list(range(len(rows))), start, stop)
+        rows, refs = [rows[i] for i in idx], [refs[i] for i in idx]
+    return rows, refs
+
+
+def read_rows(spec: str, split: str = "train") -> tuple[list[Any], list[RowRef]]:
+    """All rows of ``split`` of the dataset ``spec``, each with its :class:`RowRef`."""
+    source = resolve_source(spec)
+    _fp, handle = fingerprint_split(source, split, "data.split")
+    return read_split(source, split, "data.split", handle)
+
+
+def columns_of(rows: Sequence[Any], limit: int = 100) -> list[str]:
+    cols: dict[str, None] = {}
+    for row in rows[:limit]:
+        if isinstance(row, Mapping):
+            cols.update(dict.fromkeys(map(str, row)))
+    return list(cols)

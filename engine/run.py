@@ -1,0 +1,620 @@
+"""``sft run``: one training run, from a validated config to a finished run directory.
+
+The order matters and is what makes a run safe to interrupt or to fail late:
+
+1. the run directory (``training.output_dir``, else ``runs/<run_name or timestamp>``) and
+   its resolved ``config.yaml``; with ``--resume``, the last *complete* checkpoint in it;
+2. the backend (``model.backend``; ``auto`` picks the available one with the highest
+   priority: Unsloth on CUDA, transformers + PEFT elsewhere);
+3. tokenizer and data (:mod:`sft.engine.data`): every data error surfaces before the model
+   weights load;
+4. model + LoRA from the backend, then TRL's SFTTrainer (:mod:`sft.engine.trainer`) with the
+   pre-tokenized rows: labels are built from the ``assistant_masks`` column, so only
+   trained tokens get labels;
+5. metrics to ``metrics.jsonl`` and the enabled loggers at every logging step;
+6. ``adapter/`` (PEFT adapter + tokenizer carrying the template's chat_template), then
+   ``loss.png``, the quick generation and ``summary.json``, so the result is on disk
+   before any exporter starts;
+7. the exporters in ``export.enabled``;
+8. with ``eval.after_export``, ``sft eval`` on those tasks (:mod:`sft.engine.evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import distributed
+from .backends import EIGHT_BIT_OPTIMIZERS, select_backend
+from sft.core.errors import SftError
+from sft.core.notices import notice
+from sft.core.rundir import RunDir, atomic_write_text, staged_dir
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from sft.core.env import Environment
+    from sft.core.plugins import PluginManager
+
+__all__ = ["run_training", "resolve_run_dir", "training_arguments", "build_trainer"]
+
+# -- the run directory ----------------------------------------------------------------------
+def resolve_run_dir(cfg: "DictConfig", resume: bool = False, runs_root: str | Path = "runs") -> RunDir:
+    """Where this run lives: ``training.output_dir``, else ``runs/<run_name>``, else ``runs/<timestamp>``.
+
+    With ``resume`` and neither set, the one unfinished run under ``runs/`` whose config this
+    config may resume (:func:`sft.engine.resume.find_resumable`); none or several is an error.
+    """
+    t = cfg.training
+    if t.output_dir:
+        return RunDir.of(Path(t.output_dir).expanduser())
+    root = Path(runs_root)
+    if t.run_name:
+        return RunDir.of(root / str(t.run_name))
+    if resume:
+        from .resume import find_resumable
+
+        chosen = find_resumable(root, cfg)
+        notice(f"--resume: continuing the one unfinished run with this config, {chosen.root}")
+        return chosen
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return RunDir.of(path)
+
+
+def _check_fresh(run: RunDir, clean: bool = True) -> None:
+    """A new (non-resumed) run must not overwrite a previous run's results.
+
+    Checkpoints that are all incomplete (a run killed while saving its first one) hold nothing
+    to resume, so a new run may start over there: they are removed (when ``clean``: by rank 0
+    of a distributed run), with a notice.
+    """
+    from . import checkpoints
+
+    if run.adapter.exists() and any(run.adapter.iterdir()):
+        raise SftError(f"{run.root} already holds a finished run's adapter/; choose another directory "
+                       f"(--output or training.run_name)")
+    if checkpoints.last_complete(run.checkpoints) is not None:
+        raise SftError(f"{run.root} already holds a run (checkpoints/); continue it with --resume, "
+                       f"or choose another directory (--output or training.run_name)")
+    leftovers = checkpoints.scan(run.checkpoints)
+    if leftovers and clean:
+        import shutil
+
+        notice(f"{run.checkpoints} holds only incomplete checkpoint(s) ({', '.join(c.path.name for c in leftovers)}), "
+               f"which cannot be resumed; starting this run over")
+        shutil.rmtree(run.checkpoints)
+
+
+# -- hyperparameters --------------------------------------------------------------------------
+def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool,
+                       packing: bool | None = None) -> Any:
+    """The ``trl.SFTConfig`` for ``cfg.training`` (HF TrainingArguments names map one to one).
+
+    CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
+    together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
+    (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+
+    ``packing`` is the resolved ``training.packing`` (:func:`sft.engine.packing.decide_packing`;
+    None: only an explicit ``true`` packs). Unpacked rows are padded per batch and drawn in
+    length groups (``group_by_length``, seeded by the trainer).
+    """
+    import torch
+    from trl import SFTConfig
+
+    from .backends import resolve_dtype
+
+    t = cfg.training
+    optim = t.optim
+    if optim == "auto":
+        from .backends import bitsandbytes_installed
+
+        optim = "adamw_8bit" if env.cuda and bitsandbytes_installed() else "adamw_torch"
+        if not env.cuda:
+            notice("training.optim=auto: adamw_torch on CPU (8-bit AdamW needs CUDA)")
+        elif optim == "adamw_torch":
+            notice("training.optim=auto: adamw_torch (8-bit AdamW needs bitsandbytes: pip install 'sft-forge[gpu]')")
+    elif optim in EIGHT_BIT_OPTIMIZERS and not env.cuda:
+        notice(f"training.optim={optim} needs CUDA (bitsandbytes); using adamw_torch on CPU")
+        optim = "adamw_torch"
+    dtype = resolve_dtype(cfg, env)
+    bf16 = t.bf16 if t.bf16 is not None else (env.cuda and dtype == torch.bfloat16)
+    fp16 = t.fp16 if t.fp16 is not None else (env.cuda and dtype == torch.float16)
+    eval_strategy = t.eval_strategy
+    if eval_strategy == "auto":
+        eval_strategy = "steps" if has_eval else "no"
+    if not has_eval:
+        eval_strategy = "no"
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
+    if packing is None:
+        packing = str(t.packing).lower() == "true"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=float(t.learning_rate),
+        lr_scheduler_type=t.lr_scheduler_type,
+        per_device_train_batch_size=int(t.per_device_train_batch_size),
+        per_device_eval_batch_size=int(t.per_device_eval_batch_size),
+        gradient_accumulation_steps=distributed.batch_plan(cfg).gradient_accumulation_steps,
+        num_train_epochs=float(t.num_train_epochs),
+        max_steps=int(t.max_steps),
+        optim=optim,
+        weight_decay=float(t.weight_decay),
+        # transformers 5: warmup_steps < 1 is a fraction of all steps (warmup_ratio is gone).
+        warmup_steps=warmup,
+        max_grad_norm=float(t.max_grad_norm),
+        seed=int(t.seed),
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        # Never hide a NaN/inf loss from the logs (the trainer stops on it anyway).
+        logging_nan_inf_filter=False,
+        eval_strategy=eval_strategy,
+        eval_steps=int(t.eval_steps or t.logging_steps * 10),
+        save_strategy="steps",
+        save_steps=int(t.save_steps),
+        save_total_limit=int(t.save_total_limit),
+        bf16=bool(bf16),
+        fp16=bool(fp16),
+        # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU); TRL turns it on.
+        **{_checkpointing_argument(SFTConfig): False},
+        use_cpu=not env.cuda,
+        packing=packing,
+        # Rows are already truncated to model.max_seq_length by the data pipeline; packing
+        # needs the length to fill its bins.
+        max_length=int(cfg.model.max_seq_length) if packing else None,
+        # Unpacked: padded batches of similar lengths. padding_free is stated, not left unset:
+        # Unsloth turns an unset one on, and flattened rows are what packing is for.
+        padding_free=packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        **distributed.trainer_arguments(cfg),
+    )
+
+
+def _merge_budget(cfg: "DictConfig", plan: "distributed.BatchPlan", packing: bool) -> int | None:
+    """The padded tokens a merged micro-batch may hold (:func:`sft.engine.packing.merge_micro_batches`),
+    or None when micro-batches are not merged: packed rows already fill their sequences, and
+    several processes would have to agree on every merge (each runs its own forward passes,
+    and FSDP's gather weights in each of them)."""
+    if packing or not cfg.training.merge_micro_batches or plan.gradient_accumulation_steps < 2:
+        return None
+    if plan.world_size > 1:
+        notice("training.merge_micro_batches: not with several processes; each micro-batch runs as it is")
+        return None
+    budget = plan.per_device * int(cfg.model.max_seq_length)
+    notice(f"training.merge_micro_batches: the {plan.gradient_accumulation_steps} micro-batches of a step run "
+           f"as one pass while together they hold at most {budget:,} padded tokens "
+           f"({plan.per_device} rows x model.max_seq_length={cfg.model.max_seq_length})")
+    return budget
+
+
+def _checkpointing_argument(config_class: type) -> str:
+    """The TrainingArguments field that switches gradient checkpointing: transformers 5.18 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name now warns), and the
+    ``gpu`` extra's transformers 5.17 (Unsloth's cap) knows only the old one."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env: "Environment",
+                  output_dir: str | Path, trained_positions_loss: bool, callbacks: list[Any] = ()) -> Any:
+    """The SFTTrainer subclass of :mod:`sft.engine.trainer` on the prepared rows (also used by ``bench/``)."""
+    import logging
+
+    from .packing import decide_packing
+    from .trainer import trainer_class
+
+    t = cfg.training
+    plan = distributed.batch_plan(cfg)  # packing's step count is per global batch, over every process
+    decision = decide_packing(t.packing, data.stats, int(cfg.model.max_seq_length),
+                              plan.per_device, plan.gradient_accumulation_steps * plan.world_size)
+    if str(t.packing).lower() == "auto":
+        notice(decision.describe())
+    args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None, packing=decision.pack)
+    merge_budget = _merge_budget(cfg, plan, decision.pack)
+    # TRL warns that padding-free packing wants FlashAttention; transformers >= 5 keeps packed
+    # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Flash Attention" not in record.getMessage())
+    from transformers import PrinterCallback
+
+    trainer = trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        trained_positions_loss=trained_positions_loss,
+        merge_budget=merge_budget,
+    )
+    # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# -- the run ----------------------------------------------------------------------------------
+def _announce_setup(cfg: "DictConfig") -> None:
+    """The run log names the preset in force and the loggers that are on, so neither surprises."""
+    if cfg.get("preset"):
+        from sft.core.presets import describe_preset
+
+        notice(describe_preset(str(cfg.preset), cfg))
+    enabled = list(cfg.loggers.enabled)
+    line = f"loggers: {', '.join(enabled) or 'none'} (metrics.jsonl and loss.png are always written)"
+    if "console" not in enabled:
+        line += "; the console logger is off, so no progress or summary is printed (add --logger console)"
+    notice(line)
+
+
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
+    """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
+    gathered weights of a sharded (FSDP) model."""
+    with staged_dir(run.adapter) as tmp:
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
+
+
+def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
+    """The optimizer steps the trainer will take, counted the way transformers' Trainer counts them:
+    a last short batch is a batch, and a last short accumulation is a step, in every epoch."""
+    t = cfg.training
+    if t.max_steps > 0:
+        return int(t.max_steps)
+    plan = distributed.batch_plan(cfg)
+    # Each rank reads every world_size-th batch (accelerate's even_batches pads the last round).
+    batches = math.ceil(len(trainer.train_dataset) / (plan.per_device * plan.world_size))
+    per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
+    return math.ceil(per_epoch * float(t.num_train_epochs))
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    for record in reversed(records):
+        if key in record and isinstance(record[key], (int, float)):
+            return float(record[key])
+    return None
+
+
+def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" = None) -> Path:
+    """Train as ``cfg`` says and return the run directory. See the module docstring for the stages.
+
+    Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
+    that says what to change; the run directory keeps whatever was finished, and a run that
+    stops before training (bad data, a model that cannot load) still gets a ``summary.json``
+    with ``status: failed`` and the error.
+    """
+    created: list[RunDir] = []
+    try:
+        return _run_training(cfg, resume, pm, created)
+    except BaseException as exc:
+        if created and "status" not in created[0].read_summary():
+            created[0].update_summary(run_name=created[0].root.name, run_dir=str(created[0].root),
+                                      model=cfg.model.name, preset=cfg.get("preset"),
+                                      status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                      error=str(exc) or type(exc).__name__, steps=0)
+        raise
+
+
+def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", created: list[RunDir]) -> Path:
+    from sft.core.env import current_environment, quiet_known_warnings
+
+    quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
+    if pm is None:
+        from sft.core.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    from .publish import Publishing
+
+    # A missing or refused token of a publisher fails here, before the run directory exists.
+    Publishing(cfg, pm).preflight(list(cfg.export.enabled))
+    started = time.perf_counter()
+
+    env = current_environment()
+    world = distributed.setup(cfg, env)  # one rank of a distributed run: join its process group
+    run = distributed.broadcast(resolve_run_dir(cfg, resume))  # rank 0's choice (a timestamp differs)
+    from .resume import run_lock
+    from .stopping import sigterm_stops_training
+
+    # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
+    lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
+    with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
+        return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
+
+
+def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
+    """The checkpoint ``--resume`` continues from, once :func:`~sft.engine.resume.check_resume` allows it."""
+    from . import checkpoints
+    from .resume import ResumeError, check_resume
+
+    changed = check_resume(run, cfg)
+    last = checkpoints.last_complete(run.checkpoints, notify=notice, verify=True)
+    if last is None:
+        found = checkpoints.scan(run.checkpoints)
+        what = (f"only {', '.join(c.path.name for c in found)}, which cannot be resumed (incomplete or damaged)"
+                if found else "none at all")
+        raise ResumeError(f"--resume: no complete checkpoint in {run.checkpoints} ({what}); nothing to resume, so "
+                          f"run the same command without --resume to start this run over in {run.root}")
+    distributed.check_resume(last.path, cfg, world_size)
+    if changed:
+        notice(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)} "
+               f"(logging, checkpointing, evaluation or exports only)")
+    notice(f"resuming {run.root} from {last.path.name} (step {last.step})")
+    return last
+
+
+def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
+              env: Any, world: Any, created: list[RunDir]) -> Path:
+    from sft.core.config import config_to_yaml, shareable_container
+
+    durations: dict[str, float] = {}
+    resume_from = None
+    if resume:
+        resume_from = _resume_point(run, cfg, world.world_size)  # decided before anything in the run is written
+    else:
+        _check_fresh(run, clean=world.is_main)
+    run.root.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        created.append(run)
+        atomic_write_text(run.config, config_to_yaml(cfg))
+        _announce_setup(cfg)
+
+    from .backends import check_cuda_dependencies
+
+    check_cuda_dependencies(cfg, env)  # a missing bitsandbytes stops the run before the data stage
+    backend = select_backend(cfg, pm, env)
+    if world.distributed:
+        distributed.check_strategy(cfg, backend, env, world.world_size)
+        notice(f"distributed: {world.world_size} process(es), {cfg.distributed.strategy}; "
+               f"{distributed.batch_plan(cfg).describe()}")
+        if cfg.distributed.num_processes not in (1, world.world_size):
+            notice(f"distributed.num_processes={cfg.distributed.num_processes} is not used: "
+                   f"the launcher started {world.world_size}")
+    backend.prepare_environment()
+    from sft.core.env import quiet_progress_bars
+
+    quiet_progress_bars()
+    if not env.cuda:
+        notice(f"no CUDA GPU: training with the '{backend.name}' backend on CPU (float32, no gradient checkpointing)")
+
+    # Data before weights: a bad row fails in seconds, not after the model loads.
+    from .data import build_datasets, describe_stats
+    from .models import load_tokenizer
+    from sft.core.templating import resolve_template
+
+    tick = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    template = resolve_template(cfg, pm, tokenizer)
+    with distributed.main_first():  # one process per node fills the data cache, the others read it
+        data = build_datasets(cfg, pm, tokenizer, template=template)
+    durations["data"] = time.perf_counter() - tick
+    notice(f"data: {describe_stats(data.stats)}")
+    from .export import preflight_before_training
+
+    preflight_before_training(cfg, run, pm, template)  # an export that cannot work stops the run before training
+    from .evaluate import preflight_eval
+
+    preflight_eval(cfg)  # so does an evaluation (eval.after_export) that cannot run
+
+    tick = time.perf_counter()
+    model, _backend_tokenizer = backend.load(cfg)
+    loaded_rows = model.get_input_embeddings().num_embeddings
+    if loaded_rows < len(tokenizer):
+        # The template's end-of-turn or pad token was added to the vocabulary.
+        model.resize_token_embeddings(len(tokenizer))
+    model = backend.prepare_for_training(model, cfg, new_token_rows=range(loaded_rows, len(tokenizer)))
+    durations["load"] = time.perf_counter() - tick
+
+    from sft.core.interfaces import RunInfo
+    from .metrics import MetricsHub, read_metrics
+    from .trainer import NonFiniteLossError, metrics_callback
+
+    hub = MetricsHub.for_config(run.root, cfg, pm) if world.is_main else distributed.NullHub()
+    callback = metrics_callback(hub)
+    from .stopping import stop_callback
+
+    trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
+                            trained_positions_loss=backend.trained_positions_loss,
+                            callbacks=[callback, stop_callback(stop)])
+    name = run.root.name
+    hub.start(RunInfo(name=name, run_dir=str(run.root), config=shareable_container(cfg),
+                      total_steps=_total_steps(cfg, trainer),
+                      resumed_from_step=resume_from.step if resume_from else 0, model=model))
+    base_summary: dict[str, Any] = {
+        "run_name": name,
+        "run_dir": str(run.root),
+        "backend": backend.name,
+        "device": env.device_name,
+        "method": cfg.model.method,
+        "model": cfg.model.name,
+        "preset": cfg.get("preset"),
+        "dataset": data.stats,
+        "resumed_from": str(resume_from.path) if resume_from else None,
+    }
+    if world.distributed:
+        base_summary["distributed"] = {"strategy": cfg.distributed.strategy, **distributed.batch_plan(cfg).as_json()}
+
+    tick = time.perf_counter()
+    tokens_before = _resumed_tokens(resume_from.path) if resume_from is not None else 0
+    from .stopping import Interrupted
+
+    try:
+        try:
+            if resume_from is not None and resume_from.step >= _total_steps(cfg, trainer):
+                result = _load_finished_checkpoint(trainer, resume_from)
+            else:
+                result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+        except pickle.UnpicklingError as exc:
+            raise SftError(f"--resume: {resume_from.path if resume_from else 'the checkpoint'} holds a pickle that "
+                           f"torch refuses to load (weights_only): {str(exc).splitlines()[0]}; it was not written "
+                           f"by sft, so do not trust it") from None
+        if stop.requested:
+            saved = (f"checkpoint-{stop.saved_step} was saved; continue with --resume" if stop.saved_step
+                     else "no checkpoint was saved")
+            raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}; {saved}")
+        if data.eval is not None and trainer.args.eval_strategy != "no":
+            # The trainer's own history, the same on every rank (evaluate() is a collective).
+            evaluated = any("eval_loss" in r and r.get("step") == trainer.state.global_step
+                            for r in trainer.state.log_history)
+            if not evaluated:
+                trainer.evaluate()
+    except BaseException as exc:
+        status = "nan" if isinstance(exc, NonFiniteLossError) else (
+            "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed")
+        if world.is_main:
+            summary = run.update_summary(**base_summary, status=status, error=str(exc) or type(exc).__name__,
+                                         steps=trainer.state.global_step,
+                                         durations={**durations, "train": time.perf_counter() - tick})
+            hub.finish(summary)
+        raise
+    durations["train"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    # A sharded model's weights are gathered by every rank together; rank 0 writes them.
+    gathered = trainer.accelerator.get_state_dict(trainer.model) if distributed.is_fsdp(cfg) else None
+    if world.is_main:
+        _save_adapter(trainer.model, tokenizer, run, gathered)
+    distributed.finish()
+    if not world.is_main:
+        return run.root  # rank 0 writes the rest of the run directory and exports
+    durations["save"] = time.perf_counter() - tick
+    notice(f"adapter saved: {run.adapter}")
+
+    from .metrics import write_loss_plot
+
+    if run.metrics.exists():
+        try:
+            write_loss_plot(run.root)
+        except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run
+            notice(f"could not write loss.png: {exc}")
+
+    if distributed.is_fsdp(cfg):
+        # The model is still sharded over processes that have left; sft generate RUN reads the adapter.
+        generation = {"prompt": None, "text": None, "seconds": 0.0}
+    else:
+        generation = _quick_generation(cfg, trainer.model, tokenizer, template, data)
+    durations["generation"] = generation.pop("seconds")
+
+    records = read_metrics(run.metrics) if run.metrics.exists() else []
+    tokens = int(trainer.state.num_input_tokens_seen)
+    # The Trainer's own figures cover only the steps of this process: none at all when a resume
+    # finds the run already trained to its last step. Keep what the earlier process measured then.
+    trained_here = resume_from is None or trainer.state.global_step > resume_from.step
+    earlier = {} if trained_here else run.read_summary()
+    summary = run.update_summary(
+        **base_summary,
+        status="ok",
+        error=None,
+        steps=int(trainer.state.global_step),
+        epochs=round(float(trainer.state.epoch or 0.0), 4),
+        tokens=tokens,
+        tokens_per_second=(round((tokens - tokens_before) / max(durations["train"], 1e-9), 2) if trained_here
+                           else earlier.get("tokens_per_second")),
+        train_loss=_last(records, "loss"),
+        eval_loss=_last(records, "eval_loss"),
+        mean_train_loss=_mean_train_loss(records, result, resume_from is not None),
+        generation=generation,
+        durations={k: round(v, 2) for k, v in {**durations, "total": time.perf_counter() - started}.items()},
+    )
+    # The loggers finish after the exports, so their summary (console table, W&B) has the export paths.
+    try:
+        if list(cfg.export.enabled):
+            if backend.exports_in_subprocess:
+                _export_in_subprocess(run, list(cfg.export.enabled))
+            else:
+                from .export import run_exporters
+
+                run_exporters(cfg, run, pm, template)
+        if list(cfg.eval.after_export):
+            from .evaluate import evaluate_after_training
+
+            evaluate_after_training(cfg, run, pm, hub, template, in_subprocess=backend.exports_in_subprocess)
+    finally:
+        hub.finish(run.read_summary() or summary)
+    return run.root
+
+
+def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
+    """``sft export RUN --exporter ...`` in a fresh interpreter, for a backend that patches libraries process-wide.
+
+    Unsloth rewrites transformers' model classes in place when imported; the exporters load
+    plain transformers models (the merge, the reference generation) that those patches break.
+    Like the in-process path, a failed export is reported (by the child) and never raises.
+    """
+    import subprocess
+
+    args = [sys.executable, "-m", "sft.cli", "export", str(run.root)]
+    for name in exporters:
+        args += ["--exporter", name]
+    code = subprocess.run(args, env=distributed.plain_env()).returncode
+    if code not in (0, 1):  # 1: some exporter failed and said so
+        notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "
+               + " ".join(f"--exporter {name}" for name in exporters))
+
+
+def _load_finished_checkpoint(trainer: Any, checkpoint: Any) -> None:  # noqa: D401
+    """Load a checkpoint taken at the run's last step, instead of training.
+
+    Resuming there, transformers' Trainer takes one step more than ``max_steps``; a run killed
+    after its last checkpoint (while saving the adapter or the summary) has nothing left to train.
+    """
+    from transformers import TrainerState
+
+    notice(f"--resume: {checkpoint.path.name} is the run's last step; nothing left to train, finishing the run")
+    trainer._load_from_checkpoint(str(checkpoint.path))
+    trainer.state = TrainerState.load_from_json(str(checkpoint.path / "trainer_state.json"))
+    return None
+
+
+def _mean_train_loss(records: list[dict[str, Any]], result: Any, resumed: bool) -> float | None:
+    """The mean training loss of the whole run. The Trainer's figure sums only this process's steps
+    (and divides by all of them), so a resumed run takes the mean of its logged losses instead."""
+    if not resumed:
+        return round(float(result.training_loss), 6)
+    by_step = {r["step"]: r["loss"] for r in records if isinstance(r.get("loss"), (int, float))}
+    return round(sum(by_step.values()) / len(by_step), 6) if by_step else None
+
+
+def _resumed_tokens(checkpoint: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _continued(text: str, indent: str = "          ") -> str:
+    """Multi-line text under its label: later lines indented past ``  prompt: ``, their own indentation kept."""
+    return text.replace("\n", "\n" + indent)
+
+
+def _quick_generation(cfg: "DictConfig", model: Any, tokenizer: Any, template: Any, data: Any) -> dict[str, Any]:
+    """Answer the configured prompt (default: the first eval row's user turn, else the first train row's)."""
+    from .generate import first_user_prompt, generate_reply
+    from sft.core.interfaces import Message
+
+    tick = time.perf_counter()
+    if cfg.training.generation_prompt:
+        messages = [Message("user", str(cfg.training.generation_prompt))]
+    else:
+        messages = first_user_prompt(data.eval_conversations) or first_user_prompt(data.train_conversations) or []
+    if not messages:
+        return {"prompt": None, "text": None, "seconds": 0.0}
+    text = generate_reply(model, tokenizer, template, messages, cfg.training.generation_max_new_tokens)
+    prompt = messages[-1].content
+    print(f"\nquick generation\n  prompt: {_continued(prompt)}\n  answer: {_continued(text)}\n", flush=True)
+    return {"prompt": prompt, "text": text, "seconds": time.perf_counter() - tick}

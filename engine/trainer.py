@@ -1,0 +1,315 @@
+"""The trainer `sft` runs: TRL's SFTTrainer with atomic checkpoints, a NaN guard and a lean loss.
+
+:func:`trainer_class` builds (once, lazily: it imports TRL) a subclass of ``trl.SFTTrainer``:
+
+- **Loss at trained positions only** (backends with ``trained_positions_loss``, the CPU
+  path): the model's output head runs only on the hidden states whose next token is
+  trained (``logits_to_keep`` as a boolean mask), and the cross-entropy is normalised by
+  the number of trained tokens in the accumulated batch, like the Trainer's own loss. On
+  SmolLM2-135M the 49k-word head is a fifth of the model; skipping it at prompt and padding
+  positions, and skipping TRL's per-step entropy/accuracy metrics, is what lifts CPU
+  throughput above a plain PyTorch loop (``bench/cpu_throughput.py``).
+- **NaN/inf guard**: a non-finite loss stops the run with :class:`NonFiniteLossError`
+  naming the step; a checkpoint is never written from non-finite weights, so the last one
+  on disk is the last good one. On CUDA the check (and the token count) runs at the next
+  log or save instead of every step, so the GPU is never left waiting on the host.
+- **Atomic checkpoints** through :mod:`sft.engine.checkpoints`: the Trainer writes into a
+  staging folder, which is renamed into place and marked ``COMPLETE``; rotation never
+  deletes the newest complete checkpoint.
+- **Token counting**: ``state.num_input_tokens_seen`` counts the non-padding tokens of
+  every training micro-batch (:func:`sft.engine.packing.real_tokens`); it is saved with each
+  checkpoint, so it survives a resume.
+- **Length-grouped batches** when rows are not packed: a sampler seeded by ``args.seed`` and
+  the epoch (:func:`sft.engine.packing.length_grouped_sampler`).
+- **Merged micro-batches** (``merge_budget``, unpacked rows, one process): the micro-batches
+  of an optimizer step run as one pass while together they hold at most ``merge_budget``
+  padded tokens (:func:`sft.engine.packing.merge_micro_batches`). Only where the loss is
+  normalised by the step's token count (``num_items_in_batch``), so the gradients are the
+  unmerged ones: a loss averaged per micro-batch would weigh merged rows differently.
+
+:func:`metrics_callback` sends every logging step to the :class:`~sft.engine.metrics.MetricsHub`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sft.core.errors import SftError
+from sft.core.notices import notice
+
+if TYPE_CHECKING:
+    from .metrics import MetricsHub
+
+__all__ = ["NonFiniteLossError", "trainer_class", "metrics_callback", "TRAIN_METRICS"]
+
+#: The keys of a training log record (besides ``step``), in order.
+TRAIN_METRICS = ("loss", "learning_rate", "grad_norm", "epoch", "tokens", "tokens_per_second")
+
+
+class NonFiniteLossError(SftError):
+    """The loss (or the weights about to be checkpointed) became NaN or infinite."""
+
+    def __init__(self, step: int, what: str, last_checkpoint: str | None = None):
+        self.step = step
+        keep = (f"the last good checkpoint is kept: {last_checkpoint}" if last_checkpoint
+                else "no checkpoint had been written yet")
+        super().__init__(
+            f"training stopped at step {step}: {what}. This usually means the learning rate is too high "
+            f"(training.learning_rate) or fp16 overflowed (try bf16 or float32); {keep}.")
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_class() -> type:
+    """The ``SFTTrainer`` subclass (built on first use: importing TRL is slow)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    from . import checkpoints, distributed
+    from .packing import MergedAway, merge_micro_batches, real_tokens
+
+    class SftTrainer(SFTTrainer):
+        """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
+
+        def __init__(self, *args: Any, trained_positions_loss: bool = False,
+                     merge_budget: int | None = None, **kwargs: Any):
+            self.trained_positions_loss = trained_positions_loss
+            self.merge_budget = merge_budget
+            #: micro-batches drawn and passes run while merging; None: nothing could be merged
+            self._merged: list[int] | None = None
+            self._staging: Path | None = None
+            #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
+            self._pending: list[tuple[int, Any, Any]] = []
+            super().__init__(*args, **kwargs)
+
+        # -- loss ----------------------------------------------------------------------
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.trained_positions_loss:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            inputs = dict(inputs)
+            inputs.pop("_prediction_loss_only", None)
+            labels = inputs.pop("labels")
+            # Position i predicts token i+1; the collator already masks sequence starts.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            keep = targets != -100
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            logits = outputs.logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[keep], reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / keep.sum().clamp(min=1)
+            else:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    # num_items_in_batch counts every rank's tokens and DDP averages the
+                    # gradients over ranks: scale back up, as Trainer.compute_loss does.
+                    loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+        # -- batches ----------------------------------------------------------------------
+        def _get_train_sampler(self, train_dataset=None):
+            """``group_by_length`` (unpacked rows): :func:`sft.engine.packing.length_grouped_sampler`,
+            seeded by ``args.seed`` and the epoch instead of the global RNG's state.
+
+            Distributed, every rank draws the same order and accelerate deals its batches out
+            round-robin; grouping by the global batch of a step keeps each step's rows those of
+            a single process with the same global batch."""
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if (self.args.train_sampling_strategy != "group_by_length" or dataset is None
+                    or "input_ids" not in getattr(dataset, "column_names", ())):
+                return super()._get_train_sampler(train_dataset)
+            from .packing import length_grouped_sampler
+
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.args.world_size)
+            return length_grouped_sampler(lengths, per_step, self.args.seed)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.merge_budget and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                batches = merge_micro_batches(batches, self.merge_budget, self.processing_class.pad_token_id)
+                drawn, passes = self._merged or (0, 0)
+                self._merged = [drawn + len(batches),
+                                passes + sum(not isinstance(b, MergedAway) for b in batches)]
+            return batches, num_items_in_batch
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if isinstance(inputs, MergedAway):  # its rows run in the step's next micro-batch
+                return torch.zeros((), device=self.args.device)
+            seen = real_tokens(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._pending.append((self.state.global_step + 1, seen, loss.detach()))
+            # Reading a CUDA value waits for the GPU; once per step that stalls it while the
+            # optimizer step is being queued (1.6% of an 8B QLoRA step on an H100, see
+            # docs/benchmarks.md). On CUDA the count and the NaN check wait for the next
+            # log/save, where the Trainer waits for the GPU anyway.
+            if loss.device.type != "cuda" or len(self._pending) >= 64:
+                self._settle()
+            return loss
+
+        def _settle(self) -> None:
+            """Add the pending micro-batches' tokens to the state; stop at the first non-finite loss."""
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            counts = [seen for _, seen, _ in pending]
+            tensors = [c.reshape(()) for c in counts if isinstance(c, torch.Tensor)]
+            seen = sum(int(c) for c in counts if not isinstance(c, torch.Tensor))
+            finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).tolist()
+            seen += int(torch.stack(tensors).sum()) if tensors else 0
+            # Every rank settles at the same micro-batches: the count is the job's, and a NaN
+            # on one rank stops all of them at once instead of leaving them in a collective.
+            seen, bad_ranks = distributed.sum_across_ranks([seen, float(not all(finite))])
+            self.state.num_input_tokens_seen += int(seen)
+            if not bad_ranks:
+                return
+            # Every rank knows now that some rank saw one: all stop at the job's first bad step.
+            mine = next(((step, loss) for (step, _, loss), ok in zip(pending, finite) if not ok), None)
+            first = int(distributed.min_across_ranks(mine[0] if mine else pending[-1][0]))
+            if mine is not None and mine[0] == first:
+                value = mine[1].item() if mine[1].numel() == 1 else "not finite"
+                raise NonFiniteLossError(first, f"the loss is {value}", self._last_checkpoint())
+            raise NonFiniteLossError(first, "the loss became NaN/inf on another rank", self._last_checkpoint())
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop or c.should_epoch_stop:
+                self._settle()  # before the log reads the token count and before any checkpoint
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                result = super().train(*args, **kwargs)
+            finally:
+                _forget_bitsandbytes_overrides(self.model)
+            self._settle()
+            if self.merge_budget:
+                notice(f"training.merge_micro_batches: {self._merged[0]} micro-batches ran as {self._merged[1]} passes"
+                       if self._merged else "training.merge_micro_batches: nothing merged (the loss is not "
+                       "normalised by each step's token count here, so merged rows would weigh differently)")
+            return result
+
+        # -- checkpoints -----------------------------------------------------------------
+        def _last_checkpoint(self) -> str | None:
+            last = checkpoints.last_complete(self.args.output_dir, verify=True)  # "last good" must be good
+            return str(last.path) if last else None
+
+        def _get_output_dir(self, trial):
+            if self._staging is not None:
+                return str(self._staging)
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
+            if distributed.sum_across_ranks([len(bad)])[0]:
+                what = (f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})" if bad
+                        else "trained weights became NaN/inf on another rank")
+                raise NonFiniteLossError(step, what, self._last_checkpoint())
+            root = Path(self.args.output_dir)
+            world = distributed.current_world()
+            # Rank 0 makes the staging folder; every rank writes its part of the checkpoint into
+            # it (its RNG state; its shards under FSDP); rank 0 commits once all have written.
+            self._staging = distributed.broadcast(checkpoints.staging_dir(root, step) if world.is_main else None)
+            written = self._staging / f"checkpoint-{step}"
+            try:
+                # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
+                Trainer._save_checkpoint(self, model, trial)
+            finally:
+                self._staging = None
+            distributed.barrier()
+            if world.is_main:
+                strategy = "fsdp2" if self.is_fsdp_enabled else ("ddp" if world.distributed else "single")
+                distributed.write_layout(written, strategy, distributed.BatchPlan(
+                    self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+                    self.args.world_size))
+                checkpoints.commit_checkpoint(written, root, step)
+                checkpoints.rotate(root, self.args.save_total_limit)
+
+    return SftTrainer
+
+
+def _forget_bitsandbytes_overrides(model: Any) -> None:
+    """Drop ``model``'s modules from bitsandbytes' process-wide ``GlobalOptimManager``.
+
+    For an 8-bit optimizer transformers' Trainer registers every ``nn.Embedding`` of the model
+    there (embeddings keep 32-bit optimizer state), and the manager holds those modules, with
+    their weights, for the life of the process: a notebook that trains twice kept each earlier
+    run's embedding on the GPU (1 GiB a run for the Llama-3.1-8B shape; docs/benchmarks.md).
+    The optimizer has read the overrides at its first step, so training is done with them.
+    """
+    import sys
+
+    bitsandbytes = sys.modules.get("bitsandbytes")
+    if bitsandbytes is None:  # never imported: nothing was registered
+        return
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    mine = {id(module) for module in model.modules()}
+    manager.module_weight_config_triple = [entry for entry in manager.module_weight_config_triple
+                                           if id(entry[0]) not in mine]
+
+
+def _local(tensor: Any) -> Any:
+    """This rank's shard of a sharded (FSDP2 DTensor) parameter; the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def metrics_callback(hub: "MetricsHub") -> Any:
+    """A ``TrainerCallback`` that sends every train log and every evaluation to ``hub``.
+
+    Train records carry :data:`TRAIN_METRICS`; ``tokens`` is the cumulative count of
+    non-padding training tokens (``state.num_input_tokens_seen``) and ``tokens_per_second``
+    the rate since the previous record. Eval records carry ``eval_loss`` (and the other
+    ``eval_*`` values the Trainer reports).
+    """
+    from transformers import TrainerCallback
+
+    class _Metrics(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_time = time.perf_counter()
+            self.last_tokens = 0
+            self.final: dict[str, Any] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.last_tokens = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            step = state.global_step
+            if "train_runtime" in logs:  # the Trainer's end-of-training summary
+                self.final = logs
+                return
+            if any(k.startswith("eval_") for k in logs):
+                record = {k: v for k, v in logs.items() if k.startswith("eval_") and _number(v)}
+                record["epoch"] = logs.get("epoch", state.epoch)
+                hub.log(step, record)
+                return
+            if "loss" not in logs:
+                return
+            now = time.perf_counter()
+            tokens = int(state.num_input_tokens_seen)
+            elapsed = max(now - self.last_time, 1e-9)
+            record = {
+                "loss": logs.get("loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "epoch": logs.get("epoch", state.epoch),
+                "tokens": tokens,
+                "tokens_per_second": (tokens - self.last_tokens) / elapsed,
+            }
+            self.last_time, self.last_tokens = now, tokens
+            hub.log(step, {k: v for k, v in record.items() if v is not None})
+
+    return _Metrics()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,96 @@
+"""The ``hub`` publisher: each export to the Hugging Face Hub (``publish.hub``, ``--push-to-hub``, ``sft push``).
+
+Each exporter's files go to their own repo named after ``publish.hub.repo_id`` (R):
+``merged_16bit`` to R, ``lora`` to ``R-lora``, ``gguf`` to ``R-GGUF`` (the exporter's
+``hub_suffix``), with a model card (the exporter's ``hub_card``) and the loss plot, in one
+commit per repo and export; files the Hub already holds are skipped, so a retry resumes. The
+machinery is in :mod:`.pusher`; docs/hub.md tells the whole story.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from sft.core import ExportContext, Exporter, ExportResult, Publisher, SftError, hookimpl
+from sft.core.config import opt
+
+__all__ = ["HubOptions", "HubPublisher", "register_publishers"]
+
+
+@dataclass
+class HubOptions:
+    repo_id: Optional[str] = opt(None, "Push every export to the Hugging Face Hub as soon as it is written: owner/name, or name for your own account. Setting it turns the hub publisher on. Each exporter gets its own repo named after this one (merged_16bit: the name itself, lora: -lora, gguf: -GGUF; see docs/hub.md). null: the repo of the run's last push (sft push). The token comes from HF_TOKEN or `hf auth login`, never from the config.")
+    private: bool = opt(True, "Create the repos private. A repo that already exists keeps its visibility.")
+    revision: Optional[str] = opt(None, "Branch to push to, created from main when missing. null: main.")
+    commit_message: Optional[str] = opt(None, "Commit message. null: 'Upload <exporter> export of <run name> (sft)'.")
+    force: bool = opt(False, "Push into a repo that exists and was not made by sft (its model card lacks the sft-forge tag). sft never deletes files on the Hub; it adds or replaces its own.")
+    base_model: Optional[str] = opt(None, "Hub id of the base model, for the model card's base_model when model.name is a local folder. null: model.name when it is a Hub id.")
+
+
+class HubPublisher(Publisher):
+    name = "hub"
+    description = "Push each export to its own Hugging Face Hub repo, with a model card; files already there are skipped"
+    options = HubOptions
+    enabled_by = "repo_id"
+    moved_from = "export.push"
+
+    def __init__(self) -> None:
+        self._pusher: Any = None
+
+    def preflight(self, config: Any, exporters: Sequence[Exporter], options: Any = None) -> list[str]:
+        """The token (``whoami``) and every target repo, before training starts."""
+        from .pusher import Pusher, PushSettings, short_error
+
+        settings = PushSettings.from_options(options)
+        if settings is None:
+            return ["publish.hub.repo_id is not set: name the repo (owner/name) the exports go to"]
+        pusher = Pusher(settings)
+        try:
+            pusher.login()
+        except SftError as exc:
+            return [str(exc)]
+        except Exception as exc:  # noqa: BLE001 - the Hub unreachable mid-check
+            return [f"cannot check the token on the Hub: {short_error(exc)}"]
+        problems = []
+        for exporter in exporters:
+            try:
+                pusher.repo_state(pusher.repo_for(exporter))
+            except SftError as exc:
+                problems.append(str(exc))
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"cannot check {pusher.repo_for(exporter)} on the Hub: {short_error(exc)}")
+        return problems
+
+    def start(self, context: ExportContext, options: Any = None) -> str:
+        """Log in; the repo is ``publish.hub.repo_id``, else the one the run's last push resolved."""
+        from .pusher import Pusher, PushSettings
+
+        self._pusher = None
+        last = ((context.run_dir.read_summary().get("publish") or {}).get(self.name) or {}).get("target")
+        settings = PushSettings.from_options(options, repo_id=last)
+        if settings is None:
+            raise SftError("no repo to push to: pass --repo owner/name (or set publish.hub.repo_id)")
+        pusher = Pusher(settings)
+        pusher.login()
+        self._pusher = pusher
+        return pusher.repo_id
+
+    def publish(self, context: ExportContext, exporter: Exporter, result: ExportResult,
+                options: Any = None) -> dict[str, Any]:
+        from .pusher import export_files
+
+        if self._pusher is None:
+            raise SftError("the hub publisher was not started")
+        export_files(result.paths, context.run_dir)  # every file still on disk before anything goes up
+        return self._pusher.push(context, exporter, result)
+
+    def error_text(self, exc: BaseException) -> str:
+        from .pusher import short_error
+
+        return short_error(exc)
+
+
+@hookimpl
+def register_publishers(register) -> None:
+    register(HubPublisher())
