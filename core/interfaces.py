@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping, Protocol, Sequence, TypeVar
 
+from .errors import SftError
+
 if TYPE_CHECKING:
     from .env import Environment
     from .rundir import RunDir
-
-from .errors import SftError
 
 T = TypeVar("T")
 
@@ -272,7 +272,7 @@ class ExportResult:
 
 @dataclass
 class HubCard:
-    """What one export adds to the model card of the Hub repo it is pushed to (``export.push``, docs/hub.md)."""
+    """What one export adds to the model card of the Hub repo it is pushed to (``publish.hub``, docs/hub.md)."""
 
     #: The card's ``library_name`` (``peft``, ``transformers``, ``gguf`` ...).
     library_name: str | None = None
@@ -404,7 +404,7 @@ class Exporter(Plugin):
         with the run's own model (default: none). Called only when ``exports/<name>/`` exists."""
         return []
 
-    #: With ``export.push.repo_id`` set to R, this exporter's files go to the Hub repo ``R + hub_suffix``
+    #: With ``publish.hub.repo_id`` set to R, this exporter's files go to the Hub repo ``R + hub_suffix``
     #: (``""``: R itself). None means ``"-<name>"``.
     hub_suffix: ClassVar[str | None] = None
 

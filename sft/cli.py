@@ -184,14 +184,17 @@ def _report_failed_publications(run_dir, summary, exporters=None) -> bool:
 def validate(**kwargs) -> None:
     """Check a config, its plugins, its data and its exports without loading any model weights."""
     cfg = _load_config(**kwargs)
+    from sft.core.plugins import get_plugin_manager
+    from sft.core.templating import resolve_template
     from sft.engine.data import validate_data
     from sft.engine.export import preflight_before_training
-    from sft.core.plugins import get_plugin_manager
     from sft.engine.run import resolve_run_dir
 
-    report = validate_data(cfg)
+    pm = get_plugin_manager()
+    template = resolve_template(cfg, pm)
+    report = validate_data(cfg, template)
     # The same preflight as sft run, before training: an export that cannot work fails here too.
-    preflight_before_training(cfg, resolve_run_dir(cfg), get_plugin_manager())
+    preflight_before_training(cfg, resolve_run_dir(cfg), pm, template)
     exports = f"; exports OK: {', '.join(cfg.export.enabled)}" if cfg.export.enabled else ""
     click.echo(f"config OK; {report}{exports}")
 
@@ -227,7 +230,7 @@ def preview(samples: int, as_json: bool, check_template: bool, **kwargs) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(name: str | None, as_json: bool) -> None:
     """List every plugin (name, kinds, what it provides, distribution, version, status), or with
-    NAME (a dataset format, template, logger, exporter or backend, or a plugin) its description,
+    NAME (a dataset format, template, logger, exporter, backend or publisher, or a plugin) its description,
     version and options with their types, defaults and choices."""
     from sft.core.config import build_schema
     from sft.core.plugins import get_plugin_manager

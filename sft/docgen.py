@@ -144,7 +144,7 @@ def configuration_markdown(pm: "PluginManager | None" = None) -> str:
             out += [SECTION_INTRO[section], ""]
         direct = [k for k in core if "." not in k.key[len(section) + 1:]]
         out += _table(direct, section + ".") + [""]
-        # A core node inside a section (export.push) gets its own table, as plugin nodes do.
+        # A core node inside a section gets its own table, as plugin nodes do.
         for sub in dict.fromkeys(k.key[len(section) + 1:].split(".", 1)[0] for k in core if k not in direct):
             prefix = f"{section}.{sub}."
             out += [f"### `{prefix[:-1]}`", ""] + _table([k for k in core if k.key.startswith(prefix)], prefix) + [""]

@@ -79,10 +79,12 @@ def launch(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" =
 
     args = ["--config_file", str(preset(cfg.distributed.strategy)), "--num_processes", str(n),
             "--main_process_port", str(int(cfg.distributed.main_process_port)), "--monitor_interval", "0.5",
-            "--quiet", "-m", "sft.launch", str(launch_file)] + (["--resume"] if resume else [])
+            "-m", "sft.launch", str(launch_file)] + (["--resume"] if resume else [])
     plan = batch_plan(cfg, n)
     notice(f"distributed: launching {n} processes ({cfg.distributed.strategy}, "
            f"{'NCCL' if env.cuda else 'gloo on CPU'}); {plan.describe()}")
+    # No --quiet: from accelerate 1.16 it turns a worker's failure into sys.exit(1), and the
+    # ChildFailedError is what names the rank that failed and how.
     parsed = launch_command_parser().parse_args(args)
     try:
         launch_command(parsed)

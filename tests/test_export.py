@@ -363,11 +363,13 @@ def test_exporter_options_listed_with_choices() -> None:
 
 def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
     from sft.core.config import load_config
-    from sft.engine.export import ExportContext
+    from sft.core.templating import resolve_template
+    from sft.engine.export import RunExportContext
     from sft.plugins.exporters.merging import merging_for
 
     pm = make_plugin_manager()
-    merging = merging_for(ExportContext(run_dir, load_config(str(run_dir / "config.yaml"), pm=pm), pm))
+    cfg = load_config(str(run_dir / "config.yaml"), pm=pm)
+    merging = merging_for(RunExportContext(run_dir, cfg, pm, resolve_template(cfg, pm)))
     assert merging.resolve_merge_dtype("auto") == "bfloat16"  # the tiny base is stored in float32
     assert merging.resolve_merge_dtype("float16") == "float16"
     (run_dir / "adapter" / "adapter_config.json").unlink()

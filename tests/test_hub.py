@@ -144,7 +144,7 @@ def test_a_connection_cut_mid_push_then_sft_push_completes_and_skips_what_is_the
     assert (run_dir / "exports/merged_16bit/model.safetensors").is_file()  # nothing lost locally
 
     puts, commits = len(hub.requests("PUT")), {r: len(repo.commits) for r, repo in hub.repos.items()}
-    res = sft(*retry.split()[1:4], env=env)  # sft publish RUN --to hub: every export, to the last push's repo
+    res = sft(*retry.split()[1:5], env=env)  # sft publish RUN --to hub: every export, to the last push's repo
     assert res.returncode == 0, res.stderr
     assert len(hub.requests("PUT")) == puts  # no blob was sent again
     assert {r: len(repo.commits) for r, repo in hub.repos.items()} == {**commits, "alice/cut": 1}

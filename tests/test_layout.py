@@ -155,3 +155,20 @@ def test_no_module_of_any_room_imports_a_heavy_library_at_its_top():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_the_engine_implements_the_export_context_the_core_declares(tmp_path: Path):
+    """Exporters and publishers are written against :class:`sft.core.ExportContext`; the engine's
+    context has every part of it."""
+    from sft.core.config import load_config
+    from sft.core.interfaces import ExportContext
+    from sft.core.plugins import get_plugin_manager
+    from sft.core.templating import resolve_template
+    from sft.engine.export import RunExportContext
+
+    pm = get_plugin_manager()
+    cfg = load_config(pm=pm)
+    context = RunExportContext(tmp_path, cfg, pm, resolve_template(cfg, pm))
+    declared = {n for n in vars(ExportContext) if not n.startswith("_")} | set(ExportContext.__annotations__)
+    assert declared >= {"run_dir", "template", "tokenizer", "shared", "output_dir", "disk_problem"}
+    assert not [n for n in sorted(declared) if not hasattr(type(context), n) and n not in vars(context)]

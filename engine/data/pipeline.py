@@ -483,7 +483,7 @@ def _cut_detail(stats: Mapping[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def validate_data(cfg: Any) -> str:
+def validate_data(cfg: Any, template: ChatTemplate | None = None) -> str:
     """``sft validate``: run the whole data pipeline with the tokenizer only (never model weights).
 
     Returns a one-line report; raises :class:`DataError` / :class:`ConfigError`.
@@ -491,5 +491,5 @@ def validate_data(cfg: Any) -> str:
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = build_datasets(cfg, None, tokenizer)
+    prepared = build_datasets(cfg, None, tokenizer, template=template)
     return "data OK: " + describe_stats(prepared.stats)
