@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from sft.core.errors import SftError
 from sft.engine.models import forget_gguf_quantization, pretrained_kwargs
-from sft.core.rundir import staged_dir, swap_in
+from sft.core.rundir import file_sha256, staged_dir, swap_in
 
 if TYPE_CHECKING:
     from sft.core.interfaces import ExportContext
@@ -35,14 +35,6 @@ KEEP_MODEL_BYTES = 2_000_000_000
 def merging_for(context: "ExportContext") -> "Merging":
     """The export run's one :class:`Merging`."""
     return context.shared("merging", lambda: Merging(context))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def adapter_embedding_rows(adapter_dir: Path) -> int | None:
@@ -76,7 +68,7 @@ class Merging:
             files = sorted(self.context.adapter_dir.glob("*.safetensors")) + sorted(self.context.adapter_dir.glob("*config.json"))
             for f in files:
                 h.update(f.name.encode())
-                h.update(_sha256(f).encode())
+                h.update(file_sha256(f).encode())
             self._cache["fingerprint"] = h.hexdigest()
         return self._cache["fingerprint"]
 

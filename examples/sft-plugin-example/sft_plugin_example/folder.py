@@ -13,7 +13,6 @@ is left alone, so ``sft publish RUN --to folder`` after an interruption finishes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any, List, Optional, Sequence
 
 from sft.core import ExportContext, Exporter, ExportResult, Publisher, SftError, hookimpl
 from sft.core.config import opt
+from sft.core.rundir import file_sha256
 
 from .modelcard import ModelCardOptions, read_front_matter, render_model_card
 
@@ -36,14 +36,6 @@ class FolderOptions:
     license: Optional[str] = opt(None, "The card's license (an SPDX-style Hub id such as apache-2.0); left out when null.")
     language: List[str] = opt([], "Languages of the training data (ISO codes, e.g. [en]).")
     tags: List[str] = opt([], "Extra Hub tags for the card, added to sft, lora and the chat template's name.")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(paths: Sequence[str]) -> list[tuple[Path, str]]:
@@ -90,8 +82,8 @@ class FolderPublisher(Publisher):
         copied, kept, manifest_files = [], [], {}
         for local, rel in _files(result.paths):
             dest = target / exporter.name / rel
-            digest = _sha256(local)
-            if dest.is_file() and dest.stat().st_size == local.stat().st_size and _sha256(dest) == digest:
+            digest = file_sha256(local)
+            if dest.is_file() and dest.stat().st_size == local.stat().st_size and file_sha256(dest) == digest:
                 kept.append(rel)
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
