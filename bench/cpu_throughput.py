@@ -77,7 +77,7 @@ def trainer_run(cfg: Any, data: Any, tokenizer: Any, trained_positions_loss: boo
     from transformers import TrainerCallback
 
     from sft.core.env import current_environment
-    from sft.engine.run import build_trainer
+    from sft.engine.trainer import build_trainer
 
     class Clock(TrainerCallback):
         timed: list[tuple[int, float]] = []

@@ -27,6 +27,9 @@
   normalised by the step's token count (``num_items_in_batch``), so the gradients are the
   unmerged ones: a loss averaged per micro-batch would weigh merged rows differently.
 
+:func:`training_arguments` turns ``cfg.training`` into TRL's ``SFTConfig`` and :func:`build_trainer`
+puts the two together on the prepared rows (what ``sft run`` and ``bench/`` train with).
+
 :func:`metrics_callback` sends every logging step to the :class:`~sft.engine.metrics.MetricsHub`.
 """
 
@@ -40,10 +43,18 @@ from typing import TYPE_CHECKING, Any
 from sft.core.errors import SftError
 from sft.core.notices import notice
 
+from . import distributed
+from .backends import EIGHT_BIT_OPTIMIZERS
+
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from sft.core.env import Environment
+
     from .metrics import MetricsHub
 
-__all__ = ["NonFiniteLossError", "trainer_class", "metrics_callback", "TRAIN_METRICS"]
+__all__ = ["NonFiniteLossError", "trainer_class", "training_arguments", "build_trainer", "metrics_callback",
+           "TRAIN_METRICS"]
 
 #: The keys of a training log record (besides ``step``), in order.
 TRAIN_METRICS = ("loss", "learning_rate", "grad_norm", "epoch", "tokens", "tokens_per_second")
@@ -69,7 +80,7 @@ def trainer_class() -> type:
     from transformers import Trainer
     from trl import SFTTrainer
 
-    from . import checkpoints, distributed
+    from . import checkpoints
     from .packing import MergedAway, merge_micro_batches, real_tokens
 
     class SftTrainer(SFTTrainer):
@@ -313,3 +324,155 @@ def metrics_callback(hub: "MetricsHub") -> Any:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- hyperparameters --------------------------------------------------------------------------
+def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool,
+                       packing: bool | None = None) -> Any:
+    """The ``trl.SFTConfig`` for ``cfg.training`` (HF TrainingArguments names map one to one).
+
+    CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
+    together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
+    (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+
+    ``packing`` is the resolved ``training.packing`` (:func:`sft.engine.packing.decide_packing`;
+    None: only an explicit ``true`` packs). Unpacked rows are padded per batch and drawn in
+    length groups (``group_by_length``, seeded by the trainer).
+    """
+    import torch
+    from trl import SFTConfig
+
+    from .backends import resolve_dtype
+
+    t = cfg.training
+    optim = t.optim
+    if optim == "auto":
+        from .backends import bitsandbytes_installed
+
+        optim = "adamw_8bit" if env.cuda and bitsandbytes_installed() else "adamw_torch"
+        if not env.cuda:
+            notice("training.optim=auto: adamw_torch on CPU (8-bit AdamW needs CUDA)")
+        elif optim == "adamw_torch":
+            notice("training.optim=auto: adamw_torch (8-bit AdamW needs bitsandbytes: pip install 'sft-forge[gpu]')")
+    elif optim in EIGHT_BIT_OPTIMIZERS and not env.cuda:
+        notice(f"training.optim={optim} needs CUDA (bitsandbytes); using adamw_torch on CPU")
+        optim = "adamw_torch"
+    dtype = resolve_dtype(cfg, env)
+    bf16 = t.bf16 if t.bf16 is not None else (env.cuda and dtype == torch.bfloat16)
+    fp16 = t.fp16 if t.fp16 is not None else (env.cuda and dtype == torch.float16)
+    eval_strategy = t.eval_strategy
+    if eval_strategy == "auto":
+        eval_strategy = "steps" if has_eval else "no"
+    if not has_eval:
+        eval_strategy = "no"
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
+    if packing is None:
+        packing = str(t.packing).lower() == "true"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=float(t.learning_rate),
+        lr_scheduler_type=t.lr_scheduler_type,
+        per_device_train_batch_size=int(t.per_device_train_batch_size),
+        per_device_eval_batch_size=int(t.per_device_eval_batch_size),
+        gradient_accumulation_steps=distributed.batch_plan(cfg).gradient_accumulation_steps,
+        num_train_epochs=float(t.num_train_epochs),
+        max_steps=int(t.max_steps),
+        optim=optim,
+        weight_decay=float(t.weight_decay),
+        # transformers 5: warmup_steps < 1 is a fraction of all steps (warmup_ratio is gone).
+        warmup_steps=warmup,
+        max_grad_norm=float(t.max_grad_norm),
+        seed=int(t.seed),
+        logging_steps=int(t.logging_steps),
+        logging_first_step=True,
+        # Never hide a NaN/inf loss from the logs (the trainer stops on it anyway).
+        logging_nan_inf_filter=False,
+        eval_strategy=eval_strategy,
+        eval_steps=int(t.eval_steps or t.logging_steps * 10),
+        save_strategy="steps",
+        save_steps=int(t.save_steps),
+        save_total_limit=int(t.save_total_limit),
+        bf16=bool(bf16),
+        fp16=bool(fp16),
+        # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU); TRL turns it on.
+        **{_checkpointing_argument(SFTConfig): False},
+        use_cpu=not env.cuda,
+        packing=packing,
+        # Rows are already truncated to model.max_seq_length by the data pipeline; packing
+        # needs the length to fill its bins.
+        max_length=int(cfg.model.max_seq_length) if packing else None,
+        # Unpacked: padded batches of similar lengths. padding_free is stated, not left unset:
+        # Unsloth turns an unset one on, and flattened rows are what packing is for.
+        padding_free=packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        **distributed.trainer_arguments(cfg),
+    )
+
+
+def _merge_budget(cfg: "DictConfig", plan: "distributed.BatchPlan", packing: bool) -> int | None:
+    """The padded tokens a merged micro-batch may hold (:func:`sft.engine.packing.merge_micro_batches`),
+    or None when micro-batches are not merged: packed rows already fill their sequences, and
+    several processes would have to agree on every merge (each runs its own forward passes,
+    and FSDP's gather weights in each of them)."""
+    if packing or not cfg.training.merge_micro_batches or plan.gradient_accumulation_steps < 2:
+        return None
+    if plan.world_size > 1:
+        notice("training.merge_micro_batches: not with several processes; each micro-batch runs as it is")
+        return None
+    budget = plan.per_device * int(cfg.model.max_seq_length)
+    notice(f"training.merge_micro_batches: the {plan.gradient_accumulation_steps} micro-batches of a step run "
+           f"as one pass while together they hold at most {budget:,} padded tokens "
+           f"({plan.per_device} rows x model.max_seq_length={cfg.model.max_seq_length})")
+    return budget
+
+
+def _checkpointing_argument(config_class: type) -> str:
+    """The TrainingArguments field that switches gradient checkpointing: transformers 5.18 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name now warns), and the
+    ``gpu`` extra's transformers 5.17 (Unsloth's cap) knows only the old one."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env: "Environment",
+                  output_dir: str | Path, trained_positions_loss: bool, callbacks: list[Any] = ()) -> Any:
+    """The SFTTrainer subclass of :mod:`sft.engine.trainer` on the prepared rows (also used by ``bench/``)."""
+    import logging
+
+    from .packing import decide_packing
+    from .trainer import trainer_class
+
+    t = cfg.training
+    plan = distributed.batch_plan(cfg)  # packing's step count is per global batch, over every process
+    decision = decide_packing(t.packing, data.stats, int(cfg.model.max_seq_length),
+                              plan.per_device, plan.gradient_accumulation_steps * plan.world_size)
+    if str(t.packing).lower() == "auto":
+        notice(decision.describe())
+    args = training_arguments(cfg, env, output_dir, has_eval=data.eval is not None, packing=decision.pack)
+    merge_budget = _merge_budget(cfg, plan, decision.pack)
+    # TRL warns that padding-free packing wants FlashAttention; transformers >= 5 keeps packed
+    # rows apart through position_ids with SDPA too (checked by tests/test_train.py).
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Flash Attention" not in record.getMessage())
+    from transformers import PrinterCallback
+
+    trainer = trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        trained_positions_loss=trained_positions_loss,
+        merge_budget=merge_budget,
+    )
+    # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer

@@ -113,7 +113,7 @@ def test_checkpointing_is_switched_off_by_the_name_the_installed_transformers_kn
 
     from trl import SFTConfig
 
-    from sft.engine.run import _checkpointing_argument
+    from sft.engine.trainer import _checkpointing_argument
 
     @dataclasses.dataclass
     class Transformers517Arguments:

@@ -1,6 +1,6 @@
 """Packed and padded batches (issue 14): documents stay apart, auto packing, length groups, real token counts.
 
-The equivalence tests go through the trainer a run builds (``sft.engine.run.build_trainer``:
+The equivalence tests go through the trainer a run builds (``sft.engine.trainer.build_trainer``:
 TRL's packing and collator, ``sft.engine.trainer``'s loss) on the tiny random Llama in float32.
 """
 
@@ -43,7 +43,7 @@ def chat_file(tmp_path_factory):
 
 def _trainer(cfg, model, tokenizer, data, tmp_path):
     from sft.core.env import current_environment
-    from sft.engine.run import build_trainer
+    from sft.engine.trainer import build_trainer
 
     return build_trainer(cfg, model, tokenizer, data, current_environment(), tmp_path / "ckpt",
                          trained_positions_loss=True)

@@ -1,6 +1,6 @@
 """Packing through the real trainer: the batches `sft run` trains on keep documents and masks apart.
 
-Built with :func:`sft.engine.run.build_trainer` (TRL's collator as the run configures it, never
+Built with :func:`sft.engine.trainer.build_trainer` (TRL's collator as the run configures it, never
 one made by hand), on the tiny model with ``training.packing=true``: every packed row is
 cut into its documents by ``position_ids`` (each restarts at 0), each document is one
 prepared row, token for token, and its labels are exactly that row's trained tokens.
@@ -19,7 +19,7 @@ def test_packed_batches_have_per_document_positions_and_the_rows_masks(tiny_mode
     from sft.core.env import current_environment
     from sft.engine.models import load_tokenizer
     from sft.core.plugins import get_plugin_manager
-    from sft.engine.run import build_trainer
+    from sft.engine.trainer import build_trainer
     from sft.core.templating import resolve_template
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "training.packing=true", "model.max_seq_length=256",

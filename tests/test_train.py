@@ -92,7 +92,7 @@ def test_only_trained_tokens_get_labels_and_the_loss_is_the_standard_one(tiny_mo
     from sft.engine.data import build_datasets
     from sft.core.env import current_environment
     from sft.engine.models import load_tokenizer
-    from sft.engine.run import build_trainer
+    from sft.engine.trainer import build_trainer
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, pm=PM)
     env = current_environment()
