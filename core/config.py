@@ -571,9 +571,10 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict) and leaf in node:
                 old = node.pop(leaf)
-                keys = ", ".join(f"{publisher.moved_from}.{k}" for k in old) if isinstance(old, dict) else publisher.moved_from
-                notice(f"{keys}: read as publish.{name}.* (the {publisher.moved_from} section moved there; "
-                       "write that to silence this notice)")
+                keys = ", ".join(f"{publisher.moved_from}.{k} as publish.{name}.{k}" for k in old) \
+                    if isinstance(old, dict) else f"{publisher.moved_from} as publish.{name}"
+                notice(f"read {keys}: the {publisher.moved_from} section moved to publish.{name} "
+                       "(write the new keys to silence this notice)")
                 raw = _deep_merge(raw, {"publish": {name: old}})
         options = (raw.get("publish") or {}).get(name) if isinstance(raw.get("publish"), dict) else None
         if publisher.enabled_by and isinstance(options, dict) and options.get(publisher.enabled_by) is not None:

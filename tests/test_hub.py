@@ -220,7 +220,8 @@ def test_an_old_export_push_section_reads_as_the_hub_publisher_with_a_notice(tmp
     cfg = load_config(str(old), pm=make_plugin_manager())
     assert cfg.publish.hub.repo_id == "alice/old" and cfg.publish.hub.private is False
     assert list(cfg.publish.enabled) == ["hub"] and "push" not in cfg.export
-    assert "export.push.repo_id, export.push.private: read as publish.hub.*" in capsys.readouterr().err
+    assert ("read export.push.repo_id as publish.hub.repo_id, export.push.private as publish.hub.private: "
+            "the export.push section moved to publish.hub") in capsys.readouterr().err
     # Without a repo, the old section turns nothing on.
     cfg = load_config(overrides=["export.push.private=false"], pm=make_plugin_manager())
     assert list(cfg.publish.enabled) == [] and cfg.publish.hub.private is False
