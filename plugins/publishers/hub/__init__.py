@@ -78,11 +78,8 @@ class HubPublisher(Publisher):
 
     def publish(self, context: ExportContext, exporter: Exporter, result: ExportResult,
                 options: Any = None) -> dict[str, Any]:
-        from .pusher import export_files
-
         if self._pusher is None:
             raise SftError("the hub publisher was not started")
-        export_files(result.paths, context.run_dir)  # every file still on disk before anything goes up
         return self._pusher.push(context, exporter, result)
 
     def error_text(self, exc: BaseException) -> str:
