@@ -182,21 +182,24 @@ def _report_failed_publications(run_dir, summary, exporters=None) -> bool:
 @cli.command()
 @_config_args
 def validate(**kwargs) -> None:
-    """Check a config, its plugins, its data and its exports without loading any model weights."""
+    """Check a config, its plugins, its data, its exports and its publishers without loading any model weights."""
     cfg = _load_config(**kwargs)
     from sft.core.plugins import get_plugin_manager
     from sft.core.templating import resolve_template
     from sft.engine.data import validate_data
     from sft.engine.export import preflight_before_training
+    from sft.engine.publish import Publishing
     from sft.engine.run import resolve_run_dir
 
     pm = get_plugin_manager()
     template = resolve_template(cfg, pm)
     report = validate_data(cfg, template)
-    # The same preflight as sft run, before training: an export that cannot work fails here too.
+    # The same preflights as sft run, before training: an export or a publisher that cannot work fails here too.
     preflight_before_training(cfg, resolve_run_dir(cfg), pm, template)
+    Publishing(cfg, pm).preflight(list(cfg.export.enabled))
     exports = f"; exports OK: {', '.join(cfg.export.enabled)}" if cfg.export.enabled else ""
-    click.echo(f"config OK; {report}{exports}")
+    published = f"; publishers OK: {', '.join(cfg.publish.enabled)}" if cfg.publish.enabled and cfg.export.enabled else ""
+    click.echo(f"config OK; {report}{exports}{published}")
 
 
 @cli.command()

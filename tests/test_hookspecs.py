@@ -324,6 +324,8 @@ class ShelfPublisher(Publisher):
 
     def start(self, context: Any, options: Any = None) -> str:
         self.calls.append(("start", context.template.assistant.prefix))
+        if options.shelf == "locked":
+            raise SftError("the shelf is locked")
         return f"shelf:{options.shelf}"
 
     def publish(self, context: Any, exporter: Exporter, result: ExportResult, options: Any = None) -> dict[str, Any]:
@@ -381,3 +383,33 @@ def test_a_refused_publisher_stops_the_run_before_the_run_directory_exists(sft_p
     with pytest.raises(SftError, match="training did not start.*\n  - shelf: the shelf refuses"):
         run_training(cfg)
     assert not (tmp_path / "run").exists()
+    # sft validate runs the same preflight.
+    from sft.testing import run_sft, tiny_overrides
+
+    overrides = [*tiny_overrides(tmp_path / "run", tiny_model_dir), "export.enabled=[lora]"]
+    result = run_sft("validate", *overrides, "publish.shelf.shelf=refused", check=False)
+    assert result.exit_code == 1 and "shelf: the shelf refuses" in result.output
+    result = run_sft("validate", *overrides, "publish.shelf.shelf=top")
+    assert result.output.strip().endswith("exports OK: lora; publishers OK: shelf")
+
+
+def test_a_publisher_that_cannot_start_loses_nothing_and_names_the_retry(sft_plugin_manager, tiny_model_dir,
+                                                                         tmp_path: Path):
+    from sft.testing import run_sft, tiny_overrides
+
+    sft_plugin_manager.register(PublisherPlugin(), "publisher-plugin")
+    out = tmp_path / "run"
+    result = run_sft("run", *tiny_overrides(out, tiny_model_dir), "export.enabled=[lora]", "publish.shelf.shelf=locked",
+                     check=False)
+    assert result.exit_code == 1, result.output
+    assert (out / "exports/lora/adapter_model.safetensors").is_file()  # the export is written all the same
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["exports"]["lora"]["ok"]
+    assert summary["publish"]["shelf"] == {"error": "the shelf is locked"}
+    assert f"Retry with: sft publish {out} --to shelf --exporter lora\n" in result.output
+
+    # The retry, with the shelf open, sends what is on disk and the record stands corrected.
+    result = run_sft("publish", out, "--to", "shelf", "publish.shelf.shelf=open")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["publish"]["shelf"] == {"target": "shelf:open",
+                                           "exports": {"lora": {"where": "shelf:open/lora", "ok": True}}}

@@ -274,3 +274,15 @@ def test_the_python_apis_push_is_sft_push(run_dir: Path, hub: HubStub, tmp_path:
     remote = hub.repos[repo].files()
     for path, data in local_files(run_dir / "exports/lora").items():
         assert sha256(remote[path]) == sha256(data)
+
+
+def test_a_run_pushed_before_publishers_were_a_kind_pushes_again_to_its_repo(run_dir: Path, hub: HubStub,
+                                                                             tmp_path: Path) -> None:
+    """An older run kept its resolved repo in summary.json's ``hub`` record: sft push finds it there."""
+    record = summary(run_dir)
+    record["hub"] = {"repo_id": "alice/legacy", "pushes": {}}
+    (run_dir / "summary.json").write_text(json.dumps(record))
+    res = sft("push", run_dir, "--exporter", "lora", env=hub_env(hub, tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    assert "adapter_model.safetensors" in hub.repos["alice/legacy-lora"].files()
+    assert summary(run_dir)["publish"]["hub"]["target"] == "alice/legacy"

@@ -63,11 +63,15 @@ class HubPublisher(Publisher):
         return problems
 
     def start(self, context: ExportContext, options: Any = None) -> str:
-        """Log in; the repo is ``publish.hub.repo_id``, else the one the run's last push resolved."""
+        """Log in; the repo is ``publish.hub.repo_id``, else the one the run's last push resolved
+        (``publish.hub.target`` in summary.json, or an older run's ``hub.repo_id``)."""
         from .pusher import Pusher, PushSettings
 
         self._pusher = None
-        last = ((context.run_dir.read_summary().get("publish") or {}).get(self.name) or {}).get("target")
+        summary = context.run_dir.read_summary()
+        # summary.json's "hub" record is where runs made before publishers were a kind kept their repo.
+        last = (((summary.get("publish") or {}).get(self.name) or {}).get("target")
+                or (summary.get("hub") or {}).get("repo_id"))
         settings = PushSettings.from_options(options, repo_id=last)
         if settings is None:
             raise SftError("no repo to push to: pass --repo owner/name (or set publish.hub.repo_id)")
