@@ -269,6 +269,12 @@ class ExportResult:
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
+    @classmethod
+    def from_summary(cls, exporter: str, entry: Mapping[str, Any]) -> "ExportResult":
+        """The result as ``summary.json`` recorded it under ``exports.<exporter>``."""
+        return cls(exporter, ok=bool(entry.get("ok")), paths=list(entry.get("paths") or []),
+                   details=dict(entry.get("details") or {}), error=entry.get("error"))
+
 
 @dataclass
 class HubCard:

@@ -16,7 +16,9 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from .errors import SftError
 
 __all__ = ["RunDir", "atomic_write_text", "staged_dir", "swap_in"]
 
@@ -122,6 +124,34 @@ class RunDir:
 
     def export_dir(self, exporter: str) -> Path:
         return self.root / "exports" / exporter
+
+    def export_files(self, paths: Iterable[str]) -> list[tuple[Path, str]]:
+        """``(local file, path below the export)`` for the paths an export recorded: a folder's files
+        keep their place below it, a file goes to the top. Hidden files (``.sft-merged.json``,
+        partial writes) are left out. A recorded path under ``exports/`` is read from this run
+        directory, so a run that was moved or copied publishes its own files. What every
+        publisher sends; raises :class:`~sft.core.errors.SftError` for a path no longer on disk."""
+        out: list[tuple[Path, str]] = []
+        for p in map(self._moved_here, paths):
+            if p.is_dir():
+                for f in sorted(p.rglob("*")):
+                    rel = f.relative_to(p)
+                    if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                        out.append((f, rel.as_posix()))
+            elif p.is_file():
+                out.append((p, p.name))
+            else:
+                raise SftError(f"{p}: listed in summary.json but not on disk; write it again with sft export")
+        return out
+
+    def _moved_here(self, path: str | Path) -> Path:
+        p = Path(path)
+        if "exports" in p.parts:
+            i = len(p.parts) - 1 - p.parts[::-1].index("exports")
+            moved = self.root.joinpath(*p.parts[i:])
+            if moved.exists():
+                return moved
+        return p
 
     def read_summary(self) -> dict[str, Any]:
         if not self.summary_path.exists():

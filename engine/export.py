@@ -479,16 +479,9 @@ def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), ove
     context = RunExportContext(rd, cfg, pm, resolve_template(cfg, pm))
     try:
         publishing = Publishing(cfg, pm, [to])
-        publishing.start(context)
-        error = ((rd.read_summary().get("publish") or {}).get(to) or {}).get("error")
-        if error:
-            raise SftError(f"sft publish --to {to}: {error}")
-        return {name: publishing.publish(context, _stored_result(name, exports[name]))[to] for name in names}
+        failed = publishing.start(context)
+        if failed:
+            raise SftError(f"sft publish --to {to}: {failed[to]}")
+        return {name: publishing.publish(context, ExportResult.from_summary(name, exports[name]))[to] for name in names}
     finally:
         context.close()
-
-
-def _stored_result(name: str, entry: dict[str, Any]) -> ExportResult:
-    """An export as summary.json recorded it."""
-    return ExportResult(name, ok=bool(entry.get("ok")), paths=list(entry.get("paths") or []),
-                        details=dict(entry.get("details") or {}), error=entry.get("error"))

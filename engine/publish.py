@@ -45,9 +45,6 @@ class Publishing:
         self.names = list(cfg.publish.enabled if names is None else names)
         self._started: dict[str, Publisher] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
     def _options(self, name: str) -> Any:
         return plugin_options(self.cfg, "publisher", name, self.pm)
 
@@ -73,21 +70,24 @@ class Publishing:
             raise SftError("publish: training did not start (fix these, or publish later with sft publish):\n"
                            + "\n".join(f"  - {p}" for p in problems))
 
-    def start(self, context: ExportContext) -> None:
-        """Start every publisher for ``context``'s run; one that cannot start is recorded and left out."""
+    def start(self, context: ExportContext) -> dict[str, str]:
+        """Start every publisher for ``context``'s run; one that cannot start is recorded and left out.
+        Returns publisher -> the error of each that could not start."""
         self._started = {}
+        failed = {}
         for name in self.names:
             publisher: Publisher = self.pm.get("publisher", name, "publish.enabled")
             try:
                 target = publisher.start(context, self._options(name))
             except Exception as exc:  # noqa: BLE001 - nothing published there; the exports are still written
-                error = publisher.error_text(exc)
+                error = failed[name] = publisher.error_text(exc)
                 _record(context.run_dir, name, error=error)
                 notice(f"publish {name}: not publishing, {error}; the exports are written to disk, publish them "
                        f"later with: {retry_command(context.run_dir.root, name, [])}")
                 continue
             _record(context.run_dir, name, target=str(target), error=None)
             self._started[name] = publisher
+        return failed
 
     def publish(self, context: ExportContext, result: ExportResult) -> dict[str, dict[str, Any]]:
         """Send one finished export to every started publisher: publisher -> the record written to summary.json."""

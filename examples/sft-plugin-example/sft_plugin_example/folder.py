@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence
 
 from sft.core import ExportContext, Exporter, ExportResult, Publisher, SftError, hookimpl
 from sft.core.config import opt
-from sft.core.rundir import file_sha256
+from sft.core.rundir import atomic_write_text, file_sha256
 
 from .modelcard import ModelCardOptions, read_front_matter, render_model_card
 
@@ -36,20 +36,6 @@ class FolderOptions:
     license: Optional[str] = opt(None, "The card's license (an SPDX-style Hub id such as apache-2.0); left out when null.")
     language: List[str] = opt([], "Languages of the training data (ISO codes, e.g. [en]).")
     tags: List[str] = opt([], "Extra Hub tags for the card, added to sft, lora and the chat template's name.")
-
-
-def _files(paths: Sequence[str]) -> list[tuple[Path, str]]:
-    """``(local file, path below the export's folder)``: a folder's files keep their place, a file goes to the top."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += [(f, f.relative_to(p).as_posix()) for f in sorted(p.rglob("*"))
-                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-        elif p.is_file():
-            out.append((p, p.name))
-        else:
-            raise SftError(f"{p}: listed in summary.json but not on disk; write it again with sft export")
-    return out
 
 
 class FolderPublisher(Publisher):
@@ -80,7 +66,7 @@ class FolderPublisher(Publisher):
                 options: FolderOptions | None = None) -> dict[str, Any]:
         target = Path(options.path).expanduser() / context.name
         copied, kept, manifest_files = [], [], {}
-        for local, rel in _files(result.paths):
+        for local, rel in context.run_dir.export_files(result.paths):
             dest = target / exporter.name / rel
             digest = file_sha256(local)
             if dest.is_file() and dest.stat().st_size == local.stat().st_size and file_sha256(dest) == digest:
@@ -108,7 +94,7 @@ class FolderPublisher(Publisher):
         manifest.update(run=context.name, base_model=str(context.config.model.name),
                         template=str(context.config.template.name),
                         train_loss=summary.get("train_loss"), steps=summary.get("steps"))
-        _write(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     @staticmethod
     def _write_card(context: ExportContext, target: Path, options: FolderOptions) -> None:
@@ -119,13 +105,7 @@ class FolderPublisher(Publisher):
         text = render_model_card(config, context.run_dir.read_summary(), card, context.name,
                                  trained_in_4bit=context.trained_in_4bit)
         read_front_matter(text)  # the front matter parses back, as the Hub parses it
-        _write(target / "README.md", text)
-
-
-def _write(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        atomic_write_text(target / "README.md", text)
 
 
 @hookimpl

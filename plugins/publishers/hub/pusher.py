@@ -30,14 +30,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from sft.core.errors import SftError
 from sft.core.interfaces import ExportContext, ExportResult, Exporter, HubCard
 from sft.core.notices import notice
-from sft.core.rundir import RunDir
 
-__all__ = ["TAG", "PushSettings", "Pusher", "export_files", "render_card", "short_error"]
+__all__ = ["TAG", "PushSettings", "Pusher", "render_card", "short_error"]
 
 #: The Hub tag that marks a repo as made by sft (TRL tags its own cards ``sft``, so that one cannot).
 TAG = "sft-forge"
@@ -198,7 +197,7 @@ class Pusher:
         engine records the failure with the message scrubbed by :func:`short_error`.
         """
         name = exporter.name
-        if not [path for _, path in export_files(result.paths, context.run_dir) if path != "README.md"]:
+        if not [path for _, path in context.run_dir.export_files(result.paths) if path != "README.md"]:
             # A card-only export: sft writes every repo's card itself.
             notice(f"push {name}: nothing to push (no files besides a README)")
             return {"ok": True, "repo": None, "uploaded": [], "skipped": [], "commit": None}
@@ -219,7 +218,7 @@ class Pusher:
         entries = _repo_entries(context, summary, repo, self, current=(name, result))
         files: dict[str, Any] = {}
         for _n, _exporter, entry in entries:
-            files.update({path: local for local, path in export_files(entry.paths, context.run_dir)})
+            files.update({path: local for local, path in context.run_dir.export_files(entry.paths)})
         files.pop("README.md", None)  # sft's card replaces any README an export carries (PEFT's placeholder)
         if context.run_dir.loss_plot.is_file():
             files.setdefault("loss.png", context.run_dir.loss_plot)
@@ -273,36 +272,7 @@ class Pusher:
         return sha.git_hash(data) == remote.blob_id
 
 
-# -- what goes up ---------------------------------------------------------------------------------
-def _in_run(path: str | Path, run_dir: RunDir | None) -> Path:
-    """``path`` (as summary.json recorded it) inside ``run_dir``: a run directory that was moved or
-    copied still pushes its own ``exports/`` rather than the old place's."""
-    p = Path(path)
-    if run_dir is not None and "exports" in p.parts:
-        i = len(p.parts) - 1 - p.parts[::-1].index("exports")
-        moved = run_dir.root.joinpath(*p.parts[i:])
-        if moved.exists():
-            return moved
-    return p
-
-
-def export_files(paths: Iterable[str], run_dir: RunDir | None = None) -> list[tuple[Path, str]]:
-    """``(local file, path in repo)`` for an export's paths: a folder's files keep their place below it,
-    a file goes to the root. Hidden files (``.sft-merged.json``, partial writes) stay home."""
-    out: list[tuple[Path, str]] = []
-    for p in (_in_run(path, run_dir) for path in paths):
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-                    out.append((f, rel.as_posix()))
-        elif p.is_file():
-            out.append((p, p.name))
-        else:
-            raise SftError(f"{p}: listed in summary.json but not on disk; write it again with sft export")
-    return out
-
-
+# -- sizes and records ----------------------------------------------------------------------
 def _nbytes(local: Any) -> int:
     return len(local) if isinstance(local, bytes) else Path(local).stat().st_size
 
@@ -311,15 +281,10 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _result(name: str, entry: Mapping[str, Any]) -> ExportResult:
-    return ExportResult(name, ok=bool(entry.get("ok")), paths=list(entry.get("paths") or []),
-                        details=dict(entry.get("details") or {}), error=entry.get("error"))
-
-
 def _repo_entries(context: ExportContext, summary: Mapping[str, Any], repo: str | None, pusher: Pusher,
                   current: tuple[str, ExportResult] | None = None) -> list[tuple[str, Exporter, ExportResult]]:
     """Every finished export of the run whose files go to ``repo`` (usually one; None: any), ``current`` included."""
-    results = {name: _result(name, entry) for name, entry in (summary.get("exports") or {}).items()}
+    results = {name: ExportResult.from_summary(name, entry) for name, entry in (summary.get("exports") or {}).items()}
     if current is not None:
         results[current[0]] = current[1]
     out = []
@@ -371,7 +336,7 @@ def render_card(context: ExportContext, summary: Mapping[str, Any], repo: str, u
              f"The {', '.join(f'`{n}`' for n, _e, _r in entries)} export of the `sft` run `{context.name}`: "
              f"{base_text} fine-tuned with {METHOD_WORDS.get(method, method)} in the `{template}` chat format.", ""]
     lines += ["## Files", "", "| file | size |", "|---|---|"]
-    sizes = {path: _nbytes(local) for _n, _e, r in entries for local, path in export_files(r.paths, context.run_dir)}
+    sizes = {path: _nbytes(local) for _n, _e, r in entries for local, path in context.run_dir.export_files(r.paths)}
     lines += [f"| `{path}` | {_size(sizes[path])} |" for path in files if path in sizes]
     for part in parts:
         if part.usage:
