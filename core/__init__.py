@@ -2,7 +2,7 @@
 
 The public API for plugin authors::
 
-    from sft.core import hookimpl, ChatTemplate, DatasetFormat, Exporter, Logger, Message, Publisher, Segment
+    from sft.core import hookimpl, ChatTemplate, DatasetFormat, Exporter, Logger, Message, Objective, Publisher, Segment
 """
 
 from .errors import ConfigError, DataError, PluginError, SftError
@@ -16,9 +16,12 @@ from .interfaces import (
     HubCard,
     Logger,
     Message,
+    Objective,
+    Preference,
     Publisher,
     RunInfo,
     Segment,
+    TrainerSetup,
     TrainingBackend,
 )
 
@@ -32,9 +35,12 @@ __all__ = [
     "HubCard",
     "Logger",
     "Message",
+    "Objective",
+    "Preference",
     "Publisher",
     "RunInfo",
     "Segment",
+    "TrainerSetup",
     "TrainingBackend",
     "ConfigError",
     "DataError",

@@ -73,6 +73,7 @@ class ModelConfig:
     max_seq_length: int = opt(2048, "Longest training sequence in tokens; what happens to longer rows is data.on_truncate.", ge=8)
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
     trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
+    from_run: Optional[str] = opt(None, "Continue a finished run (its directory, e.g. runs/sft-1; also: sft run --from): its base model, tokenizer, template, model and lora settings, and its adapter as the starting point. With objective dpo or kto that run's model is also the reference.")
 
 
 @dataclass
@@ -115,6 +116,11 @@ class DataConfig:
 class TemplateConfig:
     name: str = opt("chatml", "Chat-template plugin.")
     on_missing_eot: str = opt("add", "When the template's end-of-turn token is not in the vocabulary: add it as a special token, or error.", ["add", "error"])
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = opt("sft", "Training objective plugin: sft (supervised fine-tuning on conversations), dpo, orpo, simpo (preference pairs), kto (completions labelled desirable or not). Its options live at objective.<name>.")
 
 
 @dataclass
@@ -188,6 +194,7 @@ class SftConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -204,6 +211,7 @@ PLUGIN_NAME_KEYS = (
     ("export.enabled", "exporter", True, ()),
     ("publish.enabled", "publisher", True, ()),
     ("model.backend", "backend", False, ("auto",)),
+    ("objective.name", "objective", False, ()),
 )
 
 
@@ -515,6 +523,7 @@ def load_config(
     overrides: Sequence[str] = (),
     flags: dict[str, Any] | None = None,
     pm: "PluginManager | None" = None,
+    continue_from_run: bool = True,
 ) -> DictConfig:
     """Build and validate a config, raising one :class:`ConfigError` that lists every problem.
 
@@ -523,6 +532,9 @@ def load_config(
         overrides: ``key=value`` strings (OmegaConf dotlist syntax; lists as ``[a,b]``).
         flags: dotted key -> value from the CLI shortcut flags; applied before ``overrides``.
         pm: plugin manager whose registry supplies plugin names and options (default: the global one).
+        continue_from_run: read ``model.from_run``'s run beneath the config (:data:`CONTINUED_KEYS`).
+            False for a run's own ``config.yaml``, which holds those values already: a finished
+            run keeps loading (for exports, chat, eval) after the run it continued is gone.
     """
     if pm is None:
         from .plugins import get_plugin_manager
@@ -548,6 +560,8 @@ def load_config(
     if isinstance(preset, str) and preset in PRESETS:
         raw = _deep_merge(preset_values(preset), raw)  # beneath everything the user set
     raw = _publishers_of(raw, pm)
+    if continue_from_run:
+        raw = _continued_run(raw, problems)
     _apply(schema, raw, "", problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
@@ -583,6 +597,61 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
             if name not in enabled:
                 raw["publish"]["enabled"] = [*enabled, name]
     return raw
+
+
+#: What a run continued with ``model.from_run`` takes from the finished run, beneath the values
+#: given: the base model and how it was loaded, the LoRA shape its adapter has, the template.
+CONTINUED_KEYS = {
+    "model": ("name", "revision", "gguf_file", "method", "dtype", "max_seq_length", "trust_remote_code"),
+    "lora": None,  # every key: the adapter being continued has that shape
+    "template": None,
+}
+#: Keys a continued run may not change: the adapter and the tokenizer belong to them.
+FIXED_BY_SOURCE = ("model.name", "model.revision", "model.gguf_file", "template.name")
+
+
+def _continued_run(raw: dict, problems: list[ConfigProblem]) -> dict:
+    """``model.from_run``: the finished run's model, LoRA and template settings beneath the values
+    given; a run that is not finished, or a base or template other than that run's, is a problem
+    (found here, at validation, before anything is written)."""
+    source = (raw.get("model") or {}).get("from_run") if isinstance(raw.get("model"), dict) else None
+    if source is None:
+        return raw
+    from .rundir import RunDir
+
+    run = RunDir.of(Path(str(source)).expanduser())
+    where = f"model.from_run={source}"
+    if not run.config.is_file():
+        problems.append(ConfigProblem("model.from_run", f"{source} is not a run directory (no config.yaml)"))
+        return raw
+    status = run.read_summary().get("status")
+    if status != "ok" or not run.has_trained_model():
+        state = f"its status is {status}" if status and status != "ok" else "it has no summary.json" if not status \
+            else "its adapter/ is missing"
+        problems.append(ConfigProblem("model.from_run", f"{source} is not a finished run ({state}); finish it first "
+                                                         f"(sft run --resume with its config) or continue another run"))
+        return raw
+    try:
+        earlier = _read_yaml(str(run.config))
+    except ConfigError as exc:
+        problems += exc.problems
+        return raw
+    taken: dict = {}
+    for section, keys in CONTINUED_KEYS.items():
+        values = earlier.get(section) or {}
+        taken[section] = {k: v for k, v in values.items() if keys is None or k in keys}
+    for key in FIXED_BY_SOURCE:
+        section, leaf = key.split(".")
+        given = (raw.get(section) or {}).get(leaf) if isinstance(raw.get(section), dict) else None
+        theirs = taken.get(section, {}).get(leaf)
+        if given is not None and given != theirs:
+            problems.append(ConfigProblem(key, f"{given!r} differs from {theirs!r}, which {source} was trained with; "
+                                               f"{where} continues that run's adapter, so it keeps its {key} "
+                                               f"(drop {key}, or train from the base without model.from_run)"))
+    if (earlier.get("model") or {}).get("method") == "full":
+        # A full fine-tune's adapter/ is the whole model: it becomes the base the new adapter trains on.
+        taken["model"]["name"] = str(run.adapter)
+    return _deep_merge(taken, raw)
 
 
 def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -> Any:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .interfaces import ChatTemplate, DatasetFormat, Exporter, Logger, Publisher, TrainingBackend
+    from .interfaces import ChatTemplate, DatasetFormat, Exporter, Logger, Objective, Publisher, TrainingBackend
 
 __all__ = ["hookspec", "hookimpl"]
 
@@ -104,5 +104,19 @@ def register_publishers(register: "Callable[[Publisher], None]") -> None:
     the first export is published and ``publish`` for each export as soon as it is written.
 
     :param register: call ``register(publisher)`` once per :class:`~sft.core.interfaces.Publisher`.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_objectives(register: "Callable[[Objective], None]") -> None:
+    """Register training objectives: what the trainer optimises (sft, dpo, orpo, kto, simpo, ...).
+
+    Called once, when the plugin manager first builds its registry (before any config is
+    validated), so that ``objective.name`` and ``objective.<name>.*`` options can be checked.
+    The engine prepares rows of the objective's ``row_kind`` and the model, then calls its
+    ``build_trainer``.
+
+    :param register: call ``register(objective)`` once per :class:`~sft.core.interfaces.Objective`.
     :return: nothing; the return value is ignored.
     """

@@ -32,6 +32,8 @@ __all__ = [
     "Message",
     "Conversation",
     "Segment",
+    "ROW_KINDS",
+    "Preference",
     "Plugin",
     "DatasetFormat",
     "ChatTemplate",
@@ -44,6 +46,8 @@ __all__ = [
     "ExportContext",
     "Publisher",
     "TrainingBackend",
+    "TrainerSetup",
+    "Objective",
     "KINDS",
     "tools_of",
 ]
@@ -126,6 +130,38 @@ class Segment:
     reasoning: bool = False
 
 
+#: The kinds of rows a dataset format produces and an objective trains on: ``conversation``
+#: (supervised turns), ``pair`` (a prompt with a chosen and a rejected completion: DPO, ORPO,
+#: SimPO) and ``labelled`` (a prompt with one completion marked desirable or not: KTO).
+ROW_KINDS = ("conversation", "pair", "labelled")
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One row of preference data: the prompt's turns and the completion(s) judged.
+
+    A pair (``row_kind = "pair"``) has ``chosen`` and ``rejected``; an unpaired row
+    (``row_kind = "labelled"``) has its completion in ``chosen`` and ``label`` (True: desirable).
+    ``prompt`` is a list of :class:`Message` (a :class:`Conversation` when the row declares
+    tools) ending with the turn the completion answers; each completion is one assistant
+    :class:`Message` (with its reasoning or tool calls, if any), rendered by the run's template.
+    """
+
+    prompt: Sequence[Message]
+    chosen: Message
+    rejected: Message | None = None
+    label: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        """``pair`` or ``labelled``."""
+        return "pair" if self.rejected is not None else "labelled"
+
+    def completions(self) -> list[Message]:
+        """The completion(s): chosen then rejected for a pair, the one completion otherwise."""
+        return [self.chosen] if self.rejected is None else [self.chosen, self.rejected]
+
+
 class Plugin(ABC):
     """What every registrable object has."""
 
@@ -155,6 +191,11 @@ class DatasetFormat(Plugin):
 
     #: Columns whose presence means "this is my format" for ``data.format: auto``.
     columns: ClassVar[tuple[str, ...]] = ()
+    #: The rows this format produces (one of :data:`ROW_KINDS`): ``conversation`` formats implement
+    #: :meth:`to_conversation` (or :meth:`to_segments`); ``pair`` and ``labelled`` formats implement
+    #: :meth:`to_preference`. ``data.format: auto`` only considers formats of the kind the run's
+    #: objective trains on.
+    row_kind: ClassVar[str] = "conversation"
     #: A few valid raw rows written by the plugin's author. The matrix tests (sft's and a
     #: plugin author's, through the test kit) build their data from them; optional.
     sample_rows: ClassVar[tuple[Mapping[str, Any], ...]] = ()
@@ -176,6 +217,12 @@ class DatasetFormat(Plugin):
         stand (no chat template). None, the default, means "a conversation format": the core
         calls :meth:`to_conversation`. Errors as in :meth:`to_conversation`."""
         return None
+
+    def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
+        """A ``pair`` or ``labelled`` format's row as a :class:`Preference`. The core checks the
+        prompt and each completion like any conversation, and that a pair's completions differ.
+        Errors as in :meth:`to_conversation`."""
+        raise NotImplementedError(f"dataset format '{self.name}' reads {self.row_kind} rows, not preference rows")
 
 
 class ChatTemplate(Plugin):
@@ -482,6 +529,13 @@ class TrainingBackend(Plugin):
         they start untrained, so the backend must make them trainable.
         """
 
+    def continue_training(self, model: Any, config: Any, adapter_dir: Path) -> Any:
+        """Put a finished run's LoRA adapter (``model.from_run``; ``adapter_dir`` holds it) on
+        ``model`` (as :meth:`load` returned it, its embeddings sized for that run's tokenizer),
+        trainable, and return the model. The default says this backend cannot."""
+        raise SftError(f"the '{self.name}' backend cannot continue a finished run's adapter (model.from_run); "
+                       f"choose another model.backend")
+
 
 class Publisher(Plugin):
     """Sends a run's finished exports somewhere: the Hugging Face Hub, a folder, a bucket.
@@ -527,6 +581,61 @@ class Publisher(Plugin):
         return str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
 
 
+class TrainerSetup(Protocol):
+    """What an objective gets to build its trainer (the engine builds it: :mod:`sft.engine.trainer`)."""
+
+    #: The validated run config.
+    config: Any
+    #: The model, ready to train: LoRA attached (or the finished run's adapter loaded, with
+    #: ``model.from_run``), or every weight trainable for a full fine-tune.
+    model: Any
+    #: The run's tokenizer, fitted to its template.
+    tokenizer: Any
+    #: The prepared rows (:class:`sft.engine.data.PreparedData`): ``train``/``eval`` datasets whose
+    #: columns follow the objective's :attr:`Objective.row_kind` (see docs/preference.md).
+    data: Any
+    #: The hardware and libraries of this process.
+    env: "Environment"
+    #: Where the trainer writes checkpoints.
+    output_dir: Path
+    #: The callbacks the engine needs (metrics, stopping); pass them to the trainer.
+    callbacks: list[Any]
+    #: The backend that loaded the model.
+    backend: "TrainingBackend"
+
+    def arguments(self, config_class: type, **values: Any) -> Any:
+        """``config_class`` (a TRL config such as ``DPOConfig``) filled from ``training.*`` as
+        ``sft`` sets them for every objective (optimizer, precision, logging, checkpoints, seed),
+        plus ``values``."""
+
+    def trainer_class(self, base: type) -> type:
+        """``base`` (a TRL trainer class) with the engine's guards: atomic checkpoints, a NaN/inf
+        loss stopping the run, counted tokens and checkpoints a resume can trust."""
+
+
+class Objective(Plugin):
+    """What the trainer optimises: supervised fine-tuning (``sft``), or a preference objective
+    (``dpo``, ``orpo``, ``kto``, ``simpo``) on rows of the kind it declares.
+
+    ``objective.name`` picks one; its options live at ``objective.<name>``. The engine prepares
+    the model and the rows (of :attr:`row_kind`) and calls :meth:`build_trainer`; everything
+    after training (the adapter, exports, publishing, eval) is the same for every objective.
+    """
+
+    #: The rows it trains on, one of :data:`ROW_KINDS`.
+    row_kind: ClassVar[str] = "conversation"
+    #: True when its loss compares the policy with a frozen reference model (DPO, KTO): the
+    #: finished run a run continues (``model.from_run``), else the base model.
+    uses_reference: ClassVar[bool] = False
+    #: What its trainer logs besides the loss, learning rate and grad norm, as the trainer names
+    #: the keys (``rewards/chosen``, ...); they reach every logger, ``metrics.jsonl`` and ``summary.json``.
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def build_trainer(self, setup: TrainerSetup, options: Any = None) -> Any:
+        """A ``transformers.Trainer`` (usually a TRL trainer through ``setup.trainer_class``) for ``setup``."""
+
+
 #: The plugin kinds: kind name -> (hook name, interface, config section of its options).
 KINDS: dict[str, tuple[str, type, str]] = {
     "dataset_format": ("register_dataset_formats", DatasetFormat, "data"),
@@ -535,4 +644,5 @@ KINDS: dict[str, tuple[str, type, str]] = {
     "exporter": ("register_exporters", Exporter, "export"),
     "backend": ("register_backends", TrainingBackend, "model"),
     "publisher": ("register_publishers", Publisher, "publish"),
+    "objective": ("register_objectives", Objective, "objective"),
 }

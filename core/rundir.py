@@ -122,6 +122,10 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.root / "summary.json"
 
+    def has_trained_model(self) -> bool:
+        """Whether ``adapter/`` holds what training wrote: a LoRA adapter, or a full fine-tune's model."""
+        return (self.adapter / "adapter_config.json").is_file() or (self.adapter / "config.json").is_file()
+
     def export_dir(self, exporter: str) -> Path:
         return self.root / "exports" / exporter
 

@@ -154,8 +154,18 @@ def _tokenizer_choice_config(path: str) -> dict[str, Any]:
     return {"config": PreTrainedConfig(model_type=model_type, name_or_path=str(path))}
 
 
-def load_tokenizer(model_cfg: Any) -> Any:
-    """The tokenizer of ``model_cfg`` (a ``model`` config node), resolved like the model."""
+def load_tokenizer(model_cfg: Any, of_base: bool = False) -> Any:
+    """The tokenizer of ``model_cfg`` (a ``model`` config node), resolved like the model. With
+    ``model.from_run`` (and not ``of_base``), the one that finished run saved in its ``adapter/``:
+    the tokens it added are part of the adapter being continued."""
+    if model_cfg.get("from_run") and not of_base:
+        saved = Path(str(model_cfg.from_run)).expanduser() / "adapter"
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(saved))
+        except OSError as exc:
+            raise SftError(f"model.from_run: cannot load the tokenizer saved in {saved}: {exc}") from None
     path = resolve_model(model_cfg.name, model_cfg.revision)  # an unreachable model fails before the import
     from transformers import AutoTokenizer
 

@@ -187,12 +187,19 @@ def real_tokens(inputs: Mapping[str, Any]) -> Any:
     """The non-padding tokens of a collated batch (a tensor on the batch's device, or an int).
 
     Padded batches carry an ``attention_mask``; padding-free (packed) ones carry the documents'
-    lengths (``packed_seq_lengths``, where Unsloth adds them) or hold no padding at all.
+    lengths (``packed_seq_lengths``, where Unsloth adds them) or hold no padding at all; the
+    preference trainers' batches (CPO, ORPO) carry one mask per completion.
     """
     mask = inputs.get("attention_mask")
     count = mask.sum() if mask is not None else None
     if count is None and inputs.get("packed_seq_lengths") is not None:
         count = inputs["packed_seq_lengths"].sum()
+    if count is None and "input_ids" not in inputs:
+        # A preference batch keyed per completion (``chosen_attention_mask``, ...), each with its prompt.
+        masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith(("prompt_", "KL_"))]
+        count = sum(m.sum() for m in masks) if masks else 0
+        if not hasattr(count, "device"):
+            return int(count)
     if count is None:
         return inputs["input_ids"].numel()
     # A CUDA count stays on the GPU until the trainer settles its counts; a CPU one is read now.

@@ -3,7 +3,8 @@
 It runs the real data pipeline (:func:`sft.engine.data.build_datasets`, so the cache is used
 and filled) and shows:
 
-- N training rows as the model sees them, decoded, with the trained tokens highlighted;
+- N training rows as the model sees them, decoded, with the trained tokens highlighted (for
+  preference data: the prompt with each completion, chosen and rejected, the scored tokens highlighted);
 - the counts (rows, skipped, truncated, fully masked, tokens);
 - a histogram of token lengths.
 
@@ -51,18 +52,19 @@ def preview_data(cfg: Any, samples: int = 3, pm: Any = None) -> dict[str, Any]:
     rows = train.select(range(min(samples, len(train)))) if samples > 0 else []
     out_samples = []
     for i, row in enumerate(rows):
-        ids, mask = row["input_ids"], row["assistant_masks"]
-        segments = [{"text": tokenizer.decode(run, skip_special_tokens=False), "trained": trained}
-                    for trained, run in token_runs(ids, mask)]
-        out_samples.append({
-            "row": i,
-            "tokens": len(ids),
-            "trained_tokens": int(sum(mask)),
-            "text": "".join(s["text"] for s in segments),
-            "segments": segments,
-            "trained_text": [s["text"] for s in segments if s["trained"]],
-        })
-    lengths = [len(ids) for ids in train["input_ids"]]
+        for completion, ids, mask in _scored_views(row):
+            segments = [{"text": tokenizer.decode(run, skip_special_tokens=False), "trained": trained}
+                        for trained, run in token_runs(ids, mask)]
+            out_samples.append({
+                "row": i,
+                **({"completion": completion} if completion else {}),
+                "tokens": len(ids),
+                "trained_tokens": int(sum(mask)),
+                "text": "".join(s["text"] for s in segments),
+                "segments": segments,
+                "trained_text": [s["text"] for s in segments if s["trained"]],
+            })
+    lengths = [max(len(ids) for _c, ids, _m in _scored_views(row)) for row in train]
     return {
         "config": {
             "dataset": cfg.data.dataset,
@@ -82,6 +84,18 @@ def preview_data(cfg: Any, samples: int = 3, pm: Any = None) -> dict[str, Any]:
             "histogram": length_histogram(lengths),
         },
     }
+
+
+def _scored_views(row: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
+    """A prepared row as ``(completion, ids, trained mask)`` views: one for a conversation; for
+    preference rows, the prompt followed by each completion, whose tokens are the scored ones."""
+    if "input_ids" in row:
+        return [("", row["input_ids"], row["assistant_masks"])]
+    prompt = list(row["prompt_ids"])
+    labels = {"chosen_ids": "chosen", "rejected_ids": "rejected",
+              "completion_ids": "desirable" if row.get("label") else "undesirable"}
+    return [(label, prompt + list(row[key]), [0] * len(prompt) + [1] * len(row[key]))
+            for key, label in labels.items() if key in row]
 
 
 def preview(cfg: Any, samples: int = 3, as_json: bool = False, file: TextIO | None = None) -> dict[str, Any]:
@@ -120,7 +134,10 @@ def _print_rich(data: dict[str, Any], out: TextIO) -> None:
                 body.append(mark[0] + seg["text"] + mark[1], style="bold black on green")
             else:
                 body.append(seg["text"], style="dim")
-        console.rule(f"row {sample['row']}: {sample['tokens']} tokens, {sample['trained_tokens']} trained", align="left")
+        which = f" {sample['completion']}" if sample.get("completion") else ""
+        scored = "scored" if which else "trained"
+        console.rule(f"row {sample['row']}{which}: {sample['tokens']} tokens, {sample['trained_tokens']} {scored}",
+                     align="left")
         console.print(body)
     if data["samples"]:
         console.rule()

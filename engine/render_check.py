@@ -89,7 +89,7 @@ def check_template(cfg: Any, pm: Any = None, limit: int | None = None) -> dict[s
     from .models import load_tokenizer
     from sft.core.templating import resolve_template
 
-    model_tokenizer = load_tokenizer(cfg.model)  # untouched: the model's chat_template and special tokens
+    model_tokenizer = load_tokenizer(cfg.model, of_base=True)  # untouched: the model's chat_template and special tokens
     if not getattr(model_tokenizer, "chat_template", None):
         raise SftError(f"--check-template: the tokenizer of {cfg.model.name} has no chat_template to compare with")
     tokenizer = load_tokenizer(cfg.model)

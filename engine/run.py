@@ -111,10 +111,46 @@ def _announce_setup(cfg: "DictConfig") -> None:
 
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
-    gathered weights of a sharded (FSDP) model."""
+    gathered weights of a sharded (FSDP) model. Only the trained adapter is written: a
+    preference trainer's frozen reference copy (TRL's ``ref`` adapter) stays behind."""
+    kwargs: dict[str, Any] = {"state_dict": state_dict} if state_dict is not None else {}
+    if len(getattr(model, "peft_config", None) or {}) > 1:
+        kwargs["selected_adapters"] = [model.active_adapter]
     with staged_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(tmp, **kwargs)
         tokenizer.save_pretrained(tmp)
+
+
+def _objective_record(objective: Any, source: RunDir | None, cfg: "DictConfig") -> dict[str, Any]:
+    """What ``summary.json`` says about the objective: its name, the run it continued (with that
+    run's objective and dataset), its reference model, and one sentence for model cards."""
+    record: dict[str, Any] = {"name": objective.name, "from_run": None, "reference": None}
+    if objective.uses_reference:
+        record["reference"] = f"{source.root} (its adapter, frozen)" if source is not None else "the base model"
+    story = f"{objective.name} on `{cfg.data.dataset}`"
+    if source is not None:
+        from sft.core.config import read_yaml
+
+        earlier = read_yaml(str(source.config))
+        their_objective = (earlier.get("objective") or {}).get("name", "sft")
+        their_data = (earlier.get("data") or {}).get("dataset")
+        record["from_run"] = str(source.root)
+        record["from_run_objective"] = their_objective
+        record["from_run_dataset"] = their_data
+        story += f", on top of the run `{source.root.name}` ({their_objective} on `{their_data}`)"
+    record["description"] = story
+    return record
+
+
+def _objective_metrics(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The last logged value of each of the objective's metrics, on train and (``eval_*``) on eval."""
+    out = {}
+    for key in keys:
+        for name in (key, f"eval_{key}"):
+            value = _last(records, name)
+            if value is not None:
+                out[name] = value
+    return out
 
 
 def _total_steps(cfg: "DictConfig", trainer: Any) -> int:
@@ -243,11 +279,18 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     from .models import load_tokenizer
     from sft.core.templating import resolve_template
 
+    from sft.core.config import plugin_options
+
+    objective = pm.get("objective", cfg.objective.name, "objective.name")
+    objective_options = plugin_options(cfg, "objective", objective.name, pm)
+    source = RunDir.of(Path(str(cfg.model.from_run)).expanduser()) if cfg.model.from_run else None
+
     tick = time.perf_counter()
+    # A continued run's tokenizer is the one it saved: with any tokens it added.
     tokenizer = load_tokenizer(cfg.model)
     template = resolve_template(cfg, pm, tokenizer)
     with distributed.main_first():  # one process per node fills the data cache, the others read it
-        data = build_datasets(cfg, pm, tokenizer, template=template)
+        data = build_datasets(cfg, pm, tokenizer, template=template, row_kind=objective.row_kind)
     durations["data"] = time.perf_counter() - tick
     notice(f"data: {describe_stats(data.stats)}")
     from .export import preflight_before_training
@@ -263,20 +306,24 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     if loaded_rows < len(tokenizer):
         # The template's end-of-turn or pad token was added to the vocabulary.
         model.resize_token_embeddings(len(tokenizer))
-    model = backend.prepare_for_training(model, cfg, new_token_rows=range(loaded_rows, len(tokenizer)))
+    if source is not None and cfg.model.method != "full" and (source.adapter / "adapter_config.json").is_file():
+        model = backend.continue_training(model, cfg, source.adapter)
+        notice(f"model.from_run: training continues from {source.adapter}"
+               + (" (it is also the reference model)" if objective.uses_reference else ""))
+    else:
+        model = backend.prepare_for_training(model, cfg, new_token_rows=range(loaded_rows, len(tokenizer)))
     durations["load"] = time.perf_counter() - tick
 
     from sft.core.interfaces import RunInfo
     from .metrics import MetricsHub, read_metrics
-    from .trainer import NonFiniteLossError, build_trainer, metrics_callback
+    from .trainer import NonFiniteLossError, RunTrainerSetup, metrics_callback, objective_trainer
 
     hub = MetricsHub.for_config(run.root, cfg, pm) if world.is_main else distributed.NullHub()
-    callback = metrics_callback(hub)
+    callback = metrics_callback(hub, objective.metrics)
     from .stopping import stop_callback
 
-    trainer = build_trainer(cfg, model, tokenizer, data, env, run.checkpoints,
-                            trained_positions_loss=backend.trained_positions_loss,
-                            callbacks=[callback, stop_callback(stop)])
+    setup = RunTrainerSetup(cfg, model, tokenizer, data, env, run.checkpoints, [callback, stop_callback(stop)], backend)
+    trainer = objective_trainer(objective, setup, objective_options)
     name = run.root.name
     hub.start(RunInfo(name=name, run_dir=str(run.root), config=shareable_container(cfg),
                       total_steps=_total_steps(cfg, trainer),
@@ -291,6 +338,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         "preset": cfg.get("preset"),
         "dataset": data.stats,
         "resumed_from": str(resume_from.path) if resume_from else None,
+        "objective": _objective_record(objective, source, cfg),
     }
     if world.distributed:
         base_summary["distributed"] = {"strategy": cfg.distributed.strategy, **distributed.batch_plan(cfg).as_json()}
@@ -362,6 +410,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     # finds the run already trained to its last step. Keep what the earlier process measured then.
     trained_here = resume_from is None or trainer.state.global_step > resume_from.step
     earlier = {} if trained_here else run.read_summary()
+    base_summary["objective"].update(_objective_metrics(records, objective.metrics))
     summary = run.update_summary(
         **base_summary,
         status="ok",

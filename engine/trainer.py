@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 
     from .metrics import MetricsHub
 
-__all__ = ["NonFiniteLossError", "trainer_class", "training_arguments", "build_trainer", "metrics_callback",
+__all__ = ["NonFiniteLossError", "trainer_class", "guarded_trainer_class", "training_arguments", "common_arguments",
+           "build_trainer", "RunTrainerSetup", "objective_trainer", "metrics_callback",
            "TRAIN_METRICS"]
 
 #: The keys of a training log record (besides ``step``), in order.
@@ -72,19 +74,126 @@ class NonFiniteLossError(SftError):
             f"(training.learning_rate) or fp16 overflowed (try bf16 or float32); {keep}.")
 
 
+@functools.lru_cache(maxsize=None)
+def guarded_trainer_class(base: type) -> type:
+    """``base`` (a ``transformers.Trainer`` subclass: TRL's SFT, DPO, KTO, CPO, ORPO trainers)
+    with the guards every objective trains under: the NaN/inf guard, counted tokens and atomic
+    checkpoints (see the module docs). Built once per base."""
+    import torch
+    from transformers import Trainer
+
+    from . import checkpoints
+    from .packing import real_tokens
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            self._staging: Path | None = None
+            #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
+            self._pending: list[tuple[int, Any, Any]] = []
+            super().__init__(*args, **kwargs)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen = real_tokens(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self._pending.append((self.state.global_step + 1, seen, loss.detach()))
+            # Reading a CUDA value waits for the GPU; once per step that stalls it while the
+            # optimizer step is being queued (1.6% of an 8B QLoRA step on an H100, see
+            # docs/benchmarks.md). On CUDA the count and the NaN check wait for the next
+            # log/save, where the Trainer waits for the GPU anyway.
+            if loss.device.type != "cuda" or len(self._pending) >= 64:
+                self._settle()
+            return loss
+
+        def _settle(self) -> None:
+            """Add the pending micro-batches' tokens to the state; stop at the first non-finite loss."""
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            counts = [seen for _, seen, _ in pending]
+            tensors = [c.reshape(()) for c in counts if isinstance(c, torch.Tensor)]
+            seen = sum(int(c) for c in counts if not isinstance(c, torch.Tensor))
+            finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).tolist()
+            seen += int(torch.stack(tensors).sum()) if tensors else 0
+            # Every rank settles at the same micro-batches: the count is the job's, and a NaN
+            # on one rank stops all of them at once instead of leaving them in a collective.
+            seen, bad_ranks = distributed.sum_across_ranks([seen, float(not all(finite))])
+            self.state.num_input_tokens_seen += int(seen)
+            if not bad_ranks:
+                return
+            # Every rank knows now that some rank saw one: all stop at the job's first bad step.
+            mine = next(((step, loss) for (step, _, loss), ok in zip(pending, finite) if not ok), None)
+            first = int(distributed.min_across_ranks(mine[0] if mine else pending[-1][0]))
+            if mine is not None and mine[0] == first:
+                value = mine[1].item() if mine[1].numel() == 1 else "not finite"
+                raise NonFiniteLossError(first, f"the loss is {value}", self._last_checkpoint())
+            raise NonFiniteLossError(first, "the loss became NaN/inf on another rank", self._last_checkpoint())
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop or c.should_epoch_stop:
+                self._settle()  # before the log reads the token count and before any checkpoint
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                result = super().train(*args, **kwargs)
+            finally:
+                _forget_bitsandbytes_overrides(self.model)
+            self._settle()
+            return result
+
+        # -- checkpoints -----------------------------------------------------------------
+        def _last_checkpoint(self) -> str | None:
+            last = checkpoints.last_complete(self.args.output_dir, verify=True)  # "last good" must be good
+            return str(last.path) if last else None
+
+        def _get_output_dir(self, trial):
+            if self._staging is not None:
+                return str(self._staging)
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
+            if distributed.sum_across_ranks([len(bad)])[0]:
+                what = (f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})" if bad
+                        else "trained weights became NaN/inf on another rank")
+                raise NonFiniteLossError(step, what, self._last_checkpoint())
+            root = Path(self.args.output_dir)
+            world = distributed.current_world()
+            # Rank 0 makes the staging folder; every rank writes its part of the checkpoint into
+            # it (its RNG state; its shards under FSDP); rank 0 commits once all have written.
+            self._staging = distributed.broadcast(checkpoints.staging_dir(root, step) if world.is_main else None)
+            written = self._staging / f"checkpoint-{step}"
+            try:
+                # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
+                Trainer._save_checkpoint(self, model, trial)
+            finally:
+                self._staging = None
+            distributed.barrier()
+            if world.is_main:
+                strategy = "fsdp2" if self.is_fsdp_enabled else ("ddp" if world.distributed else "single")
+                distributed.write_layout(written, strategy, distributed.BatchPlan(
+                    self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+                    self.args.world_size))
+                checkpoints.commit_checkpoint(written, root, step)
+                checkpoints.rotate(root, self.args.save_total_limit)
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded
+
+
 @functools.lru_cache(maxsize=1)
 def trainer_class() -> type:
     """The ``SFTTrainer`` subclass (built on first use: importing TRL is slow)."""
     import torch
     import torch.nn.functional as F
-    from transformers import Trainer
     from trl import SFTTrainer
 
-    from . import checkpoints
-    from .packing import MergedAway, merge_micro_batches, real_tokens
+    from .packing import MergedAway, merge_micro_batches
 
-    class SftTrainer(SFTTrainer):
-        """SFTTrainer + trained-positions loss, NaN guard and atomic checkpoints (see module docs)."""
+    class SftTrainer(guarded_trainer_class(SFTTrainer)):  # type: ignore[misc]
+        """SFTTrainer + trained-positions loss, merged micro-batches and the guards (see module docs)."""
 
         def __init__(self, *args: Any, trained_positions_loss: bool = False,
                      merge_budget: int | None = None, **kwargs: Any):
@@ -92,9 +201,6 @@ def trainer_class() -> type:
             self.merge_budget = merge_budget
             #: micro-batches drawn and passes run while merging; None: nothing could be merged
             self._merged: list[int] | None = None
-            self._staging: Path | None = None
-            #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
-            self._pending: list[tuple[int, Any, Any]] = []
             super().__init__(*args, **kwargs)
 
         # -- loss ----------------------------------------------------------------------
@@ -152,95 +258,15 @@ def trainer_class() -> type:
         def training_step(self, model, inputs, num_items_in_batch=None):
             if isinstance(inputs, MergedAway):  # its rows run in the step's next micro-batch
                 return torch.zeros((), device=self.args.device)
-            seen = real_tokens(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            self._pending.append((self.state.global_step + 1, seen, loss.detach()))
-            # Reading a CUDA value waits for the GPU; once per step that stalls it while the
-            # optimizer step is being queued (1.6% of an 8B QLoRA step on an H100, see
-            # docs/benchmarks.md). On CUDA the count and the NaN check wait for the next
-            # log/save, where the Trainer waits for the GPU anyway.
-            if loss.device.type != "cuda" or len(self._pending) >= 64:
-                self._settle()
-            return loss
-
-        def _settle(self) -> None:
-            """Add the pending micro-batches' tokens to the state; stop at the first non-finite loss."""
-            pending, self._pending = self._pending, []
-            if not pending:
-                return
-            counts = [seen for _, seen, _ in pending]
-            tensors = [c.reshape(()) for c in counts if isinstance(c, torch.Tensor)]
-            seen = sum(int(c) for c in counts if not isinstance(c, torch.Tensor))
-            finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).tolist()
-            seen += int(torch.stack(tensors).sum()) if tensors else 0
-            # Every rank settles at the same micro-batches: the count is the job's, and a NaN
-            # on one rank stops all of them at once instead of leaving them in a collective.
-            seen, bad_ranks = distributed.sum_across_ranks([seen, float(not all(finite))])
-            self.state.num_input_tokens_seen += int(seen)
-            if not bad_ranks:
-                return
-            # Every rank knows now that some rank saw one: all stop at the job's first bad step.
-            mine = next(((step, loss) for (step, _, loss), ok in zip(pending, finite) if not ok), None)
-            first = int(distributed.min_across_ranks(mine[0] if mine else pending[-1][0]))
-            if mine is not None and mine[0] == first:
-                value = mine[1].item() if mine[1].numel() == 1 else "not finite"
-                raise NonFiniteLossError(first, f"the loss is {value}", self._last_checkpoint())
-            raise NonFiniteLossError(first, "the loss became NaN/inf on another rank", self._last_checkpoint())
-
-        def _maybe_log_save_evaluate(self, *args, **kwargs):
-            c = self.control
-            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop or c.should_epoch_stop:
-                self._settle()  # before the log reads the token count and before any checkpoint
-            return super()._maybe_log_save_evaluate(*args, **kwargs)
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def train(self, *args, **kwargs):
-            try:
-                result = super().train(*args, **kwargs)
-            finally:
-                _forget_bitsandbytes_overrides(self.model)
-            self._settle()
+            result = super().train(*args, **kwargs)
             if self.merge_budget:
                 notice(f"training.merge_micro_batches: {self._merged[0]} micro-batches ran as {self._merged[1]} passes"
                        if self._merged else "training.merge_micro_batches: nothing merged (the loss is not "
                        "normalised by each step's token count here, so merged rows would weigh differently)")
             return result
-
-        # -- checkpoints -----------------------------------------------------------------
-        def _last_checkpoint(self) -> str | None:
-            last = checkpoints.last_complete(self.args.output_dir, verify=True)  # "last good" must be good
-            return str(last.path) if last else None
-
-        def _get_output_dir(self, trial):
-            if self._staging is not None:
-                return str(self._staging)
-            return super()._get_output_dir(trial)
-
-        def _save_checkpoint(self, model, trial):
-            step = self.state.global_step
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()]
-            if distributed.sum_across_ranks([len(bad)])[0]:
-                what = (f"{len(bad)} trained weight tensor(s) became NaN/inf (e.g. {bad[0]})" if bad
-                        else "trained weights became NaN/inf on another rank")
-                raise NonFiniteLossError(step, what, self._last_checkpoint())
-            root = Path(self.args.output_dir)
-            world = distributed.current_world()
-            # Rank 0 makes the staging folder; every rank writes its part of the checkpoint into
-            # it (its RNG state; its shards under FSDP); rank 0 commits once all have written.
-            self._staging = distributed.broadcast(checkpoints.staging_dir(root, step) if world.is_main else None)
-            written = self._staging / f"checkpoint-{step}"
-            try:
-                # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
-                Trainer._save_checkpoint(self, model, trial)
-            finally:
-                self._staging = None
-            distributed.barrier()
-            if world.is_main:
-                strategy = "fsdp2" if self.is_fsdp_enabled else ("ddp" if world.distributed else "single")
-                distributed.write_layout(written, strategy, distributed.BatchPlan(
-                    self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
-                    self.args.world_size))
-                checkpoints.commit_checkpoint(written, root, step)
-                checkpoints.rotate(root, self.args.save_total_limit)
 
     return SftTrainer
 
@@ -272,10 +298,11 @@ def _local(tensor: Any) -> Any:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def metrics_callback(hub: "MetricsHub") -> Any:
+def metrics_callback(hub: "MetricsHub", objective_metrics: tuple[str, ...] = ()) -> Any:
     """A ``TrainerCallback`` that sends every train log and every evaluation to ``hub``.
 
-    Train records carry :data:`TRAIN_METRICS`; ``tokens`` is the cumulative count of
+    Train records carry :data:`TRAIN_METRICS`, then the objective's own keys
+    (``objective_metrics``: DPO's ``rewards/chosen`` ...); ``tokens`` is the cumulative count of
     non-padding training tokens (``state.num_input_tokens_seen``) and ``tokens_per_second``
     the rate since the previous record. Eval records carry ``eval_loss`` (and the other
     ``eval_*`` values the Trainer reports).
@@ -315,6 +342,7 @@ def metrics_callback(hub: "MetricsHub") -> Any:
                 "epoch": logs.get("epoch", state.epoch),
                 "tokens": tokens,
                 "tokens_per_second": (tokens - self.last_tokens) / elapsed,
+                **{k: logs[k] for k in objective_metrics if _number(logs.get(k))},
             }
             self.last_time, self.last_tokens = now, tokens
             hub.log(step, {k: v for k, v in record.items() if v is not None})
@@ -329,18 +357,39 @@ def _number(value: Any) -> bool:
 # -- hyperparameters --------------------------------------------------------------------------
 def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool,
                        packing: bool | None = None) -> Any:
-    """The ``trl.SFTConfig`` for ``cfg.training`` (HF TrainingArguments names map one to one).
-
-    CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
-    together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
-    (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+    """The ``trl.SFTConfig`` for ``cfg.training`` (:func:`common_arguments`, plus packing).
 
     ``packing`` is the resolved ``training.packing`` (:func:`sft.engine.packing.decide_packing`;
     None: only an explicit ``true`` packs). Unpacked rows are padded per batch and drawn in
     length groups (``group_by_length``, seeded by the trainer).
     """
-    import torch
     from trl import SFTConfig
+
+    if packing is None:
+        packing = str(cfg.training.packing).lower() == "true"
+    return SFTConfig(
+        **common_arguments(cfg, env, output_dir, has_eval, SFTConfig),
+        packing=packing,
+        # Rows are already truncated to model.max_seq_length by the data pipeline; packing
+        # needs the length to fill its bins.
+        max_length=int(cfg.model.max_seq_length) if packing else None,
+        # Unpacked: padded batches of similar lengths. padding_free is stated, not left unset:
+        # Unsloth turns an unset one on, and flattened rows are what packing is for.
+        padding_free=packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
+    )
+
+
+def common_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Path, has_eval: bool,
+                     config_class: type) -> dict[str, Any]:
+    """The ``TrainingArguments`` values every objective trains with, from ``cfg.training``
+    (HF TrainingArguments names map one to one), for ``config_class`` (TRL's SFT, DPO, ... config).
+
+    CPU: float32, no gradient checkpointing and no bf16 autocast (TRL turns both on by default;
+    together they are ~23x slower on a small CPU); optim ``auto`` is ``adamw_torch`` there
+    (8-bit Adam needs bitsandbytes on CUDA) and ``adamw_8bit`` on CUDA.
+    """
+    import torch
 
     from .backends import resolve_dtype
 
@@ -366,9 +415,7 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
     if not has_eval:
         eval_strategy = "no"
     warmup: float = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
-    if packing is None:
-        packing = str(t.packing).lower() == "true"
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         learning_rate=float(t.learning_rate),
         lr_scheduler_type=t.lr_scheduler_type,
@@ -395,16 +442,8 @@ def training_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | 
         bf16=bool(bf16),
         fp16=bool(fp16),
         # Backends own checkpointing (Unsloth's offloaded one on CUDA, none on CPU); TRL turns it on.
-        **{_checkpointing_argument(SFTConfig): False},
+        **{_checkpointing_argument(config_class): False},
         use_cpu=not env.cuda,
-        packing=packing,
-        # Rows are already truncated to model.max_seq_length by the data pipeline; packing
-        # needs the length to fill its bins.
-        max_length=int(cfg.model.max_seq_length) if packing else None,
-        # Unpacked: padded batches of similar lengths. padding_free is stated, not left unset:
-        # Unsloth turns an unset one on, and flattened rows are what packing is for.
-        padding_free=packing,
-        train_sampling_strategy="random" if packing else "group_by_length",
         prediction_loss_only=True,
         report_to="none",
         disable_tqdm=True,
@@ -474,5 +513,36 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
         merge_budget=merge_budget,
     )
     # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+@dataclass
+class RunTrainerSetup:
+    """The :class:`~sft.core.interfaces.TrainerSetup` of one run: what its objective builds a trainer from."""
+
+    config: Any
+    model: Any
+    tokenizer: Any
+    data: Any
+    env: "Environment"
+    output_dir: Path
+    callbacks: list[Any]
+    backend: Any
+
+    def arguments(self, config_class: type, **values: Any) -> Any:
+        common = common_arguments(self.config, self.env, self.output_dir, self.data.eval is not None, config_class)
+        return config_class(**{**common, **values})
+
+    def trainer_class(self, base: type) -> type:
+        return guarded_trainer_class(base)
+
+
+def objective_trainer(objective: Any, setup: RunTrainerSetup, options: Any = None) -> Any:
+    """``objective``'s trainer for ``setup``, with metrics reaching the console through the logger
+    plugins only (not also as the Trainer's raw dicts)."""
+    from transformers import PrinterCallback
+
+    trainer = objective.build_trainer(setup, options)
     trainer.remove_callback(PrinterCallback)
     return trainer

@@ -57,6 +57,8 @@ def _config_args(func: Callable) -> Callable:
         click.option("--dataset", help="Dataset file, folder or hub name (data.dataset)."),
         click.option("--format", "format_", help="Dataset-format plugin (data.format)."),
         click.option("--template", help="Chat-template plugin (template.name)."),
+        click.option("--objective", help="Training objective plugin: sft, dpo, orpo, simpo, kto (objective.name)."),
+        click.option("--from", "from_run", metavar="RUN", help="Continue this finished run: its base, tokenizer, template and adapter (model.from_run)."),
         click.option("--exporter", "exporters", multiple=True, help="Exporter plugin; repeatable (export.enabled)."),
         click.option("--logger", "loggers", multiple=True,
                      help="Add a logger plugin to loggers.enabled (the console stays on); -NAME removes one; repeatable."),
@@ -88,7 +90,7 @@ def _logger_list(path: str | None, overrides: list[str], loggers: tuple[str, ...
 
 
 def _load_config(args, model, dataset, format_, template, exporters, loggers, output, no_console=False,
-                 push_to_hub=None, nproc=None):
+                 push_to_hub=None, nproc=None, objective=None, from_run=None):
     from sft.core.config import load_config
     from sft.core.presets import implied_preset
 
@@ -108,6 +110,8 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
             "data.dataset": dataset,
             "data.format": format_,
             "template.name": template,
+            "objective.name": objective,
+            "model.from_run": from_run,
             "export.enabled": list(exporters) if exporters else None,
             "loggers.enabled": _logger_list(path, overrides, loggers, no_console),
             "training.output_dir": output,

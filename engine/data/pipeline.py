@@ -40,38 +40,59 @@ from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
 from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
 from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
+from .preference import check_preference, encode_preferences
 from .readers import BadRow, RowRef
 from .sources import columns_of, fingerprint_split, read_split, resolve_source
 
 if TYPE_CHECKING:
     from sft.core.plugins import PluginManager
 
-__all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats", "validate_data"]
+__all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats", "validate_data", "objective_row_kind"]
 
 #: Rows rendered and tokenized per batch (bounds memory, keeps the fast tokenizer's batching).
 ENCODE_BATCH = 2000
 
 
+#: What each row kind is, for errors that say what an objective needs and what a file has.
+ROW_KIND_WORDS = {"conversation": "conversations", "pair": "preference pairs (prompt, chosen, rejected)",
+                  "labelled": "completions labelled desirable or not (prompt, completion, label)"}
+
+
+def _wrong_kind(cfg: Any, fmt: DatasetFormat, row_kind: str, key: str, source: str) -> DataError:
+    objective = cfg.objective.name if "objective" in cfg else "this run"
+    return DataError(f"objective '{objective}' trains on {ROW_KIND_WORDS[row_kind]}; {key} '{fmt.name}' reads "
+                     f"{ROW_KIND_WORDS[fmt.row_kind]} (this data fits an objective of that kind; see docs/preference.md)",
+                     source=source or None)
+
+
 def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str], source: str = "",
-                   name: str | None = None, key: str = "data.format") -> tuple[DatasetFormat, Any]:
-    """The dataset format (and its options) ``name`` (default ``cfg.data.format``); ``auto`` detects it from ``columns``."""
+                   name: str | None = None, key: str = "data.format",
+                   row_kind: str = "conversation") -> tuple[DatasetFormat, Any]:
+    """The dataset format (and its options) ``name`` (default ``cfg.data.format``); ``auto`` detects it from
+    ``columns`` among the formats of ``row_kind`` (the rows the run's objective trains on)."""
     from sft.core.config import plugin_options
     from sft.core.plugins import get_plugin_manager
 
     pm = pm or get_plugin_manager()
     name = name or cfg.data.format
     if name != "auto":
-        return pm.get("dataset_format", name, key), plugin_options(cfg, "dataset_format", name, pm)
+        fmt = pm.get("dataset_format", name, key)
+        if fmt.row_kind != row_kind:
+            raise _wrong_kind(cfg, fmt, row_kind, key, source)
+        return fmt, plugin_options(cfg, "dataset_format", name, pm)
     matches = []
+    others = []
     for fname, fmt in sorted(pm.registry("dataset_format").items()):
         options = plugin_options(cfg, "dataset_format", fname, pm)
         if fmt.detect(columns, options):
-            matches.append((fmt, options))
+            (matches if fmt.row_kind == row_kind else others).append((fmt, options))
     shown = ", ".join(columns[:12]) or "none"
+    if not matches and others:
+        raise _wrong_kind(cfg, others[0][0], row_kind, f"{key}=auto found", source)
     if not matches:
-        available = ", ".join(sorted(pm.registry("dataset_format")))
-        raise DataError(f"{key}=auto: no dataset format recognises the columns ({shown}); "
-                        f"set {key} to one of: {available}", source=source or None)
+        available = ", ".join(sorted(n for n, f in pm.registry("dataset_format").items() if f.row_kind == row_kind))
+        raise DataError(f"{key}=auto: no dataset format of {ROW_KIND_WORDS[row_kind]} recognises the columns "
+                        f"({shown}); set {key} to one of: {available}", source=source or None)
     if len(matches) > 1:
         names = ", ".join(f.name for f, _ in matches)
         raise DataError(f"{key}=auto is ambiguous: the columns ({shown}) match the formats {names}; "
@@ -151,6 +172,13 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
+            if fmt.row_kind != "conversation":
+                conversation = fmt.to_preference(row, options)
+                for warning in check_preference(conversation):
+                    bad.warn(DataError(warning, source=ref.source, line=ref.line, row=ref.row))
+                conversations.append(conversation)
+                kept.append(ref)
+                continue
             segments = fmt.to_segments(row, options)
             if segments is not None:
                 conversation: Any = _check_segments(segments)
@@ -302,7 +330,7 @@ def _weighted(items: list, refs: list, weight: float, seed: int) -> tuple[list, 
 
 
 def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, template: ChatTemplate | None = None,
-                   use_cache: bool = True, quiet: bool = False) -> PreparedData:
+                   use_cache: bool = True, quiet: bool = False, row_kind: str | None = None) -> PreparedData:
     """Load, normalize, mix, split, render and tokenize the configured data.
 
     Args:
@@ -314,6 +342,9 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
             (``sft run`` does, once); else resolved here from ``cfg``.
         use_cache: read and write the content-addressed cache (``data.cache_dir``).
         quiet: do not print the skipped-rows notice.
+        row_kind: the rows to prepare (:data:`sft.core.interfaces.ROW_KINDS`); None: those the
+            configured objective trains on. ``pair`` and ``labelled`` rows become the token
+            columns of :mod:`.preference`.
 
     Raises:
         DataError: a bad row under ``on_bad_row=error`` (naming file:line, row and field),
@@ -324,6 +355,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         template = resolve_template(cfg, pm, tokenizer)
     else:
         prepare_tokenizer(tokenizer, template, cfg)
+    if row_kind is None:
+        row_kind = objective_row_kind(cfg, pm)
     seed = int(cfg.training.seed)
     sources = _sources(cfg)
     opened = []  # (source spec, resolved Source, fingerprint, handle, rows, refs, format, options)
@@ -339,7 +372,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if src.format == "auto" and columns is None:
             rows, refs = read_split(source, src.split, split_key, handle)
             columns = columns_of(rows)
-        fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format")
+        fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format",
+                                          row_kind=row_kind)
         opened.append([src, source, fp, handle, rows, refs, fmt, fmt_options])
         fps.append(fp)
 
@@ -360,6 +394,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         # Every source's content, split, weight and format take part in the key.
         parts["sources"] = [[o[0].spec, o[0].split, o[0].weight, o[2],
                              cache_key_parts(cfg, o[6], o[7], template, tokenizer, o[2])["format"]] for o in opened]
+    parts["rows"] = row_kind
     key = cache_key(parts)
     described = " + ".join(o[1].describe() for o in opened)
     root = cache_root(cfg) if use_cache else None
@@ -400,6 +435,16 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
             conversations, kept, float(cfg.data.test_size), seed)
 
+    if row_kind != "conversation":
+        prepared = _prepared_preferences(cfg, template, tokenizer, bad, total, (train_convs, train_refs),
+                                         (eval_convs, eval_refs), described, root, key)
+        prepared.stats["format"] = "+".join(dict.fromkeys(o[6].name for o in opened))
+        if len(opened) > 1:
+            prepared.stats.update(sources=per_source, mix_seed=seed)
+        _report_skipped(prepared.stats, quiet)
+        if root is not None:
+            store_entry(root / key, prepared)
+        return prepared
     train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
     eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
     if not train_enc.input_ids:
@@ -441,6 +486,54 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     return prepared
 
 
+def objective_row_kind(cfg: Any, pm: "PluginManager | None") -> str:
+    """The rows the configured objective (``objective.name``) trains on."""
+    from sft.core.plugins import get_plugin_manager
+
+    if "objective" not in cfg:
+        return "conversation"
+    return (pm or get_plugin_manager()).get("objective", cfg.objective.name, "objective.name").row_kind
+
+
+def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad: _BadRows, total: int,
+                          train: tuple[list, list], evals: tuple[list, list], described: str, root: Any,
+                          key: str) -> PreparedData:
+    """Preference rows (pairs or labelled completions) tokenized by :mod:`.preference`, with their counts."""
+    from .preference import to_dataset
+
+    train_enc = encode_preferences(*train, template, tokenizer, cfg, bad)
+    eval_enc = encode_preferences(*evals, template, tokenizer, cfg, bad)
+    if not len(train_enc):
+        first = f"; the first: {bad.errors[0]}" if bad.errors else ""
+        raise DataError(f"no preference row is left to train on: every row is bad or longer than "
+                        f"model.max_seq_length={cfg.model.max_seq_length}{first}", source=described)
+    bad.check(total)
+    stats: dict[str, Any] = {
+        "rows": total,
+        "kind": "pair" if "chosen_ids" in train_enc.columns else "labelled",
+        "skipped": bad.stats(),
+        "truncated": train_enc.truncated + eval_enc.truncated,
+        "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
+        "truncated_eot_added": 0,
+        "fully_masked": 0,
+        "train_rows": len(train_enc),
+        "eval_rows": len(eval_enc),
+        "train_tokens": train_enc.tokens,
+        "trained_tokens": train_enc.scored_tokens,
+        "eval_tokens": eval_enc.tokens,
+        "max_tokens": max(train_enc.max_tokens, eval_enc.max_tokens),
+        "template": template.name,
+        "source": described,
+        "cache": "miss" if root is not None else "off",
+        "cache_key": key,
+    }
+    if "label" in train_enc.columns:
+        labels = train_enc.columns["label"]
+        stats["labels"] = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
+    return PreparedData(to_dataset(train_enc), to_dataset(eval_enc) if len(eval_enc) else None, stats,
+                        train_enc.conversations, eval_enc.conversations)
+
+
 def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
     if not quiet and stats.get("truncated_dropped"):
         notice(f"data: left out {stats['truncated_dropped']} row(s) whose answer model.max_seq_length would cut "
@@ -470,6 +563,14 @@ def describe_stats(stats: Mapping[str, Any]) -> str:
 
 
 def _describe_totals(stats: Mapping[str, Any]) -> str:
+    if stats.get("kind") in ("pair", "labelled"):
+        what = "pairs" if stats["kind"] == "pair" else "labelled completions"
+        labels = stats.get("labels")
+        split = f" ({labels['desirable']} desirable, {labels['undesirable']} not)" if labels else ""
+        return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train "
+                f"{what}{split} / {stats['eval_rows']} eval; skipped {stats['skipped']['count']}, too long "
+                f"{stats['truncated']}{_cut_detail(stats)}; {stats['train_tokens']:,} train tokens, "
+                f"{stats['trained_tokens']:,} scored")
     return (f"{stats['rows']} rows ({stats['format']}, template {stats['template']}) → {stats['train_rows']} train / "
             f"{stats['eval_rows']} eval; skipped {stats['skipped']['count']}, truncated {stats['truncated']}"
             f"{_cut_detail(stats)}, "

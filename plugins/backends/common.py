@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["lora_settings"]
+__all__ = ["lora_settings", "load_trainable_adapter"]
 
 
 def lora_settings(cfg: Any) -> dict[str, Any]:
@@ -29,3 +29,15 @@ def lora_settings(cfg: Any) -> dict[str, Any]:
         "bias": str(lora.bias),
         "loftq_config": dict(loftq) if loftq else None,
     }
+
+
+def load_trainable_adapter(model: Any, adapter_dir: Any) -> Any:
+    """A finished run's PEFT adapter on ``model``, trainable (what ``model.from_run`` continues).
+
+    The adapter keeps everything it was trained with (its rank, targets and any trained token
+    rows), so training goes on from exactly that model. PEFT names it ``default``: the
+    preference trainers' reference copy of it (TRL's ``ref`` adapter) is made from that one.
+    """
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)

@@ -142,13 +142,9 @@ class TransformersBackend(TrainingBackend):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return model
 
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
 
-        if getattr(model, "is_loaded_in_4bit", False):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-        elif checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        model = _ready_for_adapter(model, checkpointing)
         settings = lora_settings(config)
         loftq = settings.pop("loftq_config")
         extra: dict[str, Any] = {}
@@ -174,6 +170,28 @@ class TransformersBackend(TrainingBackend):
                 if param.dtype.is_floating_point and param.dtype != storage:
                     param.data = param.data.to(storage)
         return model
+
+    def continue_training(self, model: Any, config: Any, adapter_dir: Any) -> Any:
+        from sft.core.env import current_environment
+
+        from .common import load_trainable_adapter
+
+        use_ckpt = config.lora.use_gradient_checkpointing
+        checkpointing = use_ckpt in ("true", "unsloth") or (use_ckpt == "auto" and current_environment().cuda)
+        return load_trainable_adapter(_ready_for_adapter(model, checkpointing), adapter_dir)
+
+
+def _ready_for_adapter(model: Any, checkpointing: bool) -> Any:
+    """The base model made ready for a LoRA adapter: a 4-bit one through PEFT's k-bit preparation,
+    gradient checkpointing on when asked."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
 
 
 @hookimpl

@@ -128,6 +128,18 @@ class UnslothBackend(TrainingBackend):
             plan_checkpoint_skips(model, config)
         return model
 
+    def continue_training(self, model: Any, config: Any, adapter_dir: Any) -> Any:
+        from unsloth import FastLanguageModel
+
+        from .common import load_trainable_adapter
+
+        model = load_trainable_adapter(model, adapter_dir)
+        # Unsloth's fast LoRA kernels and offloaded checkpointing, as its get_peft_model sets them up.
+        model = FastLanguageModel.patch_peft_model(model, use_gradient_checkpointing=self._checkpointing(config))
+        if config.training.memory == "auto" and self._checkpointing(config):
+            plan_checkpoint_skips(model, config)
+        return model
+
 
 def plan_checkpoint_skips(model: Any, config: Any) -> None:
     """``training.memory=auto``: let as many layers skip checkpointing as free VRAM allows.

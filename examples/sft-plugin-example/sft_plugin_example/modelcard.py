@@ -99,6 +99,9 @@ def render_model_card(config: Mapping[str, Any], summary: Mapping[str, Any], opt
     data = summary.get("dataset") if isinstance(summary.get("dataset"), Mapping) else {}
     lines += ["## Training data", "", f"- dataset: `{dataset}` (format `{data.get('format', _get(config, 'data.format'))}`, "
               f"split `{_get(config, 'data.split')}`)"]
+    objective = summary.get("objective") if isinstance(summary.get("objective"), Mapping) else {}
+    if objective.get("from_run") or objective.get("name") not in (None, "sft"):
+        lines.append(f"- objective: {objective.get('description') or objective.get('name')}")
     for key, label in (("rows", "rows read"), ("train_rows", "training rows"), ("eval_rows", "evaluation rows"),
                        ("train_tokens", "training tokens"), ("trained_tokens", "trained (assistant) tokens"),
                        ("truncated", "truncated rows"), ("fully_masked", "rows with no trained token (dropped)")):

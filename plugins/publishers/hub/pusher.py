@@ -325,7 +325,7 @@ def render_card(context: ExportContext, summary: Mapping[str, Any], repo: str, u
     data = ModelCardData(
         base_model=base,
         library_name=next((p.library_name for p in parts if p.library_name), None),
-        datasets=[dataset] if _is_hub_id(dataset) and "/" in dataset else None,
+        datasets=_hub_datasets(dataset, summary) or None,
         pipeline_tag="text-generation",
         tags=tags,
         **metadata,
@@ -356,6 +356,13 @@ def render_card(context: ExportContext, summary: Mapping[str, Any], repo: str, u
     return str(card)
 
 
+def _hub_datasets(dataset: str, summary: Mapping[str, Any]) -> list[str]:
+    """The Hub datasets the model learned from: the run's, and the run it continued's (model.from_run)."""
+    objective = summary.get("objective") if isinstance(summary.get("objective"), Mapping) else {}
+    names = [dataset, str(objective.get("from_run_dataset") or "")]
+    return list(dict.fromkeys(n for n in names if _is_hub_id(n) and "/" in n))
+
+
 def _training_lines(cfg: Any, summary: Mapping[str, Any], base_text: str, dataset: str) -> list[str]:
     stats = summary.get("dataset") if isinstance(summary.get("dataset"), Mapping) else {}
     shown = dataset if _is_hub_id(dataset) or dataset.startswith("sft:") else Path(dataset).name
@@ -365,6 +372,9 @@ def _training_lines(cfg: Any, summary: Mapping[str, Any], base_text: str, datase
                        ("trained_tokens", "trained (assistant) tokens")):
         if stats.get(key) is not None:
             rows.append((label, _fmt(stats[key])))
+    objective = summary.get("objective") if isinstance(summary.get("objective"), Mapping) else {}
+    if objective.get("name") not in (None, "sft") or objective.get("from_run"):
+        rows.append(("objective", str(objective.get("description") or objective.get("name"))))
     rows.append(("chat template", f"`{cfg.template.name}`"))
     method = str(summary.get("method") or cfg.model.method)
     if method != "full":

@@ -1,0 +1,137 @@
+"""Preference rows → the token ids TRL's preference trainers take, with exact completion spans.
+
+A pair becomes ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (the columns of TRL's
+``DataCollatorForPreference``); a labelled row (KTO) becomes ``prompt_ids`` /
+``completion_ids`` / ``label``. Each completion is rendered by the run's template after its
+prompt, exactly as a conversation is for SFT (:func:`sft.core.templating.encode_rendered`), and:
+
+- the prompt's tokens are the tokens of the template's generation prompt, what the model is
+  given at inference; a completion whose render does not start with them (a template that
+  renders the prompt differently before an answer, or BPE merging across the seam) is a
+  located bad row, never a silently shifted one;
+- a completion's scored tokens run from the answer's start to its last trained token, its
+  end-of-turn token included, and nothing after it (ChatML's newline after ``<|im_end|>`` is
+  not something the model writes, so it is not scored; TRL's own tokenization scores it);
+- a pair whose completions are the same is a bad row; rows too long for ``model.max_seq_length``
+  follow ``data.on_truncate`` (``drop``: counted and left out; otherwise the completion's end
+  is cut by the collator, as TRL does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft.core.errors import DataError, SftError
+from sft.core.formats import validate_conversation
+from sft.core.interfaces import ChatTemplate, Conversation, Message, Preference, tools_of
+from sft.core.templating import encode_rendered
+
+__all__ = ["check_preference", "encode_preferences", "EncodedPreferences"]
+
+
+def check_preference(pref: Any) -> list[str]:
+    """Check a format's :class:`Preference` like a conversation (raises :class:`DataError`); return its warnings."""
+    if not isinstance(pref, Preference):
+        raise DataError(f"the format returned {type(pref).__name__}, not a Preference")
+    warnings: list[str] = []
+    for completion in pref.completions():
+        if completion.role != "assistant":
+            raise DataError(f"a completion must be an assistant turn, got role '{completion.role}'")
+        warnings += validate_conversation(_joined(pref.prompt, completion))
+    if pref.rejected is not None and pref.chosen == pref.rejected:
+        raise DataError("chosen and rejected are the same completion: the pair teaches nothing")
+    if pref.rejected is None and not isinstance(pref.label, bool):
+        raise DataError(f"an unpaired row needs a true/false label, got {pref.label!r}")
+    return list(dict.fromkeys(warnings))
+
+
+def _joined(prompt: Sequence[Message], completion: Message) -> list[Message]:
+    tools = tools_of(prompt)
+    messages = [*prompt, completion]
+    return Conversation(messages, tools) if tools else messages
+
+
+@dataclass
+class EncodedPreferences:
+    """Token columns of the rows kept, row for row with ``conversations`` (prompt + chosen)."""
+
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    conversations: list[list[Message]] = field(default_factory=list)
+    truncated: int = 0
+    cut_dropped: int = 0
+    tokens: int = 0
+    scored_tokens: int = 0
+    max_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+
+def _completion_ids(template: ChatTemplate, tokenizer: Any, pref: Preference, completion: Message,
+                    prompt_ids: list[int]) -> list[int]:
+    """The tokens of ``completion`` after ``prompt_ids``, up to its last trained token (its end of turn)."""
+    segments = template.render(_joined(pref.prompt, completion), tokenizer)
+    (ids, mask), = encode_rendered(tokenizer, [segments], "assistant")
+    n = len(prompt_ids)
+    if ids[:n] != prompt_ids:
+        at = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), n))
+        raise DataError(f"template '{template.name}' renders the prompt differently before this answer than as a "
+                        f"generation prompt (they part at token {at}: {tokenizer.decode(ids[at:at + 4])!r} vs "
+                        f"{tokenizer.decode(prompt_ids[at:at + 4])!r}), so the answer's tokens cannot be scored "
+                        f"exactly; choose a template whose generation prompt starts every answer")
+    trained = [i for i in range(n, len(ids)) if mask[i]]
+    if not trained:
+        raise DataError(f"template '{template.name}' trains no token of this completion")
+    return list(ids[n:trained[-1] + 1])
+
+
+def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], template: ChatTemplate, tokenizer: Any,
+                       cfg: Any, bad: Any) -> EncodedPreferences:
+    """Tokenize preference rows; bad ones go to ``bad`` (the pipeline's bad-row policy) with their file:line."""
+    out = EncodedPreferences()
+    max_len = int(cfg.model.max_seq_length)
+    for pref, ref in zip(prefs, refs):
+        try:
+            prompt_text = template.generation_prompt(pref.prompt, tokenizer)
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            completions = [_completion_ids(template, tokenizer, pref, c, prompt_ids) for c in pref.completions()]
+            if len(completions) == 2 and completions[0] == completions[1]:
+                raise DataError("chosen and rejected render to the same tokens: the pair teaches nothing")
+        except DataError as exc:
+            bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row
+            detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+            bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
+                              source=ref.source, line=ref.line, row=ref.row))
+            continue
+        longest = len(prompt_ids) + max(map(len, completions))
+        if longest > max_len:
+            out.truncated += 1
+            if str(cfg.data.on_truncate) == "drop" or len(prompt_ids) >= max_len:
+                out.cut_dropped += 1
+                continue
+        names = ("chosen_ids", "rejected_ids") if pref.rejected is not None else ("completion_ids",)
+        row = {"prompt_ids": prompt_ids, **dict(zip(names, completions))}
+        if pref.rejected is None:
+            row["label"] = bool(pref.label)
+        for key, value in row.items():
+            out.columns.setdefault(key, []).append(value)
+        out.conversations.append(_joined(pref.prompt, pref.chosen))
+        out.tokens += len(prompt_ids) + sum(map(len, completions))
+        out.scored_tokens += sum(min(len(c), max_len - len(prompt_ids)) for c in completions)
+        out.max_tokens = max(out.max_tokens, longest)
+    return out
+
+
+def to_dataset(encoded: EncodedPreferences) -> Any:
+    """The rows as a ``datasets.Dataset`` (Arrow columns straight from the lists)."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    arrays = {key: pa.array(values, type=pa.bool_() if key == "label" else pa.list_(pa.int32()))
+              for key, values in encoded.columns.items()}
+    return datasets.Dataset(InMemoryTable(pa.table(arrays)))
