@@ -143,6 +143,7 @@ class TrainingConfig:
     logging_steps: int = opt(1, "Log metrics every this many steps.", ge=1)
     eval_strategy: str = opt("auto", "auto: evaluate every eval_steps when there is an eval split, else never.", ["auto", "no", "steps", "epoch"])
     eval_steps: Optional[int] = opt(None, "Evaluate every this many steps (default: logging_steps * 10).", ge=1)
+    eval_on_start: bool = opt(False, "Also evaluate before the first step, so the eval metrics show where training started (a preference objective's reward accuracy and margin).")
     save_steps: int = opt(50, "Write an atomic checkpoint every this many steps.", ge=1)
     save_total_limit: int = opt(2, "Keep this many complete checkpoints.", ge=1)
     packing: str = opt("auto", "Pack several rows into each sequence of max_seq_length tokens, documents kept apart. auto: pack when rows average at most half of max_seq_length and packing still leaves 10 optimizer steps an epoch (the run log says what it chose). Unpacked rows are padded in length-grouped batches.", ["auto", "true", "false"])

@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = (
     # change the optimisation (another global batch, a re-sharded FSDP2 run).
     "distributed.",
     "training.output_dir", "training.run_name", "training.logging_steps", "training.save_steps",
-    "training.save_total_limit", "training.eval_steps", "training.eval_strategy",
+    "training.save_total_limit", "training.eval_steps", "training.eval_strategy", "training.eval_on_start",
     "training.per_device_eval_batch_size", "training.generation_prompt", "training.generation_max_new_tokens",
     "training.stop_grace_seconds", "data.cache_dir",
 )

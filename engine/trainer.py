@@ -436,6 +436,7 @@ def common_arguments(cfg: "DictConfig", env: "Environment", output_dir: str | Pa
         logging_nan_inf_filter=False,
         eval_strategy=eval_strategy,
         eval_steps=int(t.eval_steps or t.logging_steps * 10),
+        eval_on_start=bool(t.eval_on_start) and eval_strategy != "no",
         save_strategy="steps",
         save_steps=int(t.save_steps),
         save_total_limit=int(t.save_total_limit),

@@ -36,6 +36,7 @@ SECTION_INTRO = {
     "loggers": "Where metrics go. `metrics.jsonl` and `loss.png` are always written.",
     "export": "What is written after training, from the adapter on disk (`sft export` re-runs it).",
     "publish": "Where each export goes once it is written (the Hugging Face Hub, ...); `sft publish` re-sends it.",
+    "objective": "What training optimises: `sft` on conversations, or a preference objective on pairs or labelled completions (docs/preference.md).",
 }
 
 #: The config section of each kind -> the words used in headings.
@@ -46,6 +47,7 @@ KIND_WORDS = {
     "exporter": "exporter",
     "backend": "training backend",
     "publisher": "publisher",
+    "objective": "objective",
 }
 
 GENERATED_NOTE = (

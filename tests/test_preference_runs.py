@@ -1,0 +1,163 @@
+"""Preference objectives trained for real: a third-party objective through the hook, continuing a
+finished run (its adapter is the start and the reference), refusals that write nothing, and each
+bundled objective learning on real public preference data with the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sft.core import hookimpl
+from sft.core.config import opt
+from sft.plugins.objectives.dpo import DPO, DPOOptions
+from sft.testing import run_sft, tiny_overrides, train_tiny, write_jsonl
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DPO_DEMO = SHARED / "llamafactory_dpo_en_demo.json"
+KTO_DEMO = SHARED / "llamafactory_kto_en_demo.json"
+
+#: Short pairs of the shape every objective reads (written by this project's authors).
+PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.", "rejected": f"{a + b + 1}."}
+         for a in range(1, 7) for b in range(1, 3)]
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- a third-party objective ---------------------------------------------------------------------
+@dataclass
+class IPOOptions:
+    tau: float = opt(0.1, "IPO's regularisation (TRL's beta for loss_type=ipo).", gt=0)
+
+
+class IPO(DPO):
+    """A DPO loss variant from another package: IPO under its own name and option."""
+
+    name = "ipo_variant"
+    description = "IPO (a DPO variant), as a third-party objective"
+    options = IPOOptions
+
+    def build_trainer(self, setup: Any, options: Any = None) -> Any:
+        return super().build_trainer(setup, DPOOptions(beta=options.tau, loss_type="ipo"))
+
+
+class IPOPlugin:
+    @hookimpl
+    def register_objectives(self, register):
+        register(IPO())
+
+
+def test_hook_register_objectives(sft_plugin_manager, tiny_run, tiny_model_dir, tmp_path: Path):
+    """A registered objective trains through the engine: its options validated and used, its
+    metrics in metrics.jsonl and summary.json, the finished run's adapter as start and reference."""
+    sft_plugin_manager.register(IPOPlugin(), "ipo-plugin")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    run = train_tiny(tmp_path / "ipo", tiny_model_dir, "objective.name=ipo_variant", "objective.ipo_variant.tau=0.25",
+                     f"model.from_run={tiny_run}", dataset=pairs, steps=2)
+    first = _records(run)[0]
+    # The reference is exactly the model training starts from (the finished run's adapter, frozen):
+    # at the first step the rewards are zero and IPO's loss is (1 / (2 tau))^2.
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx((1 / (2 * 0.25)) ** 2, rel=1e-5)
+    # ... and that model is the finished run's, not the base: from the base the first step scores otherwise.
+    base = train_tiny(tmp_path / "ipo-base", tiny_model_dir, "objective.name=ipo_variant", dataset=pairs, steps=1)
+    assert _records(base)[0]["logps/chosen"] != first["logps/chosen"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"]["name"] == "ipo_variant" and summary["objective"]["from_run"] == str(tiny_run)
+    assert "rewards/margins" in summary["objective"] and summary["status"] == "ok"
+    # Only the trained adapter is saved, not the trainer's frozen reference copy.
+    assert not (run / "adapter" / "ref").exists() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    result = run_sft("validate", *tiny_overrides(tmp_path / "x", tiny_model_dir, pairs), "objective.name=ipo_variant",
+                     "objective.ipo_variant.tau=-1", check=False)
+    assert result.exit_code == 2 and "objective.ipo_variant.tau: must be > 0" in result.output
+
+
+def test_a_continued_run_stands_on_its_own(tiny_run, tiny_model_dir, tmp_path: Path):
+    """The run that continues another records where it came from and keeps working (exports,
+    chat) after that run is gone: its config.yaml already holds what it took from it."""
+    source = Path(shutil.copytree(tiny_run, tmp_path / "sft"))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    run = train_tiny(tmp_path / "dpo", tiny_model_dir, "objective.name=dpo", f"model.from_run={source}",
+                     dataset=pairs, steps=1)
+    objective = json.loads((run / "summary.json").read_text())["objective"]
+    assert objective["reference"] == f"{source} (its adapter, frozen)"
+    assert objective["description"].endswith(f"on top of the run `sft` (sft on `sft:identity`)")
+    shutil.rmtree(source)
+    run_sft("export", run, "--exporter", "lora")
+    assert (run / "exports" / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("unfinished", "is not a finished run (its status is interrupted)"),
+    ("other base", "model.name: '{other}' differs from '{base}', which {source} was trained with"),
+    ("other template", "template.name: 'llama3' differs from 'chatml'"),
+])
+def test_from_run_refusals_write_nothing(tiny_run, tiny_model_dir, tmp_path: Path, change, message):
+    source = Path(shutil.copytree(tiny_run, tmp_path / "sft"))
+    if change == "unfinished":
+        summary = json.loads((source / "summary.json").read_text())
+        (source / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    out = tmp_path / "dpo"
+    other = tmp_path / "other-model"
+    before = _tree_digest(source)
+    args = [a for a in tiny_overrides(out, tiny_model_dir, pairs) if not a.startswith("model.name=")]
+    extra = {"unfinished": [], "other base": [f"model.name={other}"], "other template": ["template.name=llama3"]}[change]
+    result = run_sft("run", "--objective", "dpo", "--from", source, *args, *extra, check=False)
+    assert result.exit_code == 2
+    assert message.format(other=other, base=tiny_model_dir, source=source) in result.output
+    assert _tree_digest(source) == before and not out.exists()
+
+
+# -- each bundled objective on SmolLM2 ------------------------------------------------------------
+OBJECTIVES = {
+    # objective: (data file, options) — a learning rate and beta each learns at in a dozen steps
+    "dpo": (DPO_DEMO, ["objective.dpo.beta=0.1"]),
+    "orpo": (DPO_DEMO, ["objective.orpo.beta=0.1"]),
+    "simpo": (DPO_DEMO, ["objective.simpo.beta=2.0"]),
+    "kto": (KTO_DEMO, ["objective.kto.beta=0.1"]),
+}
+
+
+@pytest.mark.skipif(not DPO_DEMO.is_file(), reason="../shared/data is not here")
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_each_objective_learns_on_real_preference_data(objective, embedded_default_run, tmp_path: Path):
+    """From the finished SFT run of the embedded SmolLM2, a short run on LLaMA-Factory's real
+    preference data raises the held-out reward accuracy above where it started and the mean
+    margin above 0; the adapter exports and answers."""
+    data, options = OBJECTIVES[objective]
+    out = tmp_path / objective
+    exporters = "[lora,gguf]" if objective == "dpo" else "[lora]"
+    run_sft("run", "--objective", objective, "--from", embedded_default_run, "--dataset", data, "--output", out,
+            "model.max_seq_length=320", "data.split=train[:120]", "data.test_size=8", "data.on_bad_row=skip",
+            "training.max_steps=12", "training.learning_rate=5e-4", "training.warmup_steps=0",
+            "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=1",
+            "training.eval_steps=12", "training.eval_on_start=true", "training.save_steps=1000",
+            "training.generation_max_new_tokens=8", f"export.enabled={exporters}", "loggers.enabled=[]", *options)
+    evals = [r for r in _records(out) if "eval_loss" in r]
+    start, end = evals[0], evals[-1]
+    assert (start["step"], end["step"]) == (0, 12)
+    margin = "eval_rewards/margins"
+    accuracy = "eval_rewards/accuracies" if objective != "kto" else None
+    assert end[margin] > 0 and end[margin] > start[margin]
+    if accuracy:
+        assert end[accuracy] > start[accuracy]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["objective"]["from_run"] == str(embedded_default_run)
+    assert summary["exports"]["lora"]["ok"]
+    if objective == "dpo":
+        assert summary["exports"]["gguf"]["ok"], summary["exports"]["gguf"]
+    answer = run_sft("generate", out, "--max-new-tokens", "8", "Who are you?")
+    assert answer.output.strip()
