@@ -35,6 +35,8 @@ SHORTCUTS = {
     "dataset": "data.dataset",
     "format": "data.format",
     "template": "template.name",
+    "objective": "objective.name",
+    "from_run": "model.from_run",
     "exporters": "export.enabled",
     "loggers": "loggers.enabled",
     "output": "training.output_dir",
@@ -56,8 +58,8 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
     """The validated config :func:`train` would use, without training (``sft validate`` minus the data).
 
     ``source``: a YAML path, a mapping (nested sections or dotted keys), or None. ``overrides``:
-    the CLI's shortcuts (``model``, ``dataset``, ``template``, ``exporters``, ``loggers``,
-    ``output``), section mappings (``training={"max_steps": 5}``), dotted keys
+    the CLI's shortcuts (``model``, ``dataset``, ``template``, ``objective``, ``from_run`` (a
+    run directory or a :class:`Run`), ``exporters``, ``loggers``, ``output``), section mappings (``training={"max_steps": 5}``), dotted keys
     (``**{"training.max_steps": 5}``) or the flat names of other tools (``learning_rate=1e-4``).
     """
     from omegaconf import DictConfig, OmegaConf
@@ -81,6 +83,8 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
         elif key in SHORTCUTS:
             if key in ("exporters", "loggers") and isinstance(value, str):
                 value = [value]
+            if isinstance(value, Run):  # from_run=sft.train(...): the run it returned
+                value = str(value.path)
             flags[SHORTCUTS[key]] = value
         else:
             flags[key] = list(value) if isinstance(value, tuple) else value

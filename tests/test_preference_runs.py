@@ -177,3 +177,13 @@ def test_each_objective_learns_on_real_preference_data(objective, embedded_defau
         assert summary["exports"]["gguf"]["ok"], summary["exports"]["gguf"]
     answer = run_sft("generate", out, "--max-new-tokens", "8", "Who are you?")
     assert answer.output.strip()
+
+
+def test_the_python_api_continues_a_run_it_was_given(tiny_run, tiny_model_dir, tmp_path: Path):
+    import sft
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = sft.config(objective="dpo", from_run=sft.load(tiny_run), dataset=str(pairs))
+    assert cfg.objective.name == "dpo" and cfg.model.from_run == str(tiny_run)
+    # What the run was trained with comes with it: its base, its LoRA shape, its template.
+    assert cfg.model.name == str(tiny_model_dir) and cfg.lora.r == 4 and cfg.template.name == "chatml"
