@@ -178,3 +178,21 @@ def test_preview_shows_each_completion_with_its_scored_tokens(tmp_path, tiny_mod
     assert (chosen["completion"], rejected["completion"]) == ("chosen", "rejected")
     assert chosen["trained_text"] == ["Red.<|im_end|>"] and rejected["trained_text"] == ["Purple.<|im_end|>"]
     assert "Name a primary colour." in chosen["text"] and not chosen["segments"][0]["trained"]
+
+
+def test_mixed_preference_sources_are_cached_like_conversations(tmp_path, tiny_model_dir, tiny_tokenizer):
+    ranking = [{"conversations": [{"from": "human", "value": "Say hi."}],
+                "chosen": {"from": "gpt", "value": "Hi!"}, "rejected": {"from": "gpt", "value": "No."}}]
+    trl_file = write_jsonl(tmp_path / "trl.jsonl", PAIRS)
+    ranking_file = write_jsonl(tmp_path / "ranking.jsonl", ranking)
+    overrides = [*tiny_overrides(tmp_path / "run", tiny_model_dir), "objective.name=dpo",
+                 f"data.cache_dir={tmp_path / 'cache'}",
+                 f"data.datasets=[{{path: {trl_file}}}, {{path: {ranking_file}, weight: 2}}]"]
+    first = build_datasets(load_config(overrides=overrides), None, tiny_tokenizer, quiet=True)
+    assert first.stats["cache"] == "miss" and first.stats["format"] == "preference+sharegpt_pairs"
+    assert first.stats["train_rows"] == len(PAIRS) + 2
+    again = build_datasets(load_config(overrides=overrides), None, tiny_tokenizer, quiet=True)
+    assert again.stats["cache"] == "hit" and again.train[:] == first.train[:]
+    # The objective is part of what the rows are: the same files under kto are not these rows.
+    with pytest.raises(DataError, match="objective 'kto' trains on completions labelled"):
+        build_datasets(load_config(overrides=[*overrides, "objective.name=kto"]), None, tiny_tokenizer, quiet=True)
