@@ -324,6 +324,9 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         template = resolve_template(cfg, pm, tokenizer)
     else:
         prepare_tokenizer(tokenizer, template, cfg)
+    from ..tokens import add_configured_tokens
+
+    add_configured_tokens(tokenizer, cfg)  # model.add_tokens: rows are tokenized as training will see them
     seed = int(cfg.training.seed)
     sources = _sources(cfg)
     opened = []  # (source spec, resolved Source, fingerprint, handle, rows, refs, format, options)
