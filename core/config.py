@@ -553,10 +553,12 @@ def _check_lora(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
     if init in LORA_INITS_REFUSED:
         problems.append(ConfigProblem("lora.init_lora_weights", f"'{init}' is not supported: {LORA_INITS_REFUSED[init]}; "
                                                                 f"use true, gaussian, pissa, olora or loftq"))
-    elif init not in LORA_INITS and not (niter != init and niter.isdigit() and int(niter) > 0):
+        return
+    if init not in LORA_INITS and not (niter != init and niter.isdigit() and int(niter) > 0):
         choices = (*LORA_INITS, "pissa_niter_N")
         problems.append(ConfigProblem("lora.init_lora_weights", f"'{init}' is not one of {', '.join(choices)}"
                                                                 f"{did_you_mean(init, choices)}"))
+        return
     kind = lora_init_kind(init)
     if method == "full":
         set_keys = [key for key, on in (("lora.use_dora", lora.use_dora), ("lora.init_lora_weights", init != "true"),

@@ -113,10 +113,10 @@ def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = Non
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
     gathered weights of a sharded (FSDP) model; ``initial``: the adapter as it started, when
     it must be converted for the original base (:mod:`sft.engine.lora_init`)."""
-    from .lora_init import forget_initial_adapter, save_kwargs
+    from .lora_init import forget_initial_adapter, save_adapter
 
     with staged_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}), **save_kwargs(initial))
+        save_adapter(model, tmp, initial, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
     forget_initial_adapter(initial)
 
@@ -274,7 +274,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
 
     initialise_new_rows(model, tokenizer, cfg, base_vocabulary, loaded_rows)
     model = backend.prepare_for_training(model, cfg, new_token_rows=range(base_vocabulary, len(tokenizer)))
-    initial_adapter = remember_initial_adapter(model, run.root / ".lora-init") if world.is_main else None
+    initial_adapter = remember_initial_adapter(model, run.root / "initial_adapter") if world.is_main else None
     durations["load"] = time.perf_counter() - tick
 
     from sft.core.interfaces import RunInfo

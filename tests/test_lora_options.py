@@ -41,7 +41,7 @@ def test_flat_notebook_spellings_resolve_to_the_lora_and_training_keys(pm, capsy
                                  "loraplus_lr_ratio=16", "init_lora_weights=gaussian", "model.method=lora"], pm=pm)
     assert cfg.lora.use_dora is True and list(cfg.lora.modules_to_save) == ["lm_head"]
     assert cfg.training.embedding_learning_rate == 5e-5 and cfg.training.loraplus_lr_ratio == 16
-    assert "lora_modules_to_save=[lm_head] read as lora.modules_to_save" in capsys.readouterr().err
+    assert "lora_modules_to_save=['lm_head'] read as lora.modules_to_save" in capsys.readouterr().err
 
     from sft.plugins.backends.common import lora_settings
 
@@ -77,8 +77,8 @@ def test_refusals_name_the_key_and_why(pm, overrides, key, message):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides, pm=pm)
     text = str(info.value)
-    assert f"{key}:" in text and message in text, text
-    assert len(text.splitlines()) <= 2  # one line per problem (plus the count)
+    # One line names the key and says why.
+    assert any(f"{key}:" in line and message in line for line in text.splitlines()), text
 
 
 def test_validate_refuses_what_unsloth_cannot_train_and_notes_dora(tiny_model_dir, tmp_path, sft_plugin_manager):
@@ -133,7 +133,7 @@ def test_pissa_changes_the_starting_weights_and_its_adapter_merges_onto_the_orig
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sft.engine.lora_init import remember_initial_adapter, save_kwargs
+    from sft.engine.lora_init import remember_initial_adapter, save_adapter
 
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, "lora.init_lora_weights=pissa", pm=pm)
     model, _ = _prepared(cfg, pm)
@@ -151,7 +151,7 @@ def test_pissa_changes_the_starting_weights_and_its_adapter_merges_onto_the_orig
         with torch.no_grad():
             return merged(input_ids=ids).logits
 
-    model.save_pretrained(str(tmp_path / "untrained"), **save_kwargs(initial))
+    save_adapter(model, tmp_path / "untrained", initial)
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(merged_logits(tmp_path / "untrained"), plain(input_ids=ids).logits, atol=1e-5)
@@ -162,7 +162,7 @@ def test_pissa_changes_the_starting_weights_and_its_adapter_merges_onto_the_orig
             if "lora_" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
         trained = model(input_ids=ids).logits
-    model.save_pretrained(str(tmp_path / "trained"), **save_kwargs(initial))
+    save_adapter(model, tmp_path / "trained", initial)
     saved = json.loads((tmp_path / "trained" / "adapter_config.json").read_text())
     assert saved["r"] == 2 * cfg.lora.r and saved["init_lora_weights"] is True  # a plain LoRA for the original base
     assert torch.allclose(merged_logits(tmp_path / "trained"), trained, atol=1e-4)
@@ -174,7 +174,7 @@ def test_a_pissa_run_saves_the_converted_adapter_and_its_merged_export_verifies(
                      "export.enabled=[merged_16bit]", pm=sft_plugin_manager)
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["init_lora_weights"] is True
-    assert not (run / ".lora-init").exists()
+    assert not (run / "initial_adapter").exists()
     record = json.loads((run / "summary.json").read_text())["exports"]["merged_16bit"]
     assert record["ok"], record
 
@@ -220,8 +220,8 @@ def test_embedding_learning_rate_and_loraplus_put_their_rates_in_the_optimizer(t
     by_kind: dict[str, set] = {"lora_A": set(), "lora_B": set(), "embeddings": set()}
     for name, param in trained.items():
         kind = "embeddings" if "modules_to_save" in name else ("lora_B" if "lora_B" in name else "lora_A")
-        by_kind[kind].add(rate[id(param)])
-    assert by_kind == {"lora_A": {2e-4}, "lora_B": {pytest.approx(3.2e-3)}, "embeddings": {5e-5}}, by_kind
+        by_kind[kind].add(round(rate[id(param)], 12))
+    assert by_kind == {"lora_A": {2e-4}, "lora_B": {3.2e-3}, "embeddings": {5e-5}}, by_kind
     assert len([n for n in trained if "modules_to_save" in n]) == 2
     assert set(rate) == {id(p) for p in trained.values()}  # every trained tensor, nothing frozen
     err = capsys.readouterr().err
