@@ -55,7 +55,8 @@ class TransformersBackend(TrainingBackend):
 
     name = "transformers"
     version = "1"
-    description = "transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU"
+    description = ("transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU; every lora.* "
+                   "key as PEFT means it (DoRA and PiSSA/OLoRA not under FSDP2)")
     priority = 10
     options = TransformersOptions
     #: The trainer computes the loss only where a label is trained (see module docstring).

@@ -28,7 +28,9 @@ class UnslothBackend(TrainingBackend):
 
     name = "unsloth"
     version = "1"
-    description = "Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning"
+    description = ("Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning; of the lora.* keys, "
+                   "init_lora_weights only true/false/gaussian/loftq, modules_to_save only embed_tokens/lm_head, no "
+                   "layers_pattern, and DoRA layers without Unsloth's fast kernels")
     priority = 100
     #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
     trained_positions_loss = False
