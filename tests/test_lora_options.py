@@ -193,6 +193,11 @@ def test_modules_to_save_trains_and_saves_the_module_and_the_lora_export_says_wh
     note = record["details"]["servers"]["note"]
     assert "whole modules lm_head" in note and "not in vLLM (vllm#9280)" in note and "merged_16bit" in note
     assert record["details"]["servers"]["vllm"] is False
+    from sft.core.interfaces import ExportResult
+
+    card = sft_plugin_manager.get("exporter", "lora").hub_card(None, ExportResult.from_summary("lora", record),
+                                                               "me/run-lora", "me")
+    assert note in card.usage  # the model card says the same
 
 
 # -- optimizer groups, read from the optimizer -----------------------------------------------
