@@ -245,3 +245,39 @@ def test_an_embedding_rate_with_no_embedding_trained_is_refused(tiny_model_dir, 
     with pytest.raises(SftError, match=r"training.embedding_learning_rate: no embedding .* lora.modules_to_save"):
         parameter_groups(model, cfg, 2e-4, 0.0, set())
     assert parameter_groups(model, tiny_config(tmp_path / "run", tiny_model_dir, pm=pm), 2e-4, 0.0, set()) is None
+
+
+def test_layers_to_transform_and_rank_pattern_shape_the_adapter(tiny_model_dir, tmp_path, pm):
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, "lora.target_modules=[q_proj,v_proj]", "lora.layers_to_transform=[1]",
+                      "lora.rank_pattern={v_proj: 2}", "lora.alpha_pattern={v_proj: 4}", pm=pm)
+    model, _ = _prepared(cfg, pm)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if "lora_A" in name}
+    assert all(".layers.1." in name for name in shapes), sorted(shapes)
+    assert shapes["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"][0] == 4
+    assert shapes["base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"][0] == 2
+
+
+def test_target_parameters_adapt_and_train_moe_expert_weights(tmp_path, sft_plugin_manager):
+    """transformers 5 stores a Mixtral layer's experts as 3-D tensors, not Linear layers: only PEFT's
+    target_parameters reaches them."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from sft.engine.models import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           num_local_experts=2, num_experts_per_tok=1, tie_word_embeddings=False,
+                                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id))
+    moe.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    run = train_tiny(tmp_path / "run", tmp_path / "moe", "lora.target_modules=[q_proj]",
+                     "lora.target_parameters=[experts.gate_up_proj,experts.down_proj]", "training.learning_rate=1e-2",
+                     pm=sft_plugin_manager)
+    b = {k: v for k, v in adapter_tensors(run).items() if "experts" in k and "lora_B" in k}
+    # PEFT nests one wrapper per parameter on `experts`: gate_up_proj's B has 2 x intermediate rows, down_proj's hidden.
+    assert sorted(v.shape[0] for v in b.values()) == [64, 64, 128, 128], {k: v.shape for k, v in b.items()}
+    assert all(v.abs().max() > 0 for v in b.values())  # B starts at 0: the expert adapters trained
