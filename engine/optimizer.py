@@ -8,8 +8,10 @@
   matrices (and DoRA's magnitudes) at ``learning_rate``.
 
 Each group keeps transformers' weight-decay split (no decay for biases and norms), and the
-scheduler scales every group from its own starting rate. :func:`create_optimizer` is what any
-``transformers.Trainer`` subclass calls from its ``create_optimizer`` (``SftTrainer`` does, and
+scheduler scales every group from its own starting rate. Each logging step records the groups'
+rates too (``learning_rate_embeddings``, ``learning_rate_lora_B`` in ``metrics.jsonl``; :func:`group_rates`).
+
+:func:`create_optimizer` is what any ``transformers.Trainer`` subclass calls from its ``create_optimizer`` (``SftTrainer`` does, and
 so can the preference-tuning trainers): it returns None when neither key is set, and the
 Trainer then builds its usual optimizer.
 """
@@ -24,7 +26,7 @@ from sft.core.notices import notice
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-__all__ = ["parameter_groups", "create_optimizer", "EMBEDDINGS", "LORA_B", "OTHER"]
+__all__ = ["parameter_groups", "create_optimizer", "group_rates", "EMBEDDINGS", "LORA_B", "OTHER"]
 
 #: The ``name`` of each parameter group (kept in the optimizer's ``param_groups``).
 EMBEDDINGS, LORA_B, OTHER = "embeddings", "lora_B", "other"
@@ -77,8 +79,10 @@ def parameter_groups(model: Any, cfg: "DictConfig", learning_rate: float, weight
                        "recipe) or drop the key")
     if ratio is not None and not counts[LORA_B]:
         raise SftError("training.loraplus_lr_ratio: this run trains no LoRA B matrix; drop the key")
+    # The base rate's group first: the Trainer logs the first group's rate as `learning_rate`.
+    order = [OTHER, LORA_B, EMBEDDINGS]
     groups = [{"params": params, "lr": rates[kind], "weight_decay": float(weight_decay) if decays else 0.0,
-               "name": kind} for (kind, decays), params in sorted(members.items())]
+               "name": kind} for (kind, decays), params in sorted(members.items(), key=lambda m: (order.index(m[0][0]), m[0][1]))]
     parts = []
     if counts[EMBEDDINGS] and embedding_lr is not None:
         parts.append(f"{counts[EMBEDDINGS]} embedding tensor(s) at {rates[EMBEDDINGS]:g} (training.embedding_learning_rate)")
@@ -86,6 +90,21 @@ def parameter_groups(model: Any, cfg: "DictConfig", learning_rate: float, weight
         parts.append(f"{counts[LORA_B]} LoRA B matrices at {rates[LORA_B]:g} (training.loraplus_lr_ratio={float(ratio):g})")
     parts.append(f"{counts[OTHER]} other tensor(s) at {rates[OTHER]:g}")
     return groups, "optimizer learning rates: " + "; ".join(parts)
+
+
+def group_rates(optimizer: Any, logged_rate: float) -> dict[str, float]:
+    """``learning_rate_<group>`` of each group with a rate of its own, at the step the Trainer logged
+    ``logged_rate`` for (the base group's rate, which the Trainer reads before the scheduler steps).
+
+    Every group follows the same schedule, so each is its starting rate times the base group's factor.
+    """
+    groups = list(getattr(optimizer, "param_groups", ()))
+    base = next((g for g in groups if g.get("name") == OTHER), None)
+    if base is None or not base.get("initial_lr"):
+        return {}
+    factor = float(logged_rate) / float(base["initial_lr"])
+    return {f"learning_rate_{g['name']}": float(g["initial_lr"]) * factor for g in groups
+            if g.get("name") in (LORA_B, EMBEDDINGS) and g.get("initial_lr")}
 
 
 def create_optimizer(trainer: Any, cfg: "DictConfig") -> Any:

@@ -131,6 +131,13 @@ def trainer_class() -> type:
                 self.optimizer = create_optimizer(self, self.sft_config)  # None: no rate of its own
             return super().create_optimizer(*args, **kwargs)
 
+        def log(self, logs, *args, **kwargs):
+            if "learning_rate" in logs:  # the rates of the groups that have their own (embeddings, LoRA+'s B)
+                from .optimizer import group_rates
+
+                logs = {**logs, **group_rates(self.optimizer, logs["learning_rate"])}
+            return super().log(logs, *args, **kwargs)
+
         # -- batches ----------------------------------------------------------------------
         def _get_train_sampler(self, train_dataset=None):
             """``group_by_length`` (unpacked rows): :func:`sft.engine.packing.length_grouped_sampler`,
@@ -326,6 +333,7 @@ def metrics_callback(hub: "MetricsHub") -> Any:
                 "tokens": tokens,
                 "tokens_per_second": (tokens - self.last_tokens) / elapsed,
             }
+            record.update({k: v for k, v in logs.items() if k.startswith("learning_rate_")})  # per optimizer group
             self.last_time, self.last_tokens = now, tokens
             hub.log(step, {k: v for k, v in record.items() if v is not None})
 

@@ -184,7 +184,11 @@ def test_modules_to_save_trains_and_saves_the_module_and_the_lora_export_says_wh
     import torch
 
     run = train_tiny(tmp_path / "run", tiny_model_dir, "lora.modules_to_save=[lm_head]", "training.learning_rate=1e-2",
-                     "export.enabled=[lora]", steps=3, pm=sft_plugin_manager)
+                     "training.embedding_learning_rate=5e-3", "export.enabled=[lora]", steps=3, pm=sft_plugin_manager)
+    from sft.engine.metrics import read_metrics
+
+    first = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r][0]
+    assert first["learning_rate"] == pytest.approx(1e-2) and first["learning_rate_embeddings"] == pytest.approx(5e-3)
     tensors = adapter_tensors(run)
     [head] = [k for k in tensors if "lm_head" in k]
     assert tensors[head].shape == base_weights(tiny_model_dir)["lm_head.weight"].shape
@@ -232,9 +236,12 @@ def test_embedding_learning_rate_and_loraplus_put_their_rates_in_the_optimizer(t
     err = capsys.readouterr().err
     assert "2 embedding tensor(s) at 5e-05 (training.embedding_learning_rate)" in err
     assert "LoRA B matrices at 0.0032 (training.loraplus_lr_ratio=16)" in err
-    trainer.train()  # the rates stay apart through the schedule
+    trainer.train()  # the rates stay apart through the schedule, and each logging step records them
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["lora_B"] == pytest.approx(16 * lrs["other"]) and lrs["embeddings"] == pytest.approx(5e-5)
+    logged = [r for r in trainer.state.log_history if "loss" in r][-1]
+    assert logged["learning_rate"] == pytest.approx(2e-4)  # the base rate, not another group's
+    assert logged["learning_rate_lora_B"] == pytest.approx(3.2e-3) and logged["learning_rate_embeddings"] == pytest.approx(5e-5)
 
 
 def test_an_embedding_rate_with_no_embedding_trained_is_refused(tiny_model_dir, tmp_path, pm):
