@@ -66,17 +66,21 @@ def check_backend_config(cfg: Any, pm: "PluginManager", env: "Environment") -> N
     """``sft validate``: the settings the backend that would train ``cfg`` refuses or warns about.
 
     A named backend is asked even where it cannot run (a CUDA config checked on a laptop); with
-    ``auto``, the one this machine would pick, if any.
+    ``auto``, the one this machine would pick, if any. With several processes, the strategy too.
     """
     from sft.core.config import plugin_options
 
     if cfg.model.backend != "auto":
-        _checked(pm.get("backend", cfg.model.backend, "model.backend"), cfg)
+        backend = pm.get("backend", cfg.model.backend, "model.backend")
+    else:
+        backend = next((b for b in sorted(pm.registry("backend").values(), key=lambda b: -b.priority)
+                        if b.unsupported_reason(env, plugin_options(cfg, "backend", b.name, pm)) is None), None)
+    if backend is None:
         return
-    for backend in sorted(pm.registry("backend").values(), key=lambda b: -b.priority):
-        if backend.unsupported_reason(env, plugin_options(cfg, "backend", backend.name, pm)) is None:
-            _checked(backend, cfg)
-            return
+    _checked(backend, cfg)
+    reason = backend.distributed_reason(cfg, cfg.distributed.strategy) if cfg.distributed.num_processes > 1 else None
+    if reason:
+        raise ConfigError([ConfigProblem("distributed.strategy", reason)])
 
 
 def resolve_dtype(cfg: Any, env: "Environment") -> Any:

@@ -93,7 +93,10 @@ def test_validate_refuses_what_unsloth_cannot_train_and_notes_dora(tiny_model_di
     assert "Unsloth's fast LoRA kernels skip DoRA layers" in result.output
 
 
-def test_fsdp2_refuses_dora_and_pissa_with_the_reason(pm, tiny_model_dir, tmp_path):
+def test_fsdp2_refuses_dora_and_pissa_with_the_reason(pm, tiny_model_dir, tmp_path, sft_plugin_manager):
+    result = run_sft("validate", *tiny_overrides(tmp_path / "run", tiny_model_dir), "lora.use_dora=true",
+                     "distributed.num_processes=2", "distributed.strategy=fsdp2", check=False)
+    assert result.exit_code == 2 and "distributed.strategy: lora.use_dora under FSDP2" in result.output, result.output
     backend = pm.get("backend", "transformers")
     dora = tiny_config(tmp_path, tiny_model_dir, "lora.use_dora=true", pm=pm)
     assert "DoRA's magnitude is the norm of each whole weight matrix" in backend.distributed_reason(dora, "fsdp2")
@@ -107,7 +110,7 @@ def test_dora_adds_magnitude_vectors_and_they_move(tiny_model_dir, tmp_path, pm)
     import torch
 
     run = train_tiny(tmp_path / "run", tiny_model_dir, "lora.use_dora=true", "lora.target_modules=[q_proj,v_proj]",
-                     "training.learning_rate=1e-2", steps=3, pm=pm)
+                     "training.learning_rate=1e-2", "export.enabled=[merged_16bit]", steps=3, pm=pm)
     tensors = adapter_tensors(run)
     magnitudes = {k: v for k, v in tensors.items() if "lora_magnitude_vector" in k}
     assert len(magnitudes) == 4, sorted(tensors)  # q_proj and v_proj of 2 layers
@@ -118,6 +121,8 @@ def test_dora_adds_magnitude_vectors_and_they_move(tiny_model_dir, tmp_path, pm)
     assert magnitudes[key].shape == start.shape
     assert not torch.allclose(magnitudes[key], start, atol=1e-5)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    merged = json.loads((run / "summary.json").read_text())["exports"]["merged_16bit"]
+    assert merged["ok"], merged  # merged into the base and verified against base + adapter
 
 
 def _prepared(cfg, pm):
@@ -184,7 +189,8 @@ def test_modules_to_save_trains_and_saves_the_module_and_the_lora_export_says_wh
     import torch
 
     run = train_tiny(tmp_path / "run", tiny_model_dir, "lora.modules_to_save=[lm_head]", "training.learning_rate=1e-2",
-                     "training.embedding_learning_rate=5e-3", "export.enabled=[lora]", steps=3, pm=sft_plugin_manager)
+                     "training.embedding_learning_rate=5e-3", "export.enabled=[lora,merged_16bit]", steps=3,
+                     pm=sft_plugin_manager)
     from sft.engine.metrics import read_metrics
 
     first = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r][0]
@@ -202,6 +208,8 @@ def test_modules_to_save_trains_and_saves_the_module_and_the_lora_export_says_wh
     card = sft_plugin_manager.get("exporter", "lora").hub_card(None, ExportResult.from_summary("lora", record),
                                                                "me/run-lora", "me")
     assert note in card.usage  # the model card says the same
+    merged = json.loads((run / "summary.json").read_text())["exports"]["merged_16bit"]
+    assert merged["ok"], merged  # what the note offers instead works
 
 
 # -- optimizer groups, read from the optimizer -----------------------------------------------
