@@ -29,6 +29,10 @@ def test_two_added_tokens_are_learned_emitted_and_survive_merged_and_gguf(tiny_m
                      dataset=data, steps=40, pm=sft_plugin_manager)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["generation"]["text"].startswith(ANSWER), summary["generation"]  # learned: the model emits them
+    from sft.engine.generate import generate_from_run
+
+    # The saved adapter and tokenizer on the base model (sft generate) emit them too.
+    assert generate_from_run(run, "Call number 3.", max_new_tokens=6, stream=False).startswith(ANSWER)
 
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (PLAIN, SPECIAL)]
@@ -44,6 +48,20 @@ def test_two_added_tokens_are_learned_emitted_and_survive_merged_and_gguf(tiny_m
         assert llm.n_vocab() == len(tokenizer)
         for token, i in zip((PLAIN, SPECIAL), ids):
             assert llm.tokenize(token.encode(), add_bos=False, special=True) == [i], token
+    finally:
+        llm.close()
+    # ... and the GGUF in llama.cpp, greedily, after the same prompt.
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Call number 3."}], tokenize=False,
+                                           add_generation_prompt=True)
+    llm = llama_cpp.Llama(str(run / "exports" / "gguf" / "run-F16.gguf"), n_ctx=256, verbose=False)
+    try:
+        prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        emitted = []
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1):
+            emitted.append(token)
+            if len(emitted) == 2:
+                break
+        assert emitted == ids[::-1], emitted
     finally:
         llm.close()
 
