@@ -29,7 +29,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 class LoraExporter(Exporter):
     name = "lora"
     version = "1"
-    description = "The LoRA adapter and the tokenizer with the template's chat_template (PEFT format)"
+    description = ("The LoRA adapter and the tokenizer with the template's chat_template (PEFT format); says which "
+                   "servers load an adapter that holds more than LoRA matrices (modules_to_save, DoRA, added tokens)")
     hub_suffix = "-lora"
 
     def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:

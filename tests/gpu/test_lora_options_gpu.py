@@ -51,7 +51,8 @@ def test_unsloth_learns_added_tokens(small_llama_dir, tmp_path):
     rows = [{"messages": [{"role": "user", "content": QUESTION.format(c)}, {"role": "assistant", "content": "<|act|><tool>"}]}
             for c in ["red", "blue", "green", "amber"] * 16]
     out, _ = _run(small_llama_dir, tmp_path, "model.method=lora", "model.add_tokens=['<tool>']",
-                  "model.add_special_tokens=['<|act|>']", "export.enabled=[merged_16bit]", rows=rows)
+                  "model.add_special_tokens=['<|act|>']", "export.enabled=[merged_16bit]", "training.max_steps=40",
+                  rows=rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation"]["text"].startswith("<|act|><tool>"), summary["generation"]
     assert summary["exports"]["merged_16bit"]["ok"]
