@@ -75,7 +75,7 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
     add_tokens: List[str] = opt([], "Tokens added to the vocabulary before training (transformers' tokenizer.add_tokens; LLaMA-Factory's add_tokens). The embeddings are resized and the new rows trained, saved, merged and converted to GGUF with the rest.")
     add_special_tokens: List[str] = opt([], "Special tokens added to the vocabulary (never split, skipped when decoding with skip_special_tokens; LLaMA-Factory's new_special_tokens). Trained like model.add_tokens.")
-    new_token_init: str = opt("mean", "How the rows of added tokens start. mean: the mean of the existing embeddings (transformers' resize). description: the mean of the embeddings of model.new_token_descriptions' text for that token (LLaMA-Factory's desc_init).", ["mean", "description"])
+    new_token_init: str = opt("mean", "How the rows of added tokens start. mean: drawn around the mean of the existing embeddings (transformers' resize; exactly the mean for rows of a padded embedding). description: the mean of the embeddings of model.new_token_descriptions' text for that token (LLaMA-Factory's desc_init).", ["mean", "description"])
     new_token_descriptions: Dict[str, str] = opt({}, "With new_token_init=description: {token: text}; the token's rows start as the mean embedding of the text's tokens.")
 
 
