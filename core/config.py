@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -74,6 +74,10 @@ class ModelConfig:
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
     trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
     from_run: Optional[str] = opt(None, "Continue a finished run (its directory, e.g. runs/sft-1; also: sft run --from): its base model, tokenizer, template, model and lora settings, and its adapter as the starting point. With objective dpo or kto that run's model is also the reference.")
+    add_tokens: List[str] = opt([], "Tokens added to the vocabulary before training (transformers' tokenizer.add_tokens; LLaMA-Factory's add_tokens). The embeddings are resized and the new rows trained, saved, merged and converted to GGUF with the rest.")
+    add_special_tokens: List[str] = opt([], "Special tokens added to the vocabulary (never split, skipped when decoding with skip_special_tokens; LLaMA-Factory's new_special_tokens). Trained like model.add_tokens.")
+    new_token_init: str = opt("mean", "How the rows of added tokens start. mean: drawn around the mean of the existing embeddings (transformers' resize; exactly the mean for rows of a padded embedding). description: the mean of the embeddings of model.new_token_descriptions' text for that token (LLaMA-Factory's desc_init).", ["mean", "description"])
+    new_token_descriptions: Dict[str, str] = opt({}, "With new_token_init=description: {token: text}; the token's rows start as the mean embedding of the text's tokens.")
 
 
 @dataclass
@@ -87,6 +91,14 @@ class LoraConfig:
     use_gradient_checkpointing: str = opt("auto", "auto: Unsloth's offloaded checkpointing on CUDA, off on CPU. unsloth, true or false force it.", ["auto", "unsloth", "true", "false"])
     random_state: int = opt(3407, "Seed for LoRA weight initialisation.", ge=0)
     loftq_config: Optional[dict] = opt(None, "LoftQ initialisation options passed to PEFT (e.g. {loftq_bits: 4}).")
+    use_dora: bool = opt(False, "DoRA (PEFT's use_dora; Unsloth, Axolotl, LLaMA-Factory, TRL and ms-swift spell it the same): each adapted weight is split into a magnitude vector and a direction, both trained. Slower per step than LoRA; Unsloth's fast LoRA kernels skip DoRA layers.")
+    init_lora_weights: str = opt("true", "How LoRA starts (PEFT's init_lora_weights). true: B = 0, the adapter starts as a no-op. false: B random too (tests only). gaussian: A drawn from a Gaussian. pissa / pissa_niter_N: A and B from the weight's principal singular vectors, the residual stays in the base (N: fast randomized SVD iterations). olora: from a QR decomposition of the weight. loftq: LoftQ (quantization-aware; options in lora.loftq_config). pissa and olora change the base weights while training, so the saved adapter is converted to a plain LoRA of rank 2r that loads onto the original base (PEFT's path_initial_model_for_weight_conversion). eva and corda need a pass over the data that sft does not run yet and are refused.")
+    modules_to_save: List[str] = opt([], "Modules trained and saved whole besides the adapter (PEFT's modules_to_save; Unsloth's continued-pretraining recipe: [embed_tokens, lm_head]). Such an adapter does not load in vLLM; the lora exporter says which servers load it.")
+    target_parameters: List[str] = opt([], "Parameters (not modules) to adapt, by name suffix: the expert weights of MoE models, which are 3-D tensors and not Linear layers (PEFT's target_parameters, e.g. [feed_forward.experts.gate_up_proj, feed_forward.experts.down_proj]).")
+    layers_to_transform: List[int] = opt([], "Adapt only these decoder layers (PEFT's layers_to_transform; empty: all).")
+    layers_pattern: Optional[str] = opt(None, "Name of the module list holding the decoder layers, for layers_to_transform on a model PEFT cannot read it from (PEFT's layers_pattern, e.g. layers or h).")
+    rank_pattern: Dict[str, int] = opt({}, "Per-module ranks overriding lora.r: {name or regex: rank} (PEFT's rank_pattern, e.g. {down_proj: 32}).")
+    alpha_pattern: Dict[str, int] = opt({}, "Per-module alphas overriding lora.lora_alpha: {name or regex: alpha} (PEFT's alpha_pattern).")
 
 
 @dataclass
@@ -128,6 +140,8 @@ class TrainingConfig:
     output_dir: Optional[str] = opt(None, "Run directory (default runs/<run_name>).")
     run_name: Optional[str] = opt(None, "Run name (default: a timestamp).", name=True)
     learning_rate: float = opt(2e-4, "Peak learning rate.", gt=0)
+    embedding_learning_rate: Optional[float] = opt(None, "Learning rate of the input embeddings and the output head where they train (lora.modules_to_save, added tokens, model.method=full); null: learning_rate. Unsloth's embedding_learning_rate: its continued-pretraining recipe trains them 2-10x slower than the adapters.", gt=0)
+    loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer, Axolotl's and LLaMA-Factory's loraplus_lr_ratio): the LoRA B matrices train at this multiple of learning_rate (the paper suggests 16); null: off.", gt=0)
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule.", ["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"])
     per_device_train_batch_size: int = opt(2, "Rows per device per step.", ge=1)
     per_device_eval_batch_size: int = opt(2, "Rows per device per eval step.", ge=1)
@@ -301,6 +315,8 @@ KEY_ALIASES = {
     "chat_template": "name",
     "optimizer": "optim",
     "output": "output_dir",
+    "new_special_tokens": "add_special_tokens",
+    "lora_plus_ratio": "loraplus_lr_ratio",
 }
 
 
@@ -517,6 +533,122 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
             problems.append(ConfigProblem(f"data.datasets[{i}].weight", f"must be > 0, got {source.weight}"))
     if d.datasets and d.eval_split is not None:
         problems.append(ConfigProblem("data.eval_split", "is for data.dataset; with data.datasets hold out rows with data.test_size"))
+    _check_lora(cfg, problems)
+    _check_new_tokens(cfg.model, problems)
+
+
+#: ``lora.init_lora_weights`` values PEFT has and sft passes on (besides ``pissa_niter_N``).
+LORA_INITS = ("true", "false", "gaussian", "pissa", "olora", "loftq")
+#: Values PEFT has that need what sft does not do yet, with the reason they are refused.
+LORA_INITS_REFUSED = {
+    "eva": "EVA initialises the adapters from a pass over the training data (PEFT's initialize_lora_eva_weights), "
+           "which sft does not run yet",
+    "corda": "CorDA initialises the adapters from covariance statistics collected over data, which sft does not collect",
+}
+#: Inits that decompose the base weights themselves, so they need them in 16 bits.
+DECOMPOSING_INITS = ("pissa", "olora")
+
+
+def lora_init_kind(value: str) -> str:
+    """``pissa_niter_16`` -> ``pissa``; any other value as it is."""
+    return "pissa" if value.startswith("pissa_niter_") else value
+
+
+def _check_lora(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    """The lora keys with PEFT's meaning: values PEFT accepts, and combinations that cannot train."""
+    lora, method = cfg.lora, cfg.model.method
+    init = str(lora.init_lora_weights)
+    niter = init.removeprefix("pissa_niter_")
+    if init in LORA_INITS_REFUSED:
+        problems.append(ConfigProblem("lora.init_lora_weights", f"'{init}' is not supported: {LORA_INITS_REFUSED[init]}; "
+                                                                f"use true, gaussian, pissa, olora or loftq"))
+        return
+    if init not in LORA_INITS and not (niter != init and niter.isdigit() and int(niter) > 0):
+        choices = (*LORA_INITS, "pissa_niter_N")
+        problems.append(ConfigProblem("lora.init_lora_weights", f"'{init}' is not one of {', '.join(choices)}"
+                                                                f"{did_you_mean(init, choices)}"))
+        return
+    kind = lora_init_kind(init)
+    if method == "full":
+        set_keys = [key for key, on in (("lora.use_dora", lora.use_dora), ("lora.init_lora_weights", init != "true"),
+                                        ("lora.modules_to_save", len(lora.modules_to_save)),
+                                        ("lora.target_parameters", len(lora.target_parameters)),
+                                        ("lora.layers_to_transform", len(lora.layers_to_transform)),
+                                        ("lora.rank_pattern", len(lora.rank_pattern)),
+                                        ("lora.alpha_pattern", len(lora.alpha_pattern)),
+                                        ("training.loraplus_lr_ratio", cfg.training.loraplus_lr_ratio is not None))
+                    if on]
+        for key in set_keys:
+            problems.append(ConfigProblem(key, "applies to LoRA, and model.method=full trains every weight without an "
+                                               "adapter; use model.method=lora or qlora, or drop the key"))
+        return
+    if method == "qlora" and kind in DECOMPOSING_INITS:
+        problems.append(ConfigProblem("lora.init_lora_weights", f"{init} decomposes the 16-bit base weights (SVD/QR) "
+                                                                f"and PEFT cannot do it on a 4-bit QLoRA base; use model.method=lora"))
+    if lora.use_dora and kind in DECOMPOSING_INITS:
+        problems.append(ConfigProblem("lora.use_dora", f"with lora.init_lora_weights={init}: the trained adapter is "
+                                                       f"converted to a plain LoRA for the original base, which PEFT "
+                                                       f"cannot do for DoRA's magnitude vectors; choose one of the two"))
+    loftq = kind == "loftq" or lora.loftq_config is not None
+    if loftq and method == "qlora":
+        problems.append(ConfigProblem("lora.loftq_config" if lora.loftq_config is not None else "lora.init_lora_weights",
+                                      "LoftQ quantizes the 16-bit base itself while initialising the adapter and "
+                                      "cannot start from a 4-bit QLoRA base; use model.method=lora"))
+    if lora.loftq_config is not None and init not in ("true", "loftq"):
+        problems.append(ConfigProblem("lora.loftq_config", f"is LoftQ's initialisation, but lora.init_lora_weights={init}; "
+                                                           f"set lora.init_lora_weights=loftq or drop lora.loftq_config"))
+    if lora.layers_pattern is not None and not lora.layers_to_transform:
+        problems.append(ConfigProblem("lora.layers_pattern", "names the module list lora.layers_to_transform counts in; "
+                                                             "set lora.layers_to_transform too, or drop it"))
+    for i, layer in enumerate(lora.layers_to_transform):
+        if layer < 0:
+            problems.append(ConfigProblem(f"lora.layers_to_transform[{i}]", f"a layer index must be >= 0, got {layer}"))
+    for key in ("rank_pattern", "alpha_pattern"):
+        for name, value in lora[key].items():
+            if value <= 0:
+                problems.append(ConfigProblem(f"lora.{key}.{name}", f"must be > 0, got {value}"))
+    for key in ("modules_to_save", "target_parameters"):
+        names = [str(n) for n in lora[key]]
+        for i, name in enumerate(names):
+            if not name.strip():
+                problems.append(ConfigProblem(f"lora.{key}[{i}]", "is empty"))
+        if len(set(names)) != len(names):
+            problems.append(ConfigProblem(f"lora.{key}", f"lists a name twice: {names}"))
+    overlap = set(map(str, lora.modules_to_save)) & set(map(str, lora.target_modules))
+    if overlap:
+        problems.append(ConfigProblem("lora.modules_to_save", f"{', '.join(sorted(overlap))} also in lora.target_modules: "
+                                                              f"a module is either adapted (LoRA) or trained whole, not both"))
+
+
+def _check_new_tokens(model: DictConfig, problems: list[ConfigProblem]) -> None:
+    """Added tokens: not empty, none twice, and a description for each when they start from one."""
+    tokens = [str(t) for t in [*model.add_tokens, *model.add_special_tokens]]
+    for key in ("add_tokens", "add_special_tokens"):
+        for i, token in enumerate(model[key]):
+            if not str(token):
+                problems.append(ConfigProblem(f"model.{key}[{i}]", "is empty"))
+    twice = sorted({t for t in tokens if tokens.count(t) > 1})
+    if twice:
+        problems.append(ConfigProblem("model.add_tokens", f"adds {', '.join(map(repr, twice))} twice "
+                                                          f"(across model.add_tokens and model.add_special_tokens)"))
+    described = {str(k): str(v) for k, v in model.new_token_descriptions.items()}
+    for token in described:
+        if token not in tokens:
+            problems.append(ConfigProblem(f"model.new_token_descriptions.{token}",
+                                          f"describes a token that model.add_tokens and model.add_special_tokens do not add"
+                                          f"{did_you_mean(token, tokens)}"))
+        elif not described[token].strip():
+            problems.append(ConfigProblem(f"model.new_token_descriptions.{token}", "is empty"))
+    if model.new_token_init == "description":
+        missing = [t for t in tokens if t not in described]
+        if missing:
+            problems.append(ConfigProblem("model.new_token_init", f"description needs model.new_token_descriptions for "
+                                                                  f"every added token; missing: {', '.join(map(repr, missing))}"))
+        if not tokens:
+            problems.append(ConfigProblem("model.new_token_init", "description: model.add_tokens and "
+                                                                  "model.add_special_tokens add no token"))
+    elif described:
+        problems.append(ConfigProblem("model.new_token_descriptions", "is read only with model.new_token_init=description"))
 
 
 def load_config(
@@ -603,7 +735,8 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
 #: What a run continued with ``model.from_run`` takes from the finished run, beneath the values
 #: given: the base model and how it was loaded, the LoRA shape its adapter has, the template.
 CONTINUED_KEYS = {
-    "model": ("name", "revision", "gguf_file", "method", "dtype", "max_seq_length", "trust_remote_code"),
+    "model": ("name", "revision", "gguf_file", "method", "dtype", "max_seq_length", "trust_remote_code",
+              "add_tokens", "add_special_tokens", "new_token_init", "new_token_descriptions"),
     "lora": None,  # every key: the adapter being continued has that shape
     "template": None,
 }

@@ -512,6 +512,17 @@ class TrainingBackend(Plugin):
                     f"(it supports: {', '.join(self.distributed_strategies) or 'one process only'})")
         return None
 
+    def config_problems(self, config: Any) -> list[tuple[str, str]]:
+        """``(key, why)`` for each setting of ``config`` this backend cannot train (say, a LoRA
+        initialisation its ``get_peft_model`` refuses), asked by ``sft validate`` and before a run
+        loads anything. Default: none."""
+        return []
+
+    def config_notes(self, config: Any) -> list[str]:
+        """One line for each setting this backend trains, but differently than users may expect
+        (slower, another path); shown by ``sft validate`` and the run. Default: none."""
+        return []
+
     def prepare_environment(self) -> None:
         """Called once before the data stage and before TRL is imported (e.g. to import a
         library whose patches must apply first). The default does nothing."""

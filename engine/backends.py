@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sft.core.interfaces import TrainingBackend
     from sft.core.plugins import PluginManager
 
-__all__ = ["select_backend", "resolve_dtype", "check_cuda_dependencies", "bitsandbytes_installed",
+__all__ = ["select_backend", "check_backend_config", "resolve_dtype", "check_cuda_dependencies", "bitsandbytes_installed",
            "EIGHT_BIT_OPTIMIZERS"]
 
 #: Optimizers that need bitsandbytes (and so CUDA).
@@ -37,16 +37,50 @@ def select_backend(cfg: Any, pm: "PluginManager", env: "Environment") -> "Traini
         reason = backend.unsupported_reason(env, plugin_options(cfg, "backend", name, pm))
         if reason:
             raise ConfigError([ConfigProblem("model.backend", f"backend '{name}' cannot run here: {reason}")])
-        return backend
+        return _checked(backend, cfg)
     reasons = []
     for backend in sorted(registry.values(), key=lambda b: -b.priority):
         reason = backend.unsupported_reason(env, plugin_options(cfg, "backend", backend.name, pm))
         if reason is None:
-            return backend
+            return _checked(backend, cfg)
         reasons.append(f"{backend.name}: {reason}")
     raise ConfigError([ConfigProblem(
         "model.backend", "no training backend can run here" + (f" ({'; '.join(reasons)})" if reasons else
                                                               " (none is registered)"))])
+
+
+def _checked(backend: "TrainingBackend", cfg: Any) -> "TrainingBackend":
+    """``backend`` once it accepts every setting of ``cfg`` (its refusals as one ConfigError, its notes as notices):
+    a combination it cannot train stops the run before the data stage, never after the model loads."""
+    from sft.core.notices import notice
+
+    problems = [ConfigProblem(key, f"{why} (backend '{backend.name}')") for key, why in backend.config_problems(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    for line in backend.config_notes(cfg):
+        notice(f"backend '{backend.name}': {line}")
+    return backend
+
+
+def check_backend_config(cfg: Any, pm: "PluginManager", env: "Environment") -> None:
+    """``sft validate``: the settings the backend that would train ``cfg`` refuses or warns about.
+
+    A named backend is asked even where it cannot run (a CUDA config checked on a laptop); with
+    ``auto``, the one this machine would pick, if any. With several processes, the strategy too.
+    """
+    from sft.core.config import plugin_options
+
+    if cfg.model.backend != "auto":
+        backend = pm.get("backend", cfg.model.backend, "model.backend")
+    else:
+        backend = next((b for b in sorted(pm.registry("backend").values(), key=lambda b: -b.priority)
+                        if b.unsupported_reason(env, plugin_options(cfg, "backend", b.name, pm)) is None), None)
+    if backend is None:
+        return
+    _checked(backend, cfg)
+    reason = backend.distributed_reason(cfg, cfg.distributed.strategy) if cfg.distributed.num_processes > 1 else None
+    if reason:
+        raise ConfigError([ConfigProblem("distributed.strategy", reason)])
 
 
 def resolve_dtype(cfg: Any, env: "Environment") -> Any:

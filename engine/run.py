@@ -109,16 +109,20 @@ def _announce_setup(cfg: "DictConfig") -> None:
     notice(line)
 
 
-def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None) -> None:
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir, state_dict: Any = None, initial: Path | None = None) -> None:
     """Write ``adapter/`` whole (a crash never leaves half an adapter). ``state_dict``: the
-    gathered weights of a sharded (FSDP) model. Only the trained adapter is written: a
-    preference trainer's frozen reference copy (TRL's ``ref`` adapter) stays behind."""
+    gathered weights of a sharded (FSDP) model; ``initial``: the adapter as it started, when
+    it must be converted for the original base (:mod:`sft.engine.lora_init`). Only the trained
+    adapter is written: a preference trainer's frozen reference copy (TRL's ``ref`` adapter) stays behind."""
+    from .lora_init import forget_initial_adapter, save_adapter
+
     kwargs: dict[str, Any] = {"state_dict": state_dict} if state_dict is not None else {}
     if len(getattr(model, "peft_config", None) or {}) > 1:
         kwargs["selected_adapters"] = [model.active_adapter]
     with staged_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp, **kwargs)
+        save_adapter(model, tmp, initial, **kwargs)
         tokenizer.save_pretrained(tmp)
+    forget_initial_adapter(initial)
 
 
 def _objective_record(objective: Any, source: RunDir | None, cfg: "DictConfig") -> dict[str, Any]:
@@ -301,17 +305,26 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     preflight_eval(cfg)  # so does an evaluation (eval.after_export) that cannot run
 
     tick = time.perf_counter()
-    model, _backend_tokenizer = backend.load(cfg)
+    model, backend_tokenizer = backend.load(cfg)
     loaded_rows = model.get_input_embeddings().num_embeddings
+    # Rows past the base vocabulary belong to added tokens, even where the embedding was padded beyond it.
+    base_vocabulary = min(len(backend_tokenizer), loaded_rows)
     if loaded_rows < len(tokenizer):
-        # The template's end-of-turn or pad token was added to the vocabulary.
+        # The template's end-of-turn or pad token, or model.add_tokens, was added to the vocabulary.
         model.resize_token_embeddings(len(tokenizer))
+    from .lora_init import remember_initial_adapter
+    from .tokens import initialise_new_rows
+
+    initial_adapter = None
     if source is not None and cfg.model.method != "full" and (source.adapter / "adapter_config.json").is_file():
+        # The continued run's adapter brings its trained rows (added tokens included) with it.
         model = backend.continue_training(model, cfg, source.adapter)
         notice(f"model.from_run: training continues from {source.adapter}"
                + (" (it is also the reference model)" if objective.uses_reference else ""))
     else:
-        model = backend.prepare_for_training(model, cfg, new_token_rows=range(loaded_rows, len(tokenizer)))
+        initialise_new_rows(model, tokenizer, cfg, base_vocabulary, loaded_rows)
+        model = backend.prepare_for_training(model, cfg, new_token_rows=range(base_vocabulary, len(tokenizer)))
+        initial_adapter = remember_initial_adapter(model, run.root / "initial_adapter") if world.is_main else None
     durations["load"] = time.perf_counter() - tick
 
     from sft.core.interfaces import RunInfo
@@ -382,7 +395,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     # A sharded model's weights are gathered by every rank together; rank 0 writes them.
     gathered = trainer.accelerator.get_state_dict(trainer.model) if distributed.is_fsdp(cfg) else None
     if world.is_main:
-        _save_adapter(trainer.model, tokenizer, run, gathered)
+        _save_adapter(trainer.model, tokenizer, run, gathered, initial_adapter)
     distributed.finish()
     if not world.is_main:
         return run.root  # rank 0 writes the rest of the run directory and exports

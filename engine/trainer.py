@@ -196,8 +196,10 @@ def trainer_class() -> type:
         """SFTTrainer + trained-positions loss, merged micro-batches and the guards (see module docs)."""
 
         def __init__(self, *args: Any, trained_positions_loss: bool = False,
-                     merge_budget: int | None = None, **kwargs: Any):
+                     merge_budget: int | None = None, sft_config: Any = None, **kwargs: Any):
             self.trained_positions_loss = trained_positions_loss
+            #: the run config: its learning rates per parameter group (:mod:`sft.engine.optimizer`)
+            self.sft_config = sft_config
             self.merge_budget = merge_budget
             #: micro-batches drawn and passes run while merging; None: nothing could be merged
             self._merged: list[int] | None = None
@@ -226,6 +228,21 @@ def trainer_class() -> type:
                     # gradients over ranks: scale back up, as Trainer.compute_loss does.
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
+
+        # -- optimizer --------------------------------------------------------------------
+        def create_optimizer(self, *args, **kwargs):
+            if self.optimizer is None and self.sft_config is not None:
+                from .optimizer import create_optimizer
+
+                self.optimizer = create_optimizer(self, self.sft_config)  # None: no rate of its own
+            return super().create_optimizer(*args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "learning_rate" in logs:  # the rates of the groups that have their own (embeddings, LoRA+'s B)
+                from .optimizer import group_rates
+
+                logs = {**logs, **group_rates(self.optimizer, logs["learning_rate"])}
+            return super().log(logs, *args, **kwargs)
 
         # -- batches ----------------------------------------------------------------------
         def _get_train_sampler(self, train_dataset=None):
@@ -344,6 +361,7 @@ def metrics_callback(hub: "MetricsHub", objective_metrics: tuple[str, ...] = ())
                 "tokens_per_second": (tokens - self.last_tokens) / elapsed,
                 **{k: logs[k] for k in objective_metrics if _number(logs.get(k))},
             }
+            record.update({k: v for k, v in logs.items() if k.startswith("learning_rate_")})  # per optimizer group
             self.last_time, self.last_tokens = now, tokens
             hub.log(step, {k: v for k, v in record.items() if v is not None})
 
@@ -512,6 +530,7 @@ def build_trainer(cfg: "DictConfig", model: Any, tokenizer: Any, data: Any, env:
         callbacks=list(callbacks),
         trained_positions_loss=trained_positions_loss,
         merge_budget=merge_budget,
+        sft_config=cfg,
     )
     # Metrics reach the console through the logger plugins, not the Trainer's raw dicts.
     trainer.remove_callback(PrinterCallback)

@@ -196,6 +196,10 @@ def validate(**kwargs) -> None:
     from sft.engine.run import resolve_run_dir
 
     pm = get_plugin_manager()
+    from sft.core.env import current_environment
+    from sft.engine.backends import check_backend_config
+
+    check_backend_config(cfg, pm, current_environment())  # a LoRA setting the backend cannot train
     template = resolve_template(cfg, pm)
     report = validate_data(cfg, template)
     # The same preflights as sft run, before training: an export or a publisher that cannot work fails here too.

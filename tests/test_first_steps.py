@@ -164,8 +164,9 @@ def test_chat_takes_the_sampling_options(tiny_run):
 def test_each_example_config_validates_with_a_local_tiny_model(path, tiny_model_dir, sft_plugin_manager):
     from sft.core.config import read_yaml
 
-    dataset = read_yaml(str(path))["data"]["dataset"]
-    swap = [] if dataset.startswith("sft:") else [f"data.dataset={ROOT / 'tests' / 'data' / 'alpaca.jsonl'}"]
+    data = read_yaml(str(path))["data"]
+    local = "text.jsonl" if data.get("format") == "text" else "alpaca.jsonl"  # raw text for a pre-training recipe
+    swap = [] if data["dataset"].startswith("sft:") else [f"data.dataset={ROOT / 'tests' / 'data' / local}"]
     result = run_sft("validate", str(path), f"model.name={tiny_model_dir}", *swap)
     assert "config OK; data OK" in result.output
     assert path.read_text().startswith("# ")  # each says what it is for and how to run it

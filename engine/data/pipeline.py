@@ -355,6 +355,9 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         template = resolve_template(cfg, pm, tokenizer)
     else:
         prepare_tokenizer(tokenizer, template, cfg)
+    from ..tokens import add_configured_tokens
+
+    add_configured_tokens(tokenizer, cfg)  # model.add_tokens: rows are tokenized as training will see them
     if row_kind is None:
         row_kind = objective_row_kind(cfg, pm)
     seed = int(cfg.training.seed)

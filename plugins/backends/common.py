@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["lora_settings", "load_trainable_adapter"]
+__all__ = ["lora_settings", "embedding_module_names", "new_token_targets", "load_trainable_adapter"]
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf list or mapping as plain Python (PEFT checks ``isinstance(x, dict)``)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def lora_settings(cfg: Any) -> dict[str, Any]:
-    """The LoRA settings from the ``lora`` section, as PEFT and Unsloth name them.
+    """The LoRA settings from the ``lora`` section, as PEFT's ``LoraConfig`` and Unsloth name them.
 
     ``target_modules: [all-linear]`` stays the string ``"all-linear"`` (PEFT's own shortcut);
-    a backend that lacks it expands it itself.
+    a backend that lacks it expands it itself. ``init_lora_weights`` is PEFT's value: a bool
+    for ``true``/``false``, else the string; a ``loftq_config`` alone means ``loftq``, as before
+    the key existed. Empty lists and mappings are None: PEFT's "not set".
     """
     lora = cfg.lora
     targets = [str(t) for t in lora.target_modules]
-    loftq = lora.loftq_config
-    if loftq is not None and not isinstance(loftq, dict):
-        from omegaconf import OmegaConf
-
-        loftq = OmegaConf.to_container(loftq)
+    loftq = _plain(lora.loftq_config)
+    init: Any = {"true": True, "false": False}.get(str(lora.init_lora_weights), str(lora.init_lora_weights))
+    if loftq is not None and init is True:
+        init = "loftq"
     return {
         "r": int(lora.r),
         "lora_alpha": int(lora.lora_alpha),
@@ -27,7 +37,15 @@ def lora_settings(cfg: Any) -> dict[str, Any]:
         "target_modules": "all-linear" if targets == ["all-linear"] else targets,
         "use_rslora": bool(lora.use_rslora),
         "bias": str(lora.bias),
-        "loftq_config": dict(loftq) if loftq else None,
+        "loftq_config": dict(loftq) if loftq else ({} if init == "loftq" else None),
+        "use_dora": bool(lora.use_dora),
+        "init_lora_weights": init,
+        "modules_to_save": [str(m) for m in lora.modules_to_save] or None,
+        "target_parameters": [str(p) for p in lora.target_parameters] or None,
+        "layers_to_transform": [int(i) for i in lora.layers_to_transform] or None,
+        "layers_pattern": lora.layers_pattern,
+        "rank_pattern": _plain(lora.rank_pattern) or {},
+        "alpha_pattern": _plain(lora.alpha_pattern) or {},
     }
 
 
@@ -41,3 +59,21 @@ def load_trainable_adapter(model: Any, adapter_dir: Any) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
+def embedding_module_names(model: Any) -> tuple[str, str | None]:
+    """The short names PEFT matches (``embed_tokens``, ``lm_head``) of ``model``'s input embedding
+    and of its output head; None for the head when it shares the embedding's weight (tied)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    tied = out is None or out.weight is inp.weight
+    return names[id(inp)], None if tied else names[id(out)]
+
+
+def new_token_targets(model: Any, rows: Sequence[int], modules_to_save: Sequence[str] | None) -> dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices`` for tokens added to the vocabulary: their rows of the
+    embedding and of an untied output head (the model must learn to read and to emit them), except
+    in a module ``lora.modules_to_save`` already trains whole."""
+    rows = list(rows)
+    whole = set(modules_to_save or ())
+    return {name: rows for name in embedding_module_names(model) if rows and name and name not in whole}

@@ -55,7 +55,8 @@ class TransformersBackend(TrainingBackend):
 
     name = "transformers"
     version = "1"
-    description = "transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU"
+    description = ("transformers + PEFT (CPU or any device); fp32 without gradient checkpointing on CPU; every lora.* "
+                   "key as PEFT means it (DoRA and PiSSA/OLoRA not under FSDP2)")
     priority = 10
     options = TransformersOptions
     #: The trainer computes the loss only where a label is trained (see module docstring).
@@ -64,8 +65,19 @@ class TransformersBackend(TrainingBackend):
 
     def distributed_reason(self, config: Any, strategy: str) -> str | None:
         reason = super().distributed_reason(config, strategy)
-        if reason or strategy != "fsdp2" or config.model.method != "qlora":
+        if reason or strategy != "fsdp2":
             return reason
+        if config.model.method != "full" and config.lora.use_dora:
+            return ("lora.use_dora under FSDP2: DoRA's magnitude is the norm of each whole weight matrix, which "
+                    "FSDP2 shards across processes; train DoRA with distributed.strategy=ddp")
+        from sft.core.config import DECOMPOSING_INITS, lora_init_kind
+
+        if config.model.method != "full" and lora_init_kind(str(config.lora.init_lora_weights)) in DECOMPOSING_INITS:
+            return (f"lora.init_lora_weights={config.lora.init_lora_weights} under FSDP2: the decomposition and the "
+                    "conversion of the saved adapter need each whole weight matrix, which FSDP2 shards; use "
+                    "distributed.strategy=ddp")
+        if config.model.method != "qlora":
+            return None
         storage = _options(config).bnb_4bit_quant_storage
         if storage == "auto":
             return None
@@ -130,7 +142,7 @@ class TransformersBackend(TrainingBackend):
         from sft.engine.backends import resolve_dtype
         from sft.core.env import current_environment
 
-        from .common import lora_settings
+        from .common import lora_settings, new_token_targets
 
         env = current_environment()
         new_rows = list(new_token_rows)
@@ -147,18 +159,18 @@ class TransformersBackend(TrainingBackend):
         model = _ready_for_adapter(model, checkpointing)
         settings = lora_settings(config)
         loftq = settings.pop("loftq_config")
-        extra: dict[str, Any] = {}
-        if loftq:
+        if settings["init_lora_weights"] == "loftq":
             from peft import LoftQConfig
 
-            extra = {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(**loftq)}
-        if new_rows:
-            # Tokens the template added (an end-of-turn token the base model lacks) start as
-            # mean embeddings; train just those rows so the model learns to emit them.
-            extra["trainable_token_indices"] = {"embed_tokens": new_rows}
+            settings["loftq_config"] = LoftQConfig(**loftq)
+        tokens = new_token_targets(model, new_rows, settings["modules_to_save"])
+        if tokens:
+            # Added tokens (an end-of-turn token the base model lacks, model.add_tokens) start
+            # untrained: train just their rows of the embedding and of the output head.
+            settings["trainable_token_indices"] = tokens
         # LoRA's A matrices are drawn from torch's global RNG: seed it for reproducible runs.
         torch.manual_seed(int(config.lora.random_state))
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **settings, **extra)
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **settings)
         model = get_peft_model(model, peft_config)
         from sft.engine import distributed
 

@@ -19,6 +19,8 @@ __all__ = ["UnslothBackend", "ALL_LINEAR"]
 
 #: What ``target_modules: [all-linear]`` means for Unsloth: every linear layer of a decoder block.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: The ``lora.init_lora_weights`` values Unsloth's get_peft_model accepts (it raises on the others).
+UNSLOTH_INITS = ("true", "false", "gaussian", "loftq")
 
 
 class UnslothBackend(TrainingBackend):
@@ -26,7 +28,9 @@ class UnslothBackend(TrainingBackend):
 
     name = "unsloth"
     version = "1"
-    description = "Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning"
+    description = ("Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning; of the lora.* keys, "
+                   "init_lora_weights only true/false/gaussian/loftq, modules_to_save only embed_tokens/lm_head, no "
+                   "layers_pattern, and DoRA layers without Unsloth's fast kernels")
     priority = 100
     #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
     trained_positions_loss = False
@@ -43,6 +47,28 @@ class UnslothBackend(TrainingBackend):
             return ("Unsloth has no FSDP path and trains with DDP only; use distributed.strategy=ddp, "
                     "or model.backend=transformers for fsdp2")
         return super().distributed_reason(config, strategy)
+
+    def config_problems(self, config: Any) -> list[tuple[str, str]]:
+        if config.model.method == "full":
+            return []
+        lora, problems = config.lora, []
+        if str(lora.init_lora_weights) not in UNSLOTH_INITS:
+            problems.append(("lora.init_lora_weights", f"{lora.init_lora_weights}: Unsloth's get_peft_model accepts "
+                             f"only {', '.join(UNSLOTH_INITS)}; train it with model.backend=transformers"))
+        others = [str(m) for m in lora.modules_to_save if str(m) not in ("embed_tokens", "lm_head")]
+        if others:
+            problems.append(("lora.modules_to_save", f"{', '.join(others)}: Unsloth trains only embed_tokens and "
+                             f"lm_head whole; train others with model.backend=transformers"))
+        if lora.layers_pattern is not None:
+            problems.append(("lora.layers_pattern", "Unsloth's get_peft_model does not pass it on to PEFT; drop it "
+                             "(Unsloth finds the decoder layers itself) or use model.backend=transformers"))
+        return problems
+
+    def config_notes(self, config: Any) -> list[str]:
+        if config.model.method != "full" and config.lora.use_dora:
+            return ["lora.use_dora: Unsloth's fast LoRA kernels skip DoRA layers, which run PEFT's own (slower) "
+                    "DoRA forward; the run trains DoRA, just not at Unsloth's LoRA speed"]
+        return []
 
     def unsupported_reason(self, env: Any, options: Any = None) -> str | None:
         if not env.cuda:
@@ -107,10 +133,14 @@ class UnslothBackend(TrainingBackend):
         settings = lora_settings(config)
         if settings["target_modules"] == "all-linear":
             settings["target_modules"] = list(ALL_LINEAR)
-        extra: dict[str, Any] = {}
+        modules_to_save = settings.pop("modules_to_save") or []
         if new_token_rows:
-            # An end-of-turn token the base model lacks was added: its embedding must train.
-            extra["modules_to_save"] = ["embed_tokens", "lm_head"]
+            # Tokens the base model lacks were added: Unsloth trains their rows as whole
+            # modules (it has no trainable-token rows), input embedding and output head.
+            modules_to_save = list(dict.fromkeys([*modules_to_save, "embed_tokens", "lm_head"]))
+        # Unsloth names the common LoRA settings itself and hands the rest to PEFT's LoraConfig.
+        peft_only = {key: settings[key] for key in ("use_dora", "target_parameters", "rank_pattern", "alpha_pattern")
+                     if settings[key]}
         model = FastLanguageModel.get_peft_model(
             model,
             r=settings["r"],
@@ -118,11 +148,14 @@ class UnslothBackend(TrainingBackend):
             lora_alpha=settings["lora_alpha"],
             lora_dropout=settings["lora_dropout"],
             bias=settings["bias"],
+            layers_to_transform=settings["layers_to_transform"],
             use_gradient_checkpointing=self._checkpointing(config),
             random_state=int(config.lora.random_state),
             use_rslora=settings["use_rslora"],
+            init_lora_weights=settings["init_lora_weights"],
             loftq_config=settings["loftq_config"],
-            **extra,
+            modules_to_save=modules_to_save or None,
+            **peft_only,
         )
         if config.training.memory == "auto" and self._checkpointing(config):
             plan_checkpoint_skips(model, config)

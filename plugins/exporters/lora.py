@@ -7,14 +7,19 @@ loadable with ``PeftModel.from_pretrained(base, path)`` and ``AutoTokenizer.from
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
 from sft.core.interfaces import ExportContext, ExportResult, Exporter, HubCard, Message
+from sft.core.notices import notice
 from sft.core.rundir import dir_size, staged_dir
+
+from .merging import adapter_beyond_lora
 
 __all__ = ["LoraExporter", "register_exporters"]
 
@@ -24,7 +29,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 class LoraExporter(Exporter):
     name = "lora"
     version = "1"
-    description = "The LoRA adapter and the tokenizer with the template's chat_template (PEFT format)"
+    description = ("The LoRA adapter and the tokenizer with the template's chat_template (PEFT format); says which "
+                   "servers load an adapter that holds more than LoRA matrices (modules_to_save, DoRA, added tokens)")
     hub_suffix = "-lora"
 
     def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
@@ -36,6 +42,9 @@ class LoraExporter(Exporter):
             'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
             '                                       return_dict=True, return_tensors="pt")',
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))", "```"])
+        note = (result.details.get("servers") or {}).get("note")
+        if note:
+            usage += f"\n\n**Where it loads:** {note}"
         return HubCard(library_name="peft", tags=["peft", "lora"], usage=usage)
 
     def preflight(self, context: ExportContext, options: Any = None) -> list[str]:
@@ -56,11 +65,34 @@ class LoraExporter(Exporter):
                     shutil.copy2(context.adapter_dir / f, partial / f)
             context.save_tokenizer(partial)
             details: dict[str, Any] = {"bytes": dir_size(partial), "template": context.template.name}
+            servers = serving_note(partial)
+            if servers:
+                details["servers"] = servers
+                notice(f"lora export: {servers['note']}")
             if context.verifying:
                 # Raises before the earlier export (if any) is replaced.
                 details["verify"] = _verify(context, partial)
         details["seconds"] = round(time.perf_counter() - start, 2)
         return ExportResult(self.name, ok=True, paths=[str(final)], details=details)
+
+
+def serving_note(adapter_dir: Path) -> dict[str, Any] | None:
+    """Which servers load an adapter that holds more than LoRA matrices, and what to ship instead; None for a plain one.
+
+    vLLM's LoRA loader takes LoRA matrices only (no modules_to_save, vllm#9280; no DoRA), and a
+    llama.cpp LoRA GGUF carries LoRA matrices only; PEFT and transformers load everything.
+    """
+    beyond = adapter_beyond_lora(adapter_dir)
+    if not beyond:
+        return None
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    rows = ""
+    if set(config.get("modules_to_save") or ()) & {"embed_tokens", "lm_head"} and not config.get("use_dora"):
+        rows = ("; where only a few added tokens' rows had to change, training just those rows (model.add_tokens "
+                "without embed_tokens/lm_head in lora.modules_to_save) keeps the adapter a fraction of the size")
+    note = (f"this adapter holds {'; '.join(beyond)}: it loads with PEFT/transformers (and Unsloth), but not in vLLM "
+            f"(vllm#9280) nor as a llama.cpp LoRA GGUF; serve the merged_16bit export (or its GGUF) there{rows}")
+    return {"peft": True, "vllm": False, "llama_cpp_lora": False, "note": note}
 
 
 def _verify(context: ExportContext, path) -> dict[str, Any]:

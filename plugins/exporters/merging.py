@@ -24,7 +24,7 @@ from sft.core.rundir import file_sha256, staged_dir, swap_in
 if TYPE_CHECKING:
     from sft.core.interfaces import ExportContext
 
-__all__ = ["MERGED_MARKER", "Merging", "merging_for", "adapter_embedding_rows"]
+__all__ = ["MERGED_MARKER", "Merging", "merging_for", "adapter_embedding_rows", "adapter_beyond_lora"]
 
 #: A merged 16-bit HF folder carries this file: which adapter and dtype it was merged from.
 MERGED_MARKER = ".sft-merged.json"
@@ -48,6 +48,24 @@ def adapter_embedding_rows(adapter_dir: Path) -> int | None:
         if "embed_tokens" in key and key.endswith("weight") and "lora_" not in key:
             return int(info["shape"][0])
     return None
+
+
+def adapter_beyond_lora(adapter_dir: Path) -> list[str]:
+    """What an adapter holds besides plain LoRA matrices, which LoRA loaders of inference servers
+    (vLLM, llama.cpp's LoRA GGUF) do not take: DoRA's magnitudes, whole modules
+    (``modules_to_save``), trainable token rows, a resized embedding. Empty for a plain adapter."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    found = []
+    if config.get("use_dora"):
+        found.append("DoRA magnitude vectors (lora.use_dora)")
+    if config.get("modules_to_save"):
+        found.append(f"whole modules {', '.join(config['modules_to_save'])} (lora.modules_to_save)")
+    if config.get("trainable_token_indices"):
+        found.append(f"trained rows of {', '.join(config['trainable_token_indices'])} (added tokens)")
+    elif adapter_embedding_rows(adapter_dir) and not config.get("modules_to_save"):
+        found.append("a resized embedding (added tokens)")
+    return found
 
 
 class Merging:

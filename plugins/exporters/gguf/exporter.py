@@ -277,7 +277,7 @@ class GgufExporter(Exporter):
         The base GGUF is the base model's weights with the run's tokenizer (template chat_template,
         EOT as eos), converted by llama.cpp's converter so its tensor names are the adapter's.
         """
-        from ..merging import adapter_embedding_rows
+        from ..merging import adapter_beyond_lora, adapter_embedding_rows
 
         base = context.base_local_dir()
         if base is None or context.config.model.gguf_file:
@@ -285,6 +285,10 @@ class GgufExporter(Exporter):
         if adapter_embedding_rows(context.adapter_dir):
             raise SftError("export.gguf.adapter: training added tokens to the vocabulary, so the adapter carries "
                            "resized embeddings that a GGUF LoRA cannot apply to the base GGUF; use the merged GGUF")
+        beyond = adapter_beyond_lora(context.adapter_dir)
+        if beyond:
+            raise SftError(f"export.gguf.adapter: the adapter holds {'; '.join(beyond)}, which a llama.cpp LoRA "
+                           f"GGUF does not carry; use the merged GGUF")
         staged = _llama_cpp_input(context, base, context.tmp_dir / "adapter-base", weights_only=True)
         base_gguf = out_dir / f"{stem}-base-F16.gguf"
         lora_gguf = out_dir / f"{stem}-LoRA-F16.gguf"
