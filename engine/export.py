@@ -449,7 +449,7 @@ def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags
     quiet_progress_bars()
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
-    return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm, continue_from_run=False)
+    return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm)
 
 
 def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), overrides: Sequence[str] = (),

@@ -140,7 +140,7 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     if not run.adapter.is_dir():
         raise SftError(f"{run.root}: the run has no adapter/ yet (did training finish?)")
     if cfg is None:
-        cfg = load_config(str(run.config), pm=pm, continue_from_run=False)
+        cfg = load_config(str(run.config), pm=pm)
     # The answer streams to the terminal; a "Loading weights" bar in front of it is noise.
     hf_logging.disable_progress_bar()
     quiet_known_warnings()

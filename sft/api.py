@@ -91,7 +91,9 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
     preset = implied_preset(path, (), flags)
     if preset is not None:
         flags = {"preset": preset, **flags}
-    return load_config(path, (), flags)
+    from sft.engine.continuation import continued_run
+
+    return load_config(path, (), flags, from_run=continued_run)
 
 
 def train(source: "str | Path | Mapping[str, Any] | None" = None, /, *, resume: bool = False, **overrides: Any) -> "Run":

@@ -123,7 +123,9 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
     preset = implied_preset(path, overrides, flags)
     if preset is not None:
         flags["preset"] = preset
-    return load_config(path, overrides, flags)
+    from sft.engine.continuation import continued_run
+
+    return load_config(path, overrides, flags, from_run=continued_run)
 
 
 @cli.command()
