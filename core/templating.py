@@ -41,6 +41,7 @@ __all__ = [
     "adds_bos",
     "as_messages",
     "chat_dicts",
+    "REASONING_KEYS",
     "token_runs",
 ]
 
@@ -146,11 +147,16 @@ def _from_dict(m: Any) -> Message:
                    name=m.get("name"), reasoning=m.get("reasoning_content"))
 
 
-def chat_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+#: The keys chat templates read a turn's reasoning from, most common first (gpt-oss reads ``thinking``).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def chat_dicts(messages: Sequence[Message], reasoning_key: str = "reasoning_content") -> list[dict[str, Any]]:
     """The messages as the dicts HF chat templates read (OpenAI schema), with only the keys that are set.
 
     Keys are left out rather than set empty: Llama 3.1's template tests ``'tool_calls' in message``.
     Arguments stay objects, so a template's ``tojson`` writes them (Qwen2.5 always does).
+    ``reasoning_key`` is the key the template reads reasoning from (one of :data:`REASONING_KEYS`).
     """
     out = []
     for m in messages:
@@ -163,7 +169,7 @@ def chat_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
         if m.name is not None:
             item["name"] = m.name
         if m.reasoning is not None:
-            item["reasoning_content"] = m.reasoning
+            item[reasoning_key] = m.reasoning
         out.append(item)
     return out
 
