@@ -18,6 +18,9 @@ from .errors import DataError, did_you_mean
 from .interfaces import ROLES, Conversation, Message, ToolCall, tools_of
 
 __all__ = [
+    "MEDIA_COLUMNS",
+    "refuse_media",
+    "content_text",
     "require_text",
     "require_list",
     "validate_conversation",
@@ -41,9 +44,46 @@ def _present(row: Mapping[str, Any], key: str, prefix: str) -> tuple[str, Any]:
     return field, row[key]
 
 
+#: Columns that carry images, video or audio (LLaMA-Factory's, ms-swift's and Axolotl's names).
+MEDIA_COLUMNS = ("images", "videos", "audios", "image", "video", "audio")
+
+
+def refuse_media(row: Mapping[str, Any]) -> None:
+    """A :class:`DataError` for a row that carries images, video or audio: sft trains text-only models.
+
+    Trained as text, an ``<image>`` marker would teach the model to write it; the row is refused
+    instead (``data.on_bad_row=skip`` leaves such rows out, counted).
+    """
+    for key in MEDIA_COLUMNS:
+        if row.get(key):
+            raise DataError(f"this row carries {key} (a vision or audio dataset); sft fine-tunes text-only models, so "
+                            f"it cannot train it: remove the '{key}' column, or set data.on_bad_row=skip to leave "
+                            f"such rows out", field=key)
+
+
+def content_text(value: Any, field: str) -> Any:
+    """OpenAI content parts (``[{"type": "text", "text": ...}, ...]``) as one text; other values as they are.
+
+    LLaMA-Factory's v1 files write a text part's text under ``value``; it is read too. A part
+    that is not text (``image_url``, ``input_audio``) is refused, as :func:`refuse_media` does.
+    """
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, Mapping) for p in value):
+        return value
+    texts = []
+    for i, part in enumerate(value):
+        text = part.get("text", part.get("value"))
+        kind = part.get("type", "text" if text is not None else None)
+        if kind != "text" or not isinstance(text, str):
+            raise DataError(f"a content part of type {kind!r}: sft fine-tunes text-only models and reads only "
+                            f"text parts", field=f"{field}[{i}]")
+        texts.append(text)
+    return "".join(texts)
+
+
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
-    """``row[key]`` as non-empty text, or a :class:`DataError` naming ``prefix.key``."""
+    """``row[key]`` as non-empty text (OpenAI text content parts joined), or a :class:`DataError` naming ``prefix.key``."""
     field, value = _present(row, key, prefix)
+    value = content_text(value, field)
     if not isinstance(value, str):
         raise DataError(f"expected text, got {type(value).__name__}", field=field)
     if not value.strip():

@@ -177,6 +177,12 @@ class DatasetFormat(Plugin):
         calls :meth:`to_conversation`. Errors as in :meth:`to_conversation`."""
         return None
 
+    def read_columns(self, options: Any = None) -> Collection[str] | None:
+        """The columns this format reads (with ``options``). The core counts every other column a
+        row carries and names them in a notice, so nothing is dropped silently. None, the
+        default: the format does not say, and nothing is counted."""
+        return None
+
 
 class ChatTemplate(Plugin):
     """Owns everything about one chat format, so training, the saved tokenizer, GGUF and Ollama agree.

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class _BadRows:
         self.policy = policy
         self.max_fraction = max_fraction
         self.errors: list[DataError] = []
+        #: "column (format)" -> rows that carry it, a column no format reads
+        self.unread: Counter[str] = Counter()
         self.reasons: dict[str, int] = {}
         self.warnings = 0
 
@@ -146,6 +149,7 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
     """Rows -> conversations (lists of :class:`Message`) or, from a raw-text format, :class:`RawText`."""
     conversations: list[Any] = []
     kept: list[RowRef] = []
+    read = fmt.read_columns(options)
     for row, ref in zip(rows, refs):
         if isinstance(row, BadRow):
             bad.add(row.error.located(row=ref.row))
@@ -153,6 +157,9 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
+            if read is not None:
+                # Nothing a row carries is dropped silently: a column the format does not read is counted.
+                bad.unread.update(f"{k} ({fmt.name})" for k, v in row.items() if k not in read and v not in (None, "", []))
             segments = fmt.to_segments(row, options)
             if segments is not None:
                 conversation: Any = _check_segments(segments)
@@ -445,6 +452,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "long_prompts": train_enc.long_prompts + eval_enc.long_prompts,
         "chunked": train_enc.chunked + eval_enc.chunked,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
+        "unread_columns": dict(bad.unread.most_common()),
         "train_rows": len(train_enc.input_ids),
         "eval_rows": len(eval_enc.input_ids),
         "train_tokens": sum(map(len, train_enc.input_ids)),
@@ -477,6 +485,10 @@ def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
     if not quiet and long_prompts:
         notice(f"data: left out {long_prompts} row(s) whose prompt alone is longer than model.max_seq_length "
                f"(nothing of their answers would be seen); raise model.max_seq_length to train them")
+    if not quiet and stats.get("unread_columns"):
+        shown = ", ".join(f"'{c}' in {n} row(s)" for c, n in stats["unread_columns"].items())
+        notice(f"data: column(s) the format does not read, not trained: {shown} (map a column with the format's "
+               f"data.<format>.* options, or drop it from the file)")
     if not quiet and stats.get("chunked"):
         notice(f"data: split {stats['chunked']} text row(s) longer than model.max_seq_length into windows of "
                f"that length")

@@ -4,7 +4,9 @@ The OpenAI tool schema is read as OpenAI and vLLM write it: a row-level ``tools`
 function specs; assistant turns with ``tool_calls`` (``{id, type: function, function: {name,
 arguments}}``, arguments as JSON text or an object; ``content`` may then be null or hold text
 said before the calls); ``tool`` turns with ``tool_call_id``/``name``; and the assistant's
-thinking in ``reasoning_content`` (``reasoning`` is read too).
+thinking in ``reasoning_content`` (``reasoning`` is read too). A content may be a list of OpenAI
+text parts (``[{"type": "text", "text": ...}]``), joined; image or audio parts, and rows with
+``images``, are refused (sft fine-tunes text-only models).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import parse_tool_call, parse_tools, require_list, require_text
+from sft.core.formats import content_text, parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import ROLES, Conversation, DatasetFormat, Message
 
 __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
@@ -33,15 +35,20 @@ class MessagesOptions:
 
 class Messages(DatasetFormat):
     name = "messages"
-    version = "2"
+    version = "3"
     description = "OpenAI messages: [{role: system|user|assistant|tool, content, tool_calls, reasoning_content}], tools"
     options = MessagesOptions
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         return (options or MessagesOptions()).messages_key in columns
 
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or MessagesOptions()
+        return (o.messages_key, o.tools_key)
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o = options or MessagesOptions()
+        refuse_media(row)
         key = o.messages_key
         messages = []
         for i, item in enumerate(require_list(row, key)):
@@ -63,7 +70,7 @@ class Messages(DatasetFormat):
         if reasoning is not None and not isinstance(reasoning, str):
             raise DataError(f"expected text, got {type(reasoning).__name__}", field=f"{where}.reasoning_content")
         # An assistant turn that only calls tools has null (or no) content, as OpenAI writes it.
-        content = item.get("content") if calls else require_text(item, "content", where)
+        content = content_text(item.get("content"), f"{where}.content") if calls else require_text(item, "content", where)
         if content is not None and not isinstance(content, str):
             raise DataError(f"expected text, got {type(content).__name__}", field=f"{where}.content")
         return Message(role, content or "", tool_calls=calls,
