@@ -86,3 +86,17 @@ def test_a_column_no_format_reads_is_counted_and_named(tiny_model_dir, capsys):
     assert prepared.stats["unread_columns"] == {"id (sharegpt)": sum(1 for r in rows if r.get("id"))}
     err = capsys.readouterr().err
     assert "column(s) the format does not read, not trained: 'id (sharegpt)' in" in err
+
+
+def test_llamafactory_v1_parts_carry_reasoning_and_tool_calls(tiny_model_dir):
+    """reason_tool_use_demo_50: assistant turns are reasoning, text and tool_call parts."""
+    from sft.core.plugins import get_plugin_manager
+
+    source = PEER / "llamafactory" / "reason_tool_use_demo_50.jsonl"
+    row = json.loads(source.read_text(encoding="utf-8").splitlines()[1])
+    conversation = get_plugin_manager().get("dataset_format", "messages").to_conversation(row)
+    answer = conversation[2]
+    parts = row["messages"][2]["content"]
+    assert answer.reasoning == parts[0]["value"] and answer.content == ""
+    assert [(c.name, c.arguments) for c in answer.tool_calls] == [("get_movie_details", {"title": "Inception"})]
+    assert conversation.tools and conversation[3].role == "tool"

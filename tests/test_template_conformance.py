@@ -321,3 +321,29 @@ def test_reasoning_is_untrained_under_assistant_no_reasoning_whatever_its_shape(
     assert last.reasoning not in without and last.content in without, shape
     # Nothing of the reasoning's wrapping stays trained either (a think block, an analysis channel).
     assert "think" not in without and "analysis" not in without, without
+
+
+@pytest.mark.parametrize("model_name, template_name, data", [
+    ("gpt-oss", "tokenizer", "glaive_toolcall_en_demo.json"),
+    ("qwen3.5", "tokenizer", "reason_tool_use_demo_50.jsonl"),
+    ("qwen3", "qwen3", "reason_tool_use_demo_50.jsonl"),
+])
+def test_llamafactory_tool_and_reasoning_rows_all_train(model_name, template_name, data, smollm2_dir):
+    """Every row of LLaMA-Factory's glaive tool calls (gpt-oss refused 261 of 300) and reason_tool_use
+    (the named qwen3 refused 14 of 50) renders, and no tool result is trained."""
+    import json
+
+    path = SHARED / "peerdata" / "llamafactory" / data
+    fmt = PM.get("dataset_format", "sharegpt" if data.endswith(".json") else "messages")
+    text = path.read_text(encoding="utf-8")
+    rows = json.loads(text) if data.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    template = PM.get("chat_template", template_name)
+    for n, row in enumerate(rows):
+        messages = fmt.to_conversation(row)
+        segments = template.render(messages, tokenizer)
+        trained = "".join(s.text for s in segments if s.trained)
+        said = "".join(m.content + (m.reasoning or "") for m in messages if m.role == "assistant")
+        for m in messages:
+            if m.role == "tool" and len(m.content.strip()) > 8 and m.content.strip() not in said:
+                assert m.content.strip() not in trained, f"row {n}: a tool result is trained"

@@ -5,8 +5,9 @@ function specs; assistant turns with ``tool_calls`` (``{id, type: function, func
 arguments}}``, arguments as JSON text or an object; ``content`` may then be null or hold text
 said before the calls); ``tool`` turns with ``tool_call_id``/``name``; and the assistant's
 thinking in ``reasoning_content`` (``reasoning`` is read too). A content may be a list of OpenAI
-text parts (``[{"type": "text", "text": ...}]``), joined; image or audio parts, and rows with
-``images``, are refused (sft fine-tunes text-only models).
+parts (``[{"type": "text", "text": ...}]``; LLaMA-Factory's v1 files also ``reasoning`` and
+``tool_call`` parts, under ``value``), read as the turn's text, reasoning and calls; image or
+audio parts, and rows with ``images``, are refused (sft fine-tunes text-only models).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import content_text, parse_tool_call, parse_tools, refuse_media, require_list, require_text
+from sft.core.formats import content_parts, parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import ROLES, Conversation, DatasetFormat, Message
 
 __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
@@ -64,13 +65,17 @@ class Messages(DatasetFormat):
         if role not in ROLES:
             raise DataError(f"unknown role '{role}'{did_you_mean(role, ROLES)}; expected one of {', '.join(ROLES)}",
                             field=f"{where}.role")
+        # Content parts may carry the turn's reasoning and calls too (LLaMA-Factory's v1 files).
+        content, part_reasoning, part_calls = content_parts(item.get("content"), f"{where}.content")
         calls = tuple(parse_tool_call(c, f"{where}.tool_calls[{j}]")
                       for j, c in enumerate(item.get("tool_calls") or ()))
-        reasoning = next((item[k] for k in _REASONING_KEYS if item.get(k) is not None), None)
+        calls += tuple(parse_tool_call(c, f"{where}.content") for c in part_calls)
+        reasoning = next((item[k] for k in _REASONING_KEYS if item.get(k) is not None), part_reasoning)
         if reasoning is not None and not isinstance(reasoning, str):
             raise DataError(f"expected text, got {type(reasoning).__name__}", field=f"{where}.reasoning_content")
         # An assistant turn that only calls tools has null (or no) content, as OpenAI writes it.
-        content = content_text(item.get("content"), f"{where}.content") if calls else require_text(item, "content", where)
+        if not calls:
+            content = require_text(item if content is None else {"content": content}, "content", where)
         if content is not None and not isinstance(content, str):
             raise DataError(f"expected text, got {type(content).__name__}", field=f"{where}.content")
         return Message(role, content or "", tool_calls=calls,
