@@ -58,6 +58,8 @@ class Model:
     eos: str
     bos: str | None = None
     training: str | None = None  # TRL's {% generation %} version, under templates/trl/
+    #: What closes an assistant turn, as the model's card and generation config say (default: eos).
+    closes: tuple[str, ...] = ()
 
 
 MODELS = {
@@ -76,15 +78,21 @@ MODELS = {
                        "<|im_end|>", training="nemotron_3_nano_training"),
     "gpt-oss": Model("llamacpp/openai-gpt-oss-120b.jinja",
                      ("<|startoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
-                      "<|constrain|>"), "<|return|>", training="gptoss_training"),
-    "llama3.1": Model("llamacpp/meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>"),
-    "llama3.3": Model("llamacpp/meta-llama-Llama-3.3-70B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>"),
-    "gemma2": Model("llamacpp/google-gemma-2-2b-it.jinja", GEMMA, "<eos>", "<bos>", training="gemma_training"),
-    "gemma3": Model("trl/gemma3.jinja", GEMMA, "<eos>", "<bos>", training="gemma3_training"),
+                      "<|constrain|>"), "<|return|>", training="gptoss_training",
+                     closes=("<|return|>", "<|end|>", "<|call|>")),
+    "llama3.1": Model("llamacpp/meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
+                      closes=("<|eot_id|>", "<|eom_id|>")),
+    "llama3.3": Model("llamacpp/meta-llama-Llama-3.3-70B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
+                      closes=("<|eot_id|>", "<|eom_id|>")),
+    "gemma2": Model("llamacpp/google-gemma-2-2b-it.jinja", GEMMA, "<eos>", "<bos>", training="gemma_training",
+                    closes=("<end_of_turn>",)),
+    "gemma3": Model("trl/gemma3.jinja", GEMMA, "<eos>", "<bos>", training="gemma3_training", closes=("<end_of_turn>",)),
     "gemma4": Model("llamacpp/google-gemma-4-31B-it.jinja",
                     ("<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>",
                      "<|tool_response>", "<tool_response|>", "<|tool>", "<tool|>", '<|"|>', "<|think|>"),
-                    "<turn|>", "<bos>"),
+                    # A call turn hands over with <|tool_response>: the template ends a conversation cut
+                    # after a call with it, where the application writes the response.
+                    "<turn|>", "<bos>", closes=("<turn|>", "<|tool_response>")),
     "phi4": Model("other/microsoft-phi-4.jinja", ("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"),
                   "<|im_end|>"),
     "granite3.3": Model("llamacpp/ibm-granite-granite-3.3-2B-Instruct.jinja",
@@ -95,6 +103,15 @@ MODELS = {
                   training="lfm2_training"),
     "command-r7b": Model("trl/cohere2.jinja", (*COHERE, "<|START_RESPONSE|>", "<|END_RESPONSE|>"),
                          "<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>", training="cohere2_training"),
+    "hermes3-tool_use": Model("llamacpp/NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
+                              ("<|begin_of_text|>", *CHATML[:2], "+<tool_call>", "+</tool_call>", "+<tool_response>",
+                               "+</tool_response>"), "<|im_end|>", "<|begin_of_text|>"),
+    "command-r-plus-tool_use": Model("llamacpp/CohereForAI-c4ai-command-r-plus-tool_use.jinja", COHERE,
+                                     "<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>"),
+    "command-r7b-tool_use": Model("llamacpp/CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
+                                  (*COHERE, "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>",
+                                   "<|END_THINKING|>", "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>",
+                                   "<|END_TOOL_RESULT|>"), "<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>"),
     "mistral-nemo": Model("llamacpp/mistralai-Mistral-Nemo-Instruct-2407.jinja", MISTRAL, "</s>", "<s>"),
 }
 
@@ -135,12 +152,24 @@ CASES = {
 #: (model, case) -> what the refusal says: what the model's own template cannot render.
 #: The models whose template writes reasoning; the others' refuse rows with reasoning rather than drop it.
 #: QwQ's and DeepSeek-R1-Distill's templates cut everything up to </think> out of every assistant turn.
-REASONING = {"qwen3", "qwen3.5", "qwen3.5-think", "qwen3.6", "qwen3.8", "nemotron3", "gpt-oss"}
+REASONING = {"qwen3", "qwen3.5", "qwen3.5-think", "qwen3.6", "qwen3.8", "nemotron3", "gpt-oss",
+             "command-r7b-tool_use"}
 REFUSED: dict[tuple[str, str], str] = {
     **{(m, c): "renders no reasoning" for m in MODELS if m not in REASONING for c in CASES if "reasoning" in c},
     # Gemma 4 writes reasoning only on a tool call after the last question.
     ("gemma4", "reasoning_tools_then_question"): "renders no reasoning",
     ("mistral-nemo", "parallel_calls_with_text"): "moves or rewrites its text",
+    ("hermes3-tool_use", "parallel_calls_with_text"): "moves or rewrites its text",
+    # Command R7B writes reasoning only as the plan of a tool call.
+    ("command-r7b-tool_use", "reasoning"): "renders no reasoning",
+    ("command-r7b-tool_use", "multi_turn_reasoning"): "renders no reasoning",
+    ("command-r7b-tool_use", "parallel_calls_with_text"): "moves or rewrites its text",
+    # A tool_use template (Hermes 2 Pro/3, Command R+) renders only rows with tools; Command R+'s
+    # reads Cohere's own tool schema (parameter_definitions), not OpenAI's.
+    **{(m, c): "renders only conversations with tools" for m in ("hermes3-tool_use", "command-r-plus-tool_use")
+       for c in CASES if not any("tool_calls" in t for t in CASES[c])},
+    **{("command-r-plus-tool_use", c): "has no attribute 'description'" for c in CASES
+       if any("tool_calls" in t for t in CASES[c])},
     # gpt-oss's and Llama 3.1's templates write one call per assistant turn (gpt-oss drops the rest).
     ("gpt-oss", "parallel_calls_with_text"): "its call of 'get_time'",
     ("llama3.1", "parallel_calls_with_text"): "only supports single tool-calls",
@@ -247,6 +276,7 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
         assert all(c.name in span for c in m.tool_calls)
         if m.reasoning and m.reasoning.strip() in text:
             assert m.reasoning.strip() in span, "the turn's reasoning is rendered outside its span"
+        assert any(span.endswith(e) for e in model.closes or (model.eos,)), f"{span!r} is not closed as the model closes a turn"
         assert any(span.endswith(e) for e in ends) or m.tool_calls, f"{span!r} does not end with one of {ends}"
     for m in messages:
         if m.role in ("user", "tool", "system") and m.content.strip() not in said:
@@ -347,3 +377,19 @@ def test_llamafactory_tool_and_reasoning_rows_all_train(model_name, template_nam
         for m in messages:
             if m.role == "tool" and len(m.content.strip()) > 8 and m.content.strip() not in said:
                 assert m.content.strip() not in trained, f"row {n}: a tool result is trained"
+
+
+def test_a_hub_template_list_picks_the_tool_use_template_for_rows_with_tools(smollm2_dir):
+    """Hermes 3's chat_template is a list (default + tool_use): each row renders with the one the hub picks."""
+    tokenizer = _model_tokenizer(smollm2_dir, MODELS["hermes3-tool_use"])
+    tool_use = tokenizer.chat_template
+    tokenizer.chat_template = {"default": (TEMPLATES / "other" / "NousResearch-Hermes-3-Llama-3.1-8B-default.jinja")
+                               .read_text(), "tool_use": tool_use}
+    template = PM.get("chat_template", "tokenizer")
+    for case in ("multi_turn", "tool_call"):
+        has_tools = any("tool_calls" in m for m in CASES[case])
+        messages = as_messages(CASES[case], TOOLS if has_tools else None)
+        text = segments_text(template.render(messages, tokenizer))
+        assert text == tokenizer.apply_chat_template(CASES[case], tools=TOOLS if has_tools else None, tokenize=False)
+        assert ("<tools>" in text) == has_tools
+    assert template.stop_tokens(tokenizer)[0] == "<|im_end|>"

@@ -199,7 +199,10 @@ class _Turn:
             at = full.find(piece, said)
             if at >= 0:
                 said, last = at + len(piece), piece
-        found = [(at, -len(e), e) for e in ends if (at := full.find(e, said)) >= 0]
+        # A turn ends with one of ``ends``, or with the last token of one (Command R7B ends a call
+        # <|END_ACTION|><|END_OF_TURN_TOKEN|>, an answer <|END_RESPONSE|><|END_OF_TURN_TOKEN|>).
+        closers = {next((t for t in self.specials if e.endswith(t)), e) for e in ends}
+        found = [(at, -len(e), e) for e in {*ends, *closers} if (at := full.find(e, said)) >= 0]
         close = min(found)[0] + len(min(found)[2]) if found else -1
         following = self.messages[self.i + 1] if self.i + 1 < len(self.messages) else None
         if self.message.tool_calls and following is not None and following.role == "tool":

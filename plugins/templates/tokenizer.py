@@ -21,11 +21,12 @@ off each role's prefix and suffix; templates that don't fit that shape are refus
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
-from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
+from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
 from sft.core.templating import REASONING_KEYS, Turn, TurnTemplate, as_messages, chat_dicts
 
 from .common import THINK, jinja_segments, special_tokens
@@ -40,16 +41,35 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
         name = getattr(tokenizer, "name_or_path", None) or "this model"
         raise SftError(f"template 'tokenizer': the tokenizer of {name} has no chat_template; "
                        f"set template.name to a named template (chatml, llama3, ...)")
+    tools = tools_of(messages) or None
     try:
-        return tokenizer.apply_chat_template(chat_dicts(messages, _reasoning_key(tokenizer)),
-                                             tools=tools_of(messages) or None, tokenize=False,
-                                             add_generation_prompt=generation)
+        return tokenizer.apply_chat_template(chat_dicts(messages, _reasoning_key(tokenizer)), tools=tools,
+                                             tokenize=False, add_generation_prompt=generation)
     except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
+        if tools is None and _try_render(tokenizer, chat_dicts(messages), [_PROBE_TOOL]):
+            raise SftError("template 'tokenizer': the model's chat_template renders only conversations with tools "
+                           "(a tool_use template, as Hermes 2 Pro/3 and Command R+ publish besides their default "
+                           "one), and this row has none: give the tokenizer the model's whole chat_template list "
+                           "(default + tool_use, as on the hub; each row then gets the right one), or use a "
+                           "named template (hermes, chatml)") from e
         raise SftError(f"template 'tokenizer': the model's chat_template cannot render this row: "
                        f"{type(e).__name__}: {e}") from e
 
 
-#: chat_template -> the key it reads reasoning from (probed once per template).
+#: A tool for probe renders of templates that render only conversations with tools.
+_PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", "parameters": {
+    "type": "object", "properties": {}}}}
+
+
+def _probe(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
+    """A probe conversation rendered as is, or with a probe tool when the template renders only those with tools."""
+    try:
+        return _apply(tokenizer, messages, generation)
+    except SftError:
+        return _apply(tokenizer, Conversation(list(messages), [_PROBE_TOOL]), generation)
+
+
+#: chat_template (its JSON for a hub list of named templates) -> the key it reads reasoning from.
 _REASONING_KEY: dict[str, str] = {}
 
 
@@ -62,12 +82,12 @@ def _reasoning_key(tokenizer: Any) -> str:
     reasoning would be dropped).
     """
     source = tokenizer.chat_template
+    source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
     if source not in _REASONING_KEY:
         call = {"type": "function", "function": {"name": "f", "arguments": {}}}
-        tool = {"type": "function", "function": {"name": "f", "description": "f", "parameters": {
-            "type": "object", "properties": {}}}}
         probes = [([{"role": "user", "content": _U}, {"role": "assistant", "content": _A}], None),
-                  ([{"role": "user", "content": _U}, {"role": "assistant", "content": "", "tool_calls": [call]}], [tool])]
+                  ([{"role": "user", "content": _U}, {"role": "assistant", "content": "", "tool_calls": [call]}],
+                   [_PROBE_TOOL])]
         _REASONING_KEY[source] = next(
             (key for probe, tools in probes for key in REASONING_KEYS
              if _R in _try_render(tokenizer, [*probe[:-1], {**probe[-1], key: _R}], tools)), REASONING_KEYS[0])
@@ -118,16 +138,16 @@ class TokenizerTemplate(ChatTemplate):
         last turn ``<|return|>``, earlier ones ``<|end|>``). No special token: the eos token.
         """
         specials = special_tokens(tokenizer)
-        last = self._after_answer(_apply(tokenizer, [Message("user", _U), Message("assistant", _A)]), specials)
+        eos = getattr(tokenizer, "eos_token", None)
+        last = self._after_answer(_probe(tokenizer, [Message("user", _U), Message("assistant", _A)]), specials, eos)
         if not last:
-            eos = getattr(tokenizer, "eos_token", None)
             if eos:
                 return [eos]
             raise SftError("template 'tokenizer': cannot tell which token ends an assistant turn "
                            "(the chat_template puts no special token after the answer and the tokenizer has no eos)")
         ends = ["".join(last)]
-        history = self._after_answer(_apply(tokenizer, [Message("user", _U), Message("assistant", _A),
-                                                        Message("user", _U2)]), specials)
+        history = self._after_answer(_probe(tokenizer, [Message("user", _U), Message("assistant", _A),
+                                                        Message("user", _U2)]), specials, eos)
         if history and history[0] == last[0]:
             agreed = next((k for k, (a, b) in enumerate(zip(last, history)) if a != b), min(len(last), len(history)))
             ends.append("".join(last[:agreed]))
@@ -136,13 +156,15 @@ class TokenizerTemplate(ChatTemplate):
         return list(dict.fromkeys(ends))
 
     @staticmethod
-    def _after_answer(text: str, specials: Sequence[str]) -> list[str]:
+    def _after_answer(text: str, specials: Sequence[str], eos: str | None) -> list[str]:
+        """The special tokens right after the probe's answer, up to the eos token when it is among them
+        (Command R7B's tool_use template opens the next turn right after its final one)."""
         after = text[text.index(_A) + len(_A):]
         found = [(after.find(t), -len(t), t) for t in specials if after.find(t) >= 0]
         if not found:
             return []
-        at = min(found)[0]
-        return _special_run(after[at:], specials)
+        run = _special_run(after[min(found)[0]:], specials)
+        return run[: run.index(eos) + 1] if eos in run else run
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         return jinja_segments(self.name, lambda m, g: _apply(tokenizer, m, g), as_messages(messages),
@@ -152,7 +174,7 @@ class TokenizerTemplate(ChatTemplate):
         return _apply(tokenizer, as_messages(messages), generation=True)
 
     def jinja(self, tokenizer: Any = None) -> str:
-        _apply(tokenizer, [Message("user", _U)])  # raises the clear error when there is none
+        _probe(tokenizer, [Message("user", _U)])  # raises the clear error when there is none
         return tokenizer.chat_template
 
     def ollama_template(self, tokenizer: Any = None) -> str:
