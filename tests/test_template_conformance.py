@@ -393,3 +393,16 @@ def test_a_hub_template_list_picks_the_tool_use_template_for_rows_with_tools(smo
         assert text == tokenizer.apply_chat_template(CASES[case], tools=TOOLS if has_tools else None, tokenize=False)
         assert ("<tools>" in text) == has_tools
     assert template.stop_tokens(tokenizer)[0] == "<|im_end|>"
+
+
+def test_a_turn_closed_by_two_special_tokens_trains_both(smollm2_dir):
+    """Command R7B closes an answer with <|END_RESPONSE|><|END_OF_TURN_TOKEN|>; generation stops at the second."""
+    tokenizer = _tokenizer(smollm2_dir, "command-r7b")
+    template = PM.get("chat_template", "tokenizer")
+    assert template.stop_tokens(tokenizer)[0] == "<|END_OF_TURN_TOKEN|>"
+    segments = template.render(as_messages(CASES["multi_turn"]), tokenizer)
+    [(ids, mask)] = encode_rendered(tokenizer, [segments])
+    ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|END_RESPONSE|>", "<|END_OF_TURN_TOKEN|>")]
+    closed = [k for k in range(len(ids) - 1) if ids[k:k + 2] == ends]
+    assert len(closed) == 2 and all(mask[k] and mask[k + 1] for k in closed)
+    assert not any(mask[k + 2] for k in closed if k + 2 < len(ids))  # the next turn's header is not trained
