@@ -32,6 +32,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|p
 __all__ = [
     "resolve_template",
     "prepare_tokenizer",
+    "model_eos_token",
     "Turn",
     "TurnTemplate",
     "segments_text",
@@ -102,6 +103,9 @@ def prepare_tokenizer(tokenizer: Any, template: ChatTemplate, cfg: Any) -> int:
                 f"or choose a template made for this model")])
         added += tokenizer.add_tokens([AddedToken(eot, special=True, normalized=False)], special_tokens=True)
     if tokenizer.eos_token != eot:
+        # The model's own template may write its eos (Phi-3 ends a conversation with <|endoftext|>);
+        # it keeps rendering that one (model_eos_token), whatever generation stops at.
+        setattr(tokenizer, _MODEL_EOS, model_eos_token(tokenizer))
         tokenizer.eos_token = eot
     pad = tokenizer.pad_token
     if pad is None or pad in (eot, tokenizer.eos_token):
@@ -114,6 +118,15 @@ def prepare_tokenizer(tokenizer: Any, template: ChatTemplate, cfg: Any) -> int:
         tokenizer.pad_token = choice
     tokenizer.chat_template = template.jinja(tokenizer)
     return added
+
+
+#: The attribute prepare_tokenizer keeps the tokenizer's own eos token under, before making the EOT its eos.
+_MODEL_EOS = "sft_model_eos_token"
+
+
+def model_eos_token(tokenizer: Any) -> str | None:
+    """The eos token the model's tokenizer came with (what its own chat_template writes as ``eos_token``)."""
+    return getattr(tokenizer, _MODEL_EOS, None) or getattr(tokenizer, "eos_token", None)
 
 
 def segments_text(segments: Sequence[Segment]) -> str:
@@ -219,6 +232,9 @@ class TurnTemplate(ChatTemplate):
     extra_stops: ClassVar[tuple[str, ...]] = ()
     #: Used for the EOT when ``eot`` is None and no tokenizer is given (e.g. docs, Ollama without a tokenizer).
     fallback_eot: ClassVar[str] = "</s>"
+    #: Text after the last turn of a whole conversation (not before a generation prompt): Phi-3's
+    #: template ends with its eos ``<|endoftext|>``. Untrained: generation stops at the EOT before it.
+    final: ClassVar[str] = ""
 
     # -- the contract -------------------------------------------------------------------
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
@@ -228,6 +244,10 @@ class TurnTemplate(ChatTemplate):
         return [eot] + [s for s in self.extra_stops if s != eot]
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
+        segments = self._turns(messages, tokenizer)
+        return segments + [Segment(self.final, False)] if self.final else segments
+
+    def _turns(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = as_messages(messages)
         self._refuse_tools(messages)
         eot = end_of_turn(self, tokenizer)
@@ -249,7 +269,7 @@ class TurnTemplate(ChatTemplate):
         return [s for s in segments if s.text]
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
-        return segments_text(self.render(messages, tokenizer)) + self.assistant.prefix
+        return segments_text(self._turns(messages, tokenizer)) + self.assistant.prefix
 
     def jinja(self, tokenizer: Any = None) -> str:
         eot = end_of_turn(self, tokenizer)
@@ -267,7 +287,8 @@ class TurnTemplate(ChatTemplate):
                      + "{{ message['content'] }}" + lit(eot + self.assistant.suffix))
         parts.append("{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}")
         parts.append("{% endfor %}")
-        parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix) + "{% endif %}")
+        parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix)
+                     + ("{% else %}" + lit(self.final) if self.final else "") + "{% endif %}")
         return "".join(parts)
 
     def ollama_bos(self, tokenizer: Any = None) -> str:

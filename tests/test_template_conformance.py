@@ -93,6 +93,9 @@ MODELS = {
                     # A call turn hands over with <|tool_response>: the template ends a conversation cut
                     # after a call with it, where the application writes the response.
                     "<turn|>", "<bos>", closes=("<turn|>", "<|tool_response>")),
+    "phi3.5": Model("llamacpp/microsoft-Phi-3.5-mini-instruct.jinja",
+                    ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"), "<|endoftext|>",
+                    training="phi3_5_training", closes=("<|end|>",)),
     "phi4": Model("other/microsoft-phi-4.jinja", ("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"),
                   "<|im_end|>"),
     "granite3.3": Model("llamacpp/ibm-granite-granite-3.3-2B-Instruct.jinja",
@@ -181,7 +184,7 @@ REFUSED: dict[tuple[str, str], str] = {
     **{(m, c): "roles must alternate" for m in ("gemma2", "gemma3", "command-r7b")
        for c in ("tool_call", "parallel_calls_with_text", "reasoning_tools_then_question")},
     # Templates that never write message.tool_calls (LFM2 expects them inside the content).
-    **{(m, c): "its call of 'get_weather'" for m in ("phi4", "granite3.3", "lfm2")
+    **{(m, c): "its call of 'get_weather'" for m in ("phi3.5", "phi4", "granite3.3", "lfm2")
        for c in ("tool_call", "parallel_calls_with_text", "reasoning_tools_then_question")},
 }
 
@@ -234,7 +237,12 @@ def _generation_spans(model: Model, messages, reasoning_key: str, text: str) -> 
     rendered, indices = render_jinja_template([chat_dicts(messages, reasoning_key)], tools=tools, chat_template=source,
                                               return_assistant_tokens_mask=True, bos_token=model.bos or "",
                                               eos_token=model.eos)
-    return indices[0] if rendered[0] == text else None
+    if rendered[0] != text:
+        return None
+    merged: list[tuple[int, int]] = []
+    for a, b in indices[0]:  # Phi-3.5's training template marks the trailing eos as a span of its own
+        merged[-1:] = [(merged[-1][0], b)] if merged and merged[-1][1] == a else [*merged[-1:], (a, b)]
+    return merged
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -288,8 +296,9 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
         starts = [i for i, m in enumerate(messages) if m.role == "assistant"]
         for (a, b), (ga, gb), i in zip(spans, generation, starts):
             # TRL's span may start earlier, inside the header the generation prompt writes (gpt-oss's
-            # <|start|>assistant, Qwen's newline), and run on over whitespace after the turn's end.
-            assert ga <= a and gb >= b and not text[b:gb].strip(), (text[a:b], text[ga:gb])
+            # <|start|>assistant, Qwen's newline), and run on over whitespace after the turn's end, and
+            # over the eos Phi-3 writes after the last turn (generation stops at <|end|> before it).
+            assert ga <= a and gb >= b and text[b:gb].strip() in ("", model.eos), (text[a:b], text[ga:gb])
             prompt = template.generation_prompt(messages[:i], tokenizer)
             history = tokenizer.apply_chat_template(chat_dicts(messages[:i], key), tools=TOOLS if has_tools else None,
                                                     tokenize=False) if i else ""
@@ -406,3 +415,24 @@ def test_a_turn_closed_by_two_special_tokens_trains_both(smollm2_dir):
     closed = [k for k in range(len(ids) - 1) if ids[k:k + 2] == ends]
     assert len(closed) == 2 and all(mask[k] and mask[k + 1] for k in closed)
     assert not any(mask[k + 2] for k in closed if k + 2 < len(ids))  # the next turn's header is not trained
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "phi3"])
+def test_phi_renders_its_own_eos_after_the_tokenizer_is_fitted(name, smollm2_dir):
+    """prepare_tokenizer makes <|end|> the eos (generation stops there); Phi-3.5's own template still ends
+    a conversation with <|endoftext|>, and so do the trained text and `--check-template`."""
+    from sft.core.config import load_config
+    from sft.core.templating import prepare_tokenizer
+    from sft.engine.render_check import render_difference
+
+    model_tokenizer = _model_tokenizer(smollm2_dir, MODELS["phi3.5"])
+    tokenizer = _model_tokenizer(smollm2_dir, MODELS["phi3.5"])
+    template = PM.get("chat_template", name)
+    prepare_tokenizer(tokenizer, template, load_config(overrides=[f"template.name={name}"]))
+    assert tokenizer.eos_token == "<|end|>"
+    for case in ("single", "system_multi_turn"):
+        messages = as_messages(CASES[case])
+        text = segments_text(template.render(messages, tokenizer))
+        assert text == model_tokenizer.apply_chat_template(CASES[case], tokenize=False)
+        assert text.endswith("<|end|>\n<|endoftext|>")
+        assert render_difference(template, tokenizer, model_tokenizer, messages) is None

@@ -105,7 +105,7 @@ def test_chatml_matches_smollm2s_own_chat_template(smollm2_dir):
     ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"),
-    ("phi3", "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\nA<|end|>\n"),
+    ("phi3", "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\nA<|end|>\n<|endoftext|>"),
     ("alpaca", "S\n\n### Instruction:\nU\n\n### Response:\nA</s>\n\n"),
 ])
 def test_bundled_templates_render_their_reference_text(name, expected):

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from sft.core import hookimpl
 from sft.core.errors import SftError
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
-from sft.core.templating import REASONING_KEYS, Turn, TurnTemplate, as_messages, chat_dicts
+from sft.core.templating import REASONING_KEYS, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token
 
 from .common import THINK, jinja_segments, special_tokens
 
@@ -44,7 +44,8 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
     tools = tools_of(messages) or None
     try:
         return tokenizer.apply_chat_template(chat_dicts(messages, _reasoning_key(tokenizer)), tools=tools,
-                                             tokenize=False, add_generation_prompt=generation)
+                                             tokenize=False, add_generation_prompt=generation,
+                                             eos_token=model_eos_token(tokenizer))
     except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
         if tools is None and _try_render(tokenizer, chat_dicts(messages), [_PROBE_TOOL]):
             raise SftError("template 'tokenizer': the model's chat_template renders only conversations with tools "
@@ -97,7 +98,7 @@ def _reasoning_key(tokenizer: Any) -> str:
 def _try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
     """The render of a probe, or "" when the template refuses it."""
     try:
-        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False)
+        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
     except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
         return ""
 
@@ -188,11 +189,16 @@ class TokenizerTemplate(ChatTemplate):
         ua = _apply(tokenizer, [Message("user", _U), Message("assistant", _A)])
         uau = _apply(tokenizer, [Message("user", _U), Message("assistant", _A), Message("user", _U2)])
         su = _apply(tokenizer, [Message("system", _S), Message("user", _U)])
+        # A template that ends a whole conversation with a token (Phi-3: its eos) has that after its turns.
+        final = next((t for t in special_tokens(tokenizer)
+                      if all(r.endswith(t) for r in (u, ua, uau, su)) and not ug.endswith(t)
+                      and _A + eot in ua[: -len(t)]), "")  # after the turns, not a turn's own end
+        u, ua, uau, su = (t[: len(t) - len(final)] for t in (u, ua, uau, su))
         probe = [Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d")]
         # Text before the first turn is either a BOS or the start of the system turn; try both readings.
         for bos in dict.fromkeys(["", getattr(tokenizer, "bos_token", None) or ""]):
             try:
-                derived = _derive(bos, eot, u, ug, ua, uau, su)
+                derived = _derive(bos, eot, u, ug, ua, uau, su, final)
             except ValueError:
                 continue
             if all("".join(s.text for s in derived.render(c, tokenizer)) == _apply(tokenizer, c)
@@ -202,7 +208,7 @@ class TokenizerTemplate(ChatTemplate):
                        "Ollama template can be derived from it; choose a named template for Ollama export")
 
 
-def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str) -> TurnTemplate:
+def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str, final: str = "") -> TurnTemplate:
     """A :class:`TurnTemplate` from the sentinel renders, reading ``bos`` as the text's BOS (ValueError: no fit)."""
     def cut(text: str, start: int, end: int) -> str:
         if start < 0 or end < start:
@@ -224,7 +230,7 @@ def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str) -> 
             raise ValueError("the text before the first user turn is not a system turn")
         default = head[len(system_prefix): len(head) - len(system_suffix)]
     return type("DerivedTurns", (TurnTemplate,), {
-        "name": "tokenizer-derived", "bos": bos, "eot": eot, "default_system": default,
+        "name": "tokenizer-derived", "bos": bos, "eot": eot, "default_system": default, "final": final,
         "system": Turn(system_prefix, system_suffix), "user": Turn(user_prefix, user_suffix),
         "assistant": Turn(assistant_prefix, assistant_suffix),
     })()
