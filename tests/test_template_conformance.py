@@ -115,6 +115,11 @@ MODELS = {
                                   (*COHERE, "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>",
                                    "<|END_THINKING|>", "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>",
                                    "<|END_TOOL_RESULT|>"), "<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>"),
+    "mistral-v0.3": Model("other/mistralai-Mistral-7B-Instruct-v0.3.jinja", MISTRAL, "</s>", "<s>"),
+    "mistral-small-3.2": Model("llamacpp/Mistral-Small-3.2-24B-Instruct-2506.jinja",
+                               (*MISTRAL, "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]"), "</s>", "<s>"),
+    "devstral": Model("llamacpp/unsloth-mistral-Devstral-Small-2507.jinja",
+                      (*MISTRAL, "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]"), "</s>", "<s>"),
     "mistral-nemo": Model("llamacpp/mistralai-Mistral-Nemo-Instruct-2407.jinja", MISTRAL, "</s>", "<s>"),
 }
 
@@ -163,6 +168,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("gemma4", "reasoning_tools_then_question"): "renders no reasoning",
     ("mistral-nemo", "parallel_calls_with_text"): "moves or rewrites its text",
     ("hermes3-tool_use", "parallel_calls_with_text"): "moves or rewrites its text",
+    ("mistral-v0.3", "parallel_calls_with_text"): "moves or rewrites its text",
+    ("mistral-small-3.2", "parallel_calls_with_text"): "moves or rewrites its text",
     # Command R7B writes reasoning only as the plan of a tool call.
     ("command-r7b-tool_use", "reasoning"): "renders no reasoning",
     ("command-r7b-tool_use", "multi_turn_reasoning"): "renders no reasoning",
@@ -315,7 +322,7 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
 
 
 #: Bundled templates that ship a model's real chat_template, and that model here.
-BUNDLED = {"qwen": "qwen2.5", "qwen3": "qwen3"}
+BUNDLED = {"qwen": "qwen2.5", "qwen3": "qwen3", "mistral-v3": "mistral-v0.3", "mistral-nemo": "mistral-nemo"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -436,3 +443,26 @@ def test_phi_renders_its_own_eos_after_the_tokenizer_is_fitted(name, smollm2_dir
         assert text == model_tokenizer.apply_chat_template(CASES[case], tokenize=False)
         assert text.endswith("<|end|>\n<|endoftext|>")
         assert render_difference(template, tokenizer, model_tokenizer, messages) is None
+
+
+@pytest.mark.parametrize("name, model_name", [("mistral-v3", "mistral-v0.3"), ("mistral-nemo", "mistral-nemo")])
+def test_named_mistral_variants_render_real_rows_as_the_models_own_template(name, model_name, smollm2_dir):
+    """`--check-template` on real Alpaca rows (with a system prompt): no row differs (the named `mistral`
+    matched none of them: v0.3 writes `[INST] Hi[/INST] Hello</s>`, Nemo `[INST]Hi[/INST]Hello</s>`)."""
+    import json
+
+    from sft.engine.render_check import render_difference
+
+    from datakit import REAL_ALPACA
+
+    if not REAL_ALPACA.exists():
+        pytest.skip("the shared data is absent")
+    alpaca = PM.get("dataset_format", "alpaca")
+    rows = json.loads(REAL_ALPACA.read_text(encoding="utf-8"))[:40]
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    template = PM.get("chat_template", name)
+    for n, row in enumerate(rows):
+        messages = alpaca.to_conversation({**row, "system": "Answer briefly."} if n % 2 else row)
+        assert render_difference(template, tokenizer, tokenizer, messages) is None, f"row {n}"
+    legacy = PM.get("chat_template", "mistral")
+    assert render_difference(legacy, tokenizer, tokenizer, alpaca.to_conversation(rows[0])) is not None
