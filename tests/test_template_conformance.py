@@ -82,6 +82,8 @@ MODELS = {
                      closes=("<|return|>", "<|end|>", "<|call|>")),
     "llama3.1": Model("llamacpp/meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
                       closes=("<|eot_id|>", "<|eom_id|>")),
+    "llama3.2": Model("llamacpp/meta-llama-Llama-3.2-3B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
+                      closes=("<|eot_id|>", "<|eom_id|>")),
     "llama3.3": Model("llamacpp/meta-llama-Llama-3.3-70B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
                       closes=("<|eot_id|>", "<|eom_id|>")),
     "gemma2": Model("llamacpp/google-gemma-2-2b-it.jinja", GEMMA, "<eos>", "<bos>", training="gemma_training",
@@ -183,6 +185,7 @@ REFUSED: dict[tuple[str, str], str] = {
     # gpt-oss's and Llama 3.1's templates write one call per assistant turn (gpt-oss drops the rest).
     ("gpt-oss", "parallel_calls_with_text"): "its call of 'get_time'",
     ("llama3.1", "parallel_calls_with_text"): "only supports single tool-calls",
+    ("llama3.2", "parallel_calls_with_text"): "only supports single tool-calls",
     ("llama3.3", "parallel_calls_with_text"): "only supports single tool-calls",
     # Gemma 4 writes the tool responses inside the model turn, before the turn's text.
     ("gemma4", "parallel_calls_with_text"): "writes the tool message 2 inside assistant turn 1",
@@ -322,7 +325,8 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
 
 
 #: Bundled templates that ship a model's real chat_template, and that model here.
-BUNDLED = {"qwen": "qwen2.5", "qwen3": "qwen3", "mistral-v3": "mistral-v0.3", "mistral-nemo": "mistral-nemo"}
+BUNDLED = {"qwen": "qwen2.5", "qwen3": "qwen3", "mistral-v3": "mistral-v0.3", "mistral-nemo": "mistral-nemo",
+           "llama31": "llama3.2"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -466,3 +470,22 @@ def test_named_mistral_variants_render_real_rows_as_the_models_own_template(name
         assert render_difference(template, tokenizer, tokenizer, messages) is None, f"row {n}"
     legacy = PM.get("chat_template", "mistral")
     assert render_difference(legacy, tokenizer, tokenizer, alpaca.to_conversation(rows[0])) is not None
+
+
+@pytest.mark.parametrize("model_name, date", [("llama3.1", "26 Jul 2024"), ("llama3.2", "today"), ("llama3.3", "26 Jul 2024")])
+def test_llama31_writes_the_date_the_models_own_template_writes(model_name, date, smollm2_dir):
+    """Llama 3.2's template writes the day of rendering, 3.1's and 3.3's 26 Jul 2024 (template.llama31.date: model)."""
+    from datetime import date as day
+
+    from sft.core.config import load_config
+    from sft.core.templating import resolve_template
+
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    messages = as_messages(CASES["single"])
+    want = day.today().strftime("%d %b %Y") if date == "today" else date
+    template = resolve_template(load_config(overrides=["template.name=llama31"]))
+    text = segments_text(template.render(messages, tokenizer))
+    assert f"Today Date: {want}\n" in text and text == tokenizer.apply_chat_template(CASES["single"], tokenize=False)
+    fixed = resolve_template(load_config(overrides=["template.name=llama31", "template.llama31.date='01 Jan 2026'"]))
+    assert "Today Date: 01 Jan 2026\n" in segments_text(fixed.render(messages, tokenizer))
+    assert '"01 Jan 2026"' in fixed.jinja(tokenizer)

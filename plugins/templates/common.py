@@ -298,7 +298,8 @@ class JinjaTemplate(ChatTemplate):
     bos: str = ""
     reasoning: bool = False
 
-    def source(self) -> str:
+    def source(self, tokenizer: Any = None) -> str:
+        """The template's Jinja (``tokenizer``: the model's, for a template that follows what it does)."""
         # The files end with a newline; the chat_template strings they copy do not.
         return (Path(__file__).parent / "assets" / self.asset).read_text(encoding="utf-8").removesuffix("\n")
 
@@ -306,7 +307,11 @@ class JinjaTemplate(ChatTemplate):
         # The saved tokenizer renders jinja() with its own special tokens; so does training.
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else self.bos
         eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else self.eot
-        return render_chat_template(self.source(), messages, generation, bos_token=bos or "", eos_token=eos or "")
+        try:
+            return render_chat_template(self.source(tokenizer), messages, generation, bos_token=bos or "",
+                                        eos_token=eos or "")
+        except Exception as e:  # noqa: BLE001 - the family's Jinja refusing a row (raise_exception) is a row error
+            raise SftError(f"chat template '{self.name}' cannot render this row: {type(e).__name__}: {e}") from e
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = as_messages(messages)
@@ -323,7 +328,7 @@ class JinjaTemplate(ChatTemplate):
         return [self.eot, *(s for s in self.stops if s != self.eot)]
 
     def jinja(self, tokenizer: Any = None) -> str:
-        return self.source()
+        return self.source(tokenizer)
 
 
 def chatml_tools_ollama(default_system: str | None, system_with_tools: str, thinking: bool = False) -> str:
