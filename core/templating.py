@@ -235,6 +235,9 @@ class TurnTemplate(ChatTemplate):
     #: Text after the last turn of a whole conversation (not before a generation prompt): Phi-3's
     #: template ends with its eos ``<|endoftext|>``. Untrained: generation stops at the EOT before it.
     final: ClassVar[str] = ""
+    #: Contents are trimmed of surrounding whitespace (Jinja's ``| trim``), as Llama 3's and Gemma's own
+    #: templates do: the trained text is then what the model sees at inference.
+    trim: ClassVar[bool] = False
 
     # -- the contract -------------------------------------------------------------------
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
@@ -248,7 +251,7 @@ class TurnTemplate(ChatTemplate):
         return segments + [Segment(self.final, False)] if self.final else segments
 
     def _turns(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
-        messages = as_messages(messages)
+        messages = self._trimmed(as_messages(messages))
         self._refuse_tools(messages)
         eot = end_of_turn(self, tokenizer)
         segments: list[Segment] = []
@@ -278,13 +281,14 @@ class TurnTemplate(ChatTemplate):
         if self.default_system is not None:
             parts.append("{% if not messages or messages[0]['role'] != 'system' %}"
                          + lit(self.system.prefix + self.default_system + self.system.suffix) + "{% endif %}")
+        content = "{{ message['content']" + (" | trim" if self.trim else "") + " }}"
         parts.append("{% for message in messages %}")
         parts.append("{% if message['role'] == 'system' %}" + lit(self.system.prefix)
-                     + "{{ message['content'] }}" + lit(self.system.suffix))
+                     + content + lit(self.system.suffix))
         parts.append("{% elif message['role'] == 'user' %}" + lit(self.user.prefix)
-                     + "{{ message['content'] }}" + lit(self.user.suffix))
+                     + content + lit(self.user.suffix))
         parts.append("{% elif message['role'] == 'assistant' %}" + lit(self.assistant.prefix)
-                     + "{{ message['content'] }}" + lit(eot + self.assistant.suffix))
+                     + content + lit(eot + self.assistant.suffix))
         parts.append("{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}")
         parts.append("{% endfor %}")
         parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix)
@@ -322,14 +326,25 @@ class TurnTemplate(ChatTemplate):
             "{{ end }}{{ end }}"
         )
 
+    def _trimmed(self, messages: Sequence[Message]) -> Sequence[Message]:
+        """``messages`` with their contents trimmed when the format trims them."""
+        if not self.trim:
+            return messages
+        from dataclasses import replace
+
+        return [replace(m, content=m.content.strip()) for m in messages]
+
     def _refuse_tools(self, messages: Sequence[Message]) -> None:
         """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
         what = ("tools" if tools_of(messages) else
                 "tool calls" if any(m.tool_calls or m.role == "tool" for m in messages) else
                 "reasoning" if any(m.reasoning for m in messages) else None)
+        if what == "reasoning":
+            raise SftError(f"chat template '{self.name}' has no format for reasoning; choose one that has "
+                           f"(qwen3, or tokenizer with a reasoning model's own template: Qwen3, gpt-oss, Nemotron 3)")
         if what:
             raise SftError(f"chat template '{self.name}' has no format for {what}; choose one that has "
-                           f"(qwen, qwen3, hermes, llama31, or tokenizer with a model whose template does)")
+                           f"(qwen, qwen3, hermes, llama31, mistral-v3, or tokenizer with a model whose template does)")
 
     def _turn(self, role: str) -> Turn:
         if role not in ("system", "user", "assistant"):

@@ -217,3 +217,13 @@ def test_a_row_the_template_cannot_render_is_a_bad_row(smollm2_dir, tmp_path, sf
         _build(smollm2_dir, path, "template.name=nosystem")
     prepared = _build(smollm2_dir, path, "template.name=nosystem", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
     assert prepared.stats["skipped"]["count"] == 1 and prepared.stats["train_rows"] == 2
+
+
+def test_skip_reasons_fold_numbers_but_not_the_digits_of_names(smollm2_dir, tmp_path):
+    """Rows with the same problem share one reason; `template 'qwen3'` stays itself (it was folded to 'qwenN')."""
+    rows = [GOOD] * 18 + [_sharegpt(("human", "Hi"), ("gpt", "Hello"), ("function_call", '{"name": "f", "arguments": {}}'),
+                                    ("observation", "1"), ("gpt", "Done."))] * 2
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    prepared = _build(smollm2_dir, path, "template.name=llama3", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
+    [(reason, n)] = prepared.stats["skipped"]["reasons"].items()
+    assert n == 2 and "template 'llama3' cannot render this row" in reason and "llamaN" not in reason

@@ -80,6 +80,7 @@ MODELS = {
                      ("<|startoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
                       "<|constrain|>"), "<|return|>", training="gptoss_training",
                      closes=("<|return|>", "<|end|>", "<|call|>")),
+    "llama3.0": Model("trl/llama3.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>", training="llama3_training"),
     "llama3.1": Model("llamacpp/meta-llama-Llama-3.1-8B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
                       closes=("<|eot_id|>", "<|eom_id|>")),
     "llama3.2": Model("llamacpp/meta-llama-Llama-3.2-3B-Instruct.jinja", LLAMA3, "<|eot_id|>", "<|begin_of_text|>",
@@ -194,7 +195,7 @@ REFUSED: dict[tuple[str, str], str] = {
     **{(m, c): "roles must alternate" for m in ("gemma2", "gemma3", "command-r7b")
        for c in ("tool_call", "parallel_calls_with_text", "reasoning_tools_then_question")},
     # Templates that never write message.tool_calls (LFM2 expects them inside the content).
-    **{(m, c): "its call of 'get_weather'" for m in ("phi3.5", "phi4", "granite3.3", "lfm2")
+    **{(m, c): "its call of 'get_weather'" for m in ("llama3.0", "phi3.5", "phi4", "granite3.3", "lfm2")
        for c in ("tool_call", "parallel_calls_with_text", "reasoning_tools_then_question")},
 }
 
@@ -489,3 +490,26 @@ def test_llama31_writes_the_date_the_models_own_template_writes(model_name, date
     fixed = resolve_template(load_config(overrides=["template.name=llama31", "template.llama31.date='01 Jan 2026'"]))
     assert "Today Date: 01 Jan 2026\n" in segments_text(fixed.render(messages, tokenizer))
     assert '"01 Jan 2026"' in fixed.jinja(tokenizer)
+
+
+@pytest.mark.parametrize("name, model_name", [("gemma", "gemma2"), ("gemma", "gemma3"), ("llama3", "llama3.0")])
+def test_family_templates_trim_and_refuse_as_the_models_own(name, model_name, smollm2_dir):
+    """gemma and llama3 trim contents as Gemma's and Llama 3's templates do; gemma refuses a system turn on
+    Gemma 2, whose template refuses it, and folds it into the first user turn on Gemma 3, as Gemma 3's does."""
+    from sft.core.config import load_config
+    from sft.core.templating import prepare_tokenizer
+    from sft.engine.render_check import render_difference
+
+    model_tokenizer = _tokenizer(smollm2_dir, model_name)
+    tokenizer = _model_tokenizer(smollm2_dir, MODELS[model_name])
+    template = PM.get("chat_template", name)
+    prepare_tokenizer(tokenizer, template, load_config(overrides=[f"template.name={name}"]))
+    padded = [{"role": m["role"], "content": f"  {m['content']}\n"} for m in CASES["multi_turn"]]
+    assert render_difference(template, tokenizer, model_tokenizer, as_messages(padded)) is None
+    with_system = as_messages([{"role": "system", "content": "You are Forge."}, *padded])
+    if model_name == "gemma2":
+        for t in (model_tokenizer, tokenizer):  # the model's template, and the one saved after training
+            with pytest.raises(SftError, match="System role not supported"):
+                template.render(with_system, t)
+    else:
+        assert render_difference(template, tokenizer, model_tokenizer, with_system) is None

@@ -109,7 +109,10 @@ class _BadRows:
             raise DataError(error.message + " (set data.on_bad_row=skip to skip such rows)", source=error.source,
                             line=error.line, row=error.row, field=error.field)
         self.errors.append(error)
-        reason = re.sub(r"\d+", "N", f"{error.field}: {error.message}" if error.field else error.message)
+        # Numbers become N so that rows with the same problem share a reason; digits inside a name stay
+        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN).
+        reason = re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)", "N",
+                        f"{error.field}: {error.message}" if error.field else error.message)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def check(self, total: int) -> None:
