@@ -332,7 +332,9 @@ class TurnTemplate(ChatTemplate):
             return messages
         from dataclasses import replace
 
-        return [replace(m, content=m.content.strip()) for m in messages]
+        trimmed = [replace(m, content=m.content.strip()) for m in messages]
+        tools = tools_of(messages)
+        return Conversation(trimmed, tools) if tools else trimmed  # the row's tools stay with it
 
     def _refuse_tools(self, messages: Sequence[Message]) -> None:
         """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
