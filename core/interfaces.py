@@ -183,6 +183,14 @@ class DatasetFormat(Plugin):
         default: the format does not say, and nothing is counted."""
         return None
 
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        """What ``row`` carries that this format does not read: by default the non-empty columns outside
+        :meth:`read_columns`. A format with nested records adds their unread keys (``messages[].loss_weight``)."""
+        read = self.read_columns(options)
+        if read is None:
+            return []
+        return [k for k, v in row.items() if k not in read and v not in (None, "", [])]
+
 
 class ChatTemplate(Plugin):
     """Owns everything about one chat format, so training, the saved tokenizer, GGUF and Ollama agree.

@@ -67,6 +67,8 @@ def test_content_part_lists_are_read_and_non_text_parts_refused(tiny_model_dir, 
     first = json.loads(source.read_text(encoding="utf-8").splitlines()[0])
     prepared, tokenizer = _build(tiny_model_dir, source, "data.test_size=0")
     assert prepared.train_conversations[0][0].content == first["messages"][0]["content"][0]["value"]
+    # Its per-message loss_weight is not read: counted, not dropped silently.
+    assert prepared.stats["unread_columns"] == {"messages[].loss_weight (messages)": 500}
     openai = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
                             {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}]}]
     prepared, tokenizer = _build(tiny_model_dir, write_jsonl(tmp_path / "parts.jsonl", openai))

@@ -152,7 +152,6 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
     """Rows -> conversations (lists of :class:`Message`) or, from a raw-text format, :class:`RawText`."""
     conversations: list[Any] = []
     kept: list[RowRef] = []
-    read = fmt.read_columns(options)
     for row, ref in zip(rows, refs):
         if isinstance(row, BadRow):
             bad.add(row.error.located(row=ref.row))
@@ -160,9 +159,8 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
-            if read is not None:
-                # Nothing a row carries is dropped silently: a column the format does not read is counted.
-                bad.unread.update(f"{k} ({fmt.name})" for k, v in row.items() if k not in read and v not in (None, "", []))
+            # Nothing a row carries is dropped silently: what the format does not read is counted.
+            bad.unread.update(f"{k} ({fmt.name})" for k in fmt.unread(row, options))
             segments = fmt.to_segments(row, options)
             if segments is not None:
                 conversation: Any = _check_segments(segments)

@@ -26,6 +26,8 @@ __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
 
 #: Keys of an assistant turn that hold its reasoning, in order of preference.
 _REASONING_KEYS = ("reasoning_content", "reasoning")
+#: The keys of a message this format reads (others, such as LLaMA-Factory's loss_weight, are counted).
+_READ = {"role", "content", "tool_calls", "tool_call_id", "name", *_REASONING_KEYS}
 
 
 @dataclass
@@ -46,6 +48,12 @@ class Messages(DatasetFormat):
     def read_columns(self, options: Any = None) -> Collection[str]:
         o = options or MessagesOptions()
         return (o.messages_key, o.tools_key)
+
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        key = (options or MessagesOptions()).messages_key
+        turns = row.get(key) if isinstance(row.get(key), list) else []
+        nested = {k for m in turns if isinstance(m, Mapping) for k, v in m.items() if k not in _READ and v is not None}
+        return [*super().unread(row, options), *(f"{key}[].{k}" for k in sorted(nested))]
 
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o = options or MessagesOptions()

@@ -56,6 +56,13 @@ class ShareGPT(DatasetFormat):
         o = options or ShareGPTOptions()
         return (o.conversations_key, o.tools_key, o.system_key)
 
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        o = options or ShareGPTOptions()
+        turns = row.get(o.conversations_key) if isinstance(row.get(o.conversations_key), list) else []
+        nested = {k for t in turns if isinstance(t, Mapping) for k, v in t.items()
+                  if k not in (o.role_key, o.content_key) and v is not None}
+        return [*super().unread(row, options), *(f"{o.conversations_key}[].{k}" for k in sorted(nested))]
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o: ShareGPTOptions = options or ShareGPTOptions()
         refuse_media(row)
