@@ -18,6 +18,10 @@ from .errors import DataError, did_you_mean
 from .interfaces import ROLES, Conversation, Message, ToolCall, tools_of
 
 __all__ = [
+    "MEDIA_COLUMNS",
+    "refuse_media",
+    "content_parts",
+    "content_text",
     "require_text",
     "require_list",
     "validate_conversation",
@@ -41,9 +45,68 @@ def _present(row: Mapping[str, Any], key: str, prefix: str) -> tuple[str, Any]:
     return field, row[key]
 
 
+#: Columns that carry images, video or audio (LLaMA-Factory's, ms-swift's and Axolotl's names).
+MEDIA_COLUMNS = ("images", "videos", "audios", "image", "video", "audio")
+
+
+def refuse_media(row: Mapping[str, Any]) -> None:
+    """A :class:`DataError` for a row that carries images, video or audio: sft trains text-only models.
+
+    Trained as text, an ``<image>`` marker would teach the model to write it; the row is refused
+    instead (``data.on_bad_row=skip`` leaves such rows out, counted).
+    """
+    for key in MEDIA_COLUMNS:
+        if row.get(key):
+            raise DataError(f"this row carries {key} (a vision or audio dataset); sft fine-tunes text-only models, so "
+                            f"it cannot train it: remove the '{key}' column, or set data.on_bad_row=skip to leave "
+                            f"such rows out", field=key)
+
+
+def content_parts(value: Any, field: str) -> tuple[Any, str | None, list[Any]]:
+    """A content as ``(text, reasoning, tool calls)``: OpenAI content parts split by type, anything else as it is.
+
+    Parts are ``{"type": "text", "text": ...}`` (OpenAI) or ``{"type": ..., "value": ...}``
+    (LLaMA-Factory's v1 files, whose assistant turns hold ``reasoning`` and ``tool_call`` parts,
+    the latter a JSON call). Text parts are joined, reasoning parts too; a part of another type
+    (``image_url``, ``input_audio``) is refused, as :func:`refuse_media` does.
+    """
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, Mapping) for p in value):
+        return value, None, []
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[Any] = []
+    for i, part in enumerate(value):
+        text = part.get("text", part.get("value"))
+        kind = part.get("type", "text" if text is not None else None)
+        if kind not in ("text", "reasoning", "tool_call") or not isinstance(text, str):
+            raise DataError(f"a content part of type {kind!r}: sft fine-tunes text-only models and reads text, "
+                            f"reasoning and tool_call parts", field=f"{field}[{i}]")
+        if kind == "tool_call":
+            try:
+                calls.append(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"a tool_call part must hold a JSON call: {exc.msg} (column {exc.colno})",
+                                field=f"{field}[{i}]") from None
+        else:
+            (texts if kind == "text" else reasoning).append(text)
+    return "".join(texts), ("".join(reasoning) if reasoning else None), calls
+
+
+def content_text(value: Any, field: str) -> Any:
+    """OpenAI content parts as one text (see :func:`content_parts`); other values as they are.
+
+    Only where a turn can hold nothing but text: a reasoning or tool-call part is refused there.
+    """
+    text, reasoning, calls = content_parts(value, field)
+    if reasoning is not None or calls:
+        raise DataError("reasoning or tool_call content parts where only text can be", field=field)
+    return text
+
+
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
-    """``row[key]`` as non-empty text, or a :class:`DataError` naming ``prefix.key``."""
+    """``row[key]`` as non-empty text (OpenAI text content parts joined), or a :class:`DataError` naming ``prefix.key``."""
     field, value = _present(row, key, prefix)
+    value = content_text(value, field)
     if not isinstance(value, str):
         raise DataError(f"expected text, got {type(value).__name__}", field=field)
     if not value.strip():

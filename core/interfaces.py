@@ -224,6 +224,20 @@ class DatasetFormat(Plugin):
         Errors as in :meth:`to_conversation`."""
         raise NotImplementedError(f"dataset format '{self.name}' reads {self.row_kind} rows, not preference rows")
 
+    def read_columns(self, options: Any = None) -> Collection[str] | None:
+        """The columns this format reads (with ``options``). The core counts every other column a
+        row carries and names them in a notice, so nothing is dropped silently. None, the
+        default: the format does not say, and nothing is counted."""
+        return None
+
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        """What ``row`` carries that this format does not read: by default the non-empty columns outside
+        :meth:`read_columns`. A format with nested records adds their unread keys (``messages[].loss_weight``)."""
+        read = self.read_columns(options)
+        if read is None:
+            return []
+        return [k for k, v in row.items() if k not in read and v not in (None, "", [])]
+
 
 class ChatTemplate(Plugin):
     """Owns everything about one chat format, so training, the saved tokenizer, GGUF and Ollama agree.

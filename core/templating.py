@@ -32,6 +32,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|p
 __all__ = [
     "resolve_template",
     "prepare_tokenizer",
+    "model_eos_token",
     "Turn",
     "TurnTemplate",
     "segments_text",
@@ -41,6 +42,7 @@ __all__ = [
     "adds_bos",
     "as_messages",
     "chat_dicts",
+    "REASONING_KEYS",
     "token_runs",
 ]
 
@@ -101,6 +103,9 @@ def prepare_tokenizer(tokenizer: Any, template: ChatTemplate, cfg: Any) -> int:
                 f"or choose a template made for this model")])
         added += tokenizer.add_tokens([AddedToken(eot, special=True, normalized=False)], special_tokens=True)
     if tokenizer.eos_token != eot:
+        # The model's own template may write its eos (Phi-3 ends a conversation with <|endoftext|>);
+        # it keeps rendering that one (model_eos_token), whatever generation stops at.
+        setattr(tokenizer, _MODEL_EOS, model_eos_token(tokenizer))
         tokenizer.eos_token = eot
     pad = tokenizer.pad_token
     if pad is None or pad in (eot, tokenizer.eos_token):
@@ -113,6 +118,15 @@ def prepare_tokenizer(tokenizer: Any, template: ChatTemplate, cfg: Any) -> int:
         tokenizer.pad_token = choice
     tokenizer.chat_template = template.jinja(tokenizer)
     return added
+
+
+#: The attribute prepare_tokenizer keeps the tokenizer's own eos token under, before making the EOT its eos.
+_MODEL_EOS = "sft_model_eos_token"
+
+
+def model_eos_token(tokenizer: Any) -> str | None:
+    """The eos token the model's tokenizer came with (what its own chat_template writes as ``eos_token``)."""
+    return getattr(tokenizer, _MODEL_EOS, None) or getattr(tokenizer, "eos_token", None)
 
 
 def segments_text(segments: Sequence[Segment]) -> str:
@@ -146,11 +160,16 @@ def _from_dict(m: Any) -> Message:
                    name=m.get("name"), reasoning=m.get("reasoning_content"))
 
 
-def chat_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+#: The keys chat templates read a turn's reasoning from, most common first (gpt-oss reads ``thinking``).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def chat_dicts(messages: Sequence[Message], reasoning_key: str = "reasoning_content") -> list[dict[str, Any]]:
     """The messages as the dicts HF chat templates read (OpenAI schema), with only the keys that are set.
 
     Keys are left out rather than set empty: Llama 3.1's template tests ``'tool_calls' in message``.
     Arguments stay objects, so a template's ``tojson`` writes them (Qwen2.5 always does).
+    ``reasoning_key`` is the key the template reads reasoning from (one of :data:`REASONING_KEYS`).
     """
     out = []
     for m in messages:
@@ -163,7 +182,7 @@ def chat_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
         if m.name is not None:
             item["name"] = m.name
         if m.reasoning is not None:
-            item["reasoning_content"] = m.reasoning
+            item[reasoning_key] = m.reasoning
         out.append(item)
     return out
 
@@ -213,6 +232,12 @@ class TurnTemplate(ChatTemplate):
     extra_stops: ClassVar[tuple[str, ...]] = ()
     #: Used for the EOT when ``eot`` is None and no tokenizer is given (e.g. docs, Ollama without a tokenizer).
     fallback_eot: ClassVar[str] = "</s>"
+    #: Text after the last turn of a whole conversation (not before a generation prompt): Phi-3's
+    #: template ends with its eos ``<|endoftext|>``. Untrained: generation stops at the EOT before it.
+    final: ClassVar[str] = ""
+    #: Contents are trimmed of surrounding whitespace (Jinja's ``| trim``), as Llama 3's and Gemma's own
+    #: templates do: the trained text is then what the model sees at inference.
+    trim: ClassVar[bool] = False
 
     # -- the contract -------------------------------------------------------------------
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
@@ -222,7 +247,11 @@ class TurnTemplate(ChatTemplate):
         return [eot] + [s for s in self.extra_stops if s != eot]
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
-        messages = as_messages(messages)
+        segments = self._turns(messages, tokenizer)
+        return segments + [Segment(self.final, False)] if self.final else segments
+
+    def _turns(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
+        messages = self._trimmed(as_messages(messages))
         self._refuse_tools(messages)
         eot = end_of_turn(self, tokenizer)
         segments: list[Segment] = []
@@ -243,7 +272,7 @@ class TurnTemplate(ChatTemplate):
         return [s for s in segments if s.text]
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
-        return segments_text(self.render(messages, tokenizer)) + self.assistant.prefix
+        return segments_text(self._turns(messages, tokenizer)) + self.assistant.prefix
 
     def jinja(self, tokenizer: Any = None) -> str:
         eot = end_of_turn(self, tokenizer)
@@ -252,16 +281,18 @@ class TurnTemplate(ChatTemplate):
         if self.default_system is not None:
             parts.append("{% if not messages or messages[0]['role'] != 'system' %}"
                          + lit(self.system.prefix + self.default_system + self.system.suffix) + "{% endif %}")
+        content = "{{ message['content']" + (" | trim" if self.trim else "") + " }}"
         parts.append("{% for message in messages %}")
         parts.append("{% if message['role'] == 'system' %}" + lit(self.system.prefix)
-                     + "{{ message['content'] }}" + lit(self.system.suffix))
+                     + content + lit(self.system.suffix))
         parts.append("{% elif message['role'] == 'user' %}" + lit(self.user.prefix)
-                     + "{{ message['content'] }}" + lit(self.user.suffix))
+                     + content + lit(self.user.suffix))
         parts.append("{% elif message['role'] == 'assistant' %}" + lit(self.assistant.prefix)
-                     + "{{ message['content'] }}" + lit(eot + self.assistant.suffix))
+                     + content + lit(eot + self.assistant.suffix))
         parts.append("{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}")
         parts.append("{% endfor %}")
-        parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix) + "{% endif %}")
+        parts.append("{% if add_generation_prompt %}" + lit(self.assistant.prefix)
+                     + ("{% else %}" + lit(self.final) if self.final else "") + "{% endif %}")
         return "".join(parts)
 
     def ollama_bos(self, tokenizer: Any = None) -> str:
@@ -295,14 +326,27 @@ class TurnTemplate(ChatTemplate):
             "{{ end }}{{ end }}"
         )
 
+    def _trimmed(self, messages: Sequence[Message]) -> Sequence[Message]:
+        """``messages`` with their contents trimmed when the format trims them."""
+        if not self.trim:
+            return messages
+        from dataclasses import replace
+
+        trimmed = [replace(m, content=m.content.strip()) for m in messages]
+        tools = tools_of(messages)
+        return Conversation(trimmed, tools) if tools else trimmed  # the row's tools stay with it
+
     def _refuse_tools(self, messages: Sequence[Message]) -> None:
         """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
         what = ("tools" if tools_of(messages) else
                 "tool calls" if any(m.tool_calls or m.role == "tool" for m in messages) else
                 "reasoning" if any(m.reasoning for m in messages) else None)
+        if what == "reasoning":
+            raise SftError(f"chat template '{self.name}' has no format for reasoning; choose one that has "
+                           f"(qwen3, or tokenizer with a reasoning model's own template: Qwen3, gpt-oss, Nemotron 3)")
         if what:
             raise SftError(f"chat template '{self.name}' has no format for {what}; choose one that has "
-                           f"(qwen, qwen3, hermes, llama31, or tokenizer with a model whose template does)")
+                           f"(qwen, qwen3, hermes, llama31, mistral-v3, or tokenizer with a model whose template does)")
 
     def _turn(self, role: str) -> Turn:
         if role not in ("system", "user", "assistant"):

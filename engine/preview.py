@@ -144,7 +144,8 @@ def _print_rich(data: dict[str, Any], out: TextIO) -> None:
 
     stats = data["stats"]
     table = Table("count", "value", title="data", title_justify="left")
-    for key in ("rows", "train_rows", "eval_rows", "truncated", "truncated_dropped", "truncated_eot_added", "fully_masked", "train_tokens", "trained_tokens",
+    for key in ("rows", "train_rows", "eval_rows", "truncated", "truncated_dropped", "long_prompts", "truncated_eot_added", "chunked",
+                "fully_masked", "train_tokens", "trained_tokens",
                 "eval_tokens", "max_tokens"):
         table.add_row(key, f"{stats.get(key, 0):,}")
     table.add_row("skipped", f"{stats['skipped']['count']:,}")

@@ -359,8 +359,9 @@ def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, t
     ``<think>...</think>`` block of a run is expected untrained. One leading space is allowed: in
     ``ASSISTANT: answer`` layouts the separating space belongs to the answer's first BPE token.
     It also checks that the rendered text is what the template's Jinja renders (the tokenizer
-    saved with the adapter) and that the generation prompt is a prefix of the text up to the
-    first answer.
+    saved with the adapter) and that the generation prompt is how the text continues up to the
+    first answer (a prefix of it, or, where the template moves the system prompt to the last user
+    turn as Mistral v0.3 does, after the previous message's text).
     """
     from sft.core.templating import encode_rendered, end_of_turn, segments_text
 
@@ -393,9 +394,9 @@ def assert_exact_masking(template: Any, conversation: Any = TINY_CONVERSATION, t
             assert m.content.strip() not in trained, (
                 f"template '{template.name}' trains the text of the {m.role} turn {i}: {m.content!r}")
     first_answer = next(i for i, m in enumerate(messages) if m.role == "assistant")
-    prompt = template.generation_prompt(messages[:first_answer], tokenizer)
-    assert text.startswith(prompt.rstrip(" ")), (
-        f"template '{template.name}': the generation prompt {prompt!r} is not how the training text continues")
+    prompt = template.generation_prompt(messages[:first_answer], tokenizer).rstrip(" ")
+    previous = messages[first_answer - 1] if first_answer else None
+    _answer_start(template.name, first_answer, text, prompt, previous, 0)  # how the training text continues
 
 
 def expected_spans(template: Any, tokenizer: Any, messages: Any, train_on: str = "assistant",
@@ -416,16 +417,16 @@ def expected_spans(template: Any, tokenizer: Any, messages: Any, train_on: str =
     if text is None:
         text = _render_jinja(template, tokenizer, messages, add_generation_prompt=False)
     spans = []
+    pos = 0
     for i, m in enumerate(messages):
         if m.role != "assistant":
             continue
         before = _render_jinja(template, tokenizer, messages[:i], add_generation_prompt=True)
-        assert text.startswith(before), (
-            f"template '{template.name}': the generation prompt before turn {i} is not a prefix of the text:\n"
-            f"{before!r}\n{text!r}")
-        end = text.find(eot, len(before))
+        start = _answer_start(template.name, i, text, before, messages[i - 1] if i else None, pos)
+        end = text.find(eot, start)
         assert end >= 0, f"template '{template.name}': assistant turn {i} is not closed by {eot!r}:\n{text!r}"
-        span = text[len(before):end + len(eot)]
+        span = text[start:end + len(eot)]
+        pos = end + len(eot)
         if not m.tool_calls:
             assert span.endswith(m.content.strip() + eot), (
                 f"template '{template.name}' renders assistant turn {i} as {span!r}, which does not end with its "
@@ -438,6 +439,28 @@ def expected_spans(template: Any, tokenizer: Any, messages: Any, train_on: str =
                 f"template '{template.name}': turn {i}'s reasoning is rendered outside its turn {span!r}")
         spans.append(_without_think(span) if train_on == "assistant_no_reasoning" else span)
     return spans
+
+
+def _answer_start(name: str, i: int, text: str, before: str, previous: Any, pos: int) -> int:
+    """Where assistant turn ``i`` starts in ``text``: after its generation prompt ``before``.
+
+    Where ``before`` is a prefix of the text, its end. A template that writes the text before the
+    turn differently once later turns exist (Mistral v0.3 and Nemo move the system prompt to the
+    last user turn) must still write, after the previous message's text, all that the generation
+    prompt writes after it.
+    """
+    if text.startswith(before) and len(before) >= pos:
+        return len(before)
+    said = previous.content.strip() if previous is not None else ""
+    assert said and said in before and text.find(said, pos) >= 0, (
+        f"template '{name}': the generation prompt before turn {i} is not a prefix of the text, and the previous "
+        f"message's text does not place it:\n{before!r}\n{text!r}")
+    glue = before[before.rfind(said) + len(said):]
+    at = text.find(said, pos) + len(said)
+    assert text.startswith(glue, at), (
+        f"template '{name}': the text after the message before turn {i} is not the generation prompt's {glue!r}:\n"
+        f"{text!r}")
+    return at + len(glue)
 
 
 def _without_think(span: str, opening: str = "<think>", closing: str = "</think>") -> str:

@@ -118,17 +118,16 @@ def test_too_many_bad_rows_is_an_error_even_when_skipping(smollm2_dir, tmp_path)
         _build(smollm2_dir, path, "data.on_bad_row=skip")
 
 
-def test_truncated_rows_are_counted_and_a_fully_masked_row_is_a_bad_row(smollm2_dir, tmp_path):
+def test_a_prompt_longer_than_max_seq_length_is_left_out_and_counted_like_a_cut_answer(smollm2_dir, tmp_path, capsys):
     long_question = "Please answer this question after reading it slowly. " * 4
     rows = [GOOD, _sharegpt(("human", long_question), ("gpt", "Yes."))]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(DataError, match=rf"^{path}:2, row 1: no trained token left after truncation to "
-                                        r"model.max_seq_length=16"):
-        _build(smollm2_dir, path, "model.max_seq_length=16")
-    prepared = _build(smollm2_dir, path, "model.max_seq_length=16", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
-    assert prepared.stats["fully_masked"] == 1 and prepared.stats["truncated"] == 1
-    assert prepared.stats["train_rows"] == 1 and prepared.stats["skipped"]["count"] == 1
-    assert prepared.stats["max_tokens"] <= 16
+    prepared = _build(smollm2_dir, path, "model.max_seq_length=16")  # data.on_bad_row=error: not a bad row
+    stats = prepared.stats
+    assert stats["truncated"] == 1 and stats["truncated_dropped"] == 1 and stats["long_prompts"] == 1
+    assert stats["train_rows"] == 1 and stats["skipped"]["count"] == 0 and stats["fully_masked"] == 0
+    assert stats["max_tokens"] <= 16
+    assert "left out 1 row(s) whose prompt alone is longer than model.max_seq_length" in capsys.readouterr().err
 
 
 def test_every_row_fully_masked_is_an_error_whatever_the_policy(smollm2_dir, tmp_path):
@@ -218,3 +217,13 @@ def test_a_row_the_template_cannot_render_is_a_bad_row(smollm2_dir, tmp_path, sf
         _build(smollm2_dir, path, "template.name=nosystem")
     prepared = _build(smollm2_dir, path, "template.name=nosystem", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
     assert prepared.stats["skipped"]["count"] == 1 and prepared.stats["train_rows"] == 2
+
+
+def test_skip_reasons_fold_numbers_but_not_the_digits_of_names(smollm2_dir, tmp_path):
+    """Rows with the same problem share one reason; `template 'qwen3'` stays itself (it was folded to 'qwenN')."""
+    rows = [GOOD] * 18 + [_sharegpt(("human", "Hi"), ("gpt", "Hello"), ("function_call", '{"name": "f", "arguments": {}}'),
+                                    ("observation", "1"), ("gpt", "Done."))] * 2
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    prepared = _build(smollm2_dir, path, "template.name=llama3", "data.on_bad_row=skip", "data.max_bad_fraction=0.5")
+    [(reason, n)] = prepared.stats["skipped"]["reasons"].items()
+    assert n == 2 and "template 'llama3' cannot render this row" in reason and "llamaN" not in reason

@@ -105,7 +105,7 @@ def test_chatml_matches_smollm2s_own_chat_template(smollm2_dir):
     ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"),
-    ("phi3", "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\nA<|end|>\n"),
+    ("phi3", "<|system|>\nS<|end|>\n<|user|>\nU<|end|>\n<|assistant|>\nA<|end|>\n<|endoftext|>"),
     ("alpaca", "S\n\n### Instruction:\nU\n\n### Response:\nA</s>\n\n"),
 ])
 def test_bundled_templates_render_their_reference_text(name, expected):
@@ -132,9 +132,9 @@ def test_tokenizer_template_uses_the_models_own_template_and_finds_its_eot(smoll
 
 
 @pytest.mark.parametrize("jinja, error", [
-    # The turn count at the top changes as turns are added: not prefix-preserving.
-    ("{{ messages|length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "not prefix-preserving"),
+    # The turns are written last first: the answer is not where the model would write it.
+    ("{% for m in messages|reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "changes the text of assistant turn 1"),
     # Answers are never closed by a special token: the model could not learn to stop.
     ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
      "{% if add_generation_prompt %}assistant: {% endif %}", "does not end assistant turn"),

@@ -10,7 +10,7 @@ from sft.engine.data import build_datasets, describe_stats
 from sft.core.errors import ConfigError
 from sft.testing import train_tiny, write_jsonl
 
-from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
+from datakit import FIXTURES, SHARED, data_config, decoded_spans, fresh_tokenizer
 
 COMPLETIONS = [{"prompt": "The capital of France is", "completion": " Paris."},
                {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"}]
@@ -30,6 +30,27 @@ def test_text_rows_train_every_token_with_no_chat_template(tiny_model_dir, tmp_p
     assert text == "Iron glows in the forge.\nThe smith shapes it.<|im_end|>"  # no <|im_start|>: no template
     assert trained == [text]
     assert prepared.train_conversations == [[]]  # no conversation: the quick generation skips raw rows
+
+
+def test_a_text_row_longer_than_max_seq_length_is_split_into_windows_not_dropped(tiny_model_dir, tmp_path, capsys):
+    """LLaMA-Factory's c4 demo (continued pre-training): its long documents are read whole, window by window."""
+    source = SHARED / "peerdata" / "llamafactory" / "c4_demo.jsonl"
+    if not source.exists():
+        pytest.skip("the shared peer data is absent")
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()[:40]]
+    path = write_jsonl(tmp_path / "c4.jsonl", rows)
+    tokenizer = fresh_tokenizer(tiny_model_dir)
+    prepared = build_datasets(data_config(tiny_model_dir, path, "model.max_seq_length=256"), None, tokenizer)
+    lengths = [len(tokenizer(r["text"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
+    long_docs = sum(n > 256 for n in lengths)
+    assert long_docs and prepared.stats["chunked"] == long_docs and prepared.stats["truncated_dropped"] == 0
+    assert prepared.stats["max_tokens"] <= 256
+    # Every token of every document is trained once, in order: the windows put together are the documents.
+    ids = [t for row in prepared.train["input_ids"] for t in row]
+    assert len(ids) == sum(n - (n % 256 == 1) for n in lengths)
+    assert all(all(m) for m in prepared.train["assistant_masks"])
+    assert tokenizer.decode(ids).startswith(rows[0]["text"])
+    assert f"split {long_docs} text row(s) longer than model.max_seq_length" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("train_on, expected", [("assistant", [" Paris.<|im_end|>"]),

@@ -107,7 +107,7 @@ def test_qwen3_keeps_only_the_current_turns_thinking_and_writes_the_empty_block_
 
 @pytest.mark.parametrize("template_name, case, message", [
     ("llama31", "parallel", "single tool-calls"),
-    ("llama31", "text_and_call", "changes the text of assistant turn 1 \\(it drops or rewrites its text\\)"),
+    ("llama31", "text_and_call", "changes the text of assistant turn 1 \\(it drops, moves or rewrites its text\\)"),
     ("qwen", "reasoning", "has no reasoning format"),
     ("chatml", "single", "has no format for tools"),
     ("llama3", "single", "has no format for tools"),

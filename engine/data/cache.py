@@ -26,7 +26,7 @@ __all__ = ["PreparedData", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 
 
 
@@ -40,7 +40,9 @@ class PreparedData:
         eval: the same for the eval split, or None.
         stats: ``rows`` (read), ``skipped`` (``count``, ``reasons``, ``examples``),
             ``truncated`` (rows over ``model.max_seq_length``), ``truncated_dropped`` and
-            ``truncated_eot_added`` (what ``data.on_truncate`` did to them), ``fully_masked``, ``train_rows``, ``eval_rows``, ``train_tokens``,
+            ``truncated_eot_added`` (what ``data.on_truncate`` did to them; ``truncated_dropped``
+            counts ``long_prompts``, rows whose prompt alone is too long), ``chunked`` (text rows
+            split into windows), ``fully_masked``, ``train_rows``, ``eval_rows``, ``train_tokens``,
             ``trained_tokens``, ``eval_tokens``, ``max_tokens``, ``format``, ``template``,
             ``source``, ``cache`` (hit/miss/off) and ``cache_key``.
         train_conversations / eval_conversations: the normalized conversations, row for row

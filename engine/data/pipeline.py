@@ -21,14 +21,17 @@ Stages, all before any model loads:
 5. **Tokens**: the template renders segments; :func:`sft.core.templating.encode_rendered`
    tokenizes the full text and marks the tokens of trained segments. Rows longer than
    ``model.max_seq_length`` follow ``data.on_truncate`` when the cut splits a trained turn
-   (dropped by default, counted); rows left with no trained token are bad
-   rows (counted); if every row is, that is an error whatever the policy.
+   (dropped by default, counted); a row whose prompt alone is longer is left out and counted
+   the same way; a long raw-text document is split into ``max_seq_length`` windows. Rows left
+   with no trained token are bad rows (counted); if every row is, that is an error whatever
+   the policy.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +111,8 @@ class _BadRows:
         self.policy = policy
         self.max_fraction = max_fraction
         self.errors: list[DataError] = []
+        #: "column (format)" -> rows that carry it, a column no format reads
+        self.unread: Counter[str] = Counter()
         self.reasons: dict[str, int] = {}
         self.warnings = 0
 
@@ -125,7 +130,10 @@ class _BadRows:
             raise DataError(error.message + " (set data.on_bad_row=skip to skip such rows)", source=error.source,
                             line=error.line, row=error.row, field=error.field)
         self.errors.append(error)
-        reason = re.sub(r"\d+", "N", f"{error.field}: {error.message}" if error.field else error.message)
+        # Numbers become N so that rows with the same problem share a reason; digits inside a name stay
+        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN).
+        reason = re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)", "N",
+                        f"{error.field}: {error.message}" if error.field else error.message)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def check(self, total: int) -> None:
@@ -172,6 +180,8 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected an object, got {type(row).__name__}")
+            # Nothing a row carries is dropped silently: what the format does not read is counted.
+            bad.unread.update(f"{k} ({fmt.name})" for k in fmt.unread(row, options))
             if fmt.row_kind != "conversation":
                 conversation = fmt.to_preference(row, options)
                 for warning in check_preference(conversation):
@@ -209,6 +219,15 @@ class _Encoded:
     cut_dropped: int = 0
     cut_eot: int = 0
     fully_masked: int = 0
+    #: of ``cut_dropped``: rows whose prompt alone is longer than model.max_seq_length
+    long_prompts: int = 0
+    #: long raw-text documents split into model.max_seq_length windows
+    chunked: int = 0
+
+
+def _windows(ids: list[int], size: int) -> list[list[int]]:
+    """``ids`` in consecutive windows of ``size`` tokens; a last window of one token (nothing to predict) is left out."""
+    return [ids[k:k + size] for k in range(0, len(ids), size) if len(ids) - k > 1]
 
 
 def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], template: ChatTemplate,
@@ -239,6 +258,20 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
         encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
         for (conversation, ref), (ids, mask) in zip(batch, encoded):
             truncated = len(ids) > max_len
+            if truncated and isinstance(conversation, RawText) and all(mask):
+                # A long document (continued pre-training) is read in max_seq_length windows, none lost.
+                windows = _windows(ids, max_len)
+                out.chunked += 1
+                out.input_ids += windows
+                out.masks += [[1] * len(w) for w in windows]
+                out.conversations += [[] for _ in windows]
+                continue
+            if truncated and not any(mask[:max_len]):
+                # The prompt alone fills model.max_seq_length: left out and counted, as a cut answer is.
+                out.truncated += 1
+                out.cut_dropped += 1
+                out.long_prompts += 1
+                continue
             if truncated:
                 out.truncated += 1
                 # The cut splits a trained turn when the tokens on both sides of it are trained.
@@ -465,7 +498,10 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "truncated": train_enc.truncated + eval_enc.truncated,
         "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
         "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
+        "long_prompts": train_enc.long_prompts + eval_enc.long_prompts,
+        "chunked": train_enc.chunked + eval_enc.chunked,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
+        "unread_columns": dict(bad.unread.most_common()),
         "train_rows": len(train_enc.input_ids),
         "eval_rows": len(eval_enc.input_ids),
         "train_tokens": sum(map(len, train_enc.input_ids)),
@@ -538,9 +574,21 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
 
 
 def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
-    if not quiet and stats.get("truncated_dropped"):
-        notice(f"data: left out {stats['truncated_dropped']} row(s) whose answer model.max_seq_length would cut "
+    long_prompts = stats.get("long_prompts", 0)
+    cut_answers = stats.get("truncated_dropped", 0) - long_prompts
+    if not quiet and cut_answers:
+        notice(f"data: left out {cut_answers} row(s) whose answer model.max_seq_length would cut "
                f"(data.on_truncate=drop; keep_eot keeps them, cut, with their end-of-turn token)")
+    if not quiet and long_prompts:
+        notice(f"data: left out {long_prompts} row(s) whose prompt alone is longer than model.max_seq_length "
+               f"(nothing of their answers would be seen); raise model.max_seq_length to train them")
+    if not quiet and stats.get("unread_columns"):
+        shown = ", ".join(f"'{c}' in {n} row(s)" for c, n in stats["unread_columns"].items())
+        notice(f"data: column(s) the format does not read, not trained: {shown} (map a column with the format's "
+               f"data.<format>.* options, or drop it from the file)")
+    if not quiet and stats.get("chunked"):
+        notice(f"data: split {stats['chunked']} text row(s) longer than model.max_seq_length into windows of "
+               f"that length")
     skipped = stats["skipped"]
     if quiet or not skipped["count"]:
         return
@@ -582,7 +630,8 @@ def _describe_totals(stats: Mapping[str, Any]) -> str:
 
 
 def _cut_detail(stats: Mapping[str, Any]) -> str:
-    parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"))
+    parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"),
+                                                  ("chunked", "text rows split into windows"))
              if stats.get(k)]
     return f" ({', '.join(parts)})" if parts else ""
 

@@ -35,6 +35,9 @@ class CompletionFormat(DatasetFormat):
         {"prompt": "Q: What is 2 + 2?\nA:", "completion": " 4"},
     )
 
+    def read_columns(self, options: Any = None) -> tuple[str, ...]:
+        return self.columns
+
     def to_segments(self, row: Mapping[str, Any], options: Any = None) -> list[Segment]:
         separator = (options or CompletionOptions()).separator
         prompt = require_text(row, "prompt") + separator

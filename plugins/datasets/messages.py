@@ -4,7 +4,10 @@ The OpenAI tool schema is read as OpenAI and vLLM write it: a row-level ``tools`
 function specs; assistant turns with ``tool_calls`` (``{id, type: function, function: {name,
 arguments}}``, arguments as JSON text or an object; ``content`` may then be null or hold text
 said before the calls); ``tool`` turns with ``tool_call_id``/``name``; and the assistant's
-thinking in ``reasoning_content`` (``reasoning`` is read too).
+thinking in ``reasoning_content`` (``reasoning`` is read too). A content may be a list of OpenAI
+parts (``[{"type": "text", "text": ...}]``; LLaMA-Factory's v1 files also ``reasoning`` and
+``tool_call`` parts, under ``value``), read as the turn's text, reasoning and calls; image or
+audio parts, and rows with ``images``, are refused (sft fine-tunes text-only models).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import parse_tool_call, parse_tools, require_list, require_text
+from sft.core.formats import content_parts, parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import ROLES, Conversation, DatasetFormat, Message
 
 __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
 
 #: Keys of an assistant turn that hold its reasoning, in order of preference.
 _REASONING_KEYS = ("reasoning_content", "reasoning")
+#: The keys of a message this format reads (others, such as LLaMA-Factory's loss_weight, are counted).
+_READ = {"role", "content", "tool_calls", "tool_call_id", "name", *_REASONING_KEYS}
 
 
 @dataclass
@@ -33,15 +38,26 @@ class MessagesOptions:
 
 class Messages(DatasetFormat):
     name = "messages"
-    version = "2"
+    version = "3"
     description = "OpenAI messages: [{role: system|user|assistant|tool, content, tool_calls, reasoning_content}], tools"
     options = MessagesOptions
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         return (options or MessagesOptions()).messages_key in columns
 
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or MessagesOptions()
+        return (o.messages_key, o.tools_key)
+
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        key = (options or MessagesOptions()).messages_key
+        turns = row.get(key) if isinstance(row.get(key), list) else []
+        nested = {k for m in turns if isinstance(m, Mapping) for k, v in m.items() if k not in _READ and v is not None}
+        return [*super().unread(row, options), *(f"{key}[].{k}" for k in sorted(nested))]
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o = options or MessagesOptions()
+        refuse_media(row)
         key = o.messages_key
         messages = []
         for i, item in enumerate(require_list(row, key)):
@@ -57,13 +73,17 @@ class Messages(DatasetFormat):
         if role not in ROLES:
             raise DataError(f"unknown role '{role}'{did_you_mean(role, ROLES)}; expected one of {', '.join(ROLES)}",
                             field=f"{where}.role")
+        # Content parts may carry the turn's reasoning and calls too (LLaMA-Factory's v1 files).
+        content, part_reasoning, part_calls = content_parts(item.get("content"), f"{where}.content")
         calls = tuple(parse_tool_call(c, f"{where}.tool_calls[{j}]")
                       for j, c in enumerate(item.get("tool_calls") or ()))
-        reasoning = next((item[k] for k in _REASONING_KEYS if item.get(k) is not None), None)
+        calls += tuple(parse_tool_call(c, f"{where}.content") for c in part_calls)
+        reasoning = next((item[k] for k in _REASONING_KEYS if item.get(k) is not None), part_reasoning)
         if reasoning is not None and not isinstance(reasoning, str):
             raise DataError(f"expected text, got {type(reasoning).__name__}", field=f"{where}.reasoning_content")
         # An assistant turn that only calls tools has null (or no) content, as OpenAI writes it.
-        content = item.get("content") if calls else require_text(item, "content", where)
+        if not calls:
+            content = require_text(item if content is None else {"content": content}, "content", where)
         if content is not None and not isinstance(content, str):
             raise DataError(f"expected text, got {type(content).__name__}", field=f"{where}.content")
         return Message(role, content or "", tool_calls=calls,

@@ -95,6 +95,10 @@ class PreferencePairs(DatasetFormat):
         o = options or PreferenceOptions()
         return o.chosen_key in columns and o.rejected_key in columns and "conversations" not in columns
 
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or PreferenceOptions()
+        return (o.prompt_key, o.chosen_key, o.rejected_key, o.tools_key)
+
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         o: PreferenceOptions = options or PreferenceOptions()
         for key in (o.chosen_key, o.rejected_key):
@@ -147,6 +151,10 @@ class ShareGPTPairs(DatasetFormat):
         o = options or ShareGPTPairsOptions()
         return all(c in columns for c in (o.conversations_key, o.chosen_key, o.rejected_key))
 
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or ShareGPTPairsOptions()
+        return (*ShareGPT().read_columns(o), o.chosen_key, o.rejected_key)
+
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         o: ShareGPTPairsOptions = options or ShareGPTPairsOptions()
         prompt = ShareGPT().to_conversation(row, o)
@@ -190,6 +198,10 @@ class LabelledCompletions(DatasetFormat):
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         o = options or KTOOptions()
         return o.label_key in columns and (o.completion_key in columns or o.messages_key in columns)
+
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or KTOOptions()
+        return (o.prompt_key, o.completion_key, o.messages_key, o.label_key, o.tools_key)
 
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         o: KTOOptions = options or KTOOptions()

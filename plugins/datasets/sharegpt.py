@@ -8,7 +8,8 @@ Tool use in the glaive / LLaMA-Factory spelling is read through the same mapping
 ``function_call`` turn's value is the JSON call ``{"name", "arguments"}`` (or a list of them,
 for parallel calls) and becomes an assistant turn's tool calls (merged into the assistant turn
 right before it, when there is one); an ``observation`` turn is the tool's result; the row's
-``tools`` column (a list, or its JSON text) declares the functions.
+``tools`` column (a list, or its JSON text) declares the functions. A ``system`` column (LLaMA-Factory's)
+is the system prompt. Rows with ``images`` (vision data) are refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, List
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import parse_tool_call, parse_tools, require_list, require_text
+from sft.core.formats import parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import Conversation, DatasetFormat, Message
 
 __all__ = ["ShareGPT", "ShareGPTOptions", "register_dataset_formats"]
@@ -39,19 +40,32 @@ class ShareGPTOptions:
     function_call: List[str] = opt(["function_call"], "Speaker names whose value is a JSON tool call (or a list of them) by the assistant.")
     observation: List[str] = opt(["observation", "tool"], "Speaker names that mean a tool's result.")
     tools_key: str = opt("tools", "Column holding the row's tool specs (a list, or its JSON text); optional.")
+    system_key: str = opt("system", "Column holding the row's system prompt (LLaMA-Factory's `system`); optional.")
 
 
 class ShareGPT(DatasetFormat):
     name = "sharegpt"
-    version = "2"
+    version = "3"
     description = "ShareGPT: conversations of {from: human|gpt|system|function_call|observation, value}, tools"
     options = ShareGPTOptions
 
     def detect(self, columns: Collection[str], options: Any = None) -> bool:
         return (options or ShareGPTOptions()).conversations_key in columns
 
+    def read_columns(self, options: Any = None) -> Collection[str]:
+        o = options or ShareGPTOptions()
+        return (o.conversations_key, o.tools_key, o.system_key)
+
+    def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
+        o = options or ShareGPTOptions()
+        turns = row.get(o.conversations_key) if isinstance(row.get(o.conversations_key), list) else []
+        nested = {k for t in turns if isinstance(t, Mapping) for k, v in t.items()
+                  if k not in (o.role_key, o.content_key) and v is not None}
+        return [*super().unread(row, options), *(f"{o.conversations_key}[].{k}" for k in sorted(nested))]
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o: ShareGPTOptions = options or ShareGPTOptions()
+        refuse_media(row)
         roles = {name: "user" for name in o.user}
         roles.update({name: "assistant" for name in o.assistant})
         roles.update({name: "system" for name in o.system})
@@ -79,6 +93,14 @@ class ShareGPT(DatasetFormat):
                 messages[-1] = Message("assistant", previous.content, tool_calls=calls)  # text, then the calls
             else:
                 messages.append(Message("assistant", "", tool_calls=calls))
+        system = row.get(o.system_key)
+        if isinstance(system, str) and system.strip():
+            if messages and messages[0].role == "system":
+                raise DataError(f"the row has both a '{o.system_key}' column and a system turn; keep one",
+                                field=o.system_key)
+            messages.insert(0, Message("system", system))
+        elif system is not None and not isinstance(system, str):
+            raise DataError(f"expected text, got {type(system).__name__}", field=o.system_key)
         tools = parse_tools(row.get(o.tools_key), o.tools_key)
         return Conversation(messages, tools) if tools else messages
 

@@ -38,6 +38,9 @@ class TextFormat(DatasetFormat):
     def detect(self, columns, options: Any = None) -> bool:
         return (options or TextOptions()).field in columns and len(list(columns)) == 1
 
+    def read_columns(self, options: Any = None) -> tuple[str, ...]:
+        return ((options or TextOptions()).field,)
+
     def to_segments(self, row: Mapping[str, Any], options: Any = None) -> list[Segment]:
         return [Segment(require_text(row, (options or TextOptions()).field), True)]
 

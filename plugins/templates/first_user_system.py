@@ -38,9 +38,16 @@ class FirstUserSystemTemplate(TurnTemplate):
             if len(messages) < 2 or messages[1].role != "user":
                 raise SftError(f"chat template '{self.name}' has no system role: a system turn must be followed by "
                                f"a user turn, which it joins")
-            first = Message("user", messages[0].content + self.system_separator + messages[1].content)
-            messages = [first, *messages[2:]]
-        return list(messages)
+            # The user's text is trimmed before the system text joins it (Gemma 3's template trims the
+            # message, not the system prefix), so the folded turn is not trimmed again.
+            user = TurnTemplate._trimmed(self, messages[1:2])[0]
+            first = Message("user", messages[0].content + self.system_separator + user.content)
+            return [first, *TurnTemplate._trimmed(self, messages[2:])]
+        return list(TurnTemplate._trimmed(self, messages))
+
+    def _trimmed(self, messages: Sequence[Message]) -> Sequence[Message]:
+        # _fold has trimmed what is to be trimmed; the base class must not trim the folded turn.
+        return messages
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         return super().render(self._fold(messages), tokenizer)
@@ -51,6 +58,7 @@ class FirstUserSystemTemplate(TurnTemplate):
     def jinja(self, tokenizer: Any = None) -> str:
         eot = end_of_turn(self, tokenizer)
         u, a = self.user, self.assistant
+        content = "(message['content'] | trim)" if self.trim else "message['content']"
         return (
             ("{{ " + _lit(self.bos) + " }}" if self.bos else "")
             + "{% if messages and messages[0]['role'] == 'system' %}"
@@ -59,8 +67,8 @@ class FirstUserSystemTemplate(TurnTemplate):
             "{% else %}{% set system_text = '' %}{% set loop_messages = messages %}{% endif %}"
             "{% for message in loop_messages %}"
             "{% if message['role'] == 'user' %}{{ " + _lit(u.prefix) + " + (system_text if loop.first else '')"
-            " + message['content'] + " + _lit(u.suffix) + " }}"
-            "{% elif message['role'] == 'assistant' %}{{ " + _lit(a.prefix) + " + message['content'] + "
+            " + " + content + " + " + _lit(u.suffix) + " }}"
+            "{% elif message['role'] == 'assistant' %}{{ " + _lit(a.prefix) + " + " + content + " + "
             + _lit(eot + a.suffix) + " }}"
             "{% else %}{{ raise_exception('" + self.name + " has no ' + message['role'] + ' role here') }}{% endif %}"
             "{% endfor %}"

@@ -19,7 +19,7 @@ def _header(role: str) -> str:
 
 class Llama3(TurnTemplate):
     name = "llama3"
-    version = "1"
+    version = "2"
     description = "Llama 3: <|start_header_id|>role<|end_header_id|> ... <|eot_id|>"
 
     bos = "<|begin_of_text|>"
@@ -28,6 +28,7 @@ class Llama3(TurnTemplate):
     assistant = Turn(_header("assistant"))
     eot = "<|eot_id|>"
     extra_stops = ("<|end_of_text|>",)
+    trim = True  # Llama 3's template writes message['content'] | trim
 
 
 @hookimpl

@@ -1,6 +1,6 @@
-"""The ``mistral`` chat template: Mistral / Mixtral Instruct ``[INST]`` turns.
+"""The Mistral chat templates: ``mistral`` (v0.1/v0.2 ``[INST]`` turns), ``mistral-v3`` and ``mistral-nemo``.
 
-::
+``mistral`` is the v0.1/v0.2 and Mixtral format::
 
     <s>[INST] {system}
 
@@ -11,16 +11,29 @@ turn joins the first user turn, followed by a blank line (:mod:`.first_user_syst
 what Mistral's own v0.1/v0.2 templates expect users to do by hand. The answer follows
 ``[/INST]`` directly: a SentencePiece vocabulary puts the word boundary (``▁``) on the answer's
 first token, so the generation prompt ends exactly where training text continues.
+
+``mistral-v3`` (Mistral-7B-Instruct-v0.3, Mixtral v0.3 checkpoints) and ``mistral-nemo``
+(Mistral-Nemo-Instruct-2407) are those models' own ``chat_template`` (``assets/``), rendered by
+transformers, so their text is what ``apply_chat_template`` writes and ``--check-template``
+agrees: v0.3 writes ``[INST] Hi[/INST] Hello</s>`` (the answer's leading space is the model's),
+Nemo ``[INST]Hi[/INST]Hello</s>``, and both put the system prompt (and the tool list) before the
+*last* user turn only. Tool calls are ``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the
+templates require call ids of 9 letters or digits (Mistral's tokenizer does), and refuse rows
+whose roles do not alternate. Mistral Small 3.x and Devstral (``[SYSTEM_PROMPT]`` turns, a long
+default system prompt) train with ``tokenizer`` on the model's own template.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sft.core import hookimpl
 from sft.core.templating import Turn
 
+from .common import JinjaTemplate
 from .first_user_system import FirstUserSystemTemplate
 
-__all__ = ["Mistral", "register_chat_templates"]
+__all__ = ["Mistral", "MistralV3", "MistralNemo", "register_chat_templates"]
 
 
 class Mistral(FirstUserSystemTemplate):
@@ -34,6 +47,44 @@ class Mistral(FirstUserSystemTemplate):
     eot = "</s>"
 
 
+class _MistralJinja(JinjaTemplate):
+    """A Mistral model's own template; the Ollama TEMPLATE writes the same text for conversations without tools."""
+
+    eot = "</s>"
+    bos = "<s>"
+    #: What opens a user turn and what comes before an answer (v0.3: "[INST] ", " ").
+    inst: str
+    answer_space: str
+
+    def ollama_template(self, tokenizer: Any = None) -> str:
+        # The system prompt goes before the last user turn (the one Ollama's prompt ends with).
+        return ("{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+                '{{ if eq .Role "user" }}' + self.inst + "{{ if and $.System $last }}{{ $.System }}\n\n{{ end }}"
+                "{{ .Content }}[/INST]"
+                '{{ else if eq .Role "assistant" }}' + self.answer_space + "{{ .Content }}{{ if not $last }}</s>{{ end }}"
+                "{{ end }}{{ end }}")
+
+
+class MistralV3(_MistralJinja):
+    name = "mistral-v3"
+    version = "1"
+    description = "Mistral-7B-Instruct-v0.3's own template: [INST] Hi[/INST] Hello</s>, system before the last user turn"
+    asset = "mistral-v0.3.jinja"
+    inst = "[INST] "
+    answer_space = " "
+
+
+class MistralNemo(_MistralJinja):
+    name = "mistral-nemo"
+    version = "1"
+    description = "Mistral-Nemo-Instruct-2407's own template: [INST]Hi[/INST]Hello</s>, system before the last user turn"
+    asset = "mistral-nemo.jinja"
+    inst = "[INST]"
+    answer_space = ""
+
+
 @hookimpl
 def register_chat_templates(register):
     register(Mistral())
+    register(MistralV3())
+    register(MistralNemo())

@@ -1,34 +1,39 @@
 """The ``tokenizer`` chat template: the model tokenizer's own ``chat_template``.
 
-Training spans come from rendering prefixes of the conversation with the tokenizer's Jinja
-(:func:`~sft.plugins.templates.common.jinja_segments`): for assistant turn *i*,
-``render(messages[:i], add_generation_prompt=True)`` ends where the answer starts, and the
-answer (text, tool calls, reasoning) plus the end-of-turn token that closes it are trained.
+Training spans are found in the text of the whole conversation, rendered by the tokenizer's
+Jinja (:func:`~sft.plugins.templates.common.jinja_segments`): each assistant turn starts where
+the model's output starts (where the text stops agreeing with the generation prompt, so a prompt
+that opens a ``<think>`` block or a channel the turn does not repeat still fits) and ends with
+what closes it; the answer (text, tool calls, reasoning) and that end are trained.
 The row's tools, tool calls, tool results and reasoning are passed to the Jinja in the OpenAI
-schema, as ``apply_chat_template(messages, tools=...)`` receives them. A template that is not
-prefix-preserving (a later turn rewrites earlier text), that drops what a turn says, or that
-does not close assistant turns with a special token, is refused with a clear error.
+schema, as ``apply_chat_template(messages, tools=...)`` receives them (reasoning under the key
+the template reads: ``reasoning_content``, gpt-oss's ``thinking``, or a think block in the
+content). A turn that cannot be located, that the template rewrites, or whose span would hold a
+tool result, is refused with a clear error.
 
-The end-of-turn token is found by rendering a probe conversation: the first special token
-after the assistant's text (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>`` ...), else eos.
+What closes a turn is found by rendering probe conversations: the special tokens right after
+the assistant's text (``<|im_end|>``, ``<|eot_id|>``, Command R7B's
+``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``; gpt-oss's ``<|return|>`` for the last turn and
+``<|end|>`` for earlier ones), else eos.
 The Ollama template is derived the same way, by rendering sentinel conversations and reading
 off each role's prefix and suffix; templates that don't fit that shape are refused.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
-from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
-from sft.core.templating import Turn, TurnTemplate, as_messages, chat_dicts
+from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
+from sft.core.templating import REASONING_KEYS, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token
 
-from .common import jinja_segments
+from .common import THINK, jinja_segments, special_tokens
 
 __all__ = ["TokenizerTemplate", "register_chat_templates"]
 
-_U, _A, _U2, _S = "SFTPROBEUSER", "SFTPROBEANSWER", "SFTPROBEUSERTWO", "SFTPROBESYSTEM"
+_U, _A, _U2, _S, _R = "SFTPROBEUSER", "SFTPROBEANSWER", "SFTPROBEUSERTWO", "SFTPROBESYSTEM", "SFTPROBEREASONING"
 
 
 def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
@@ -36,14 +41,82 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
         name = getattr(tokenizer, "name_or_path", None) or "this model"
         raise SftError(f"template 'tokenizer': the tokenizer of {name} has no chat_template; "
                        f"set template.name to a named template (chatml, llama3, ...)")
-    return tokenizer.apply_chat_template(chat_dicts(messages), tools=tools_of(messages) or None,
-                                         tokenize=False, add_generation_prompt=generation)
+    tools = tools_of(messages) or None
+    try:
+        return tokenizer.apply_chat_template(chat_dicts(messages, _reasoning_key(tokenizer)), tools=tools,
+                                             tokenize=False, add_generation_prompt=generation,
+                                             eos_token=model_eos_token(tokenizer))
+    except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
+        if tools is None and _try_render(tokenizer, chat_dicts(messages), [_PROBE_TOOL]):
+            raise SftError("template 'tokenizer': the model's chat_template renders only conversations with tools "
+                           "(a tool_use template, as Hermes 2 Pro/3 and Command R+ publish besides their default "
+                           "one), and this row has none: give the tokenizer the model's whole chat_template list "
+                           "(default + tool_use, as on the hub; each row then gets the right one), or use a "
+                           "named template (hermes, chatml)") from e
+        raise SftError(f"template 'tokenizer': the model's chat_template cannot render this row: "
+                       f"{type(e).__name__}: {e}") from e
+
+
+#: A tool for probe renders of templates that render only conversations with tools.
+_PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", "parameters": {
+    "type": "object", "properties": {}}}}
+
+
+def _probe(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
+    """A probe conversation rendered as is, or with a probe tool when the template renders only those with tools."""
+    try:
+        return _apply(tokenizer, messages, generation)
+    except SftError:
+        return _apply(tokenizer, Conversation(list(messages), [_PROBE_TOOL]), generation)
+
+
+#: chat_template (its JSON for a hub list of named templates) -> the key it reads reasoning from.
+_REASONING_KEY: dict[str, str] = {}
+
+
+def _reasoning_key(tokenizer: Any) -> str:
+    """The message key this chat_template reads reasoning from: the first of REASONING_KEYS whose value it renders.
+
+    Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed on an answer, then on a
+    tool call (Gemma 4 renders reasoning only there). A template that renders none keeps
+    ``reasoning_content``, and a row with reasoning is refused by the span finder (its
+    reasoning would be dropped).
+    """
+    source = tokenizer.chat_template
+    source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
+    if source not in _REASONING_KEY:
+        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+        probes = [([{"role": "user", "content": _U}, {"role": "assistant", "content": _A}], None),
+                  ([{"role": "user", "content": _U}, {"role": "assistant", "content": "", "tool_calls": [call]}],
+                   [_PROBE_TOOL])]
+        _REASONING_KEY[source] = next(
+            (key for probe, tools in probes for key in REASONING_KEYS
+             if _R in _try_render(tokenizer, [*probe[:-1], {**probe[-1], key: _R}], tools)), REASONING_KEYS[0])
+    return _REASONING_KEY[source]
+
+
+def _try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
+    """The render of a probe, or "" when the template refuses it."""
+    try:
+        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
+    except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
+        return ""
+
+
+def _special_run(text: str, specials: Sequence[str]) -> list[str]:
+    """The special tokens at the start of ``text``, one after another with nothing between them."""
+    run: list[str] = []
+    ordered = sorted(specials, key=len, reverse=True)
+    while (token := next((t for t in ordered if text.startswith(t)), None)) is not None:
+        run.append(token)
+        text = text[len(token):]
+    return run
 
 
 class TokenizerTemplate(ChatTemplate):
     name = "tokenizer"
-    version = "2"
-    description = "the model tokenizer's own chat_template (trained spans found by rendering prefixes)"
+    version = "3"
+    description = "the model tokenizer's own chat_template (each assistant turn found in the whole conversation's text)"
 
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
         eot = self._probe_eot(tokenizer)
@@ -51,28 +124,58 @@ class TokenizerTemplate(ChatTemplate):
         return [eot] + ([eos] if eos and eos != eot else [])
 
     def _probe_eot(self, tokenizer: Any) -> str:
-        text = _apply(tokenizer, [Message("user", _U), Message("assistant", _A)])
-        after = text[text.index(_A) + len(_A):]
-        specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-        specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-        found = [(after.find(t), -len(t), t) for t in specials if t and after.find(t) >= 0]
-        if found:
-            return min(found)[2]
+        """The token generation stops at: the last token of what closes an assistant turn."""
+        last = self._probe_ends(tokenizer)[0]
+        run = _special_run(last, special_tokens(tokenizer))
+        return run[-1] if run else last
+
+    def _probe_ends(self, tokenizer: Any) -> list[str]:
+        """What closes an assistant turn, read off probe renders; the first closes the last turn.
+
+        The special tokens right after the answer, one after another: Command R7B closes a turn
+        with ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, and both are trained. A turn followed by
+        another closes with the same tokens as far as they agree (Llama 3's ``<|eot_id|>``
+        before the next header), or with its own first token where it differs (gpt-oss: the
+        last turn ``<|return|>``, earlier ones ``<|end|>``). No special token: the eos token.
+        """
+        specials = special_tokens(tokenizer)
         eos = getattr(tokenizer, "eos_token", None)
-        if eos:
-            return eos
-        raise SftError("template 'tokenizer': cannot tell which token ends an assistant turn "
-                       "(the chat_template puts no special token after the answer and the tokenizer has no eos)")
+        last = self._after_answer(_probe(tokenizer, [Message("user", _U), Message("assistant", _A)]), specials, eos)
+        if not last:
+            if eos:
+                return [eos]
+            raise SftError("template 'tokenizer': cannot tell which token ends an assistant turn "
+                           "(the chat_template puts no special token after the answer and the tokenizer has no eos)")
+        ends = ["".join(last)]
+        history = self._after_answer(_probe(tokenizer, [Message("user", _U), Message("assistant", _A),
+                                                        Message("user", _U2)]), specials, eos)
+        if history and history[0] == last[0]:
+            agreed = next((k for k, (a, b) in enumerate(zip(last, history)) if a != b), min(len(last), len(history)))
+            ends.append("".join(last[:agreed]))
+        elif history:
+            ends.append(history[0])
+        return list(dict.fromkeys(ends))
+
+    @staticmethod
+    def _after_answer(text: str, specials: Sequence[str], eos: str | None) -> list[str]:
+        """The special tokens right after the probe's answer, up to the eos token when it is among them
+        (Command R7B's tool_use template opens the next turn right after its final one)."""
+        after = text[text.index(_A) + len(_A):]
+        found = [(after.find(t), -len(t), t) for t in specials if after.find(t) >= 0]
+        if not found:
+            return []
+        run = _special_run(after[min(found)[0]:], specials)
+        return run[: run.index(eos) + 1] if eos in run else run
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         return jinja_segments(self.name, lambda m, g: _apply(tokenizer, m, g), as_messages(messages),
-                              self._probe_eot(tokenizer))
+                              self._probe_ends(tokenizer), THINK, special_tokens(tokenizer))
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         return _apply(tokenizer, as_messages(messages), generation=True)
 
     def jinja(self, tokenizer: Any = None) -> str:
-        _apply(tokenizer, [Message("user", _U)])  # raises the clear error when there is none
+        _probe(tokenizer, [Message("user", _U)])  # raises the clear error when there is none
         return tokenizer.chat_template
 
     def ollama_template(self, tokenizer: Any = None) -> str:
@@ -86,11 +189,16 @@ class TokenizerTemplate(ChatTemplate):
         ua = _apply(tokenizer, [Message("user", _U), Message("assistant", _A)])
         uau = _apply(tokenizer, [Message("user", _U), Message("assistant", _A), Message("user", _U2)])
         su = _apply(tokenizer, [Message("system", _S), Message("user", _U)])
+        # A template that ends a whole conversation with a token (Phi-3: its eos) has that after its turns.
+        final = next((t for t in special_tokens(tokenizer)
+                      if all(r.endswith(t) for r in (u, ua, uau, su)) and not ug.endswith(t)
+                      and _A + eot in ua[: -len(t)]), "")  # after the turns, not a turn's own end
+        u, ua, uau, su = (t[: len(t) - len(final)] for t in (u, ua, uau, su))
         probe = [Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d")]
         # Text before the first turn is either a BOS or the start of the system turn; try both readings.
         for bos in dict.fromkeys(["", getattr(tokenizer, "bos_token", None) or ""]):
             try:
-                derived = _derive(bos, eot, u, ug, ua, uau, su)
+                derived = _derive(bos, eot, u, ug, ua, uau, su, final)
             except ValueError:
                 continue
             if all("".join(s.text for s in derived.render(c, tokenizer)) == _apply(tokenizer, c)
@@ -100,7 +208,7 @@ class TokenizerTemplate(ChatTemplate):
                        "Ollama template can be derived from it; choose a named template for Ollama export")
 
 
-def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str) -> TurnTemplate:
+def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str, final: str = "") -> TurnTemplate:
     """A :class:`TurnTemplate` from the sentinel renders, reading ``bos`` as the text's BOS (ValueError: no fit)."""
     def cut(text: str, start: int, end: int) -> str:
         if start < 0 or end < start:
@@ -122,7 +230,7 @@ def _derive(bos: str, eot: str, u: str, ug: str, ua: str, uau: str, su: str) -> 
             raise ValueError("the text before the first user turn is not a system turn")
         default = head[len(system_prefix): len(head) - len(system_suffix)]
     return type("DerivedTurns", (TurnTemplate,), {
-        "name": "tokenizer-derived", "bos": bos, "eot": eot, "default_system": default,
+        "name": "tokenizer-derived", "bos": bos, "eot": eot, "default_system": default, "final": final,
         "system": Turn(system_prefix, system_suffix), "user": Turn(user_prefix, user_suffix),
         "assistant": Turn(assistant_prefix, assistant_suffix),
     })()
