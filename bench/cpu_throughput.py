@@ -22,7 +22,7 @@ TARGET = 90.0  # tokens/s that sft's CPU path must reach (issue 8)
 
 
 def _config(batch: int, steps: int, out: Path, model: str | None) -> Any:
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     return load_config(overrides=[*([f"model.name={model}"] if model else []),
         "model.method=lora", "model.dtype=float32", "lora.r=16", "lora.lora_alpha=16",

@@ -60,7 +60,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.engine.data import build_datasets
     from sft.core.templating import prepare_tokenizer, resolve_template
     from sft.engine.models import embedded_model_dir

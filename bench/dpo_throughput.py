@@ -56,7 +56,7 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
 def run_sft(a: argparse.Namespace) -> dict[str, Any]:
     """`sft run --objective dpo` through the library, timed by a logger plugin."""
     from sft.core import hookimpl
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.interfaces import Logger
     from sft.core.plugins import get_plugin_manager
     from sft.engine.run import run_training
@@ -122,7 +122,7 @@ def run_unsloth(a: argparse.Namespace) -> dict[str, Any]:
         model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
         use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=True)
     from sft.core.templating import resolve_template
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     # The same ChatML text sft renders, as the tokenizer's chat template.
     tokenizer.chat_template = resolve_template(load_config(None, ["template.name=chatml"])).jinja(tokenizer)

@@ -327,7 +327,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     (``metrics.jsonl``'s ``tokens``) over the measured steps.
     """
     from sft.core import hookimpl
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.interfaces import Logger
     from sft.core.plugins import get_plugin_manager, reset_plugin_manager
     from sft.engine.run import run_training

@@ -52,7 +52,7 @@ def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any
 
     The one place a template name becomes an object, so data, training, the exports and
     generation all use the same configured template. ``cfg`` is a validated config
-    (:func:`sft.core.config.load_config`). With ``tokenizer``, it is also fitted to the
+    (:func:`sft.engine.configuration.load_config`). With ``tokenizer``, it is also fitted to the
     template (:func:`prepare_tokenizer`, in place).
     """
     from .config import plugin_options

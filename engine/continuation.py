@@ -1,6 +1,6 @@
 """``model.from_run`` (``sft run --from RUN``): a new run that continues a finished one.
 
-:func:`continued_run` is what the front door hands :func:`sft.core.config.load_config` as its
+:func:`continued_run` is what the front door hands :func:`sft.engine.configuration.load_config` as its
 ``from_run``: it reads the finished run's ``config.yaml`` beneath the values given (the base
 model, the LoRA shape, the template: :data:`CONTINUED_KEYS`), and refuses, at validation and
 before anything is written, a run that is not finished or a base or template other than its
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft.core.config import deep_merge, read_yaml
+from .configuration import deep_merge, read_yaml
 from sft.core.errors import ConfigError, ConfigProblem
 from sft.core.rundir import RunDir
 

@@ -250,7 +250,7 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
     started for this evaluation. ``cfg`` and ``template``: the run's, when the caller (``sft run``)
     already holds them; else read from the run directory.
     """
-    from sft.core.config import load_config
+    from .configuration import load_config
     from sft.core.templating import resolve_template
 
     from .export import RunExportContext

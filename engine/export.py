@@ -441,7 +441,7 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
 
 def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags: dict | None = None) -> "DictConfig":
     """A finished run's ``config.yaml`` plus ``overrides``, validated like any config."""
-    from sft.core.config import load_config
+    from .configuration import load_config
     from sft.core.env import quiet_known_warnings, quiet_progress_bars
 
     # As quiet as `sft run`, whose exports print exactly these lines.

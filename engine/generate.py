@@ -128,7 +128,7 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from sft.core.config import load_config
+    from .configuration import load_config
     from sft.core.env import current_environment, quiet_known_warnings
     from .models import forget_gguf_quantization, pretrained_kwargs, resolve_model
     from sft.core.rundir import RunDir

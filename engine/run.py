@@ -133,7 +133,7 @@ def _objective_record(objective: Any, source: RunDir | None, cfg: "DictConfig") 
         record["reference"] = f"{source.root} (its adapter, frozen)" if source is not None else "the base model"
     story = f"{objective.name} on `{cfg.data.dataset}`"
     if source is not None:
-        from sft.core.config import read_yaml
+        from .configuration import read_yaml
 
         earlier = read_yaml(str(source.config))
         their_objective = (earlier.get("objective") or {}).get("name", "sft")

@@ -1,7 +1,7 @@
 """The Python API, for notebooks: ``import sft; run = sft.train(...)``.
 
 It is a front end like :mod:`sft.cli`, over the same machinery: the config goes through
-:func:`sft.core.config.load_config` (every error at once, did-you-mean, flat keys such as
+:func:`sft.engine.configuration.load_config` (every error at once, did-you-mean, flat keys such as
 ``learning_rate=``), training through :func:`sft.engine.run.run_training` into the same run
 directory, exports through :func:`sft.engine.export.export_run`. In Jupyter the console logger
 draws its rich progress bar in the cell's output.
@@ -64,7 +64,7 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.presets import implied_preset
 
     path: str | None = None
@@ -145,7 +145,7 @@ class Run:
 
     @property
     def config(self) -> "DictConfig":
-        from sft.core.config import load_config
+        from sft.engine.configuration import load_config
         from sft.core.rundir import RunDir
 
         return load_config(str(RunDir.of(self.path).config))

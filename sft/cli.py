@@ -75,7 +75,8 @@ def _logger_list(path: str | None, overrides: list[str], loggers: tuple[str, ...
     list the YAML or the schema default gives, so ``--logger csv`` keeps the console."""
     if not loggers and not no_console:
         return None
-    from sft.core.config import LoggersConfig, read_yaml
+    from sft.core.config import LoggersConfig
+    from sft.engine.configuration import read_yaml
 
     if any(o.startswith("loggers.enabled=") for o in overrides):
         raise click.UsageError("give the loggers either as --logger flags or as loggers.enabled=[...], not both")
@@ -91,7 +92,7 @@ def _logger_list(path: str | None, overrides: list[str], loggers: tuple[str, ...
 
 def _load_config(args, model, dataset, format_, template, exporters, loggers, output, no_console=False,
                  push_to_hub=None, nproc=None, objective=None, from_run=None):
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.presets import implied_preset
 
     path = None

@@ -139,7 +139,7 @@ def _root_cause(exc: Any) -> tuple[int, Any]:
 
 def _worker_main(argv: list[str]) -> None:
     """A worker of :func:`launch`: ``python -m sft.launch LAUNCH.yaml [--resume]``."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.engine.run import run_training
 
     try:

@@ -181,7 +181,7 @@ def tiny_overrides(output_dir: str | Path, model_dir: str | Path, dataset: str |
 def tiny_config(output_dir: str | Path, model_dir: str | Path, *overrides: str, dataset: str | Path | None = None,
                 steps: int = 2, pm: Any = None) -> Any:
     """A validated config for a tiny run: :func:`tiny_overrides` then ``overrides`` (``key=value``)."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.engine.continuation import continued_run
 
     return load_config(overrides=[*tiny_overrides(output_dir, model_dir, dataset, steps), *overrides], pm=pm,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 
 FIXTURES = Path(__file__).parent / "data"
 #: The project's shared sample data: ../shared/data next to the checkout (absent on a clean CI checkout).

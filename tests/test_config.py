@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError
 from sft.testing import make_plugin_manager
 

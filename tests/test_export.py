@@ -29,7 +29,7 @@ def build_run(run_dir: Path, model_dir: Path | str, *overrides: str, b_std: floa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.templating import prepare_tokenizer
     from sft.engine.models import resolve_model
 
@@ -362,7 +362,7 @@ def test_exporter_options_listed_with_choices() -> None:
 
 
 def test_merge_dtype_auto_follows_base(run_dir: Path) -> None:
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.templating import resolve_template
     from sft.engine.export import RunExportContext
     from sft.plugins.exporters.merging import merging_for

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import sft
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError, SftError
 from sft.testing import run_sft, tiny_overrides, train_tiny, write_jsonl
 
@@ -162,7 +162,7 @@ def test_chat_takes_the_sampling_options(tiny_run):
 # -- example configs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_each_example_config_validates_with_a_local_tiny_model(path, tiny_model_dir, sft_plugin_manager):
-    from sft.core.config import read_yaml
+    from sft.engine.configuration import read_yaml
 
     data = read_yaml(str(path))["data"]
     local = "text.jsonl" if data.get("format") == "text" else "alpaca.jsonl"  # raw text for a pre-training recipe

@@ -221,7 +221,7 @@ class ExporterPlugin:
 
 
 def test_hook_register_exporters(sft_plugin_manager, tiny_run: Path, tmp_path: Path):
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.env import current_environment
     from sft.core.rundir import RunDir
     from sft.core.templating import resolve_template

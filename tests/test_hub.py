@@ -190,7 +190,7 @@ def test_a_bad_token_fails_before_training(tiny_model_dir: Path, hub: HubStub, t
 def test_a_missing_or_read_only_token_is_refused_before_training(token, message, tmp_path, hub, monkeypatch) -> None:
     from huggingface_hub import constants
 
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.errors import SftError
     from sft.engine.publish import Publishing
 
@@ -204,7 +204,7 @@ def test_a_missing_or_read_only_token_is_refused_before_training(token, message,
 
 
 def test_the_token_cannot_be_put_in_the_config() -> None:
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"publish.hub.token: unknown key"):
@@ -213,7 +213,7 @@ def test_the_token_cannot_be_put_in_the_config() -> None:
 
 def test_an_old_export_push_section_reads_as_the_hub_publisher_with_a_notice(tmp_path: Path, capsys) -> None:
     """Runs made before publishers were a plugin kind keep working: their config.yaml's export.push."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     old = tmp_path / "config.yaml"
     old.write_text("export:\n  enabled: [lora]\n  push:\n    repo_id: alice/old\n    private: false\n")

@@ -160,7 +160,7 @@ def test_no_module_of_any_room_imports_a_heavy_library_at_its_top():
 def test_the_engine_implements_the_export_context_the_core_declares(tmp_path: Path):
     """Exporters and publishers are written against :class:`sft.core.ExportContext`; the engine's
     context has every part of it."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.interfaces import ExportContext
     from sft.core.plugins import get_plugin_manager
     from sft.core.templating import resolve_template

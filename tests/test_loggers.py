@@ -82,7 +82,7 @@ class LoggedRun:
 
 
 def _config(run_dir: Path, model_dir: Path, pm: Any):
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     return load_config(overrides=[
         f"model.name={model_dir}",

@@ -144,7 +144,7 @@ def shared_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_exporter(exporter: str, shared_run: Path, monkeypatch):
     from sft.core import plugins
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.engine.export import export_run
     from sft.core.rundir import RunDir
 

@@ -269,7 +269,7 @@ def test_qlora_on_cuda_without_bitsandbytes_stops_before_the_data(tmp_path):
     import importlib.util
 
     from sft.engine.backends import check_cuda_dependencies
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.env import Environment
     from sft.core.errors import ConfigError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sft.core import ChatTemplate, Segment, hookimpl
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError, PluginError
 from sft.testing import make_plugin_manager
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.errors import DataError
 from sft.engine.data import build_datasets
 from sft.testing import tiny_overrides, write_jsonl

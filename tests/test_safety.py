@@ -18,7 +18,8 @@ import pytest
 
 from sft.core import ChatTemplate, Segment, hookimpl
 from sft.engine import checkpoints
-from sft.core.config import config_to_yaml, load_config, shareable_container
+from sft.core.config import config_to_yaml, shareable_container
+from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError, DataError, SftError
 from sft.engine.resume import ResumeError, RunLockedError, check_resume, run_lock
 from sft.core.rundir import RunDir

@@ -145,7 +145,9 @@ def test_generate_loads_a_run_trained_from_a_gguf_file(tmp_path, tiny_model_dir)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.core.config import config_to_yaml, load_config
+    from sft.core.config import config_to_yaml
+
+    from sft.engine.configuration import load_config
     from sft.engine.generate import load_run
     from sft.plugins.exporters.gguf.convert import convert_to_gguf
 

@@ -433,7 +433,7 @@ def test_a_turn_closed_by_two_special_tokens_trains_both(smollm2_dir):
 def test_phi_renders_its_own_eos_after_the_tokenizer_is_fitted(name, smollm2_dir):
     """prepare_tokenizer makes <|end|> the eos (generation stops there); Phi-3.5's own template still ends
     a conversation with <|endoftext|>, and so do the trained text and `--check-template`."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.templating import prepare_tokenizer
     from sft.engine.render_check import render_difference
 
@@ -478,7 +478,7 @@ def test_llama31_writes_the_date_the_models_own_template_writes(model_name, date
     """Llama 3.2's template writes the day of rendering, 3.1's and 3.3's 26 Jul 2024 (template.llama31.date: model)."""
     from datetime import date as day
 
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.templating import resolve_template
 
     tokenizer = _tokenizer(smollm2_dir, model_name)
@@ -496,7 +496,7 @@ def test_llama31_writes_the_date_the_models_own_template_writes(model_name, date
 def test_family_templates_trim_and_refuse_as_the_models_own(name, model_name, smollm2_dir):
     """gemma and llama3 trim contents as Gemma's and Llama 3's templates do; gemma refuses a system turn on
     Gemma 2, whose template refuses it, and folds it into the first user turn on Gemma 3, as Gemma 3's does."""
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
     from sft.core.templating import prepare_tokenizer
     from sft.engine.render_check import render_difference
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.templating import prepare_tokenizer, resolve_template
 from sft.core.interfaces import Message
 from sft.core.plugins import get_plugin_manager

@@ -67,7 +67,7 @@ def test_run_sft_reports_the_command_output_on_failure():
 
 def test_tiny_overrides_validate(tmp_path, sft_plugin_manager):
     # Every key the kit sets exists in the config schema (a renamed key would break every plugin's tests).
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     cfg = load_config(overrides=tiny_overrides(tmp_path / "run", tmp_path / "model"))
     assert cfg.training.max_steps == 2 and list(cfg.export.enabled) == [] and list(cfg.loggers.enabled) == []

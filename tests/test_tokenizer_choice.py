@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.engine.models import _tokenizer_choice_config, load_tokenizer
 from sft.testing import make_plugin_manager
 

@@ -28,7 +28,7 @@ def test_run_directory_layout(eval_run):
                  run.adapter / "adapter_model.safetensors", run.adapter / "tokenizer_config.json"):
         assert path.is_file(), path
     # The resolved config reloads as a valid config.
-    from sft.core.config import load_config
+    from sft.engine.configuration import load_config
 
     assert load_config(str(run.config), pm=PM).training.max_steps == 4
     # save_total_limit=2 keeps both complete checkpoints (steps 2 and 4).

@@ -70,7 +70,7 @@ class TransformersBackend(TrainingBackend):
         if config.model.method != "full" and config.lora.use_dora:
             return ("lora.use_dora under FSDP2: DoRA's magnitude is the norm of each whole weight matrix, which "
                     "FSDP2 shards across processes; train DoRA with distributed.strategy=ddp")
-        from sft.core.config import DECOMPOSING_INITS, lora_init_kind
+        from sft.engine.configuration import DECOMPOSING_INITS, lora_init_kind
 
         if config.model.method != "full" and lora_init_kind(str(config.lora.init_lora_weights)) in DECOMPOSING_INITS:
             return (f"lora.init_lora_weights={config.lora.init_lora_weights} under FSDP2: the decomposition and the "

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 SCRIPT = """
 import gc, json, sys
 import torch
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.engine.run import run_training
 
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
