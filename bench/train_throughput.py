@@ -317,12 +317,14 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
             "step_seconds": clock.step_seconds(a.warmup)}
 
 
-def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merge: bool = True) -> dict[str, Any]:
+def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merge: bool = True,
+            method: str = "qlora", fp8_kernels: str | None = None) -> dict[str, Any]:
     """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin.
 
     ``packing`` None: the fixed-length workload (rows of exactly ``--seq`` tokens, batch x 1).
     Otherwise the chat workload (:func:`chat_conversations`, batch x ``--chat-accumulation``)
-    with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``. tokens/s
+    with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``;
+    ``method``: ``model.method`` (qlora, lora, fp8); ``fp8_kernels``: ``FP8_KERNELS`` for the fp8 base. tokens/s
     is the run's own count of non-pad tokens
     (``metrics.jsonl``'s ``tokens``) over the measured steps.
     """
@@ -335,6 +337,11 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()
     tokens: dict[int, int] = {}
+    health: dict[str, list] = {"loss": [], "grad_norm": []}
+    if fp8_kernels:
+        os.environ["FP8_KERNELS"] = fp8_kernels
+    else:
+        os.environ.pop("FP8_KERNELS", None)
 
     class BenchClock(Logger):
         """Times each logged optimizer step (the bench's only hook into the run)."""
@@ -349,6 +356,8 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
             if "loss" in metrics:
                 clock.tick(step)
                 tokens[int(step)] = int(metrics["tokens"])
+                health["loss"].append(metrics.get("loss"))
+                health["grad_norm"].append(metrics.get("grad_norm"))
 
         def finish(self, summary) -> None:
             pass
@@ -374,10 +383,10 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
             for r in range(steps * a.batch):
                 convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
                 f.write(json.dumps({"conversations": convo}) + "\n")
-    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}{'' if merge else '-separate'}"
+    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}{'' if merge else '-separate'}-{method}{fp8_kernels or ''}"
     shutil.rmtree(out, ignore_errors=True)  # sft run refuses to overwrite a finished run
     overrides = [
-        f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
+        f"model.name={a.model_dir}", "model.backend=unsloth", f"model.method={method}", f"model.max_seq_length={a.seq}",
         "lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.use_rslora=true",
         "lora.use_gradient_checkpointing=auto", f"lora.target_modules=[{','.join(TARGETS)}]",
         f"data.dataset={data}", "data.format=sharegpt", "data.train_on=all",
@@ -394,7 +403,10 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     run_training(cfg)
     summary = json.loads((out / "summary.json").read_text())
     result = {"measured_steps": a.steps, "peak_gib": peak_gib(), "versions": versions(),
-              "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"]}
+              "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"],
+              "losses": health["loss"], "grad_norms": health["grad_norm"],
+              "healthy": all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                             for v in health["loss"] + health["grad_norm"])}
     warm, last = a.warmup, steps
     result["tokens_per_s"] = (tokens[last] - tokens[warm]) / (clock.times[last] - clock.times[warm])
     result["tokens_per_step"] = (tokens[last] - tokens[warm]) / (last - warm)
@@ -472,6 +484,10 @@ def worker(a: argparse.Namespace) -> None:
     setups = {
         "sft": lambda: run_sft(a, "default"),
         "sft-auto": lambda: run_sft(a, "auto"),
+        "sft-lora": lambda: run_sft(a, "default", method="lora"),
+        "sft-fp8": lambda: run_sft(a, "default", method="fp8"),
+        "sft-fp8-sft": lambda: run_sft(a, "default", method="fp8", fp8_kernels="sft"),
+        "sft-fp8-auto": lambda: run_sft(a, "auto", method="fp8"),
         "chat-packed": lambda: run_sft(a, "default", "auto"),
         "chat-packed-auto": lambda: run_sft(a, "auto", "auto"),
         "chat-padded": lambda: run_sft(a, "default", "false"),
@@ -512,24 +528,50 @@ LABELS = {
     "unsloth": "raw Unsloth (gc=\"unsloth\")",
     "hf": "transformers+peft+bnb (sdpa, gc)",
     "sft-auto": "sft run (unsloth, memory=auto)",
+    "sft-lora": "sft run (unsloth, bf16 LoRA, 16-bit base)",
+    "sft-fp8": "sft run (unsloth, model.method=fp8, Unsloth's fused kernels)",
+    "sft-fp8-sft": "sft run (unsloth, model.method=fp8, FP8_KERNELS=sft)",
+    "sft-fp8-auto": "sft run (unsloth, model.method=fp8, memory=auto)",
 }
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
+def flops_per_token(seq: int) -> float:
+    """Matrix FLOPs a token costs in a checkpointed LoRA step of the 8B shape at ``seq`` tokens a row.
+
+    The decoder's linear layers 3 x 2N (forward, recomputed forward, input gradient; the base is
+    frozen), the output head 2 x 2 x vocab x hidden (forward, input gradient), causal attention
+    4 x (2 x 2 x seq/2 x hidden) a layer (QK^T and PV; forward, recompute, and a backward of twice
+    the forward). LoRA's own products (r=16) add under 1%. The table prints the achieved rate
+    against the card's measured ceilings (``--ceilings``).
+    """
+    h, i, layers, kv, vocab = 4096, 14336, 32, 1024, 128256
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    attention = layers * 4 * (2 * 2 * (seq / 2) * h)
+    return 3 * 2 * linear + 2 * 2 * vocab * h + attention
+
+
+def table(results: dict[str, dict[str, Any]], seq: int = 2048) -> str:
     ref = results.get("unsloth", {})
-    lines = ["| setup | tokens/s | x raw Unsloth | peak GiB | x raw Unsloth |", "|---|---:|---:|---:|---:|"]
-    for setup in ("sft", "unsloth", "hf", "sft-auto"):
+    ceilings = results.get("ceilings", {})
+    bf16_peak, fp8_peak = ceilings.get("bf16_tflops_8192"), ceilings.get("fp8_rowwise_tflops_8192")
+    lines = ["| setup | tokens/s | x raw Unsloth | peak GiB | x raw Unsloth | TFLOP/s | % bf16 ceiling | % fp8 ceiling | "
+             "loss, grad norm finite > 0 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for setup in ("sft", "unsloth", "hf", "sft-auto", "sft-lora", "sft-fp8", "sft-fp8-sft", "sft-fp8-auto"):
         r = results.get(setup)
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {LABELS[setup]} | failed: {r['error']} | | | |")
+            lines.append(f"| {LABELS[setup]} | failed: {r['error']} | | | | | | | |")
             continue
         tps = f"{r['tokens_per_s']:,.0f}"
         mem = f"{r['peak_gib']:.2f}"
         rt = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if "tokens_per_s" in ref else "-"
         rm = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if "peak_gib" in ref else "-"
-        lines.append(f"| {LABELS[setup]} | {tps} | {rt} | {mem} | {rm} |")
+        tflops = r["tokens_per_s"] * flops_per_token(seq) / 1e12
+        pb = f"{100 * tflops / bf16_peak:.0f}%" if bf16_peak else "-"
+        pf = f"{100 * tflops / fp8_peak:.0f}%" if fp8_peak else "-"
+        ok = {True: "yes", False: "NO"}.get(r.get("healthy"), "-")
+        lines.append(f"| {LABELS[setup]} | {tps} | {rt} | {mem} | {rm} | {tflops:.0f} | {pb} | {pf} | {ok} |")
     curve = results.get("curve", {}).get("curve")
     if curve:
         lines += ["", "| layers checkpointed (of 32) | skip k | tokens/s | peak GiB |", "|---:|---:|---:|---:|"]
@@ -632,6 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deadline", type=int, default=None,
                    help="Seconds for all setups: each process gets what is left (a cut one keeps its finished setups).")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    p.add_argument("--ceilings", type=Path, default=None,
+                   help="bench/fp8_matmul.py's --json: the card's measured bf16 and FP8 rates, for the TFLOP/s columns.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds per setup subprocess.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -654,6 +698,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (a.model_dir / "config.json").exists():
         subprocess.run(base + ["--worker", "create"], env=env, check=True)
     results: dict[str, dict[str, Any]] = {}
+    if a.ceilings and a.ceilings.is_file():
+        results["ceilings"] = json.loads(a.ceilings.read_text())
     for group in a.setups.split(","):
         start = time.perf_counter()
         print(f"== {group}", flush=True)
@@ -674,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.json:  # after every process: a call cut short keeps what it measured
             a.json.write_text(json.dumps(results, indent=2))
     print()
-    print(table(results))
+    print(table(results, a.seq))
 
 
 if __name__ == "__main__":

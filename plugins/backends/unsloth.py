@@ -26,7 +26,7 @@ class UnslothBackend(TrainingBackend):
 
     name = "unsloth"
     version = "1"
-    description = "Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning"
+    description = "Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA, FP8-base LoRA or full fine-tuning"
     priority = 100
     #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
     trained_positions_loss = False
@@ -124,9 +124,29 @@ class UnslothBackend(TrainingBackend):
             loftq_config=settings["loftq_config"],
             **extra,
         )
+        if config.model.method == "fp8":
+            to_fp8_base(model)
         if config.training.memory == "auto" and self._checkpointing(config):
             plan_checkpoint_skips(model, config)
         return model
+
+
+def to_fp8_base(model: Any) -> None:
+    """``model.method=fp8``: the LoRA layers' 16-bit base weights become e4m3 with per-row scales.
+
+    Unsloth's fused LoRA kernels read such a weight (``weight`` e4m3, ``weight_scale``) and run
+    its forward products on FP8 tensor cores; ``FP8_KERNELS=sft`` sends every base product
+    through :mod:`.fp8`'s instead (FP8 backward too).
+    """
+    from sft.core.notices import notice
+
+    from .fp8 import convert_lora_base_to_fp8, fp8_kernels_choice, use_sft_kernels_under_unsloth
+
+    report = convert_lora_base_to_fp8(model)
+    notice(report.describe())
+    if fp8_kernels_choice() == "sft":
+        notice(f"model.method=fp8: FP8_KERNELS=sft, {use_sft_kernels_under_unsloth(model)} layers use sft's FP8 "
+               "products (PEFT's unfused LoRA) instead of Unsloth's fused kernels")
 
 
 def plan_checkpoint_skips(model: Any, config: Any) -> None:
