@@ -17,6 +17,11 @@ the transformers baseline:
 - ``sft-auto``: the same with ``training.memory=auto``;
 - ``unsloth``: a plain Unsloth + TRL script with the same settings;
 - ``hf``: transformers + peft + bitsandbytes (NF4, sdpa attention, gradient checkpointing);
+- ``long-sft@L`` / ``long-unsloth@L``: one row of ``L`` tokens a step (batch 1, memory=default,
+  1 warm-up step and 2 measured), ``sft run`` or the raw script: run several L, each in its own
+  process (``--setups long-sft@32768,long-unsloth@32768,...``), for the longest that trains;
+- ``sft-lora`` / ``sft-fp8`` / ``sft-fp8-sft``: ``sft run`` with ``model.method=lora`` (16-bit base) /
+  ``fp8`` (the FP8 base on Unsloth's fused kernels) / ``fp8`` with ``FP8_KERNELS=sft``;
 - ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
   process, k changed between segments (each segment: 1 warm-up step, then ``--curve-steps``).
 
@@ -167,6 +172,11 @@ class StepClock:
 
     def __init__(self) -> None:
         self.times: dict[int, float] = {}
+        self.health: list[Any] = []  # each log's loss and grad norm
+
+    def healthy(self) -> bool:
+        """Every logged loss and grad norm finite and above zero (and at least one logged)."""
+        return bool(self.health) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.health)
 
     def tick(self, step: int) -> None:
         import torch
@@ -198,6 +208,7 @@ def trainer_callback(clock: StepClock, on_step_begin=None):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 clock.tick(state.global_step)
+                clock.health += [logs.get("loss"), logs.get("grad_norm")]
 
     return Clock()
 
@@ -273,7 +284,7 @@ def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[s
     if not curve:
         tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
         return {**result, "tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(),
-                "step_seconds": clock.step_seconds(a.warmup)}
+                "step_seconds": clock.step_seconds(a.warmup), "healthy": clock.healthy()}
     points = []
     peaks[segments[-1][0]] = peak_gib()
     layers = len(find_decoder_layers(model))
@@ -503,7 +514,12 @@ def worker(a: argparse.Namespace) -> None:
         if "+" in a.worker:
             _release_gpu()
         try:
-            result = setups[setup]()
+            if "@" in setup:  # long context: long-sft@32768 / long-unsloth@32768, batch 1, one such row a step
+                which, length = setup.split("@")
+                long = argparse.Namespace(**{**vars(a), "seq": int(length), "batch": 1, "warmup": 1, "steps": 2})
+                result = {"seq": int(length), **(run_sft(long, "default") if which == "long-sft" else run_unsloth(long))}
+            else:
+                result = setups[setup]()
         except Exception as exc:  # noqa: BLE001 - the next setup of a shared process still runs
             import traceback
 
@@ -582,6 +598,25 @@ def table(results: dict[str, dict[str, Any]], seq: int = 2048) -> str:
         lines += ["", f"sft run, {plan}"]
     if any(s in results for s in CHAT_LABELS):
         lines += ["", chat_table(results)]
+    if any("@" in s for s in results):
+        lines += ["", long_table(results)]
+    return "\n".join(lines)
+
+
+def long_table(results: dict[str, dict[str, Any]]) -> str:
+    """Long context (issue 29): each length tried at batch 1, memory=default; the longest that trained."""
+    lines = ["| setup | sequence | tokens/s | peak GiB | result |", "|---|---:|---:|---:|---|"]
+    longest: dict[str, int] = {}
+    for setup, r in results.items():
+        if "@" not in setup:
+            continue
+        which, length = setup.split("@")
+        if "error" in r:
+            lines.append(f"| {which} | {int(length):,} | | | failed: {r['error'][:80]} |")
+            continue
+        longest[which] = max(longest.get(which, 0), int(length))
+        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | trained |")
+    lines += ["", "longest trained: " + ", ".join(f"{k} {v:,}" for k, v in sorted(longest.items()))]
     return "\n".join(lines)
 
 
