@@ -68,8 +68,8 @@ def fp8_kernels_choice() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels() -> Any:
-    """Build the Triton quantizer and the autograd function once (imports torch and triton)."""
+def _triton_quantizer() -> Any:
+    """The fused per-row quantizer for CUDA tensors (imports triton)."""
     import torch
     import triton
     import triton.language as tl
@@ -88,11 +88,7 @@ def _kernels() -> Any:
         tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + row, scale)
 
-    def quantize_rows(x: Any, col: Any = None) -> tuple[Any, Any]:
-        """Quantize a 2-D tensor per row to e4m3: (q, scale[rows, 1] float32), x ~ q * scale.
-
-        ``col`` (float32, one per column) multiplies the columns first, fused.
-        """
+    def quantize_rows_cuda(x: Any, col: Any = None) -> tuple[Any, Any]:
         if x.stride(-1) != 1:
             x = x.contiguous()
         rows, k = x.shape
@@ -104,6 +100,31 @@ def _kernels() -> Any:
             _quant_rows_kernel[(rows,)](x, col if col is not None else x, q, scale, k, x.stride(0),
                                         HAS_COL=col is not None, BLOCK=block, num_warps=warps)
         return q, scale
+
+    return quantize_rows_cuda
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    """Build the quantizers and the autograd function once (imports torch; triton on first CUDA use)."""
+    import torch
+
+    def quantize_rows_reference(x: Any, col: Any = None) -> tuple[Any, Any]:
+        """What the Triton kernel computes, in torch ops (CPU tensors, and the GPU test's reference)."""
+        x = x.float()
+        if col is not None:
+            x = x * col.float()
+        scale = torch.clamp(x.abs().amax(dim=1, keepdim=True) / FP8_MAX, min=1e-12)
+        return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+    def quantize_rows(x: Any, col: Any = None) -> tuple[Any, Any]:
+        """Quantize a 2-D tensor per row to e4m3: (q, scale[rows, 1] float32), x ~ q * scale.
+
+        ``col`` (float32, one per column) multiplies the columns first (fused on CUDA).
+        """
+        if x.is_cuda:
+            return _triton_quantizer()(x, col)
+        return quantize_rows_reference(x, col)
 
     class Fp8Matmul(torch.autograd.Function):
         """y = x @ (q * scale).T for a frozen e4m3 weight ``q`` [out, in] with row scales ``scale`` [out, 1]."""
@@ -150,8 +171,7 @@ def _kernels() -> Any:
             if self.weight.dtype != torch.float8_e4m3fn:
                 raise RuntimeError(f"an FP8 base layer's weight became {self.weight.dtype} (was the model cast "
                                    "with .to(dtype)?); model.method=fp8 keeps it in float8_e4m3fn")
-            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            out = Fp8Matmul.apply(x.to(dtype), self.weight, self.weight_scale)
+            out = Fp8Matmul.apply(x, self.weight, self.weight_scale)  # in x's dtype
             return out + self.bias if self.bias is not None else out
 
         def extra_repr(self) -> str:
@@ -164,7 +184,8 @@ def _kernels() -> Any:
         q = (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return q, scale
 
-    return type("Fp8Kernels", (), {"quantize_rows": staticmethod(quantize_rows), "Fp8Matmul": Fp8Matmul,
+    return type("Fp8Kernels", (), {"quantize_rows": staticmethod(quantize_rows),
+                                   "quantize_rows_reference": staticmethod(quantize_rows_reference), "Fp8Matmul": Fp8Matmul,
                                    "Fp8Linear": Fp8Linear, "quantize_weight": staticmethod(quantize_weight)})
 
 
