@@ -233,24 +233,31 @@ def convert_lora_base_to_fp8(model: Any) -> Fp8Conversion:
 
 
 def use_sft_kernels_under_unsloth(model: Any) -> int:
-    """Route Unsloth's patched Llama-style layers back through PEFT (and so :class:`Fp8Linear`).
+    """Put PEFT's forwards back where Unsloth installed a fused LoRA kernel, so that every base
+    product is :class:`Fp8Linear`'s (FP8 forward and input gradient). Returns the projections changed.
 
-    Unsloth installs fused LoRA paths per layer (``mlp.forward``, ``self_attn.apply_qkv`` /
-    ``apply_o``); restoring its own unfused versions makes every base product this module's
-    (FP8 forward and backward). Returns the layers changed.
+    The same switch as Unsloth's own for FSDP (``_decline_fused_lora_for_fsdp``): ``apply_qkv`` /
+    ``apply_o`` back to Unsloth's unfused versions, a fused MLP ``forward`` (or ``_unsloth_forward``)
+    back to its class's.
     """
-    from unsloth.models.llama import original_apply_o, original_apply_qkv
+    from unsloth.models import llama as unsloth_llama
 
+    fused_mlps = getattr(unsloth_llama, "_FUSED_LORA_MLPS", ())
     changed = 0
     for module in model.modules():
-        attn = getattr(module, "self_attn", None)
-        mlp = getattr(module, "mlp", None)
-        if attn is None and mlp is None:
-            continue
-        if attn is not None and "apply_qkv" in attn.__dict__:
-            attn.apply_qkv = original_apply_qkv
-            attn.apply_o = original_apply_o
+        if getattr(module, "apply_qkv", None) is unsloth_llama.apply_lora_qkv:
+            module.apply_qkv = unsloth_llama.original_apply_qkv
             changed += 1
-        if mlp is not None and "forward" in mlp.__dict__:
-            del mlp.__dict__["forward"]  # the class's forward: PEFT's LoRA layers, our FP8 base
+        if getattr(module, "apply_o", None) is unsloth_llama.apply_lora_o:
+            module.apply_o = unsloth_llama.original_apply_o
+            changed += 1
+        for name in ("forward", "_unsloth_forward"):
+            func = getattr(module.__dict__.get(name), "__func__", None)
+            if getattr(func, "func", func) not in fused_mlps:
+                continue
+            if name == "forward":
+                delattr(module, "forward")
+            else:
+                module._unsloth_forward = module.__class__.forward
+            changed += 1
     return changed
