@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     for ax, run in zip(axes[0], runs):
         ax.plot(run["steps"], run["bf16_lora"], label="bf16 LoRA (model.method=lora)")
         ax.plot(run["steps"], run["fp8"], "--", label="FP8 base (model.method=fp8)")
+        if run.get("bf16_lora_reseeded"):
+            ax.plot(run["steps"], run["bf16_lora_reseeded"], ":", label="bf16 LoRA, other LoRA seed")
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (mean of 10 steps)")

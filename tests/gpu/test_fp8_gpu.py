@@ -5,7 +5,8 @@
    error; e4m3 with per-row scales near 3e-2).
 2. The quality gate (issue 29): ``sft run`` trains the same learnable chat data twice on
    Unsloth, bf16 LoRA (``model.method=lora``) and the FP8 base (``model.method=fp8``), for 220
-   steps logged every 10; the FP8 run's loss must stay within 2% of the bf16 run's at every
+   steps logged every 10 (and bf16 LoRA once more with other LoRA initial weights, the noise
+   floor the gap is reported against); the FP8 run's loss must stay within 2% of the bf16 run's at every
    logged step, and its adapter, on the bf16 base as users deploy it, must answer the eight
    questions at least as well as the bf16 run's. Two models: the small random Llama of the
    other GPU tests, and a random-init model of SmolLM2-135M's shape (30 layers, hidden 576,
@@ -88,13 +89,13 @@ def test_fp8_linear_matches_float32(tokens: int, k: int, n: int) -> None:
         assert (q.float() != q_ref.float()).float().mean() < 1e-3
 
 
-def _train(model: Path, data: Path, out: Path, method: str) -> list[dict]:
+def _train(model: Path, data: Path, out: Path, method: str, seed: int = 3407) -> list[dict]:
     sft_run(
         f"model.name={model}", "model.backend=unsloth", f"model.method={method}", "model.max_seq_length=128",
         "lora.r=16", "lora.lora_alpha=32", f"data.dataset={data}", "template.name=chatml",
         f"training.output_dir={out}", f"training.max_steps={STEPS}", "training.per_device_train_batch_size=8",
         "training.gradient_accumulation_steps=1", "training.learning_rate=1e-3", "training.warmup_steps=10",
-        f"training.logging_steps={LOG_EVERY}", f"training.save_steps={STEPS + 100}", "training.seed=3407",
+        f"training.logging_steps={LOG_EVERY}", f"training.save_steps={STEPS + 100}", "training.seed=3407", f"lora.random_state={seed}",
         "training.generation_max_new_tokens=4", "loggers.enabled=[]", "export.enabled=[]",
         log=out.with_suffix(".log"))
     return [r for r in read_metrics(out) if "loss" in r]
@@ -135,14 +136,18 @@ def test_fp8_base_trains_like_bf16_lora(shape: str, small_llama_dir: Path, tmp_p
     data = write_jsonl(tmp_path / "codes.jsonl", learnable_rows(STEPS * 8))
     bf16 = _train(model, data, tmp_path / "lora", "lora")
     fp8 = _train(model, data, tmp_path / "fp8", "fp8")
+    # The noise floor: bf16 LoRA again with other LoRA initial weights (what the 2% must be read against).
+    reseeded = _train(model, data, tmp_path / "lora-reseeded", "lora", seed=1234)
     log = (tmp_path / "fp8.log").read_text()
     assert "base linear layers in float8 e4m3" in log, log[-3000:]
     steps = [r["step"] for r in bf16]
     assert steps == [r["step"] for r in fp8] and len(steps) == STEPS // LOG_EVERY
     a, b = [r["loss"] for r in fp8], [r["loss"] for r in bf16]
     gaps = [abs(x - y) / y for x, y in zip(a, b)]
+    floor = [abs(r["loss"] - y) / y for r, y in zip(reseeded, b)]
     answers = {"lora": _answers(model, tmp_path / "lora" / "adapter"), "fp8": _answers(model, tmp_path / "fp8" / "adapter")}
     curves = {"shape": shape, "steps": steps, "bf16_lora": b, "fp8": a, "relative_gap": gaps, "answers": answers,
+              "bf16_lora_reseeded": [r["loss"] for r in reseeded], "reseeded_relative_gap": floor,
               "grad_norm": {"bf16_lora": [r.get("grad_norm") for r in bf16], "fp8": [r.get("grad_norm") for r in fp8]}}
     print(json.dumps(curves))
     if os.environ.get("FP8_GATE_DIR"):
@@ -150,5 +155,6 @@ def test_fp8_base_trains_like_bf16_lora(shape: str, small_llama_dir: Path, tmp_p
         (Path(os.environ["FP8_GATE_DIR"]) / f"gate-{shape}.json").write_text(json.dumps(curves, indent=1))
     assert all(x == x and 0 < x < 100 for x in a), a  # finite, non-zero
     assert all(g is None or 0 < g < 1e4 for g in curves["grad_norm"]["fp8"])
-    assert max(gaps) <= GATE, f"FP8 loss left the 2% band: max {max(gaps):.3%} at step {steps[gaps.index(max(gaps))]}"
+    assert max(gaps) <= GATE, (f"FP8 loss left the 2% band: max {max(gaps):.3%} at step {steps[gaps.index(max(gaps))]} "
+                               f"(bf16 LoRA reseeded against bf16 LoRA: max {max(floor):.3%})")
     assert answers["fp8"] >= answers["lora"], answers
