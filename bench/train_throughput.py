@@ -21,7 +21,7 @@ the transformers baseline:
   1 warm-up step and 2 measured), ``sft run`` or the raw script: run several L, each in its own
   process (``--setups long-sft@32768,long-unsloth@32768,...``), for the longest that trains;
 - ``sft-lora`` / ``sft-fp8`` / ``sft-fp8-sft``: ``sft run`` with ``model.method=lora`` (16-bit base) /
-  ``fp8`` (the FP8 base on Unsloth's fused kernels) / ``fp8`` with ``FP8_KERNELS=sft``;
+  ``fp8`` (the FP8 base on Unsloth's fused kernels) / ``fp8`` with ``SFT_FP8_KERNELS=sft``;
 - ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
   process, k changed between segments (each segment: 1 warm-up step, then ``--curve-steps``).
 
@@ -335,7 +335,7 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     ``packing`` None: the fixed-length workload (rows of exactly ``--seq`` tokens, batch x 1).
     Otherwise the chat workload (:func:`chat_conversations`, batch x ``--chat-accumulation``)
     with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``;
-    ``method``: ``model.method`` (qlora, lora, fp8); ``fp8_kernels``: ``FP8_KERNELS`` for the fp8 base. tokens/s
+    ``method``: ``model.method`` (qlora, lora, fp8); ``fp8_kernels``: ``SFT_FP8_KERNELS`` for the fp8 base. tokens/s
     is the run's own count of non-pad tokens
     (``metrics.jsonl``'s ``tokens``) over the measured steps.
     """
@@ -350,9 +350,9 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     tokens: dict[int, int] = {}
     health: dict[str, list] = {"loss": [], "grad_norm": []}
     if fp8_kernels:
-        os.environ["FP8_KERNELS"] = fp8_kernels
+        os.environ["SFT_FP8_KERNELS"] = fp8_kernels
     else:
-        os.environ.pop("FP8_KERNELS", None)
+        os.environ.pop("SFT_FP8_KERNELS", None)
 
     class BenchClock(Logger):
         """Times each logged optimizer step (the bench's only hook into the run)."""
@@ -546,7 +546,7 @@ LABELS = {
     "sft-auto": "sft run (unsloth, memory=auto)",
     "sft-lora": "sft run (unsloth, bf16 LoRA, 16-bit base)",
     "sft-fp8": "sft run (unsloth, model.method=fp8, Unsloth's fused kernels)",
-    "sft-fp8-sft": "sft run (unsloth, model.method=fp8, FP8_KERNELS=sft)",
+    "sft-fp8-sft": "sft run (unsloth, model.method=fp8, SFT_FP8_KERNELS=sft)",
     "sft-fp8-auto": "sft run (unsloth, model.method=fp8, memory=auto)",
 }
 

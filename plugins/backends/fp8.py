@@ -16,7 +16,7 @@ What the backends share for the FP8 base (docs/training.md#fp8-base, docs/benchm
 
 The Unsloth backend keeps Unsloth's fused LoRA kernels, which already read an e4m3 weight with a
 ``weight_scale`` (their forward runs on FP8 tensor cores, their backward dequantizes to bf16);
-``FP8_KERNELS=sft`` in the environment routes its layers through this module's product instead
+``SFT_FP8_KERNELS=sft`` in the environment routes its layers through this module's product instead
 (PEFT's unfused LoRA, FP8 forward and backward) for comparison. The transformers backend always
 uses this module's product.
 
@@ -64,10 +64,10 @@ EXPERIMENTAL = ("experimental: its quality gate against bf16 LoRA has not run on
 
 
 def fp8_kernels_choice() -> str:
-    """``unsloth`` (Unsloth's fused kernels, the default) or ``sft`` (this module's product), from ``FP8_KERNELS``."""
+    """``unsloth`` (Unsloth's fused kernels, the default) or ``sft`` (this module's product), from ``SFT_FP8_KERNELS``."""
     import os
 
-    value = os.environ.get("FP8_KERNELS", "unsloth").strip().lower()
+    value = os.environ.get("SFT_FP8_KERNELS", "unsloth").strip().lower()
     return value if value in ("unsloth", "sft") else "unsloth"
 
 

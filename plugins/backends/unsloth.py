@@ -135,7 +135,7 @@ def to_fp8_base(model: Any) -> None:
     """``model.method=fp8``: the LoRA layers' 16-bit base weights become e4m3 with per-row scales.
 
     Unsloth's fused LoRA kernels read such a weight (``weight`` e4m3, ``weight_scale``) and run
-    its forward products on FP8 tensor cores; ``FP8_KERNELS=sft`` sends every base product
+    its forward products on FP8 tensor cores; ``SFT_FP8_KERNELS=sft`` sends every base product
     through :mod:`.fp8`'s instead (FP8 backward too).
     """
     from sft.core.notices import notice
@@ -145,7 +145,7 @@ def to_fp8_base(model: Any) -> None:
     report = convert_lora_base_to_fp8(model)
     notice(report.describe())
     if fp8_kernels_choice() == "sft":
-        notice(f"model.method=fp8: FP8_KERNELS=sft, {use_sft_kernels_under_unsloth(model)} layers use sft's FP8 "
+        notice(f"model.method=fp8: SFT_FP8_KERNELS=sft, {use_sft_kernels_under_unsloth(model)} layers use sft's FP8 "
                "products (PEFT's unfused LoRA) instead of Unsloth's fused kernels")
 
 
