@@ -145,8 +145,9 @@ def to_fp8_base(model: Any) -> None:
     report = convert_lora_base_to_fp8(model)
     notice(report.describe())
     if fp8_kernels_choice() == "sft":
-        notice(f"model.method=fp8: SFT_FP8_KERNELS=sft, {use_sft_kernels_under_unsloth(model)} layers use sft's FP8 "
-               "products (PEFT's unfused LoRA) instead of Unsloth's fused kernels")
+        changed = use_sft_kernels_under_unsloth(model)
+        notice(f"model.method=fp8: SFT_FP8_KERNELS=sft, {changed} fused LoRA projections back on PEFT's forward: "
+               "the base products are sft's FP8 ones (input gradient in FP8 too)")
 
 
 def plan_checkpoint_skips(model: Any, config: Any) -> None:
