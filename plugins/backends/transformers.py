@@ -65,6 +65,8 @@ class TransformersBackend(TrainingBackend):
 
     def distributed_reason(self, config: Any, strategy: str) -> str | None:
         reason = super().distributed_reason(config, strategy)
+        if not reason and strategy == "fsdp2" and config.model.method == "fp8":
+            return "model.method=fp8 is not sharded with FSDP2 (its e4m3 base and float32 scales differ in dtype); use ddp"
         if reason or strategy != "fsdp2":
             return reason
         if config.model.method != "full" and config.lora.use_dora:
@@ -174,6 +176,12 @@ class TransformersBackend(TrainingBackend):
         model = get_peft_model(model, peft_config)
         from sft.engine import distributed
 
+        if config.model.method == "fp8":
+            from sft.core.notices import notice
+
+            from .fp8 import convert_lora_base_to_fp8
+
+            notice(convert_lora_base_to_fp8(model).describe())
         if distributed.is_fsdp(config) and getattr(model, "is_loaded_in_4bit", False):
             # FSDP2 shards one dtype: the adapters (and what prepare_model_for_kbit_training
             # upcast to float32) go to the 4-bit storage dtype, the compute dtype.

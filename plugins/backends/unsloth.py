@@ -28,9 +28,9 @@ class UnslothBackend(TrainingBackend):
 
     name = "unsloth"
     version = "1"
-    description = ("Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA or full fine-tuning; of the lora.* keys, "
-                   "init_lora_weights only true/false/gaussian/loftq, modules_to_save only embed_tokens/lm_head, no "
-                   "layers_pattern, and DoRA layers without Unsloth's fast kernels")
+    description = ("Unsloth FastLanguageModel (CUDA): 4-bit QLoRA, LoRA, FP8-base LoRA or full fine-tuning; of the "
+                   "lora.* keys, init_lora_weights only true/false/gaussian/loftq, modules_to_save only "
+                   "embed_tokens/lm_head, no layers_pattern, and DoRA layers without Unsloth's fast kernels")
     priority = 100
     #: Unsloth computes its fused cross-entropy inside the model's forward; let it.
     trained_positions_loss = False
@@ -157,6 +157,8 @@ class UnslothBackend(TrainingBackend):
             modules_to_save=modules_to_save or None,
             **peft_only,
         )
+        if config.model.method == "fp8":
+            to_fp8_base(model)
         if config.training.memory == "auto" and self._checkpointing(config):
             plan_checkpoint_skips(model, config)
         return model
@@ -172,6 +174,25 @@ class UnslothBackend(TrainingBackend):
         if config.training.memory == "auto" and self._checkpointing(config):
             plan_checkpoint_skips(model, config)
         return model
+
+
+def to_fp8_base(model: Any) -> None:
+    """``model.method=fp8``: the LoRA layers' 16-bit base weights become e4m3 with per-row scales.
+
+    Unsloth's fused LoRA kernels read such a weight (``weight`` e4m3, ``weight_scale``) and run
+    its forward products on FP8 tensor cores; ``SFT_FP8_KERNELS=sft`` sends every base product
+    through :mod:`.fp8`'s instead (FP8 backward too).
+    """
+    from sft.core.notices import notice
+
+    from .fp8 import convert_lora_base_to_fp8, fp8_kernels_choice, use_sft_kernels_under_unsloth
+
+    report = convert_lora_base_to_fp8(model)
+    notice(report.describe())
+    if fp8_kernels_choice() == "sft":
+        changed = use_sft_kernels_under_unsloth(model)
+        notice(f"model.method=fp8: SFT_FP8_KERNELS=sft, {changed} fused LoRA projections back on PEFT's forward: "
+               "the base products are sft's FP8 ones (input gradient in FP8 too)")
 
 
 def plan_checkpoint_skips(model: Any, config: Any) -> None:
