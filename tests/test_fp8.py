@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sft.core.config import load_config
+from sft.engine.configuration import load_config
 from sft.core.env import Environment
 from sft.core.errors import ConfigError
 from sft.engine.backends import check_method_hardware
