@@ -86,6 +86,10 @@ def guarded_trainer_class(base: type) -> type:
     from .packing import real_tokens
 
     class Guarded(base):  # type: ignore[misc, valid-type]
+        #: the run config: its learning rates per parameter group (:mod:`sft.engine.optimizer`);
+        #: set by whoever builds the trainer (:func:`objective_trainer`, :func:`build_trainer`)
+        sft_config: Any = None
+
         def __init__(self, *args: Any, **kwargs: Any):
             self._staging: Path | None = None
             #: (step, tokens, loss) of micro-batches not yet counted and checked (see _settle)
@@ -127,6 +131,21 @@ def guarded_trainer_class(base: type) -> type:
                 value = mine[1].item() if mine[1].numel() == 1 else "not finite"
                 raise NonFiniteLossError(first, f"the loss is {value}", self._last_checkpoint())
             raise NonFiniteLossError(first, "the loss became NaN/inf on another rank", self._last_checkpoint())
+
+        # -- optimizer groups (training.embedding_learning_rate, training.loraplus_lr_ratio) --------------------------------------------------------------------
+        def create_optimizer(self, *args, **kwargs):
+            if self.optimizer is None and self.sft_config is not None:
+                from .optimizer import create_optimizer
+
+                self.optimizer = create_optimizer(self, self.sft_config)  # None: no rate of its own
+            return super().create_optimizer(*args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "learning_rate" in logs:  # the rates of the groups that have their own (embeddings, LoRA+'s B)
+                from .optimizer import group_rates
+
+                logs = {**logs, **group_rates(self.optimizer, logs["learning_rate"])}
+            return super().log(logs, *args, **kwargs)
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
             c = self.control
@@ -198,7 +217,6 @@ def trainer_class() -> type:
         def __init__(self, *args: Any, trained_positions_loss: bool = False,
                      merge_budget: int | None = None, sft_config: Any = None, **kwargs: Any):
             self.trained_positions_loss = trained_positions_loss
-            #: the run config: its learning rates per parameter group (:mod:`sft.engine.optimizer`)
             self.sft_config = sft_config
             self.merge_budget = merge_budget
             #: micro-batches drawn and passes run while merging; None: nothing could be merged
@@ -228,21 +246,6 @@ def trainer_class() -> type:
                     # gradients over ranks: scale back up, as Trainer.compute_loss does.
                     loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
-
-        # -- optimizer --------------------------------------------------------------------
-        def create_optimizer(self, *args, **kwargs):
-            if self.optimizer is None and self.sft_config is not None:
-                from .optimizer import create_optimizer
-
-                self.optimizer = create_optimizer(self, self.sft_config)  # None: no rate of its own
-            return super().create_optimizer(*args, **kwargs)
-
-        def log(self, logs, *args, **kwargs):
-            if "learning_rate" in logs:  # the rates of the groups that have their own (embeddings, LoRA+'s B)
-                from .optimizer import group_rates
-
-                logs = {**logs, **group_rates(self.optimizer, logs["learning_rate"])}
-            return super().log(logs, *args, **kwargs)
 
         # -- batches ----------------------------------------------------------------------
         def _get_train_sampler(self, train_dataset=None):
@@ -564,5 +567,6 @@ def objective_trainer(objective: Any, setup: RunTrainerSetup, options: Any = Non
     from transformers import PrinterCallback
 
     trainer = objective.build_trainer(setup, options)
+    trainer.sft_config = setup.config  # every objective's optimizer gets the run's parameter groups
     trainer.remove_callback(PrinterCallback)
     return trainer

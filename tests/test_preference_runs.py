@@ -90,7 +90,10 @@ def test_a_continued_run_stands_on_its_own(tiny_run, tiny_model_dir, tmp_path: P
     source = Path(shutil.copytree(tiny_run, tmp_path / "sft"))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     run = train_tiny(tmp_path / "dpo", tiny_model_dir, "objective.name=dpo", f"model.from_run={source}",
-                     dataset=pairs, steps=1)
+                     "training.loraplus_lr_ratio=16", dataset=pairs, steps=1)
+    # The run's optimizer groups reach every objective's trainer (LoRA+: B matrices at 16 x the rate).
+    first = _records(run)[0]
+    assert first["learning_rate_lora_B"] == pytest.approx(16 * first["learning_rate"])
     objective = json.loads((run / "summary.json").read_text())["objective"]
     assert objective["reference"] == f"{source} (its adapter, frozen)"
     assert objective["description"].endswith(f"on top of the run `sft` (sft on `sft:identity`)")
