@@ -97,6 +97,7 @@ def test_a_continued_run_stands_on_its_own(tiny_run, tiny_model_dir, tmp_path: P
     objective = json.loads((run / "summary.json").read_text())["objective"]
     assert objective["reference"] == f"{source} (its adapter, frozen)"
     assert objective["description"].endswith(f"on top of the run `sft` (sft on `sft:identity`)")
+    assert "objective.rewards/margins" in run_sft("report", run).output  # sft report shows the objective's metrics
     shutil.rmtree(source)
     run_sft("export", run, "--exporter", "lora")
     assert (run / "exports" / "lora" / "adapter_model.safetensors").is_file()
