@@ -60,8 +60,8 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
 
     Each assistant turn is found in the whole conversation's text, as the model's template renders
     it there (earlier turns may lose their reasoning, the last turn may end differently), never in
-    a shorter render: :func:`_turn_start` finds where the model's output begins, :func:`_turn_end`
-    the terminator that closes it. ``ends`` are the strings that close a turn (the first is the
+    a shorter render: :meth:`_Turn.start` finds where the model's output begins, :meth:`_Turn.end`
+    what closes it. ``ends`` are the strings that close a turn (the first is the
     end-of-turn token; Command R7B's is two tokens, gpt-oss closes earlier turns with ``<|end|>``
     and the last with ``<|return|>``). ``specials`` are the tokenizer's special tokens (they
     delimit channels). Reasoning (a ``think`` block or a reasoning channel) is marked as such,
@@ -232,14 +232,14 @@ class _Turn:
         full = self.full
         span = full[start:end]
         reasoning = (self.message.reasoning or "").strip()
-        said = [p for p in _pieces(self.message)[1 if reasoning else 0:]]
+        said = _pieces(self.message)[1 if reasoning else 0:]
         first_said = min((at for p in said if (at := span.find(p)) >= 0), default=len(span))
         at = span.find(reasoning) if reasoning else -1
         if 0 <= at < first_said:
             cut = start + at + len(reasoning)
             cut += len(full[cut:end]) - len(full[cut:end].lstrip())
             rest = full[cut:end]
-            closer = next((c for c in ((think[1],) if think else ()) if rest.startswith(c)), None)
+            closer = think[1] if think and rest.startswith(think[1]) else None
             if closer is None:
                 closer = next((e for e in sorted(ends, key=len, reverse=True) if rest.startswith(e)), None)
                 if closer is not None:
