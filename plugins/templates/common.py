@@ -121,7 +121,9 @@ def _pieces(message: Message) -> list[str]:
     out = [message.reasoning.strip() if message.reasoning else "", message.content.strip()]
     for call in message.tool_calls:
         out.append(call.name)
-        out += [str(v) for v in call.arguments.values() if isinstance(v, (str, int, float)) and str(v)]
+        # Text and numbers are written as they are by every template; booleans are not (true, True).
+        out += [str(v) for v in call.arguments.values()
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v)]
     return [p for p in out if p]
 
 
