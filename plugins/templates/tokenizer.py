@@ -92,6 +92,16 @@ class TokenizerTemplate(ChatTemplate):
         return run[-1] if run else last
 
     def _probe_ends(self, tokenizer: Any) -> list[str]:
+        """:meth:`_read_ends`, once per tokenizer state (every row's render needs it)."""
+        source = getattr(tokenizer, "chat_template", None)
+        key = (id(tokenizer), source if isinstance(source, str) else repr(source), getattr(tokenizer, "eos_token", None),
+               model_eos_token(tokenizer), len(tokenizer) if tokenizer is not None else 0)
+        cache = self.__dict__.setdefault("_ends", {})
+        if key not in cache:
+            cache[key] = self._read_ends(tokenizer)
+        return cache[key]
+
+    def _read_ends(self, tokenizer: Any) -> list[str]:
         """What closes an assistant turn, read off probe renders; the first closes the last turn.
 
         The special tokens right after the answer, one after another: Command R7B closes a turn
