@@ -270,8 +270,11 @@ def _check_outside(name: str, i: int, messages: Sequence[Message], span: str) ->
         if other.role not in ("tool", "user") or (other.role == "user" and len(text) < 24) or not text or text in said:
             continue
         if text in span:
+            fix = (" (Gemma 4 writes tool results before the text of the turn that called: give that turn "
+                   "its calls alone and the text to the next assistant turn)" if other.role == "tool" and own.tool_calls
+                   else "")
             raise SftError(f"template '{name}': the chat_template writes the {other.role} message {j} inside "
-                           f"assistant turn {i}, so it would be trained; choose a template that keeps "
+                           f"assistant turn {i}, so it would be trained{fix}; or choose a template that keeps "
                            f"{other.role} messages outside the model's turn")
 
 
