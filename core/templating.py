@@ -43,6 +43,9 @@ __all__ = [
     "as_messages",
     "chat_dicts",
     "REASONING_KEYS",
+    "reasoning_key",
+    "try_render",
+    "PROBE_TOOL",
     "token_runs",
 ]
 
@@ -162,6 +165,43 @@ def _from_dict(m: Any) -> Message:
 
 #: The keys chat templates read a turn's reasoning from, most common first (gpt-oss reads ``thinking``).
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+#: A tool for probe renders of templates that render only conversations with tools (Hermes' tool_use).
+PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", "parameters": {
+    "type": "object", "properties": {}}}}
+
+#: chat_template (its JSON for a hub list of named templates) -> the key it reads reasoning from.
+_REASONING_KEY: dict[str, str] = {}
+
+
+def reasoning_key(tokenizer: Any) -> str:
+    """The message key the tokenizer's chat_template reads reasoning from: the first of REASONING_KEYS it renders.
+
+    Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed (once per template) on an
+    answer, then on a tool call (Gemma 4 writes reasoning only there). A template that renders
+    none gets ``reasoning_content``; a row's reasoning is then refused, never dropped silently.
+    """
+    source = tokenizer.chat_template
+    source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
+    if source not in _REASONING_KEY:
+        marker = "SFTPROBEREASONING"
+        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+        probes = [({"role": "assistant", "content": "SFTPROBEANSWER"}, None),
+                  ({"role": "assistant", "content": "", "tool_calls": [call]}, [PROBE_TOOL])]
+        _REASONING_KEY[source] = next(
+            (key for answer, tools in probes for key in REASONING_KEYS
+             if marker in try_render(tokenizer, [{"role": "user", "content": "SFTPROBEUSER"}, {**answer, key: marker}],
+                                     tools)), REASONING_KEYS[0])
+    return _REASONING_KEY[source]
+
+
+def try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
+    """``apply_chat_template`` of a probe (with the model's own eos), or "" when the template refuses it."""
+    try:
+        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
+    except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
+        return ""
 
 
 def chat_dicts(messages: Sequence[Message], reasoning_key: str = "reasoning_content") -> list[dict[str, Any]]:

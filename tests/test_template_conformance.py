@@ -24,7 +24,6 @@ What a template cannot render is an expected refusal, named in ``REFUSED`` with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -261,7 +260,7 @@ def _generation_spans(model: Model, messages, reasoning_key: str, text: str) -> 
 def test_tokenizer_template_trains_what_the_models_template_renders(model_name, case, smollm2_dir):
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from sft.plugins.templates.tokenizer import _reasoning_key
+    from sft.core.templating import reasoning_key
 
     model = MODELS[model_name]
     tokenizer = _tokenizer(smollm2_dir, model_name)
@@ -277,7 +276,7 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
         return
     assert (model_name, case) not in REFUSED, f"{model_name} renders {case}, which it was expected to refuse"
     text = segments_text(segments)
-    key = _reasoning_key(tokenizer)
+    key = reasoning_key(tokenizer)
     [own], _ = render_jinja_template([chat_dicts(messages, key)], tools=TOOLS if has_tools else None,
                                      chat_template=(TEMPLATES / model.source).read_text(),
                                      bos_token=model.bos or "", eos_token=model.eos)
@@ -513,3 +512,14 @@ def test_family_templates_trim_and_refuse_as_the_models_own(name, model_name, sm
                 template.render(with_system, t)
     else:
         assert render_difference(template, tokenizer, model_tokenizer, with_system) is None
+
+
+def test_check_template_passes_reasoning_under_the_key_the_model_reads(smollm2_dir):
+    """gpt-oss reads a turn's reasoning from `thinking`: `--check-template` compares the same render training uses."""
+    from sft.engine.render_check import render_difference
+
+    tokenizer = _tokenizer(smollm2_dir, "gpt-oss")
+    messages = as_messages(CASES["multi_turn_reasoning"])
+    template = PM.get("chat_template", "tokenizer")
+    assert messages[-1].reasoning in segments_text(template.render(messages, tokenizer))
+    assert render_difference(template, tokenizer, tokenizer, messages) is None

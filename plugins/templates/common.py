@@ -60,8 +60,8 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
 
     Each assistant turn is found in the whole conversation's text, as the model's template renders
     it there (earlier turns may lose their reasoning, the last turn may end differently), never in
-    a shorter render: :func:`_turn_start` finds where the model's output begins, :func:`_turn_end`
-    the terminator that closes it. ``ends`` are the strings that close a turn (the first is the
+    a shorter render: :meth:`_Turn.start` finds where the model's output begins, :meth:`_Turn.end`
+    what closes it. ``ends`` are the strings that close a turn (the first is the
     end-of-turn token; Command R7B's is two tokens, gpt-oss closes earlier turns with ``<|end|>``
     and the last with ``<|return|>``). ``specials`` are the tokenizer's special tokens (they
     delimit channels). Reasoning (a ``think`` block or a reasoning channel) is marked as such,
@@ -121,7 +121,9 @@ def _pieces(message: Message) -> list[str]:
     out = [message.reasoning.strip() if message.reasoning else "", message.content.strip()]
     for call in message.tool_calls:
         out.append(call.name)
-        out += [str(v) for v in call.arguments.values() if isinstance(v, (str, int, float)) and str(v)]
+        # Text and numbers are written as they are by every template; booleans are not (true, True).
+        out += [str(v) for v in call.arguments.values()
+                if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v)]
     return [p for p in out if p]
 
 
@@ -232,14 +234,14 @@ class _Turn:
         full = self.full
         span = full[start:end]
         reasoning = (self.message.reasoning or "").strip()
-        said = [p for p in _pieces(self.message)[1 if reasoning else 0:]]
+        said = _pieces(self.message)[1 if reasoning else 0:]
         first_said = min((at for p in said if (at := span.find(p)) >= 0), default=len(span))
         at = span.find(reasoning) if reasoning else -1
         if 0 <= at < first_said:
             cut = start + at + len(reasoning)
             cut += len(full[cut:end]) - len(full[cut:end].lstrip())
             rest = full[cut:end]
-            closer = next((c for c in ((think[1],) if think else ()) if rest.startswith(c)), None)
+            closer = think[1] if think and rest.startswith(think[1]) else None
             if closer is None:
                 closer = next((e for e in sorted(ends, key=len, reverse=True) if rest.startswith(e)), None)
                 if closer is not None:
@@ -268,8 +270,11 @@ def _check_outside(name: str, i: int, messages: Sequence[Message], span: str) ->
         if other.role not in ("tool", "user") or (other.role == "user" and len(text) < 24) or not text or text in said:
             continue
         if text in span:
+            fix = (" (Gemma 4 writes tool results before the text of the turn that called: give that turn "
+                   "its calls alone and the text to the next assistant turn)" if other.role == "tool" and own.tool_calls
+                   else "")
             raise SftError(f"template '{name}': the chat_template writes the {other.role} message {j} inside "
-                           f"assistant turn {i}, so it would be trained; choose a template that keeps "
+                           f"assistant turn {i}, so it would be trained{fix}; or choose a template that keeps "
                            f"{other.role} messages outside the model's turn")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from sft.core import hookimpl
-from sft.core.templating import Turn
+from sft.core.templating import Turn, adds_bos
 
 from .common import JinjaTemplate
 from .first_user_system import FirstUserSystemTemplate
@@ -57,8 +57,11 @@ class _MistralJinja(JinjaTemplate):
     answer_space: str
 
     def ollama_template(self, tokenizer: Any = None) -> str:
+        # The Jinja writes the tokenizer's bos_token as text; llama.cpp adds it only when the GGUF says
+        # add_bos_token, else the TEMPLATE writes it, as training did.
+        bos = "" if tokenizer is None or adds_bos(tokenizer) else (getattr(tokenizer, "bos_token", None) or "")
         # The system prompt goes before the last user turn (the one Ollama's prompt ends with).
-        return ("{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        return (bos + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
                 '{{ if eq .Role "user" }}' + self.inst + "{{ if and $.System $last }}{{ $.System }}\n\n{{ end }}"
                 "{{ .Content }}[/INST]"
                 '{{ else if eq .Role "assistant" }}' + self.answer_space + "{{ .Content }}{{ if not $last }}</s>{{ end }}"

@@ -21,19 +21,19 @@ off each role's prefix and suffix; templates that don't fit that shape are refus
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 from sft.core import hookimpl
 from sft.core.errors import SftError
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
-from sft.core.templating import REASONING_KEYS, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token
+from sft.core.templating import (PROBE_TOOL, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token,
+                                 reasoning_key, try_render)
 
 from .common import THINK, jinja_segments, special_tokens
 
 __all__ = ["TokenizerTemplate", "register_chat_templates"]
 
-_U, _A, _U2, _S, _R = "SFTPROBEUSER", "SFTPROBEANSWER", "SFTPROBEUSERTWO", "SFTPROBESYSTEM", "SFTPROBEREASONING"
+_U, _A, _U2, _S = "SFTPROBEUSER", "SFTPROBEANSWER", "SFTPROBEUSERTWO", "SFTPROBESYSTEM"
 
 
 def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
@@ -43,11 +43,11 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
                        f"set template.name to a named template (chatml, llama3, ...)")
     tools = tools_of(messages) or None
     try:
-        return tokenizer.apply_chat_template(chat_dicts(messages, _reasoning_key(tokenizer)), tools=tools,
+        return tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(tokenizer)), tools=tools,
                                              tokenize=False, add_generation_prompt=generation,
                                              eos_token=model_eos_token(tokenizer))
     except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
-        if tools is None and _try_render(tokenizer, chat_dicts(messages), [_PROBE_TOOL]):
+        if tools is None and try_render(tokenizer, chat_dicts(messages), [PROBE_TOOL]):
             raise SftError("template 'tokenizer': the model's chat_template renders only conversations with tools "
                            "(a tool_use template, as Hermes 2 Pro/3 and Command R+ publish besides their default "
                            "one), and this row has none: give the tokenizer the model's whole chat_template list "
@@ -57,50 +57,12 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
                        f"{type(e).__name__}: {e}") from e
 
 
-#: A tool for probe renders of templates that render only conversations with tools.
-_PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", "parameters": {
-    "type": "object", "properties": {}}}}
-
-
 def _probe(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
     """A probe conversation rendered as is, or with a probe tool when the template renders only those with tools."""
     try:
         return _apply(tokenizer, messages, generation)
     except SftError:
-        return _apply(tokenizer, Conversation(list(messages), [_PROBE_TOOL]), generation)
-
-
-#: chat_template (its JSON for a hub list of named templates) -> the key it reads reasoning from.
-_REASONING_KEY: dict[str, str] = {}
-
-
-def _reasoning_key(tokenizer: Any) -> str:
-    """The message key this chat_template reads reasoning from: the first of REASONING_KEYS whose value it renders.
-
-    Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed on an answer, then on a
-    tool call (Gemma 4 renders reasoning only there). A template that renders none keeps
-    ``reasoning_content``, and a row with reasoning is refused by the span finder (its
-    reasoning would be dropped).
-    """
-    source = tokenizer.chat_template
-    source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
-    if source not in _REASONING_KEY:
-        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
-        probes = [([{"role": "user", "content": _U}, {"role": "assistant", "content": _A}], None),
-                  ([{"role": "user", "content": _U}, {"role": "assistant", "content": "", "tool_calls": [call]}],
-                   [_PROBE_TOOL])]
-        _REASONING_KEY[source] = next(
-            (key for probe, tools in probes for key in REASONING_KEYS
-             if _R in _try_render(tokenizer, [*probe[:-1], {**probe[-1], key: _R}], tools)), REASONING_KEYS[0])
-    return _REASONING_KEY[source]
-
-
-def _try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
-    """The render of a probe, or "" when the template refuses it."""
-    try:
-        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
-    except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
-        return ""
+        return _apply(tokenizer, Conversation(list(messages), [PROBE_TOOL]), generation)
 
 
 def _special_run(text: str, specials: Sequence[str]) -> list[str]:
@@ -130,6 +92,16 @@ class TokenizerTemplate(ChatTemplate):
         return run[-1] if run else last
 
     def _probe_ends(self, tokenizer: Any) -> list[str]:
+        """:meth:`_read_ends`, once per tokenizer state (every row's render needs it)."""
+        source = getattr(tokenizer, "chat_template", None)
+        key = (id(tokenizer), source if isinstance(source, str) else repr(source), getattr(tokenizer, "eos_token", None),
+               model_eos_token(tokenizer), len(tokenizer) if tokenizer is not None else 0)
+        cache = self.__dict__.setdefault("_ends", {})
+        if key not in cache:
+            cache[key] = self._read_ends(tokenizer)
+        return cache[key]
+
+    def _read_ends(self, tokenizer: Any) -> list[str]:
         """What closes an assistant turn, read off probe renders; the first closes the last turn.
 
         The special tokens right after the answer, one after another: Command R7B closes a turn
