@@ -46,6 +46,7 @@ PAIRS = [
 def test_pairs_of_every_trl_shape_become_exact_token_columns(tmp_path, tiny_model_dir, tiny_tokenizer):
     data = _prepare(tmp_path, tiny_model_dir, tiny_tokenizer, PAIRS, "objective.name=dpo")
     assert data.stats["kind"] == "pair" and data.stats["format"] == "preference"
+    assert data.stats["unread_columns"] == {}
     assert data.train.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
     decode = lambda ids: tiny_tokenizer.decode(ids)  # noqa: E731
     rows = list(data.train)
@@ -196,3 +197,9 @@ def test_mixed_preference_sources_are_cached_like_conversations(tmp_path, tiny_m
     # The objective is part of what the rows are: the same files under kto are not these rows.
     with pytest.raises(DataError, match="objective 'kto' trains on completions labelled"):
         build_datasets(load_config(overrides=[*overrides, "objective.name=kto"]), None, tiny_tokenizer, quiet=True)
+
+
+def test_a_column_a_preference_format_does_not_read_is_counted(tmp_path, tiny_model_dir, tiny_tokenizer):
+    rows = [{**pair, "id": f"p{i}", "score": 3} for i, pair in enumerate(PAIRS)]
+    data = _prepare(tmp_path, tiny_model_dir, tiny_tokenizer, rows, "objective.name=dpo")
+    assert data.stats["unread_columns"] == {"id (preference)": 3, "score (preference)": 3}

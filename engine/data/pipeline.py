@@ -565,6 +565,7 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
         "source": described,
         "cache": "miss" if root is not None else "off",
         "cache_key": key,
+        "unread_columns": dict(bad.unread.most_common()),
     }
     if "label" in train_enc.columns:
         labels = train_enc.columns["label"]
@@ -576,7 +577,10 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
 def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:
     long_prompts = stats.get("long_prompts", 0)
     cut_answers = stats.get("truncated_dropped", 0) - long_prompts
-    if not quiet and cut_answers:
+    if not quiet and cut_answers and stats.get("kind") in ("pair", "labelled"):
+        notice(f"data: left out {cut_answers} preference row(s) longer than model.max_seq_length (data.on_truncate="
+               f"drop; truncate keeps them, each completion cut at its end as TRL's collator does)")
+    elif not quiet and cut_answers:
         notice(f"data: left out {cut_answers} row(s) whose answer model.max_seq_length would cut "
                f"(data.on_truncate=drop; keep_eot keeps them, cut, with their end-of-turn token)")
     if not quiet and long_prompts:
