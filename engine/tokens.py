@@ -43,7 +43,7 @@ def add_configured_tokens(tokenizer: Any, cfg: "DictConfig") -> int:
 
     added = 0
     for token, special in configured_tokens(cfg):
-        if token in tokenizer.get_vocab():
+        if token in tokenizer.get_added_vocab():  # added already: by an earlier call, or the model's own
             continue
         if len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1:
             notice(f"model.add_tokens: {token!r} is already one token of the vocabulary; not added")

@@ -123,6 +123,12 @@ def test_dora_adds_magnitude_vectors_and_they_move(tiny_model_dir, tmp_path, pm)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
     merged = json.loads((run / "summary.json").read_text())["exports"]["merged_16bit"]
     assert merged["ok"], merged  # merged into the base and verified against base + adapter
+    from sft.plugins.exporters.lora import serving_note
+    from sft.plugins.exporters.merging import adapter_beyond_lora
+
+    # What vLLM and a llama.cpp LoRA GGUF cannot take (export.gguf.adapter refuses it), and the lora export's note.
+    assert adapter_beyond_lora(run / "adapter") == ["DoRA magnitude vectors (lora.use_dora)"]
+    assert "DoRA magnitude vectors" in serving_note(run / "adapter")["note"]
 
 
 def _prepared(cfg, pm):
@@ -296,3 +302,9 @@ def test_target_parameters_adapt_and_train_moe_expert_weights(tmp_path, sft_plug
     # PEFT nests one wrapper per parameter on `experts`: gate_up_proj's B has 2 x intermediate rows, down_proj's hidden.
     assert sorted(v.shape[0] for v in b.values()) == [64, 64, 128, 128], {k: v.shape for k, v in b.items()}
     assert all(v.abs().max() > 0 for v in b.values())  # B starts at 0: the expert adapters trained
+
+
+def test_a_plain_lora_adapter_gets_no_serving_note(tiny_run):
+    from sft.plugins.exporters.lora import serving_note
+
+    assert serving_note(tiny_run / "adapter") is None

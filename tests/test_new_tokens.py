@@ -83,3 +83,12 @@ def test_description_init_starts_each_row_at_its_descriptions_mean(tiny_model_di
     described = tokenizer("call a tool", add_special_tokens=False)["input_ids"]
     for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         assert torch.allclose(weight[base], weight[described].mean(dim=0), atol=1e-6)
+
+
+def test_a_token_the_vocabulary_already_has_is_named_not_added(tiny_tokenizer, tiny_model_dir, tmp_path, capsys):
+    from sft.engine.tokens import add_configured_tokens
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, f"model.add_tokens=[hello,'{PLAIN}']", pm=make_plugin_manager())
+    size = len(tiny_tokenizer)
+    assert add_configured_tokens(tiny_tokenizer, cfg) == 1 and len(tiny_tokenizer) == size + 1
+    assert "model.add_tokens: 'hello' is already one token of the vocabulary; not added" in capsys.readouterr().err
