@@ -145,7 +145,10 @@ OBJECTIVES = {
     "dpo": (DPO_DEMO, _pair_chars, ["objective.dpo.beta=0.1"]),
     "orpo": (DPO_DEMO, _pair_chars, ["objective.orpo.beta=0.1"]),
     "simpo": (DPO_DEMO, _pair_chars, ["objective.simpo.beta=2.0"]),
-    "kto": (KTO_DEMO, _labelled_chars, ["objective.kto.beta=0.1"]),
+    # KTO's KL estimate pairs each prompt with another row of its batch: a batch of 4 and a lower rate
+    # keep it from running away on a dozen steps.
+    "kto": (KTO_DEMO, _labelled_chars, ["objective.kto.beta=0.1", "training.learning_rate=1e-4",
+                                         "training.per_device_train_batch_size=4"]),
 }
 
 
