@@ -94,8 +94,9 @@ def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str],
         raise _wrong_kind(cfg, others[0][0], row_kind, f"{key}=auto found", source)
     if not matches:
         available = ", ".join(sorted(n for n, f in pm.registry("dataset_format").items() if f.row_kind == row_kind))
-        raise DataError(f"{key}=auto: no dataset format of {ROW_KIND_WORDS[row_kind]} recognises the columns "
-                        f"({shown}); set {key} to one of: {available}", source=source or None)
+        kind = "" if row_kind == "conversation" else f" (formats of {ROW_KIND_WORDS[row_kind]})"
+        raise DataError(f"{key}=auto: no dataset format recognises the columns ({shown}); set {key} to one of: "
+                        f"{available}{kind}", source=source or None)
     if len(matches) > 1:
         names = ", ".join(f.name for f, _ in matches)
         raise DataError(f"{key}=auto is ambiguous: the columns ({shown}) match the formats {names}; "
