@@ -45,7 +45,7 @@ from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer,
 from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
 from .preference import check_preference, encode_preferences
 from .readers import BadRow, RowRef
-from .sources import columns_of, fingerprint_split, read_split, resolve_source
+from .sources import columns_of, fingerprint_split, names_local_files, read_split, resolve_source
 
 if TYPE_CHECKING:
     from sft.core.plugins import PluginManager
@@ -419,7 +419,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if cfg.data.eval_split:
         eval_source = first
         eval_spec = str(cfg.data.eval_split)
-        if first.kind == "local" and Path(eval_spec).expanduser().exists():
+        if first.kind == "local" and names_local_files(eval_spec):
             eval_source, eval_spec = resolve_source(eval_spec), "train"
         efp, eval_handle = fingerprint_split(eval_source, eval_spec, "data.eval_split")
         fps[0] += "|eval:" + efp
