@@ -135,8 +135,8 @@ def test_a_glob_matching_nothing_names_the_pattern_and_what_is_near(tmp_path):
     with pytest.raises(DataError, match=rf"^{tmp_path}/train-\*\.jsonl: no file matches the glob "
                                         rf"\(did you mean 'train-\*\.parquet'\?\); {tmp_path} holds train-00000.parquet"):
         read_rows(f"{tmp_path}/train-*.jsonl")
+    (tmp_path / "shards").mkdir()
     with pytest.raises(DataError, match=r"no file matches the glob: there is no folder .*/shard \(did you mean 'shards'\?\)"):
-        (tmp_path / "shards").mkdir()
         read_rows(f"{tmp_path}/shard/*.jsonl")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match=r"the glob matches 1 path\(s\), none of them a"):
@@ -157,7 +157,7 @@ def test_a_changed_shard_changes_the_cache_key(smollm2_dir, tmp_path):
     (shards / "part-2.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes([changed])))
     assert _build(smollm2_dir, glob).stats["cache_key"] != before
     (shards / "part-3.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes([changed])))  # a new shard counts too
-    assert _build(smollm2_dir, glob).stats["cache_key"] not in (before,)
+    assert _build(smollm2_dir, glob).stats["cache_key"] != before
 
 
 def test_zstd_without_the_package_says_what_to_install(tmp_path, monkeypatch):
