@@ -181,3 +181,11 @@ def test_zstd_rows_keep_their_lines(tmp_path):
     (tmp_path / "rows.jsonl.zst").write_bytes(_zstd(_jsonl_bytes(ROWS[:1]) + b"\n" + _jsonl_bytes(ROWS[1:])))
     rows, refs = read_rows(str(tmp_path / "rows.jsonl.zst"))
     assert rows == ROWS and [r.line for r in refs] == [1, 3, 4]
+
+
+def test_data_datasets_paths_take_the_new_inputs(smollm2_dir, tmp_path):
+    inputs = _write_inputs(tmp_path, ROWS)
+    sources = [{"path": inputs["parquet glob"], "format": "alpaca"}, {"path": str(inputs["jsonl.gz"]), "weight": 2}]
+    prepared = _build(smollm2_dir, "unused", f"data.datasets={json.dumps(sources)}")
+    assert [(s["source"], s["rows"], s["used"]) for s in prepared.stats["sources"]] == [
+        (inputs["parquet glob"], 3, 3), (str(inputs["jsonl.gz"]), 3, 6)]
