@@ -189,3 +189,36 @@ def test_data_datasets_paths_take_the_new_inputs(smollm2_dir, tmp_path):
     prepared = _build(smollm2_dir, "unused", f"data.datasets={json.dumps(sources)}")
     assert [(s["source"], s["rows"], s["used"]) for s in prepared.stats["sources"]] == [
         (inputs["parquet glob"], 3, 3), (str(inputs["jsonl.gz"]), 3, 6)]
+
+
+# -- progress -----------------------------------------------------------------------------------
+def test_progress_is_quiet_for_a_short_step_then_says_rows_per_second_and_time_left():
+    from sft.engine.data.progress import Progress
+
+    now, lines = [100.0], []
+    progress = Progress("tokenizing", clock=lambda: now[0], say=lines.append)
+    for t, fraction, rows in ((104.0, 0.1, 1000), (106.0, 0.2, 2000), (108.0, 0.3, 3000), (111.5, 0.5, 5000)):
+        now[0] = t
+        progress.update(fraction, rows)
+    # Nothing in the first 5 s; then one line, and the next only 5 s later.
+    assert lines == ["tokenizing: 2,000 rows (333 rows/s), about 24s left",
+                     "tokenizing: 5,000 rows (435 rows/s), about 12s left"]
+
+
+def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypatch):
+    import functools
+
+    import sft.engine.data.pipeline as pipeline
+    import sft.engine.data.sources as sources
+    from sft.engine.data.progress import Progress
+
+    lines: list[str] = []
+    eager = functools.partial(Progress, after=0, every=0, say=lines.append)
+    monkeypatch.setattr(sources, "Progress", eager)
+    monkeypatch.setattr(pipeline, "Progress", eager)
+    monkeypatch.setattr(pipeline, "ENCODE_BATCH", 1)  # a batch a row, so three rows are three steps
+    inputs = _write_inputs(tmp_path, ROWS)
+    _build(smollm2_dir, inputs["jsonl.gz glob"])
+    assert [line.split(" (")[0] for line in lines] == [
+        "reading data: 2 rows", "reading data: 3 rows", "tokenizing: 1 rows", "tokenizing: 2 rows"]
+    assert lines[1].endswith("rows/s), 2/2 files, about 0s left")

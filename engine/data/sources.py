@@ -23,6 +23,7 @@ from typing import Any
 
 from sft.core.env import hub_reachable
 from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
+from .progress import Progress
 from .readers import SUPPORTED_EXTENSIONS, RowRef, extension_of, hash_files, read_file
 
 __all__ = ["Source", "resolve_source", "names_local_files", "parse_split", "fingerprint_split", "read_split",
@@ -248,10 +249,15 @@ def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[
     _name, start, stop = parse_split(split, key)
     rows: list[Any] = []
     refs: list[RowRef] = []
-    for f in handle:
+    # Progress by bytes read, so shards of any size weigh what they cost; a line only after 5 s.
+    sizes = [f.stat().st_size for f in handle]
+    progress, done = Progress("reading data"), 0
+    for i, (f, size) in enumerate(zip(handle, sizes), 1):
         r, rf = read_file(f)
         rows += r
         refs += rf
+        done += size
+        progress.update(done / (sum(sizes) or 1), len(rows), f"{i}/{len(sizes)} files")
     if start is not None or stop is not None:
         idx = _slice(list(range(len(rows))), start, stop)
         rows, refs = [rows[i] for i in idx], [refs[i] for i in idx]
