@@ -222,3 +222,10 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     assert [line.split(" (")[0] for line in lines] == [
         "reading data: 2 rows", "reading data: 3 rows", "tokenizing: 1 rows", "tokenizing: 2 rows"]
     assert lines[1].endswith("rows/s), 2/2 files, about 0s left")
+
+
+def test_a_data_file_named_state_json_is_still_data(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps(ROWS))
+    assert read_rows(str(folder))[0] == ROWS

@@ -170,8 +170,9 @@ def _saved_dataset_files(folder: Path) -> list[Path]:
 
 def _folder_files(root: Path) -> list[Path]:
     """The data files under ``root``, sorted by path, hidden ones skipped; a ``save_to_disk`` folder
-    (one with a ``state.json``) contributes the files it lists."""
-    saved = {p.parent for p in root.rglob("state.json")}
+    (one with ``state.json`` and ``dataset_info.json``) contributes the files its state lists."""
+    # Both files, so a user's own data file that happens to be named state.json is still read as data.
+    saved = {p.parent for p in root.rglob("state.json") if (p.parent / "dataset_info.json").is_file()}
     files = [f for folder in saved for f in _saved_dataset_files(folder)]
     files += [p for p in root.rglob("*") if p.is_file() and extension_of(p) and p.parent not in saved]
     return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
