@@ -224,6 +224,14 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     assert lines[1].endswith("rows/s), 2/2 files, about 0s left")
 
 
+def test_a_dataset_dict_with_split_names_of_its_own_is_all_training_data(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"chat": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    rows, refs = read_rows(str(tmp_path / "saved"))
+    assert len(rows) == 3 and refs[0].source.endswith("chat/data-00000-of-00001.arrow")
+
+
 def test_a_data_file_named_state_json_is_still_data(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()

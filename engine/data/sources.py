@@ -174,7 +174,10 @@ def _folder_files(root: Path) -> list[Path]:
     # Both files, so a user's own data file that happens to be named state.json is still read as data.
     saved = {p.parent for p in root.rglob("state.json") if (p.parent / "dataset_info.json").is_file()}
     files = [f for folder in saved for f in _saved_dataset_files(folder)]
-    files += [p for p in root.rglob("*") if p.is_file() and extension_of(p) and p.parent not in saved]
+    # A DatasetDict's dataset_dict.json (beside its split folders) names the splits; it holds no rows.
+    dict_roots = {folder.parent for folder in saved}
+    files += [p for p in root.rglob("*") if p.is_file() and extension_of(p) and p.parent not in saved
+              and not (p.name == "dataset_dict.json" and p.parent in dict_roots)]
     return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
