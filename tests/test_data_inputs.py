@@ -44,6 +44,8 @@ def _write_inputs(tmp_path, rows):
     inputs["jsonl.gz"] = tmp_path / "rows.jsonl.gz"
     (tmp_path / "rows.json.gz").write_bytes(gzip.compress(json.dumps(rows, indent=1).encode()))
     inputs["json.gz"] = tmp_path / "rows.json.gz"
+    (tmp_path / "lines.json.gz").write_bytes(gzip.compress(_jsonl_bytes(rows)))  # JSON lines saved as .json
+    inputs["jsonl as json.gz"] = tmp_path / "lines.json.gz"
     shards = tmp_path / "shards"
     shards.mkdir()
     for i, start in enumerate(range(0, len(rows), 2)):  # two rows a shard, names sort in row order

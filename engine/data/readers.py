@@ -135,7 +135,7 @@ def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":
-                return _read_jsonl(path)
+                return _jsonl_rows(data, src)  # the bytes already read (and decompressed)
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
         raise DataError(f"expected a list of rows (a JSON array) or JSON lines, got an object with keys "
                         f"{', '.join(list(obj)[:8])}", source=src, line=1)
@@ -178,10 +178,13 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _read_jsonl(path: Path) -> tuple[list[Any], list[RowRef]]:
+    return _jsonl_rows(_read_bytes(path), str(path))
+
+
+def _jsonl_rows(data: bytes, src: str) -> tuple[list[Any], list[RowRef]]:
+    """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line."""
     rows: list[Any] = []
     refs: list[RowRef] = []
-    src = str(path)
-    data = _read_bytes(path)
     offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     for lineno, raw in enumerate(data[offset:].splitlines(keepends=True), 1):
         start, offset = offset, offset + len(raw)
