@@ -98,7 +98,7 @@ class LoraConfig:
 
 @dataclass
 class DatasetSourceConfig:
-    path: str = opt("", "A dataset as data.dataset takes it: a local file or folder, a hub dataset name, or sft:<name>.")
+    path: str = opt("", "A dataset as data.dataset takes it: a local file, folder or glob, a hub dataset name, or sft:<name>.")
     format: str = opt("auto", "Dataset-format plugin for this source, or auto to detect it from its columns.")
     split: str = opt("train", "Split of this source, with optional slicing (train[:1000]).")
     weight: float = opt(1.0, "Rows taken from this source, as a multiple of its rows: 0.25 a quarter (drawn with training.seed), 2 every row twice.")
@@ -107,10 +107,12 @@ class DatasetSourceConfig:
 @dataclass
 class DataConfig:
     datasets: List[DatasetSourceConfig] = opt([], "Several datasets mixed into one run, each {path, format, split, weight}; replaces data.dataset, data.format and data.split when given.")
-    dataset: str = opt(DEFAULT_DATASET, "A local .json/.jsonl/.parquet/.csv file, a folder of them, a hub dataset name, or sft:identity (the embedded default).")
+    dataset: str = opt(DEFAULT_DATASET, "A local .json/.jsonl/.parquet/.csv/.arrow file (.jsonl.gz and .jsonl.zst too), a folder of them or of "
+                                        "save_to_disk, a glob of shards (data/train-*.parquet), a hub dataset name, or sft:identity "
+                                        "(the embedded default).")
     format: str = opt("auto", "Dataset-format plugin, or auto to detect it from the columns.")
     split: str = opt("train", "Split to train on, with optional slicing, e.g. train[:1000].")
-    eval_split: Optional[str] = opt(None, "A separate split to evaluate on. Overrides test_size.")
+    eval_split: Optional[str] = opt(None, "A separate split to evaluate on, or for local data a file, folder or glob. Overrides test_size.")
     test_size: float = opt(0.0, "Hold out this fraction (<1) or number of rows (>=1) of the training split for evaluation, seeded by training.seed.", ge=0)
     on_bad_row: str = opt("error", "What a malformed row does: error stops before any model loads; skip drops it, counts it and records it.", ["error", "skip"])
     max_bad_fraction: float = opt(0.05, "With on_bad_row=skip, fail when more than this fraction of rows is bad.", ge=0, le=1)

@@ -44,8 +44,9 @@ from sft.core.notices import notice
 from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
 from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
 from .preference import check_preference, encode_preferences
+from .progress import Progress
 from .readers import BadRow, RowRef
-from .sources import columns_of, fingerprint_split, read_split, resolve_source
+from .sources import columns_of, fingerprint_split, names_local_files, read_split, resolve_source
 
 if TYPE_CHECKING:
     from sft.core.plugins import PluginManager
@@ -239,7 +240,9 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
     eot_ids: list[int] = []
     if policy == "keep_eot":
         eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
+    progress = Progress("tokenizing")
     for lo in range(0, len(conversations), ENCODE_BATCH):
+        progress.update(lo / len(conversations), lo)
         batch: list[tuple[list[Message], RowRef]] = []
         rendered = []
         for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
@@ -420,7 +423,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if cfg.data.eval_split:
         eval_source = first
         eval_spec = str(cfg.data.eval_split)
-        if first.kind == "local" and Path(eval_spec).expanduser().exists():
+        if first.kind == "local" and names_local_files(eval_spec):
             eval_source, eval_spec = resolve_source(eval_spec), "train"
         efp, eval_handle = fingerprint_split(eval_source, eval_spec, "data.eval_split")
         fps[0] += "|eval:" + efp

@@ -1,13 +1,16 @@
 """Reading dataset files into rows, each with where it came from (file, line, row).
 
-``.json`` (an array, or JSON lines saved as .json), ``.jsonl``, ``.csv`` and ``.parquet``.
-Every parse error names the file and line; a row whose bytes are not UTF-8 becomes a
+``.json`` (an array, or JSON lines saved as .json), ``.jsonl``, ``.csv``, ``.parquet`` and ``.arrow``
+(the IPC stream or file format ``datasets`` writes); ``.json``/``.jsonl``/``.csv`` also compressed (``.gz``, and
+``.zst`` when the ``zstandard`` package is installed), with the lines of the uncompressed text.
+Every parse error names the file and line (an Arrow or Parquet file has rows, not lines); a row whose bytes are not UTF-8 becomes a
 :class:`BadRow` naming the file, line and byte offset (so ``data.on_bad_row=skip`` can skip it).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -17,9 +20,13 @@ from typing import Any, Sequence
 
 from sft.core.errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "hash_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "extension_of", "read_file", "hash_files"]
 
-SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+#: Compressions of text files, by suffix: the name of the package that reads it ("" for the standard library).
+COMPRESSIONS = {".gz": "", ".zst": "zstandard"}
+_COMPRESSIBLE = (".json", ".jsonl", ".csv")
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv", ".arrow") + tuple(
+    ext + comp for ext in _COMPRESSIBLE for comp in COMPRESSIONS)
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,42 @@ class RowRef:
     row: int
 
 
+def extension_of(path: Path | str) -> str | None:
+    """The supported extension ``path`` ends with (``.jsonl.gz`` before ``.gz``), lower-cased; None if none."""
+    name = str(path).lower()
+    # Longest first, so a compressed file is read by its inner format rather than refused as ".gz".
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name says so: lines and byte offsets in errors are then
+    those of the uncompressed text, as the user would see them with ``zcat``."""
+    suffix = path.suffix.lower()
+    if suffix not in COMPRESSIONS:
+        return path.read_bytes()
+    try:
+        if suffix == ".gz":
+            return gzip.decompress(path.read_bytes())
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError("reading .zst files needs the zstandard package: pip install zstandard",
+                            source=str(path)) from None
+        with path.open("rb") as fh:
+            # A stream reader, because zstd frames written by streaming tools carry no content size.
+            return zstandard.ZstdDecompressor().stream_reader(fh).read()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstandard raise several types for a damaged file
+        raise DataError(f"cannot decompress {suffix} file: {exc}", source=str(path)) from None
+
+
 def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
     """A JSON array of rows, each with the line its object starts on. JSONL-in-.json works too."""
-    data = path.read_bytes()
+    data = _read_bytes(path)
     text = _decode(data)
     src = str(path)
     decoder = json.JSONDecoder()
@@ -95,7 +135,7 @@ def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":
-                return _read_jsonl(path)
+                return _jsonl_rows(data, src)  # the bytes already read (and decompressed)
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
         raise DataError(f"expected a list of rows (a JSON array) or JSON lines, got an object with keys "
                         f"{', '.join(list(obj)[:8])}", source=src, line=1)
@@ -138,10 +178,13 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _read_jsonl(path: Path) -> tuple[list[Any], list[RowRef]]:
+    return _jsonl_rows(_read_bytes(path), str(path))
+
+
+def _jsonl_rows(data: bytes, src: str) -> tuple[list[Any], list[RowRef]]:
+    """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line."""
     rows: list[Any] = []
     refs: list[RowRef] = []
-    src = str(path)
-    data = path.read_bytes()
     offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     for lineno, raw in enumerate(data[offset:].splitlines(keepends=True), 1):
         start, offset = offset, offset + len(raw)
@@ -165,7 +208,7 @@ def _read_csv(path: Path) -> tuple[list[Any], list[RowRef]]:
     rows: list[Any] = []
     refs: list[RowRef] = []
     src = str(path)
-    data = path.read_bytes()
+    data = _read_bytes(path)
     with io.StringIO(_decode(data), newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
@@ -193,12 +236,41 @@ def _read_parquet(path: Path) -> tuple[list[Any], list[RowRef]]:
     return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
 
 
-READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+def _read_arrow(path: Path) -> tuple[list[Any], list[RowRef]]:
+    """An Arrow IPC file: ``datasets`` writes the stream format (``save_to_disk``, its cache); other
+    tools often write the random-access file format, so both are tried."""
+    import pyarrow as pa
+
+    errors = []
+    for open_ipc in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            with pa.memory_map(str(path)) as source:
+                rows = open_ipc(source).read_all().to_pylist()
+            return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+            errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    raise DataError(f"cannot read Arrow: {errors[-1]}", source=str(path))
+
+
+READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet,
+           ".arrow": _read_arrow}
+# A compressed file is read by its inner format's reader, which decompresses through `_read_bytes`.
+READERS.update({ext + comp: READERS[ext] for ext in _COMPRESSIBLE for comp in COMPRESSIONS})
+
+
+def read_file(path: Path) -> tuple[list[Any], list[RowRef]]:
+    """The rows of one supported file, each with its :class:`RowRef`."""
+    ext = extension_of(path)
+    if ext is None:
+        raise DataError(f"unsupported file type; use one of {', '.join(SUPPORTED_EXTENSIONS)}", source=str(path))
+    return READERS[ext](path)
 
 
 def hash_files(files: Sequence[Path]) -> str:
     h = hashlib.sha256()
-    for f in files:  # contents in order; names don't matter (a renamed copy hits the cache)
+    # Contents in order; names don't matter (a renamed copy hits the cache). A compressed file is
+    # hashed as stored: a change to its rows changes its bytes too.
+    for f in files:
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

@@ -1,7 +1,9 @@
 """Where rows come from: ``data.dataset`` resolved to packaged assets, local files or folders, or the Hub.
 
 - ``sft:<name>``: a file packaged in ``engine/assets``;
-- a local file or a folder of them (splits from file or folder names: ``train.jsonl``, ``test-0.parquet``);
+- a local file or a folder of them (splits from file or folder names: ``train.jsonl``, ``test-0.parquet``),
+  including folders written by ``datasets``' ``save_to_disk``;
+- a glob of local files (``shards/*.jsonl.gz``): every match, in sorted order, as one file would be;
 - a Hugging Face Hub dataset through ``datasets.load_dataset`` (offline: the local cache only).
 
 ``data.split`` may slice (``train[:100]``, ``train[10%:]``). Each split gets a content
@@ -10,6 +12,9 @@ fingerprint, so the cache (:mod:`.cache`) knows when the data changed.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +23,11 @@ from typing import Any
 
 from sft.core.env import hub_reachable
 from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
-from .readers import READERS, SUPPORTED_EXTENSIONS, RowRef, hash_files
+from .progress import Progress
+from .readers import SUPPORTED_EXTENSIONS, RowRef, extension_of, hash_files, read_file
 
-__all__ = ["Source", "resolve_source", "parse_split", "fingerprint_split", "read_split", "read_rows", "columns_of"]
+__all__ = ["Source", "resolve_source", "names_local_files", "parse_split", "fingerprint_split", "read_split",
+           "read_rows", "columns_of"]
 
 ASSETS_DIR = Path(__file__).parent.parent / "assets"
 #: Split names recognised in file names inside a dataset folder (``train.jsonl``, ``test-0.parquet``).
@@ -34,6 +41,8 @@ class Source:
     spec: str
     kind: str
     path: Path | None = None
+    #: The files a glob matched, in sorted order (``path`` is then None).
+    files: list[Path] | None = None
     name: str | None = None
     revision: str | None = None
 
@@ -58,12 +67,61 @@ def resolve_source(spec: str) -> Source:
     path = Path(spec).expanduser()
     if path.exists():
         return Source(spec, "local", path=path)
+    if _is_glob(spec):
+        return Source(spec, "local", files=_glob_files(spec))
     # Hub names are "name" or "org/name"; anything else path-like that is missing is a typo.
     looks_local = spec.endswith(SUPPORTED_EXTENSIONS) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_local:
         raise DataError("no such file or folder", source=spec)
     name, _, revision = spec.partition("@")
     return Source(spec, "hub", name=name, revision=revision or None)
+
+
+def _is_glob(spec: str) -> bool:
+    """True for a glob of files. Only ``*`` and ``?`` count: ``[...]`` is the slicing of a split name
+    (``data.eval_split: test[:100]``), and shard names rarely need a character class."""
+    return "*" in spec or "?" in spec
+
+
+def names_local_files(spec: str) -> bool:
+    """True when ``spec`` names local data (an existing path or a glob) rather than a split name."""
+    return Path(str(spec)).expanduser().exists() or _is_glob(str(spec))
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The data files ``pattern`` matches, sorted, so shards are read in the order their names give."""
+    expanded = str(Path(pattern).expanduser())
+    matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True))
+    files = [p for p in matches if p.is_file() and extension_of(p)]
+    if files:
+        return files
+    if matches:
+        raise DataError(f"the glob matches {len(matches)} path(s), none of them a "
+                        f"{'/'.join(SUPPORTED_EXTENSIONS)} file", source=pattern)
+    # Name what is nearby: the deepest folder of the pattern without a wildcard, and its data files.
+    base = Path(expanded)
+    while _is_glob(str(base)):
+        base = base.parent
+    if not base.is_dir():
+        siblings = [p.name for p in base.parent.iterdir() if p.is_dir()] if base.parent.is_dir() else []
+        raise DataError(f"no file matches the glob: there is no folder {base}{did_you_mean(base.name, siblings)}",
+                        source=pattern)
+    nearby = sorted(p.name for p in base.iterdir() if p.is_file() and extension_of(p))
+    rest = Path(expanded).relative_to(base).as_posix()
+    held = (f"{base} holds {', '.join(nearby[:5])}{', ...' if len(nearby) > 5 else ''}" if nearby
+            else f"{base} holds no {'/'.join(SUPPORTED_EXTENSIONS)} files")
+    raise DataError(f"no file matches the glob{_other_extension(rest, nearby)}; {held}", source=pattern)
+
+
+def _other_extension(pattern: str, names: list[str]) -> str:
+    """" (did you mean 'train-*.parquet'?)" when the pattern matches ``names`` with another extension:
+    the usual slip is the extension (shards saved as .jsonl.gz, globbed as .jsonl)."""
+    ext = extension_of(pattern)
+    stem = pattern[:-len(ext)] if ext else pattern
+    for other in sorted({extension_of(n) or "" for n in names}):
+        if fnmatch.filter(names, stem + other):
+            return f" (did you mean '{stem + other}'?)"
+    return ""
 
 
 _SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
@@ -98,19 +156,44 @@ def _split_of(path: Path, root: Path) -> str | None:
     return None
 
 
+def _saved_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a folder written by ``Dataset.save_to_disk``, as its ``state.json`` lists them
+    (the folder may also hold ``cache-*.arrow`` files of ``map`` calls, which are not the dataset)."""
+    state = folder / "state.json"
+    try:
+        names = [entry["filename"] for entry in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"not a state.json written by datasets' save_to_disk ({type(exc).__name__}: {exc})",
+                        source=str(state)) from None
+    return [folder / name for name in names]
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """The data files under ``root``, sorted by path, hidden ones skipped; a ``save_to_disk`` folder
+    (one with ``state.json`` and ``dataset_info.json``) contributes the files its state lists."""
+    # Both files, so a user's own data file that happens to be named state.json is still read as data.
+    saved = {p.parent for p in root.rglob("state.json") if (p.parent / "dataset_info.json").is_file()}
+    files = [f for folder in saved for f in _saved_dataset_files(folder)]
+    # A DatasetDict's dataset_dict.json (beside its split folders) names the splits; it holds no rows.
+    dict_roots = {folder.parent for folder in saved}
+    files += [p for p in root.rglob("*") if p.is_file() and extension_of(p) and p.parent not in saved
+              and not (p.name == "dataset_dict.json" and p.parent in dict_roots)]
+    return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def _local_files(source: Source, split: str, key: str) -> list[Path]:
     """The files of ``split`` (already stripped of slicing) for a local source."""
-    assert source.path is not None
-    if source.path.is_file():
-        if source.path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+    if source.files is not None or source.path.is_file():
+        if source.path is not None and not extension_of(source.path):
             raise DataError(f"unsupported file type '{source.path.suffix}'; use one of {', '.join(SUPPORTED_EXTENSIONS)}",
                             source=str(source.path))
         if split != "train":
-            raise ConfigError([ConfigProblem(key, f"a single file has only the split 'train', not '{split}' "
+            what = "a glob of files has" if source.files is not None else "a single file has"
+            raise ConfigError([ConfigProblem(key, f"{what} only the split 'train', not '{split}' "
                                                   f"(use a folder with {split}.jsonl, or data.test_size)")])
-        return [source.path]
-    files = sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(source.path).parts))
+        return source.files if source.files is not None else [source.path]
+    assert source.path is not None
+    files = _folder_files(source.path)
     if not files:
         raise DataError(f"the folder holds no {'/'.join(SUPPORTED_EXTENSIONS)} files", source=str(source.path))
     by_split: dict[str, list[Path]] = {}
@@ -170,10 +253,15 @@ def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[
     _name, start, stop = parse_split(split, key)
     rows: list[Any] = []
     refs: list[RowRef] = []
-    for f in handle:
-        r, rf = READERS[f.suffix.lower()](f)
+    # Progress by bytes read, so shards of any size weigh what they cost; a line only after 5 s.
+    sizes = [f.stat().st_size for f in handle]
+    progress, done = Progress("reading data"), 0
+    for i, (f, size) in enumerate(zip(handle, sizes), 1):
+        r, rf = read_file(f)
         rows += r
         refs += rf
+        done += size
+        progress.update(done / (sum(sizes) or 1), len(rows), f"{i}/{len(sizes)} files")
     if start is not None or stop is not None:
         idx = _slice(list(range(len(rows))), start, stop)
         rows, refs = [rows[i] for i in idx], [refs[i] for i in idx]
