@@ -34,7 +34,6 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
