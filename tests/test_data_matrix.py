@@ -81,6 +81,9 @@ def test_every_format_with_every_template_trains_exactly_the_answers(format_name
     sources = [p for p in _sources(tmp_path, fmt) if fmt.detect(_columns(p))]
     if not sources:
         pytest.fail(f"no fixture or shared file is in the '{format_name}' format, and it declares no sample_rows")
+    if fmt.row_kind != "conversation":
+        assert _preference_rows_exact(fmt, template_name, smollm2_dir, sources) > 0
+        return
     checked = 0
     for source in sources:
         cfg = data_config(smollm2_dir, source, f"data.format={format_name}", f"template.name={template_name}", pm=PM)
@@ -91,6 +94,42 @@ def test_every_format_with_every_template_trains_exactly_the_answers(format_name
         assert prepared.stats["train_rows"] == prepared.stats["rows"]
         checked += assert_rows_exact(prepared, tokenizer, template, _raw_trained(fmt, cfg, source))
     assert checked > 0
+
+
+def _preference_rows_exact(fmt, template_name, model_dir, sources) -> int:
+    """A preference format's rows, prepared for an objective of their kind: each completion's scored
+    tokens decode to exactly what the template's own Jinja renders for that answer (its span up to
+    and including the end-of-turn token, :func:`sft.testing.expected_spans`), after exactly the
+    tokens of the template's generation prompt. Returns the number of completions checked."""
+    from sft.core.config import plugin_options
+    from sft.testing import expected_spans
+
+    objective = {"pair": "dpo", "labelled": "kto"}[fmt.row_kind]
+    checked = 0
+    for source in sources:
+        # Long enough for every real row: the matrix checks rendering, not the length policy.
+        cfg = data_config(model_dir, source, f"data.format={fmt.name}", f"template.name={template_name}",
+                          f"objective.name={objective}", "model.max_seq_length=16384", pm=PM)
+        tokenizer = fresh_tokenizer(model_dir)
+        template = resolve_template(cfg, PM)
+        prepared = build_datasets(cfg, PM, tokenizer)
+        assert prepared.stats["skipped"]["count"] == 0, prepared.stats["skipped"]
+        assert prepared.stats["train_rows"] == prepared.stats["rows"]
+        rows, _ = read_rows(str(source))
+        options = plugin_options(cfg, "dataset_format", fmt.name, PM)
+        for row, pref in zip(prepared.train, (fmt.to_preference(r, options) for r in rows)):
+            prompt = tokenizer.decode(row["prompt_ids"])
+            assert prompt == template.generation_prompt(pref.prompt, tokenizer) or \
+                row["prompt_ids"] == tokenizer(template.generation_prompt(pref.prompt, tokenizer),
+                                               add_special_tokens=False)["input_ids"]
+            for key, completion in zip(("chosen_ids", "rejected_ids") if pref.rejected else ("completion_ids",),
+                                       pref.completions()):
+                want = expected_spans(template, tokenizer, [*pref.prompt, completion])[-1]
+                got = tokenizer.decode(row[key])
+                assert got == want or (got.startswith(" ") and got[1:] == want), (
+                    f"template '{template.name}' scores {got!r} for {key}, expected {want!r}")
+                checked += 1
+    return checked
 
 
 def test_the_shared_files_are_in_the_matrix_when_present(tmp_path):

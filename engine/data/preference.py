@@ -6,9 +6,12 @@ A pair becomes ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (the columns o
 prompt, exactly as a conversation is for SFT (:func:`sft.core.templating.encode_rendered`), and:
 
 - the prompt's tokens are the tokens of the template's generation prompt, what the model is
-  given at inference; a completion whose render does not start with them (a template that
-  renders the prompt differently before an answer, or BPE merging across the seam) is a
-  located bad row, never a silently shifted one;
+  given at inference (where BPE would merge the prompt's end with the answer, the answer keeps
+  its own first token; where a tokenizer's look-ahead splits the prompt's last whitespace
+  otherwise before an answer, the render's own tokens of that same text stand, as SFT trains
+  them); chosen and rejected must get the same prompt tokens, and a completion whose render
+  does not start with the generation prompt's text is a located bad row, never a silently
+  shifted one;
 - a completion's scored tokens run from the answer's start to its last trained token, its
   end-of-turn token included, and nothing after it (ChatML's newline after ``<|im_end|>`` is
   not something the model writes, so it is not scored; TRL's own tokenization scores it);
@@ -69,22 +72,30 @@ class EncodedPreferences:
         return len(self.conversations)
 
 
-def _completion_ids(template: ChatTemplate, tokenizer: Any, pref: Preference, completion: Message,
-                    prompt_ids: list[int]) -> list[int]:
-    """The tokens of ``completion`` after ``prompt_ids``, up to its last trained token (its end of turn)."""
+def _split(template: ChatTemplate, tokenizer: Any, pref: Preference, completion: Message,
+           generation_ids: list[int]) -> tuple[list[int], list[int]]:
+    """``completion`` rendered after ``pref.prompt``: ``(prompt ids, completion ids)``, the completion's
+    running from the answer's first token to its last trained token (its end of turn).
+
+    The prompt's tokens are the render's own, as SFT trains them. They are the generation prompt's
+    tokens, except where a tokenizer's look-ahead splits the prompt's last whitespace differently
+    before an answer (``\\n\\n`` alone is one token, ``\\n\\nRed`` two): then the same text,
+    tokenized as in the render, stands before the answer."""
     segments = template.render(_joined(pref.prompt, completion), tokenizer)
     (ids, mask), = encode_rendered(tokenizer, [segments], "assistant")
-    n = len(prompt_ids)
-    if ids[:n] != prompt_ids:
-        at = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), n))
-        raise DataError(f"template '{template.name}' renders the prompt differently before this answer than as a "
-                        f"generation prompt (they part at token {at}: {tokenizer.decode(ids[at:at + 4])!r} vs "
-                        f"{tokenizer.decode(prompt_ids[at:at + 4])!r}), so the answer's tokens cannot be scored "
-                        f"exactly; choose a template whose generation prompt starts every answer")
-    trained = [i for i in range(n, len(ids)) if mask[i]]
+    same = next((i for i, (a, b) in enumerate(zip(ids, generation_ids)) if a != b), min(len(ids), len(generation_ids)))
+    answer = len(generation_ids)
+    if same < len(generation_ids):
+        answer = next((i for i in range(same, len(ids)) if mask[i]), len(ids))
+        if tokenizer.decode(ids[same:answer]) != tokenizer.decode(generation_ids[same:]):
+            raise DataError(f"template '{template.name}' renders the prompt differently before this answer than as a "
+                            f"generation prompt ({tokenizer.decode(ids[same:answer])!r} where the generation prompt "
+                            f"has {tokenizer.decode(generation_ids[same:])!r}), so the answer's tokens cannot be "
+                            f"scored exactly; choose a template whose generation prompt starts every answer")
+    trained = [i for i in range(answer, len(ids)) if mask[i]]
     if not trained:
         raise DataError(f"template '{template.name}' trains no token of this completion")
-    return list(ids[n:trained[-1] + 1])
+    return list(ids[:answer]), list(ids[answer:trained[-1] + 1])
 
 
 def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], template: ChatTemplate, tokenizer: Any,
@@ -94,9 +105,14 @@ def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], templat
     max_len = int(cfg.model.max_seq_length)
     for pref, ref in zip(prefs, refs):
         try:
-            prompt_text = template.generation_prompt(pref.prompt, tokenizer)
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            completions = [_completion_ids(template, tokenizer, pref, c, prompt_ids) for c in pref.completions()]
+            generation = tokenizer(template.generation_prompt(pref.prompt, tokenizer), add_special_tokens=False)
+            prompts, completions = zip(*(_split(template, tokenizer, pref, c, generation["input_ids"])
+                                         for c in pref.completions()))
+            if len(set(map(tuple, prompts))) > 1:
+                raise DataError("the prompt's tokens differ between chosen and rejected: the tokenizer joins the "
+                                "prompt's end with each answer's start differently, so the two would not be "
+                                "scored after the same prompt")
+            prompt_ids, completions = prompts[0], list(completions)
             if len(completions) == 2 and completions[0] == completions[1]:
                 raise DataError("chosen and rejected render to the same tokens: the pair teaches nothing")
         except DataError as exc:
