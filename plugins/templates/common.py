@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sft.core.errors import SftError
+from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
 from sft.core.templating import as_messages, chat_dicts
 
@@ -316,6 +316,9 @@ class JinjaTemplate(ChatTemplate):
             return render_chat_template(self.source(tokenizer), messages, generation, bos_token=bos or "",
                                         eos_token=eos or "")
         except Exception as e:  # noqa: BLE001 - the family's Jinja refusing a row (raise_exception) is a row error
+            stopped = as_user_error(e)  # the sandbox stopping a template is not a row's fault: it says so
+            if stopped is not None:
+                raise stopped from e
             raise SftError(f"chat template '{self.name}' cannot render this row: {type(e).__name__}: {e}") from e
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:

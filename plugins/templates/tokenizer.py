@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from sft.core import hookimpl
-from sft.core.errors import SftError
+from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
 from sft.core.templating import (PROBE_TOOL, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token,
                                  reasoning_key, try_render)
@@ -47,6 +47,9 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
                                              tokenize=False, add_generation_prompt=generation,
                                              eos_token=model_eos_token(tokenizer))
     except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
+        stopped = as_user_error(e)  # the sandbox stopping a template is not a row's fault: it says so
+        if stopped is not None:
+            raise stopped from e
         if tools is None and try_render(tokenizer, chat_dicts(messages), [PROBE_TOOL]):
             raise SftError("template 'tokenizer': the model's chat_template renders only conversations with tools "
                            "(a tool_use template, as Hermes 2 Pro/3 and Command R+ publish besides their default "
