@@ -22,7 +22,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError
-from sft.core.interfaces import Conversation, DatasetFormat, Message, Preference, tools_of
+from sft.core.interfaces import Conversation, DatasetFormat, Message, Preference
 
 from .messages import Messages, MessagesOptions
 from .sharegpt import ShareGPT, ShareGPTOptions
@@ -171,8 +171,8 @@ class ShareGPTPairs(DatasetFormat):
                 raise DataError(f"the {key} turn must be the assistant's (speaker one of {', '.join(o.assistant)})",
                                 field=f"{key}.{o.role_key}")
             completions.append(turns[0])
-        tools = tools_of(prompt)
-        return Preference(Conversation(prompt, tools) if tools else list(prompt), completions[0], completions[1])
+        # ShareGPT's reader already keeps the row's tools on the prompt it returns.
+        return Preference(prompt, completions[0], completions[1])
 
 
 @dataclass
