@@ -222,7 +222,8 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     inputs = _write_inputs(tmp_path, ROWS)
     _build(smollm2_dir, inputs["jsonl.gz glob"])
     assert [line.split(" (")[0] for line in lines] == [
-        "reading data: 2 rows", "reading data: 3 rows", "tokenizing: 1 rows", "tokenizing: 2 rows"]
+        "reading data: 2 rows", "reading data: 3 rows", "checking rows: 1 rows", "checking rows: 2 rows",
+        "checking rows: 3 rows", "tokenizing: 1 rows", "tokenizing: 2 rows", "tokenizing: 3 rows"]
     assert lines[1].endswith("rows/s), 2/2 files, about 0s left")
 
 

@@ -29,6 +29,7 @@ Stages, all before any model loads:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -45,6 +46,7 @@ from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_en
 from .preference import check_preference, encode_preferences
 from .progress import Progress
 from .readers import BadRow, RowRef
+from .workers import map_chunks, worker_count
 from .sources import columns_of, fingerprint_split, names_local_files, read_split, resolve_source
 
 if TYPE_CHECKING:
@@ -154,6 +156,30 @@ class _BadRows:
                 "examples": [str(e) for e in self.errors[:10]]}
 
 
+class _ChunkBadRows(_BadRows):
+    """A chunk's bad rows and warnings, kept in row order for the parent to replay (:mod:`.workers`).
+
+    It never raises: under ``on_bad_row=error`` the parent's :class:`_BadRows` raises when the
+    replay reaches the first bad row, after the warnings of the rows before it, as in one process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("skip", 1.0)
+        self.events: list[tuple[bool, DataError]] = []  # (is a bad row, what)
+
+    def warn(self, warning: DataError) -> None:
+        self.events.append((False, warning))
+
+    def add(self, error: DataError) -> None:
+        self.events.append((True, error))
+
+    def replay(self, into: _BadRows) -> None:
+        """Hand this chunk's warnings, bad rows and unread columns to ``into``, in row order."""
+        into.unread.update(self.unread)
+        for is_bad, what in self.events:
+            (into.add if is_bad else into.warn)(what)
+
+
 @dataclass(frozen=True)
 class RawText:
     """A row of a raw-text format: segments trained as they stand, no chat template."""
@@ -212,9 +238,15 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
 # -- tokenization -------------------------------------------------------------------------
 @dataclass
 class _Encoded:
-    input_ids: list[list[int]] = field(default_factory=list)
-    masks: list[list[int]] = field(default_factory=list)
+    """Tokenized rows as Arrow arrays, one per batch (a Python int list costs ~36 bytes a token), and their counts."""
+
+    input_ids: list[Any] = field(default_factory=list)  # pyarrow list<int32> arrays
+    masks: list[Any] = field(default_factory=list)  # pyarrow list<int8> arrays
     conversations: list[list[Message]] = field(default_factory=list)
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_tokens: int = 0
     truncated: int = 0
     #: rows left out (``on_truncate=drop``) or ended with an added end-of-turn (``keep_eot``)
     cut_dropped: int = 0
@@ -225,6 +257,27 @@ class _Encoded:
     #: long raw-text documents split into model.max_seq_length windows
     chunked: int = 0
 
+    def add_batch(self, ids: list[list[int]], masks: list[list[int]]) -> None:
+        if not ids:
+            return
+        import pyarrow as pa
+
+        self.input_ids.append(pa.array(ids, type=pa.list_(pa.int32())))
+        self.masks.append(pa.array(masks, type=pa.list_(pa.int8())))
+        self.rows += len(ids)
+        self.tokens += sum(map(len, ids))
+        self.trained_tokens += sum(map(sum, masks))
+        self.max_tokens = max(self.max_tokens, max(map(len, ids)))
+
+    def extend(self, other: "_Encoded") -> None:
+        """Append ``other``'s rows after these, adding up the counts."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "max_tokens":
+                setattr(self, f.name, max(mine, theirs))
+            else:
+                setattr(self, f.name, mine + theirs)
+
 
 def _windows(ids: list[int], size: int) -> list[list[int]]:
     """``ids`` in consecutive windows of ``size`` tokens; a last window of one token (nothing to predict) is left out."""
@@ -233,71 +286,72 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
 
 def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], template: ChatTemplate,
             tokenizer: Any, cfg: Any, bad: _BadRows) -> _Encoded:
+    """One batch of conversations rendered, tokenized, masked and cut to ``model.max_seq_length``."""
     out = _Encoded()
     max_len = int(cfg.model.max_seq_length)
     policy = str(cfg.data.on_truncate)
     eot_ids: list[int] = []
     if policy == "keep_eot":
         eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
-    progress = Progress("tokenizing")
-    for lo in range(0, len(conversations), ENCODE_BATCH):
-        progress.update(lo / len(conversations), lo)
-        batch: list[tuple[list[Message], RowRef]] = []
-        rendered = []
-        for conversation, ref in zip(conversations[lo:lo + ENCODE_BATCH], refs[lo:lo + ENCODE_BATCH]):
-            if isinstance(conversation, RawText):
-                # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
-                rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
-                batch.append((conversation, ref))
-                continue
-            try:
-                rendered.append(template.render(conversation, tokenizer))
-            except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
-                detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
-                bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
-                                  source=ref.source, line=ref.line, row=ref.row))
-                continue
+    batch: list[tuple[list[Message], RowRef]] = []
+    rendered = []
+    ids_out: list[list[int]] = []
+    masks_out: list[list[int]] = []
+    for conversation, ref in zip(conversations, refs):
+        if isinstance(conversation, RawText):
+            # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
+            rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
             batch.append((conversation, ref))
-        encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
-        for (conversation, ref), (ids, mask) in zip(batch, encoded):
-            truncated = len(ids) > max_len
-            if truncated and isinstance(conversation, RawText) and all(mask):
-                # A long document (continued pre-training) is read in max_seq_length windows, none lost.
-                windows = _windows(ids, max_len)
-                out.chunked += 1
-                out.input_ids += windows
-                out.masks += [[1] * len(w) for w in windows]
-                out.conversations += [[] for _ in windows]
-                continue
-            if truncated and not any(mask[:max_len]):
-                # The prompt alone fills model.max_seq_length: left out and counted, as a cut answer is.
-                out.truncated += 1
+            continue
+        try:
+            rendered.append(template.render(conversation, tokenizer))
+        except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
+            detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+            bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
+                              source=ref.source, line=ref.line, row=ref.row))
+            continue
+        batch.append((conversation, ref))
+    encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
+    for (conversation, ref), (ids, mask) in zip(batch, encoded):
+        truncated = len(ids) > max_len
+        if truncated and isinstance(conversation, RawText) and all(mask):
+            # A long document (continued pre-training) is read in max_seq_length windows, none lost.
+            windows = _windows(ids, max_len)
+            out.chunked += 1
+            ids_out += windows
+            masks_out += [[1] * len(w) for w in windows]
+            out.conversations += [[] for _ in windows]
+            continue
+        if truncated and not any(mask[:max_len]):
+            # The prompt alone fills model.max_seq_length: left out and counted, as a cut answer is.
+            out.truncated += 1
+            out.cut_dropped += 1
+            out.long_prompts += 1
+            continue
+        if truncated:
+            out.truncated += 1
+            # The cut splits a trained turn when the tokens on both sides of it are trained.
+            splits_turn = bool(mask[max_len - 1] and mask[max_len])
+            if splits_turn and policy == "drop":
                 out.cut_dropped += 1
-                out.long_prompts += 1
                 continue
-            if truncated:
-                out.truncated += 1
-                # The cut splits a trained turn when the tokens on both sides of it are trained.
-                splits_turn = bool(mask[max_len - 1] and mask[max_len])
-                if splits_turn and policy == "drop":
-                    out.cut_dropped += 1
-                    continue
-                if splits_turn and policy == "keep_eot":
-                    keep = max_len - len(eot_ids)
-                    ids, mask = ids[:keep] + eot_ids, mask[:keep] + [1] * len(eot_ids)
-                    out.cut_eot += 1
-                else:
-                    ids, mask = ids[:max_len], mask[:max_len]
-            if not any(mask):
-                out.fully_masked += 1
-                why = (f"no trained token left after truncation to model.max_seq_length={max_len}"
-                       if truncated else "no trained token (all labels masked)")
-                bad.add(DataError(why, source=ref.source, line=ref.line, row=ref.row))
-                continue
-            out.input_ids.append(ids)
-            out.masks.append(mask)
-            # A raw-text row has no conversation; the quick generation and chat skip it.
-            out.conversations.append([] if isinstance(conversation, RawText) else conversation)
+            if splits_turn and policy == "keep_eot":
+                keep = max_len - len(eot_ids)
+                ids, mask = ids[:keep] + eot_ids, mask[:keep] + [1] * len(eot_ids)
+                out.cut_eot += 1
+            else:
+                ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask):
+            out.fully_masked += 1
+            why = (f"no trained token left after truncation to model.max_seq_length={max_len}"
+                   if truncated else "no trained token (all labels masked)")
+            bad.add(DataError(why, source=ref.source, line=ref.line, row=ref.row))
+            continue
+        ids_out.append(ids)
+        masks_out.append(mask)
+        # A raw-text row has no conversation; the quick generation and chat skip it.
+        out.conversations.append([] if isinstance(conversation, RawText) else conversation)
+    out.add_batch(ids_out, masks_out)
     return out
 
 
@@ -306,12 +360,62 @@ def _to_dataset(encoded: _Encoded) -> Any:
     import pyarrow as pa
     from datasets.table import InMemoryTable
 
-    # Arrow arrays straight from the lists: Dataset.from_dict would encode row by row.
+    # The batches' Arrow arrays as the columns' chunks: Dataset.from_dict would encode row by row.
     table = pa.table({
-        "input_ids": pa.array(encoded.input_ids, type=pa.list_(pa.int32())),
-        "assistant_masks": pa.array(encoded.masks, type=pa.list_(pa.int8())),
+        "input_ids": pa.chunked_array(encoded.input_ids, type=pa.list_(pa.int32())),
+        "assistant_masks": pa.chunked_array(encoded.masks, type=pa.list_(pa.int8())),
     })
     return datasets.Dataset(InMemoryTable(table))
+
+
+# -- the per-row stages in chunks, in this process or in workers (data.num_proc) ------------
+def _chunk_size(n: int, processes: int) -> int:
+    return max(1, min(ENCODE_BATCH, -(-n // max(1, processes))))
+
+
+def _normalize_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[list[Any], list[RowRef], _ChunkBadRows]:
+    bad = _ChunkBadRows()
+    convs, kept = _normalize(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], bad)
+    return convs, kept, bad
+
+
+def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, bad: _BadRows,
+                    processes: int) -> tuple[list[Any], list[RowRef]]:
+    """:func:`_normalize` over every row, in chunks; the same result whatever ``processes``."""
+    conversations: list[Any] = []
+    kept: list[RowRef] = []
+    state = {"rows": rows, "refs": refs, "fmt": fmt, "options": options}
+    progress = Progress("checking rows")
+    for convs, chunk_refs, chunk_bad in map_chunks(_normalize_chunk, len(rows), _chunk_size(len(rows), processes),
+                                                   processes, state):
+        chunk_bad.replay(bad)
+        conversations += convs
+        kept += chunk_refs
+        progress.update(len(kept) / len(rows), len(kept))
+    return conversations, kept
+
+
+def _encode_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
+    bad = _ChunkBadRows()
+    encoded = _encode(state["conversations"][lo:hi], state["refs"][lo:hi], state["template"], state["tokenizer"],
+                      state["cfg"], bad)
+    return encoded, bad
+
+
+def _encode_rows(conversations: Sequence[Any], refs: Sequence[RowRef], template: ChatTemplate, tokenizer: Any,
+                 cfg: Any, bad: _BadRows, processes: int) -> _Encoded:
+    """:func:`_encode` over every conversation, in chunks; the same result whatever ``processes``."""
+    out = _Encoded()
+    state = {"conversations": conversations, "refs": refs, "template": template, "tokenizer": tokenizer, "cfg": cfg}
+    progress = Progress("tokenizing")
+    done = 0
+    size = _chunk_size(len(conversations), processes)
+    for encoded, chunk_bad in map_chunks(_encode_chunk, len(conversations), size, processes, state):
+        chunk_bad.replay(bad)
+        out.extend(encoded)
+        done = min(done + size, len(conversations))
+        progress.update(done / len(conversations), done)
+    return out
 
 
 def _hold_out(conversations: list, refs: list, test_size: float, seed: int) -> tuple[tuple[list, list], tuple[list, list]]:
@@ -446,17 +550,20 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
             return cached
 
     bad = _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction))
+    processes = worker_count(int(cfg.data.num_proc))
     conversations: list[Any] = []
     kept: list[RowRef] = []
     total = 0
     per_source: list[dict[str, Any]] = []
-    for src, source, _fp, handle, rows, refs, fmt, fmt_options in opened:
+    for opened_source in opened:
+        src, source, _fp, handle, rows, refs, fmt, fmt_options = opened_source
+        opened_source[4] = opened_source[5] = None  # the rows are not needed once read into conversations
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
             raise DataError("the dataset has no rows", source=source.describe())
         skipped_before = len(bad.errors)
-        convs, kept_refs = _normalize(rows, refs, fmt, fmt_options, bad)
+        convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
         convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)
         per_source.append({"source": source.describe(), "format": fmt.name, "split": src.split, "rows": len(rows),
                            "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(convs)})
@@ -467,7 +574,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if eval_handle is not None:
         assert eval_source is not None
         erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
-        eval_convs, eval_refs = _normalize(erows, erefs, fmt0, options0, bad)
+        eval_convs, eval_refs = _normalize_rows(erows, erefs, fmt0, options0, bad, processes)
         total += len(erows)
         train_convs, train_refs = conversations, kept
     else:
@@ -484,9 +591,9 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if root is not None:
             store_entry(root / key, prepared)
         return prepared
-    train_enc = _encode(train_convs, train_refs, template, tokenizer, cfg, bad)
-    eval_enc = _encode(eval_convs, eval_refs, template, tokenizer, cfg, bad)
-    if not train_enc.input_ids:
+    train_enc = _encode_rows(train_convs, train_refs, template, tokenizer, cfg, bad, processes)
+    eval_enc = _encode_rows(eval_convs, eval_refs, template, tokenizer, cfg, bad, processes)
+    if not train_enc.rows:
         first = f"; the first: {bad.errors[0]}" if bad.errors else ""
         dropped = (f"; {train_enc.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
                    f"were dropped (data.on_truncate=drop)" if train_enc.cut_dropped else "")
@@ -505,12 +612,12 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "chunked": train_enc.chunked + eval_enc.chunked,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
         "unread_columns": dict(bad.unread.most_common()),
-        "train_rows": len(train_enc.input_ids),
-        "eval_rows": len(eval_enc.input_ids),
-        "train_tokens": sum(map(len, train_enc.input_ids)),
-        "trained_tokens": sum(map(sum, train_enc.masks)),
-        "eval_tokens": sum(map(len, eval_enc.input_ids)),
-        "max_tokens": max(map(len, train_enc.input_ids + eval_enc.input_ids)),
+        "train_rows": train_enc.rows,
+        "eval_rows": eval_enc.rows,
+        "train_tokens": train_enc.tokens,
+        "trained_tokens": train_enc.trained_tokens,
+        "eval_tokens": eval_enc.tokens,
+        "max_tokens": max(train_enc.max_tokens, eval_enc.max_tokens),
         "format": "+".join(dict.fromkeys(o[6].name for o in opened)),
         "template": template.name,
         "source": described,
@@ -520,7 +627,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if len(opened) > 1:
         stats["sources"] = per_source
         stats["mix_seed"] = seed
-    prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.input_ids else None,
+    prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.rows else None,
                             stats, train_enc.conversations, eval_enc.conversations)
     _report_skipped(stats, quiet)
     if root is not None:

@@ -1,0 +1,88 @@
+"""data.num_proc: the per-row stages in worker processes give what one process gives.
+
+Equality, not speed: the tokenized rows, masks, counts, skipped rows (in order), warnings,
+the eval split and the first error are the same with 1, 2 and 3 workers, on a file large
+enough to be cut into chunks for several processes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft.core.errors import DataError
+from sft.engine.data import build_datasets
+from sft.engine.data.workers import MIN_ROWS_FOR_WORKERS
+from sft.testing import tiny_config, write_jsonl
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _rows(n: int) -> list[dict]:
+    """Messages rows of every kind the stages treat differently, spread over the whole file."""
+    rows = []
+    for i in range(n):
+        answer = " ".join(f"word{j}" for j in range(i % 97))  # lengths from 1 to ~100 words: some over the limit
+        row = {"messages": [{"role": "user", "content": f"Question {i}?"},
+                            {"role": "assistant", "content": f"Answer {i}. {answer}"}]}
+        if i % 101 == 7:
+            row["messages"][1]["content"] = "   "  # a bad row: empty content
+        if i % 89 == 3:
+            row["messages"].insert(0, {"role": "robot", "content": "?"})  # a bad row: unknown role
+        if i % 53 == 11:  # a warning: a call of a tool the row does not declare
+            row["tools"] = [TOOL]
+            row["messages"][1:1] = [
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "noon"}]
+        if i % 61 == 5:
+            row["source"] = "unread column"
+        rows.append(row)
+    return rows
+
+
+def _prepare(tiny_model_dir, tmp_path, data, workers: int, *extra: str, notices: list | None = None):
+    from transformers import AutoTokenizer
+
+    cfg = tiny_config(tmp_path / f"run{workers}", tiny_model_dir, "data.on_bad_row=skip", "data.max_bad_fraction=0.5",
+                      "data.cache_dir=off", "data.test_size=0.1", "model.max_seq_length=64", f"data.num_proc={workers}",
+                      *extra, dataset=data)
+    return build_datasets(cfg, None, AutoTokenizer.from_pretrained(tiny_model_dir), quiet=True)
+
+
+def _columns(dataset) -> dict:
+    return {name: dataset[name] for name in ("input_ids", "assistant_masks")}
+
+
+def test_workers_give_the_rows_masks_counts_and_skips_of_one_process(tiny_model_dir, tmp_path, capfd):
+    data = write_jsonl(tmp_path / "chat.jsonl", _rows(3 * MIN_ROWS_FOR_WORKERS))
+    one = _prepare(tiny_model_dir, tmp_path, data, 1)
+    one_err = capfd.readouterr().err
+    assert one.stats["skipped"]["count"] > 10 and one.stats["truncated_dropped"] > 10  # the file exercises both
+    assert one.stats["unread_columns"] == {"source (messages)": len(range(5, 3 * MIN_ROWS_FOR_WORKERS, 61))}
+    assert "does not declare" in one_err or "get_time" in one_err  # the first warnings are printed
+    for workers in (2, 3):
+        many = _prepare(tiny_model_dir, tmp_path, data, workers)
+        assert capfd.readouterr().err == one_err  # the same warnings, in the same order
+        assert many.stats == one.stats  # counts, skip reasons and examples (in row order), tokens
+        assert _columns(many.train) == _columns(one.train)
+        assert _columns(many.eval) == _columns(one.eval)
+        assert many.train_conversations == one.train_conversations
+        assert many.eval_conversations == one.eval_conversations
+
+
+def test_workers_stop_at_the_first_bad_row_of_the_file(tiny_model_dir, tmp_path):
+    rows = _rows(3 * MIN_ROWS_FOR_WORKERS)
+    # Bad rows only past the first chunk of every worker count: the error names the first of them.
+    rows = [r for i, r in enumerate(rows) if "robot" not in json.dumps(r) and "   " not in json.dumps(r)]
+    rows[900]["messages"][1]["content"] = ""
+    rows[1300]["messages"][0]["role"] = "robot"
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    messages = []
+    for workers in (1, 2, 3):
+        with pytest.raises(DataError) as info:
+            _prepare(tiny_model_dir, tmp_path, data, workers, "data.on_bad_row=error", "data.test_size=0")
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] == messages[2]
+    assert ":901, row 900" in messages[0] and "empty text" in messages[0]
