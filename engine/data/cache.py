@@ -22,12 +22,62 @@ from sft.core.formats import conversation_from_json, conversation_to_json
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message
 from sft.core.notices import notice
 
-__all__ = ["PreparedData", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "load_entry", "store_entry",
+__all__ = ["PreparedData", "StoredConversations", "conversation_text", "conversation_from_text", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "load_entry", "store_entry",
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
 
+
+
+class StoredConversations(Sequence):
+    """Conversations kept as their JSON text in an Arrow array, decoded when one is read.
+
+    A conversation as Python objects costs several times its text (a :class:`Message` per
+    turn); a run needs one of them (the quick generation's prompt) and ``--check-template``
+    reads them one by one, so 100k conversations are held as text, memory-mapped from the
+    cache when they come from it.
+    """
+
+    def __init__(self, texts: Any):
+        self.texts = texts  # pyarrow (chunked) array of JSON strings, one per row
+
+    @classmethod
+    def of(cls, conversations: Sequence[Any]) -> "StoredConversations":
+        import pyarrow as pa
+
+        return cls(pa.array([conversation_text(c) for c in conversations], type=pa.large_string()))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return conversation_from_text(self.texts[index].as_py())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StoredConversations({len(self)} conversations)"
+
+
+def conversation_text(conversation: Sequence[Message]) -> str:
+    """A conversation as the JSON text :class:`StoredConversations` holds (``{"messages": []}`` for a raw-text row)."""
+    return json.dumps(conversation_to_json(conversation), ensure_ascii=False)
+
+
+def conversation_from_text(text: str) -> list[Message]:
+    return conversation_from_json(json.loads(text))
 
 
 @dataclass
@@ -46,14 +96,15 @@ class PreparedData:
             ``trained_tokens``, ``eval_tokens``, ``max_tokens``, ``format``, ``template``,
             ``source``, ``cache`` (hit/miss/off) and ``cache_key``.
         train_conversations / eval_conversations: the normalized conversations, row for row
-            with the datasets (lists of :class:`Message`).
+            with the datasets (lists of :class:`Message`); a :class:`StoredConversations` for
+            conversation rows, decoded one at a time as they are read.
     """
 
     train: Any
     eval: Any
     stats: dict[str, Any]
-    train_conversations: list[list[Message]]
-    eval_conversations: list[list[Message]]
+    train_conversations: Sequence[list[Message]]
+    eval_conversations: Sequence[list[Message]]
 
 
 def cache_key_parts(cfg: Any, fmt: DatasetFormat, fmt_options: Any, template: ChatTemplate, tokenizer: Any,
@@ -89,12 +140,19 @@ def cache_root(cfg: Any) -> Path | None:
     return cache_dir("datasets")
 
 
-def _conv_to_json(conversations: Sequence[Sequence[Message]]) -> list[dict[str, Any]]:
-    return [conversation_to_json(c) for c in conversations]
+def _write_conversations(path: Path, conversations: Sequence[Any]) -> None:
+    import pyarrow as pa
+
+    stored = conversations if isinstance(conversations, StoredConversations) else StoredConversations.of(conversations)
+    table = pa.table({"conversation": stored.texts})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
-def _conv_from_json(data: Sequence[Any]) -> list[list[Message]]:
-    return [conversation_from_json(c) for c in data]
+def _read_conversations(path: Path) -> StoredConversations:
+    import pyarrow as pa
+
+    return StoredConversations(pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("conversation"))
 
 
 def load_entry(path: Path) -> dict[str, Any] | None:
@@ -107,11 +165,11 @@ def load_entry(path: Path) -> dict[str, Any] | None:
         meta = json.loads((path / "meta.json").read_text())
         train = datasets.load_from_disk(str(path / "train"))
         eval_ds = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+        conversations = {split: _read_conversations(path / f"{split}_conversations.arrow") for split in ("train", "eval")}
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
         return None
     return {"train": train, "eval": eval_ds, "stats": dict(meta["stats"], cache="hit"),
-            "train_conversations": _conv_from_json(meta["train_conversations"]),
-            "eval_conversations": _conv_from_json(meta["eval_conversations"])}
+            "train_conversations": conversations["train"], "eval_conversations": conversations["eval"]}
 
 
 def store_entry(path: Path, data: PreparedData) -> None:
@@ -127,9 +185,9 @@ def store_entry(path: Path, data: PreparedData) -> None:
             data.train.save_to_disk(str(tmp / "train"))
             if data.eval is not None:
                 data.eval.save_to_disk(str(tmp / "eval"))
-            meta = {"stats": data.stats, "train_conversations": _conv_to_json(data.train_conversations),
-                    "eval_conversations": _conv_to_json(data.eval_conversations)}
-            (tmp / "meta.json").write_text(json.dumps(meta))
+            _write_conversations(tmp / "train_conversations.arrow", data.train_conversations)
+            _write_conversations(tmp / "eval_conversations.arrow", data.eval_conversations)
+            (tmp / "meta.json").write_text(json.dumps({"stats": data.stats}))
             (tmp / "COMPLETE").write_text("")
     except OSError as exc:
         notice(f"data: not caching the tokenized dataset ({exc})")  # an optimisation; never fail a run for it

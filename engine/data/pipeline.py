@@ -30,6 +30,7 @@ Stages, all before any model loads:
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 from collections import Counter
@@ -38,11 +39,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
-from sft.core.formats import validate_conversation
+from sft.core.formats import conversation_from_json, validate_conversation
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
 from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
-from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
+from .cache import (PreparedData, StoredConversations, cache_key, cache_key_parts, cache_root, conversation_text, load_entry,
+                    store_entry)
 from .preference import check_preference, encode_preferences
 from .progress import Progress
 from .readers import BadRow, RowRef
@@ -242,7 +244,7 @@ class _Encoded:
 
     input_ids: list[Any] = field(default_factory=list)  # pyarrow list<int32> arrays
     masks: list[Any] = field(default_factory=list)  # pyarrow list<int8> arrays
-    conversations: list[list[Message]] = field(default_factory=list)
+    conversations: list[Any] = field(default_factory=list)  # pyarrow string arrays of _pack's JSON
     rows: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -257,17 +259,23 @@ class _Encoded:
     #: long raw-text documents split into model.max_seq_length windows
     chunked: int = 0
 
-    def add_batch(self, ids: list[list[int]], masks: list[list[int]]) -> None:
+    def add_batch(self, ids: list[list[int]], masks: list[list[int]], conversations: list[str]) -> None:
         if not ids:
             return
         import pyarrow as pa
 
         self.input_ids.append(pa.array(ids, type=pa.list_(pa.int32())))
         self.masks.append(pa.array(masks, type=pa.list_(pa.int8())))
+        self.conversations.append(pa.array(conversations, type=pa.large_string()))
         self.rows += len(ids)
         self.tokens += sum(map(len, ids))
         self.trained_tokens += sum(map(sum, masks))
         self.max_tokens = max(self.max_tokens, max(map(len, ids)))
+
+    def stored_conversations(self) -> StoredConversations:
+        import pyarrow as pa
+
+        return StoredConversations(pa.chunked_array(self.conversations, type=pa.large_string()))
 
     def extend(self, other: "_Encoded") -> None:
         """Append ``other``'s rows after these, adding up the counts."""
@@ -284,24 +292,27 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[k:k + size] for k in range(0, len(ids), size) if len(ids) - k > 1]
 
 
-def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], template: ChatTemplate,
-            tokenizer: Any, cfg: Any, bad: _BadRows) -> _Encoded:
-    """One batch of conversations rendered, tokenized, masked and cut to ``model.max_seq_length``."""
+def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate, tokenizer: Any, cfg: Any,
+            bad: _BadRows) -> _Encoded:
+    """One batch of conversations (as :func:`_pack` wrote them) rendered, tokenized, masked and cut to
+    ``model.max_seq_length``."""
     out = _Encoded()
+    kept: list[int] = []  # for each row out, its conversation's position in the batch (-1: raw text)
     max_len = int(cfg.model.max_seq_length)
     policy = str(cfg.data.on_truncate)
     eot_ids: list[int] = []
     if policy == "keep_eot":
         eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
-    batch: list[tuple[list[Message], RowRef]] = []
+    batch: list[tuple[Any, RowRef, int]] = []
     rendered = []
     ids_out: list[list[int]] = []
     masks_out: list[list[int]] = []
-    for conversation, ref in zip(conversations, refs):
+    for position, (text, ref) in enumerate(zip(texts, refs)):
+        conversation = _unpack(text)
         if isinstance(conversation, RawText):
             # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
             rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
-            batch.append((conversation, ref))
+            batch.append((conversation, ref, position))
             continue
         try:
             rendered.append(template.render(conversation, tokenizer))
@@ -310,9 +321,9 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
             bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
                               source=ref.source, line=ref.line, row=ref.row))
             continue
-        batch.append((conversation, ref))
+        batch.append((conversation, ref, position))
     encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
-    for (conversation, ref), (ids, mask) in zip(batch, encoded):
+    for (conversation, ref, position), (ids, mask) in zip(batch, encoded):
         truncated = len(ids) > max_len
         if truncated and isinstance(conversation, RawText) and all(mask):
             # A long document (continued pre-training) is read in max_seq_length windows, none lost.
@@ -320,7 +331,7 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
             out.chunked += 1
             ids_out += windows
             masks_out += [[1] * len(w) for w in windows]
-            out.conversations += [[] for _ in windows]
+            kept += [-1] * len(windows)
             continue
         if truncated and not any(mask[:max_len]):
             # The prompt alone fills model.max_seq_length: left out and counted, as a cut answer is.
@@ -350,8 +361,8 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
         ids_out.append(ids)
         masks_out.append(mask)
         # A raw-text row has no conversation; the quick generation and chat skip it.
-        out.conversations.append([] if isinstance(conversation, RawText) else conversation)
-    out.add_batch(ids_out, masks_out)
+        kept.append(-1 if isinstance(conversation, RawText) else position)
+    out.add_batch(ids_out, masks_out, [NO_CONVERSATION if i < 0 else texts[i] for i in kept])
     return out
 
 
@@ -376,6 +387,8 @@ def _chunk_size(n: int, processes: int) -> int:
 def _normalize_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[list[Any], list[RowRef], _ChunkBadRows]:
     bad = _ChunkBadRows()
     convs, kept = _normalize(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], bad)
+    if state["fmt"].row_kind == "conversation":
+        convs = [_pack(c) for c in convs]  # text travels and waits for tokenizing in a fraction of the memory
     return convs, kept, bad
 
 
@@ -393,6 +406,24 @@ def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFor
         kept += chunk_refs
         progress.update(len(kept) / len(rows), len(kept))
     return conversations, kept
+
+
+def _pack(conversation: Any) -> str:
+    """A conversation or raw text as compact JSON text, for the stages between reading and tokenizing."""
+    if isinstance(conversation, RawText):
+        return json.dumps({"raw": [[s.text, s.trained, s.reasoning] for s in conversation.segments]}, ensure_ascii=False)
+    return conversation_text(conversation)
+
+
+def _unpack(text: str) -> Any:
+    data = json.loads(text)
+    if "raw" in data:
+        return RawText(tuple(Segment(t, trained, reasoning) for t, trained, reasoning in data["raw"]))
+    return conversation_from_json(data)
+
+
+#: What a row with no conversation (raw text) stores in place of one.
+NO_CONVERSATION = conversation_text([])
 
 
 def _encode_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
@@ -628,7 +659,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         stats["sources"] = per_source
         stats["mix_seed"] = seed
     prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.rows else None,
-                            stats, train_enc.conversations, eval_enc.conversations)
+                            stats, train_enc.stored_conversations(), eval_enc.stored_conversations())
     _report_skipped(stats, quiet)
     if root is not None:
         store_entry(root / key, prepared)
