@@ -289,27 +289,13 @@ def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -
     return OmegaConf.to_object(node)
 
 
-def _reads_environment(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value and "oc.env" in value
-
-
 def shareable_container(cfg: DictConfig) -> dict:
-    """``cfg`` as plain data for files and loggers: every interpolation resolved except those that read
-    the environment (``${oc.env:HF_TOKEN}``), which stay as written so no secret reaches config.yaml,
-    metrics or a logger's dashboard; the run resolves them again from the environment when it loads."""
-    def walk(node: Any, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            return {k: walk(node._get_node(k), v) for k, v in raw.items()}
-        if isinstance(raw, list):
-            return [walk(node._get_node(i), v) for i, v in enumerate(raw)]
-        if not isinstance(raw, str) or "${" not in raw or _reads_environment(raw):
-            return raw
-        value = node._get_parent()[node._key()]  # a plain interpolation, resolved through its parent
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-    return walk(cfg, OmegaConf.to_container(cfg, resolve=False))
+    """``cfg`` as plain data for files and loggers, every interpolation resolved. A config names
+    other keys only (loading refuses resolvers such as ``${oc.env:...}``), so nothing read from the
+    environment is in it."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
-    """The YAML written as a run's ``config.yaml`` (:func:`shareable_container`: no resolved secrets)."""
+    """The YAML written as a run's ``config.yaml`` (:func:`shareable_container`)."""
     return OmegaConf.to_yaml(OmegaConf.create(shareable_container(cfg)))

@@ -454,6 +454,7 @@ def load_config(
     if from_run is not None:
         raw = from_run(raw, problems)
     _apply(schema, raw, "", problems)
+    _check_resolvers(schema, problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
     _check_plugin_names(schema, pm, problems)
@@ -461,6 +462,53 @@ def load_config(
     if problems:
         raise ConfigError(problems, source=path)
     return schema
+
+
+#: The one-line advice for a resolver in a config (most often ``${oc.env:...}``).
+RESOLVER_ADVICE = ("give the value itself: {key}=\"$VAR\" on the command line lets your shell fill it in, and tokens stay "
+                   "in their own variables (HF_TOKEN, WANDB_API_KEY), which the libraries read themselves")
+
+
+def _resolvers_in(value: str) -> list[str]:
+    """The resolvers ``value`` calls (``oc.env``, nested ones too, a name built by interpolation as written)."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+    from omegaconf.grammar_parser import parse
+
+    try:
+        tree = parse(value, parser_rule="configValue", lexer_mode="DEFAULT_MODE")
+    except OmegaConfBaseException:
+        return []  # not an interpolation OmegaConf can run: it reads as the text it is
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            found.append(node.resolverName().getText())
+        todo += list(node.getChildren()) if hasattr(node, "getChildren") else []
+    return found
+
+
+def _check_resolvers(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    """Interpolations may name other keys (``${training.save_steps}``) and nothing else.
+
+    A resolver (``${oc.env:SECRET}``) would put what it reads into every value that names its key,
+    and from there into config.yaml, summary.json, the loggers and the Hub's model card; in a run
+    folder someone sent you, it would read *your* environment. So a config calls none."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, str) and "${" in value:
+            names = _resolvers_in(value)
+            if names:
+                what = "reads the environment" if any("env" in n for n in names) else f"calls the resolver {names[0]}"
+                problems.append(ConfigProblem(key, f"{value!r} {what}, and a config may only name other keys "
+                                                   f"(${{section.key}}); {RESOLVER_ADVICE.format(key=key)}"))
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _publishers_of(raw: dict, pm: "PluginManager") -> dict:

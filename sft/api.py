@@ -72,7 +72,8 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
     if isinstance(source, (str, Path)):
         path = str(source)
     elif isinstance(source, DictConfig):
-        flags.update(_flatten(OmegaConf.to_container(source, resolve=True)))  # type: ignore[arg-type]
+        # Unresolved: load_config sees the interpolations as written and refuses a resolver (${oc.env:...}).
+        flags.update(_flatten(OmegaConf.to_container(source, resolve=False)))  # type: ignore[arg-type]
     elif isinstance(source, Mapping):
         flags.update(_flatten(source))
     elif source is not None:

@@ -205,12 +205,18 @@ class _RecorderPlugin:
 
 def test_no_environment_secret_reaches_the_run_directory_or_a_logger(sft_plugin_manager, tiny_model_dir, tmp_path,
                                                                      monkeypatch):
+    """The notes take the secret through one indirection: the run is refused before a file is written."""
     monkeypatch.setenv("SFT_TEST_TOKEN", "hf_secret_value_42")
     sft_plugin_manager.register(_RecorderPlugin(), "recorder-plugin")
-    run = train_tiny(tmp_path / "run", tiny_model_dir, "loggers.enabled=[recorder]",
-                     "loggers.wandb.project=${oc.env:SFT_TEST_TOKEN}", steps=1)
-    assert _Recorder.seen["config"]["loggers"]["wandb"]["project"] == "${oc.env:SFT_TEST_TOKEN}"
-    assert "hf_secret_value_42" not in json.dumps(_Recorder.seen, default=str)
-    for f in run.rglob("*"):
+    _Recorder.seen.clear()
+    config = tmp_path / "config.yaml"
+    config.write_text("training:\n  generation_prompt: ${oc.env:SFT_TEST_TOKEN}\n"
+                      "loggers:\n  wandb:\n    notes: ${training.generation_prompt}\n")
+    result = run_sft("run", str(config), *tiny_overrides(tmp_path / "run", tiny_model_dir, steps=1),
+                     "loggers.enabled=[recorder]", check=False)
+    assert result.exit_code == 2, result.output
+    assert "training.generation_prompt: '${oc.env:SFT_TEST_TOKEN}' reads the environment" in result.output
+    assert "hf_secret_value_42" not in result.output and not _Recorder.seen
+    for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"hf_secret_value_42" not in f.read_bytes(), f
