@@ -67,7 +67,7 @@ class ModelConfig:
     dtype: str = opt("auto", "Compute dtype. auto: bfloat16 where supported on CUDA, else float16 on CUDA, float32 on CPU.", ["auto", "bfloat16", "float16", "float32"])
     max_seq_length: int = opt(2048, "Longest training sequence in tokens; what happens to longer rows is data.on_truncate.", ge=8)
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
-    trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
+    trust_remote_code: bool = opt(False, "Passed to from_pretrained: the model's own Python files run as it loads. Commands on a finished run (generate, chat, export, eval) also need --trust-remote-code when only the run's config.yaml sets it.")
     from_run: Optional[str] = opt(None, "Continue a finished run (its directory, e.g. runs/sft-1; also: sft run --from): its base model, tokenizer, template, model and lora settings, and its adapter as the starting point. With objective dpo or kto that run's model is also the reference.")
     add_tokens: List[str] = opt([], "Tokens added to the vocabulary before training (transformers' tokenizer.add_tokens; LLaMA-Factory's add_tokens). The embeddings are resized and the new rows trained, saved, merged and converted to GGUF with the rest.")
     add_special_tokens: List[str] = opt([], "Special tokens added to the vocabulary (never split, skipped when decoding with skip_special_tokens; LLaMA-Factory's new_special_tokens). Trained like model.add_tokens.")
