@@ -280,3 +280,18 @@ def test_no_environment_secret_reaches_the_run_directory_or_a_logger(sft_plugin_
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"hf_secret_value_42" not in f.read_bytes(), f
+
+
+def test_continuing_a_received_run_needs_the_users_own_trust_remote_code(tiny_run, tmp_path):
+    """``sft run --from RUN`` takes the model settings of that run, but not its permission to run code."""
+    from sft.core.errors import ConfigError
+    from sft.engine.configuration import load_config
+    from sft.engine.continuation import continued_run
+
+    run = _hostile_run(tiny_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"model.trust_remote_code: .*received/config.yaml sets it to true") as info:
+        load_config(overrides=[f"model.from_run={run}"], from_run=continued_run)
+    assert [p.key for p in info.value.problems] == ["model.trust_remote_code"]
+    cfg = load_config(overrides=[f"model.from_run={run}", "model.trust_remote_code=true"], from_run=continued_run)
+    assert cfg.model.trust_remote_code and cfg.model.name == str(run / "base")
+    assert not (tmp_path / "model-code-ran").exists()
