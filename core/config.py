@@ -67,7 +67,7 @@ class ModelConfig:
     dtype: str = opt("auto", "Compute dtype. auto: bfloat16 where supported on CUDA, else float16 on CUDA, float32 on CPU.", ["auto", "bfloat16", "float16", "float32"])
     max_seq_length: int = opt(2048, "Longest training sequence in tokens; what happens to longer rows is data.on_truncate.", ge=8)
     backend: str = opt("auto", "Training backend plugin: auto picks Unsloth on CUDA, transformers on CPU.")
-    trust_remote_code: bool = opt(False, "Passed to from_pretrained.")
+    trust_remote_code: bool = opt(False, "Passed to from_pretrained: the model's own Python files run as it loads. Commands on a finished run (generate, chat, export, eval) also need --trust-remote-code when only the run's config.yaml sets it.")
     from_run: Optional[str] = opt(None, "Continue a finished run (its directory, e.g. runs/sft-1; also: sft run --from): its base model, tokenizer, template, model and lora settings, and its adapter as the starting point. With objective dpo or kto that run's model is also the reference.")
     add_tokens: List[str] = opt([], "Tokens added to the vocabulary before training (transformers' tokenizer.add_tokens; LLaMA-Factory's add_tokens). The embeddings are resized and the new rows trained, saved, merged and converted to GGUF with the rest.")
     add_special_tokens: List[str] = opt([], "Special tokens added to the vocabulary (never split, skipped when decoding with skip_special_tokens; LLaMA-Factory's new_special_tokens). Trained like model.add_tokens.")
@@ -290,27 +290,13 @@ def plugin_options(cfg: DictConfig, kind: str, name: str, pm: "PluginManager") -
     return OmegaConf.to_object(node)
 
 
-def _reads_environment(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value and "oc.env" in value
-
-
 def shareable_container(cfg: DictConfig) -> dict:
-    """``cfg`` as plain data for files and loggers: every interpolation resolved except those that read
-    the environment (``${oc.env:HF_TOKEN}``), which stay as written so no secret reaches config.yaml,
-    metrics or a logger's dashboard; the run resolves them again from the environment when it loads."""
-    def walk(node: Any, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            return {k: walk(node._get_node(k), v) for k, v in raw.items()}
-        if isinstance(raw, list):
-            return [walk(node._get_node(i), v) for i, v in enumerate(raw)]
-        if not isinstance(raw, str) or "${" not in raw or _reads_environment(raw):
-            return raw
-        value = node._get_parent()[node._key()]  # a plain interpolation, resolved through its parent
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-    return walk(cfg, OmegaConf.to_container(cfg, resolve=False))
+    """``cfg`` as plain data for files and loggers, every interpolation resolved. A config names
+    other keys only (loading refuses resolvers such as ``${oc.env:...}``), so nothing read from the
+    environment is in it."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
-    """The YAML written as a run's ``config.yaml`` (:func:`shareable_container`: no resolved secrets)."""
+    """The YAML written as a run's ``config.yaml`` (:func:`shareable_container`)."""
     return OmegaConf.to_yaml(OmegaConf.create(shareable_container(cfg)))

@@ -579,6 +579,11 @@ class Publisher(Plugin):
     #: A config section this publisher's options were read from before publishers were a
     #: kind (the hub's ``export.push``): its keys are read as ``publish.<name>.*``, with a notice.
     moved_from: ClassVar[str | None] = None
+    #: Options a run folder's saved ``config.yaml`` cannot choose by itself, as option -> (the
+    #: safe value, the flag that confirms another): when ``sft export`` or ``sft publish`` reads a
+    #: run's config, each keeps the safe value (with a notice) unless the command line sets it. The
+    #: hub's ``private`` and ``force``: a run someone sent you cannot make your repos public.
+    confirmed_options: ClassVar[Mapping[str, tuple[Any, str]]] = {}
 
     def preflight(self, config: Any, exporters: Sequence[Exporter], options: Any = None) -> list[str]:
         """Problems that would make publishing the exports of ``exporters`` fail (a missing or

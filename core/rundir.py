@@ -134,19 +134,44 @@ class RunDir:
         keep their place below it, a file goes to the top. Hidden files (``.sft-merged.json``,
         partial writes) are left out. A recorded path under ``exports/`` is read from this run
         directory, so a run that was moved or copied publishes its own files. What every
-        publisher sends; raises :class:`~sft.core.errors.SftError` for a path no longer on disk."""
+        publisher sends; raises :class:`~sft.core.errors.SftError` for a path no longer on disk.
+
+        Only regular files whose real path is inside this run's ``exports/`` are returned: a
+        ``summary.json`` from someone else may list any path (``/home/you/.ssh``) and an export
+        folder may hold links to anywhere, so a path outside and a symbolic link are refused,
+        naming the path, before anything is sent."""
         out: list[tuple[Path, str]] = []
+        exports = self.root / "exports"
         for p in map(self._moved_here, paths):
+            self.own_path(p, exports)
             if p.is_dir():
                 for f in sorted(p.rglob("*")):
                     rel = f.relative_to(p)
-                    if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    if any(part.startswith(".") for part in rel.parts):
+                        continue
+                    self.own_path(f, exports)
+                    if f.is_file():
                         out.append((f, rel.as_posix()))
             elif p.is_file():
                 out.append((p, p.name))
             else:
                 raise SftError(f"{p}: listed in summary.json but not on disk; write it again with sft export")
         return out
+
+    def own_path(self, path: str | Path, within: str | Path | None = None) -> Path:
+        """``path``, checked to be this run's own: neither it nor ``within`` (default: the run
+        folder) is a symbolic link, and its real path is inside ``within``. Raises
+        :class:`~sft.core.errors.SftError` naming the path otherwise: what is sent out of a run
+        (a publisher's files) must never reach past the folder it was sent from."""
+        path, within = Path(path), Path(within) if within is not None else self.root
+        link = next((p for p in (within, path) if p.is_symlink()), None)
+        if link is not None:
+            raise SftError(f"{link}: a symbolic link (to {os.readlink(link)}); sft sends only the regular files "
+                           f"inside {within} and follows no link: replace it with the file itself")
+        if path.exists() and not path.resolve().is_relative_to(within.resolve()):
+            raise SftError(f"{path}: listed in summary.json but outside {within}; sft sends only the run's own "
+                           f"files (write them again with sft export)")
+        return path
 
     def _moved_here(self, path: str | Path) -> Path:
         p = Path(path)

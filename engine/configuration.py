@@ -33,7 +33,8 @@ from sft.core.presets import PRESETS, preset_values
 if TYPE_CHECKING:
     from sft.core.plugins import PluginManager
 
-__all__ = ["load_config", "read_yaml", "deep_merge", "KEY_ALIASES", "VALUE_ALIASES"]
+__all__ = ["load_config", "load_run_config", "given_on_command_line", "confirmed_overrides", "read_yaml", "deep_merge",
+           "KEY_ALIASES", "VALUE_ALIASES"]
 
 
 def _read_yaml(path: str) -> dict:
@@ -454,6 +455,7 @@ def load_config(
     if from_run is not None:
         raw = from_run(raw, problems)
     _apply(schema, raw, "", problems)
+    _check_resolvers(schema, problems)
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
     _check_plugin_names(schema, pm, problems)
@@ -461,6 +463,53 @@ def load_config(
     if problems:
         raise ConfigError(problems, source=path)
     return schema
+
+
+#: The one-line advice for a resolver in a config (most often ``${oc.env:...}``).
+RESOLVER_ADVICE = ("give the value itself: {key}=\"$VAR\" on the command line lets your shell fill it in, and tokens stay "
+                   "in their own variables (HF_TOKEN, WANDB_API_KEY), which the libraries read themselves")
+
+
+def _resolvers_in(value: str) -> list[str]:
+    """The resolvers ``value`` calls (``oc.env``, nested ones too, a name built by interpolation as written)."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+    from omegaconf.grammar_parser import parse
+
+    try:
+        tree = parse(value, parser_rule="configValue", lexer_mode="DEFAULT_MODE")
+    except OmegaConfBaseException:
+        return []  # not an interpolation OmegaConf can run: it reads as the text it is
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            found.append(node.resolverName().getText())
+        todo += list(node.getChildren()) if hasattr(node, "getChildren") else []
+    return found
+
+
+def _check_resolvers(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
+    """Interpolations may name other keys (``${training.save_steps}``) and nothing else.
+
+    A resolver (``${oc.env:SECRET}``) would put what it reads into every value that names its key,
+    and from there into config.yaml, summary.json, the loggers and the Hub's model card; in a run
+    folder someone sent you, it would read *your* environment. So a config calls none."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, str) and "${" in value:
+            names = _resolvers_in(value)
+            if names:
+                what = "reads the environment" if any("env" in n for n in names) else f"calls the resolver {names[0]}"
+                problems.append(ConfigProblem(key, f"{value!r} {what}, and a config may only name other keys "
+                                                   f"(${{section.key}}); {RESOLVER_ADVICE.format(key=key)}"))
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
@@ -488,6 +537,74 @@ def _publishers_of(raw: dict, pm: "PluginManager") -> dict:
             if name not in enabled:
                 raw["publish"]["enabled"] = [*enabled, name]
     return raw
+
+
+def given_on_command_line(overrides: Sequence[str], key: str) -> bool:
+    """Whether the ``key=value`` ``overrides`` set the dotted ``key`` (a section given whole counts
+    only when it holds ``key``)."""
+    node: Any = _parse_overrides(overrides)[0]
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = (), flags: dict[str, Any] | None = None,
+                    pm: "PluginManager | None" = None, trust_remote_code: bool = False,
+                    loads_model: bool = True) -> DictConfig:
+    """A run folder's saved ``config.yaml`` plus ``overrides``, validated like any config, for the
+    commands that work on a finished run (``sft export``, ``publish``, ``generate``, ``chat``, ``eval``).
+
+    That folder may come from someone else, so its config is data and chooses nothing that acts
+    on your behalf without your word on the command line:
+
+    - ``model.trust_remote_code: true`` (Python files of the model run as it loads) is refused
+      unless ``trust_remote_code`` (``--trust-remote-code``) or ``model.trust_remote_code=true``
+      is given, for a command that ``loads_model``;
+    - a publisher's :attr:`~sft.core.interfaces.Publisher.confirmed_options` (the hub's
+      ``private``, ``force``) keep their safe value, with a notice, unless an override sets them.
+    """
+    from sft.core.errors import SftError
+    from sft.core.notices import notice
+
+    if pm is None:
+        from sft.core.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    cfg = load_config(str(path), overrides=overrides, flags=flags, pm=pm)
+    if (loads_model and cfg.model.trust_remote_code and not trust_remote_code
+            and not given_on_command_line(overrides, "model.trust_remote_code")):
+        raise SftError(f"model.trust_remote_code: {path} sets it to true, which runs the model's own Python files "
+                       f"(the base model's, or the run's adapter/) as it loads; add --trust-remote-code to this "
+                       f"command if you trust that code")
+    for name, publisher in sorted(pm.registry("publisher").items()):
+        for option, (safe, flag) in publisher.confirmed_options.items():
+            key = f"publish.{name}.{option}"
+            moved = f"{publisher.moved_from}.{option}" if publisher.moved_from else None
+            value = OmegaConf.select(cfg, key)
+            if value == safe or given_on_command_line(overrides, key) or (moved and given_on_command_line(overrides, moved)):
+                continue
+            notice(f"{key}={_yaml_word(value)} comes from {path}, which cannot choose it for you: using "
+                   f"{_yaml_word(safe)}; to confirm it add {key}={_yaml_word(value)} ({flag})")
+            OmegaConf.update(cfg, key, safe)
+    return cfg
+
+
+def confirmed_overrides(cfg: DictConfig, pm: "PluginManager") -> list[str]:
+    """The ``key=value`` overrides that restate ``cfg``'s publisher options a run's config cannot
+    choose alone: how ``sft run`` hands its own config's choice to the ``sft export`` it starts."""
+    out = []
+    for name, publisher in sorted(pm.registry("publisher").items()):
+        for option, (safe, _flag) in publisher.confirmed_options.items():
+            value = OmegaConf.select(cfg, f"publish.{name}.{option}")
+            if value != safe:
+                out.append(f"publish.{name}.{option}={_yaml_word(value)}")
+    return out
+
+
+def _yaml_word(value: Any) -> str:
+    return OmegaConf.to_yaml({"v": value}).split(":", 1)[1].strip()
 
 
 def read_yaml(path: str) -> dict:

@@ -58,6 +58,13 @@ def continued_run(raw: dict, problems: list[ConfigProblem]) -> dict:
     for section, keys in CONTINUED_KEYS.items():
         values = earlier.get(section) or {}
         taken[section] = {k: v for k, v in values.items() if keys is None or k in keys}
+    given_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if taken["model"].get("trust_remote_code") is True and given_model.get("trust_remote_code") is not True:
+        # A run folder cannot allow its model's code to run by itself (it may come from someone else).
+        problems.append(ConfigProblem("model.trust_remote_code", f"{source}/config.yaml sets it to true, which runs the "
+                                                                  f"model's own Python files; set "
+                                                                  f"model.trust_remote_code=true yourself if you trust that code"))
+        return raw
     for key in FIXED_BY_SOURCE:
         section, leaf = key.split(".")
         given = (raw.get(section) or {}).get(leaf) if isinstance(raw.get(section), dict) else None

@@ -161,13 +161,15 @@ def score_hf(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | None
     return run_lm_eval(lm, tasks, limit, task_manager=task_manager)
 
 
-def score_hf_folder(path: str | Path, tasks: Sequence[str], limit: int | None) -> dict[str, Any]:
-    """:func:`score_hf` of the HF model folder ``path`` (weights and tokenizer), loaded in float32."""
+def score_hf_folder(path: str | Path, tasks: Sequence[str], limit: int | None,
+                    trust_remote_code: bool = False) -> dict[str, Any]:
+    """:func:`score_hf` of the HF model folder ``path`` (weights and tokenizer), loaded in float32;
+    ``trust_remote_code`` for a model with its own code (the run's ``model.trust_remote_code``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return score_hf(model, AutoTokenizer.from_pretrained(str(path)), tasks, limit)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return score_hf(model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code), tasks, limit)
 
 
 def _base_model(cfg: "DictConfig", tokenizer: Any) -> Any:
@@ -240,7 +242,7 @@ def preflight_eval(cfg: "DictConfig") -> None:
 def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, exporters: Sequence[str] | None = None,
                  limit: int | None = None, base: bool = False, overrides: Sequence[str] = (),
                  pm: "PluginManager | None" = None, hub: Any = None, cfg: "DictConfig | None" = None,
-                 template: "ChatTemplate | None" = None) -> dict[str, Any]:
+                 template: "ChatTemplate | None" = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """``sft eval``: score the run's models, write ``eval.json``, return its content (``ok`` is the verdict).
 
     ``tasks`` defaults to ``eval.tasks``, ``limit`` to ``eval.limit``; ``exporters`` (default:
@@ -248,9 +250,11 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
     model is always scored, as the reference. ``hub``: an open
     :class:`~sft.engine.metrics.MetricsHub` to log to (``sft run``); else the enabled loggers are
     started for this evaluation. ``cfg`` and ``template``: the run's, when the caller (``sft run``)
-    already holds them; else read from the run directory.
+    already holds them; else read from the run directory, which chooses neither remote code
+    (``trust_remote_code``: ``--trust-remote-code``) nor a task file (it can run Python): those
+    must come from the command line.
     """
-    from .configuration import load_config
+    from .configuration import given_on_command_line, load_run_config
     from sft.core.templating import resolve_template
 
     from .export import RunExportContext
@@ -269,7 +273,12 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
 
         pm = get_plugin_manager()
     if cfg is None:
-        cfg = load_config(str(run.config), overrides=list(overrides), pm=pm)
+        cfg = load_run_config(run.config, overrides=list(overrides), pm=pm, trust_remote_code=trust_remote_code)
+        files = [] if tasks or given_on_command_line(overrides, "eval.tasks") else \
+            [t for t in cfg.eval.tasks if _is_file_task(t)]
+        if files:
+            raise SftError(f"eval.tasks: {run.config} names the task file {files[0]}, and a task file can run its own "
+                           f"Python (!function); if you trust it, name it yourself: --tasks {','.join(files)}")
     if template is None:
         template = resolve_template(cfg, pm)
     tasks = list(tasks) if tasks else list(cfg.eval.tasks)
@@ -377,7 +386,9 @@ def evaluate_after_training(cfg: "DictConfig", run: RunDir, pm: "PluginManager",
         import subprocess
         import sys
 
-        code = subprocess.run([sys.executable, "-m", "sft.cli", "eval", str(run.root), "--tasks", ",".join(tasks)]).returncode
+        trust = ["--trust-remote-code"] * bool(cfg.model.trust_remote_code)  # this run's own config chose it
+        code = subprocess.run([sys.executable, "-m", "sft.cli", "eval", str(run.root), "--tasks", ",".join(tasks),
+                               *trust]).returncode
         if code not in (0, 1):
             run.update_summary(eval={"ok": False, "failures": [f"sft eval stopped with exit status {code}"]})
         return

@@ -232,7 +232,8 @@ class RunExportContext:
             from transformers import AutoTokenizer
 
             try:
-                tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+                tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir),
+                                                    trust_remote_code=bool(self.config.model.trust_remote_code))
             except (OSError, ValueError) as exc:
                 raise SftError(f"{self.tokenizer_dir}: cannot load the run's tokenizer: {exc}") from None
             tok.chat_template = self.template.jinja(tok)
@@ -425,23 +426,26 @@ def run_exporters(cfg: "DictConfig", run_dir: str | Path | RunDir, pm: "PluginMa
 
 
 def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequence[str] = (),
-               pm: "PluginManager | None" = None) -> list[ExportResult]:
+               pm: "PluginManager | None" = None, trust_remote_code: bool = False) -> list[ExportResult]:
     """``sft export RUN_DIR --exporter X [key=value ...]``: export a finished run from its adapter on disk.
 
     The run's ``config.yaml`` plus ``overrides`` is validated like any config (unknown
     exporters and options get a did-you-mean); ``exporters`` replaces ``export.enabled``.
+    What that config cannot choose alone (remote code, a public repo) is in
+    :func:`~sft.engine.configuration.load_run_config`; ``trust_remote_code`` is ``--trust-remote-code``.
     """
     rd = RunDir.of(run_dir)
     if not rd.adapter.is_dir() and rd.config.is_file():
         raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
     pm = pm or get_plugin_manager()
-    cfg = _run_config(rd, overrides, pm, flags={"export.enabled": list(exporters)})
+    cfg = _run_config(rd, overrides, pm, flags={"export.enabled": list(exporters)}, trust_remote_code=trust_remote_code)
     return run_exporters(cfg, rd, pm, resolve_template(cfg, pm))
 
 
-def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags: dict | None = None) -> "DictConfig":
-    """A finished run's ``config.yaml`` plus ``overrides``, validated like any config."""
-    from .configuration import load_config
+def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags: dict | None = None,
+                **trust: bool) -> "DictConfig":
+    """A finished run's ``config.yaml`` plus ``overrides`` (:func:`~sft.engine.configuration.load_run_config`)."""
+    from .configuration import load_run_config
     from sft.core.env import quiet_known_warnings, quiet_progress_bars
 
     # As quiet as `sft run`, whose exports print exactly these lines.
@@ -449,7 +453,7 @@ def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags
     quiet_progress_bars()
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: no config.yaml; is this a run directory written by sft run?")
-    return load_config(str(rd.config), overrides=list(overrides), flags=flags, pm=pm)
+    return load_run_config(rd.config, overrides=list(overrides), flags=flags, pm=pm, **trust)
 
 
 def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), overrides: Sequence[str] = (),
@@ -462,7 +466,7 @@ def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), ove
     """
     pm = pm or get_plugin_manager()
     rd = RunDir.of(run_dir)
-    cfg = _run_config(rd, overrides, pm)
+    cfg = _run_config(rd, overrides, pm, loads_model=False)
     pm.get("publisher", to, "sft publish --to")
     exports = rd.read_summary().get("exports") or {}
     names = list(exporters) or [name for name, entry in exports.items() if entry.get("ok")]
@@ -472,6 +476,11 @@ def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), ove
             problems.append(f"'{name}' is not an exporter here; available: {', '.join(sorted(pm.registry('exporter')))}")
         elif not (exports.get(name) or {}).get("ok"):
             problems.append(f"{name}: no finished export in {rd.root} (run sft export {rd.root} --exporter {name} first)")
+        else:
+            try:  # every file is the run's own, before a publisher starts: nothing is sent otherwise
+                rd.export_files(exports[name].get("paths") or [])
+            except SftError as exc:
+                problems.append(str(exc))
     if not names:
         problems.append(f"{rd.root} has no finished exports to publish (summary.json lists none)")
     if problems:

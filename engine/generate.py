@@ -116,19 +116,20 @@ def generate_reply(model: Any, tokenizer: Any, template: "ChatTemplate", message
 
 
 def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | None" = None,
-             pm: Any = None) -> tuple[Any, Any, "ChatTemplate", Any]:
+             pm: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any, "ChatTemplate", Any]:
     """Load ``(model, tokenizer, template, cfg)`` of a finished run: the base model plus the run's adapter.
 
     The tokenizer comes from ``adapter/`` (it carries the template's chat_template and any
-    added tokens); ``cfg`` defaults to the run's ``config.yaml`` (validated like any config)
-    and ``template`` to the one it configures. A caller that already holds both (``sft eval``)
-    hands them in, so the template is resolved once.
+    added tokens); ``cfg`` defaults to the run's ``config.yaml`` (validated like any config;
+    its ``model.trust_remote_code`` needs ``trust_remote_code``, the ``--trust-remote-code``
+    flag) and ``template`` to the one it configures. A caller that already holds both
+    (``sft eval``) hands them in, so the template is resolved once.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .configuration import load_config
+    from .configuration import load_run_config
     from sft.core.env import current_environment, quiet_known_warnings
     from .models import forget_gguf_quantization, pretrained_kwargs, resolve_model
     from sft.core.rundir import RunDir
@@ -140,7 +141,7 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     if not run.adapter.is_dir():
         raise SftError(f"{run.root}: the run has no adapter/ yet (did training finish?)")
     if cfg is None:
-        cfg = load_config(str(run.config), pm=pm)
+        cfg = load_run_config(run.config, pm=pm, trust_remote_code=trust_remote_code)
     # The answer streams to the terminal; a "Loading weights" bar in front of it is noise.
     hf_logging.disable_progress_bar()
     quiet_known_warnings()
@@ -217,7 +218,7 @@ def export_answerer(run_dir: str | Path, exporter: str, file: str | None = None,
 def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, *, system: str | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                       stream: bool = True, export: str | None = None, file: str | None = None,
-                      tools: Sequence[Any] | None = None) -> str:
+                      tools: Sequence[Any] | None = None, trust_remote_code: bool = False) -> str:
     """``sft generate RUN_DIR PROMPT [--tools FILE]``: stream the run's answer to ``prompt`` and return it.
 
     With ``tools`` (OpenAI function specs) the prompt declares them as training rows did, so a
@@ -233,14 +234,14 @@ def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 12
         if stream:
             print(text, flush=True)
         return text
-    model, tokenizer, template, _cfg = load_run(run_dir)
+    model, tokenizer, template, _cfg = load_run(run_dir, trust_remote_code=trust_remote_code)
     return generate_reply(model, tokenizer, template, messages, max_new_tokens, stream=stream,
                           temperature=temperature, top_p=top_p, seed=seed)
 
 
 def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256, *, system: str | None = None,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                  export: str | None = None, file: str | None = None) -> None:
+                  export: str | None = None, file: str | None = None, trust_remote_code: bool = False) -> None:
     """``sft chat RUN_DIR``: a terminal chat; an empty line or end of input quits. With
     ``export``, with that export's files (``--gguf``: the GGUF in llama.cpp)."""
     sampling_kwargs(temperature, top_p)
@@ -255,7 +256,7 @@ def chat_with_run(run_dir: str | Path, max_new_tokens: int = 256, *, system: str
 
         chat_loop(f"the {export} export of {Path(run_dir)}", exported_reply)
         return
-    model, tokenizer, template, _cfg = load_run(run_dir)
+    model, tokenizer, template, _cfg = load_run(run_dir, trust_remote_code=trust_remote_code)
 
     def reply(history: list[Message]) -> str:
         sys.stdout.write("bot> ")

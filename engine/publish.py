@@ -137,6 +137,12 @@ def failed_publications(summary: Mapping[str, Any], exporters: Sequence[str] | N
     return out
 
 
-def retry_command(run_dir: str | Path, publisher: str, exporters: Sequence[str]) -> str:
-    """The ``sft publish`` line that finishes a failed publication (the target comes from the run)."""
-    return " ".join(["sft", "publish", str(run_dir), "--to", publisher] + [f"--exporter {n}" for n in exporters])
+def retry_command(run_dir: str | Path, publisher: str, exporters: Sequence[str],
+                  summary: Mapping[str, Any] | None = None) -> str:
+    """The ``sft publish`` line that finishes a failed publication (the target comes from the run),
+    with the overrides its failed records ask for (``retry_overrides``: the hub's
+    ``publish.hub.force=true`` for a repo sft did not make) when ``summary`` is given."""
+    records = (((summary or {}).get("publish") or {}).get(publisher) or {}).get("exports") or {}
+    extra = dict.fromkeys(o for n in exporters for o in (records.get(n) or {}).get("retry_overrides") or [])
+    return " ".join(["sft", "publish", str(run_dir), "--to", publisher] + [f"--exporter {n}" for n in exporters]
+                    + list(extra))

@@ -444,7 +444,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     try:
         if list(cfg.export.enabled):
             if backend.exports_in_subprocess:
-                _export_in_subprocess(run, list(cfg.export.enabled))
+                _export_in_subprocess(run, cfg, pm)
             else:
                 from .export import run_exporters
 
@@ -458,18 +458,24 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     return run.root
 
 
-def _export_in_subprocess(run: RunDir, exporters: list[str]) -> None:
+def _export_in_subprocess(run: RunDir, cfg: "DictConfig", pm: Any) -> None:
     """``sft export RUN --exporter ...`` in a fresh interpreter, for a backend that patches libraries process-wide.
 
     Unsloth rewrites transformers' model classes in place when imported; the exporters load
     plain transformers models (the merge, the reference generation) that those patches break.
     Like the in-process path, a failed export is reported (by the child) and never raises.
+    The child reads the run's config.yaml as ``sft export`` reads any run's; what this run's own
+    config chose (remote code, a public repo) is said again on its command line.
     """
     import subprocess
 
+    from .configuration import confirmed_overrides
+
+    exporters = list(cfg.export.enabled)
     args = [sys.executable, "-m", "sft.cli", "export", str(run.root)]
     for name in exporters:
         args += ["--exporter", name]
+    args += ["--trust-remote-code"] * bool(cfg.model.trust_remote_code) + confirmed_overrides(cfg, pm)
     code = subprocess.run(args, env=distributed.plain_env()).returncode
     if code not in (0, 1):  # 1: some exporter failed and said so
         notice(f"the exporters stopped with exit status {code}; retry with: sft export {run.root} "

@@ -72,7 +72,8 @@ def config(source: "str | Path | Mapping[str, Any] | None" = None, /, **override
     if isinstance(source, (str, Path)):
         path = str(source)
     elif isinstance(source, DictConfig):
-        flags.update(_flatten(OmegaConf.to_container(source, resolve=True)))  # type: ignore[arg-type]
+        # Unresolved: load_config sees the interpolations as written and refuses a resolver (${oc.env:...}).
+        flags.update(_flatten(OmegaConf.to_container(source, resolve=False)))  # type: ignore[arg-type]
     elif isinstance(source, Mapping):
         flags.update(_flatten(source))
     elif source is not None:
@@ -106,17 +107,21 @@ def train(source: "str | Path | Mapping[str, Any] | None" = None, /, *, resume: 
     from sft.engine.run import run_training
 
     cfg = config(source, **overrides)
-    return Run(run_training(cfg, resume=resume))
+    # Your own config chose its remote code, so the run it returns loads the same way.
+    return Run(run_training(cfg, resume=resume), trust_remote_code=bool(cfg.model.trust_remote_code))
 
 
-def load(run_dir: str | Path) -> "Run":
-    """A finished run from its directory (what ``sft generate``/``sft export`` take)."""
+def load(run_dir: str | Path, *, trust_remote_code: bool = False) -> "Run":
+    """A finished run from its directory (what ``sft generate``/``sft export`` take).
+
+    ``trust_remote_code`` is ``--trust-remote-code``: a run whose config.yaml sets
+    ``model.trust_remote_code`` runs the model's own Python only with it."""
     from sft.core.rundir import RunDir
 
     rd = RunDir.of(run_dir)
     if not rd.config.is_file():
         raise SftError(f"{rd.root}: not a run directory (no config.yaml)")
-    return Run(rd.root)
+    return Run(rd.root, trust_remote_code=trust_remote_code)
 
 
 class Run:
@@ -127,8 +132,9 @@ class Run:
     The model is loaded on the first :meth:`generate` and kept for the next ones.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, trust_remote_code: bool = False):
         self.path = Path(path)
+        self.trust_remote_code = trust_remote_code
         self._loaded: tuple[Any, Any, Any, Any] | None = None
 
     def __repr__(self) -> str:
@@ -171,7 +177,7 @@ class Run:
 
         sampling_kwargs(temperature, top_p)
         if self._loaded is None:
-            self._loaded = load_run(self.path)
+            self._loaded = load_run(self.path, trust_remote_code=self.trust_remote_code)
         model, tokenizer, template, _cfg = self._loaded
         messages = with_system([Message("user", prompt)], system)
         return generate_reply(model, tokenizer, template, messages, max_new_tokens, stream=stream,
@@ -189,7 +195,7 @@ class Run:
 
         overrides = [f"export.{exporter}.{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
                      for key, v in options.items()]
-        [result] = export_run(self.path, [exporter], overrides)
+        [result] = export_run(self.path, [exporter], overrides, trust_remote_code=self.trust_remote_code)
         if not result.ok:
             raise SftError(f"export {exporter} failed: {result.error}")
         return result
@@ -218,7 +224,8 @@ class Run:
         (the hub's spelling of :meth:`publish`).
 
         ``repo_id`` defaults to the run's ``publish.hub.repo_id`` (else its last push's);
-        ``options`` are further ``publish.hub`` keys (``private=True``).
+        ``options`` are further ``publish.hub`` keys (``private=False`` creates public repos: the run's own
+        config.yaml cannot choose that, nor ``force``).
         """
         if repo_id:
             options["repo_id"] = repo_id

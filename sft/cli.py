@@ -182,7 +182,7 @@ def _report_failed_publications(run_dir, summary, exporters=None) -> bool:
     failed = failed_publications(summary, exporters)
     for publisher, names in failed.items():
         click.echo(f"[sft] publishing {', '.join(names)} to {publisher} failed (see above); the exports are on disk. "
-                   f"Retry with: {retry_command(run_dir, publisher, names)}", err=True)
+                   f"Retry with: {retry_command(run_dir, publisher, names, summary)}", err=True)
     return bool(failed)
 
 
@@ -307,15 +307,23 @@ def _show_plugin(pm: Any, name: str, as_json: bool) -> None:
                 click.echo(f"        {o['help']}")
 
 
+def _trust_option(func: Callable) -> Callable:
+    """--trust-remote-code: a run folder's config.yaml cannot turn model.trust_remote_code on by itself."""
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="Allow the model's own Python files to run as it loads, when the run's config.yaml sets "
+                             "model.trust_remote_code (a run folder cannot allow it by itself).")(func)
+
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--exporter", "exporters", multiple=True, required=True, help="Exporter plugin; repeatable.")
+@_trust_option
 @click.argument("overrides", nargs=-1)
-def export_cmd(run_dir: str, exporters: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def export_cmd(run_dir: str, exporters: tuple[str, ...], trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Re-run exporters on a finished run, from the adapter on disk: sft export RUN_DIR --exporter gguf [key=value ...]."""
     from sft.engine.export import export_run
 
-    results = export_run(run_dir, list(exporters), list(overrides))
+    results = export_run(run_dir, list(exporters), list(overrides), trust_remote_code=trust_remote_code)
     from sft.core.rundir import RunDir
 
     summary = RunDir.of(run_dir).read_summary()
@@ -339,12 +347,16 @@ def publish(run_dir: str, to: str, exporters: tuple[str, ...], overrides: tuple[
 @click.option("--exporter", "exporters", multiple=True, help="Push only this export; repeatable (default: every finished one).")
 @click.option("--repo", "repo_id", metavar="REPO", help="Hub repo (publish.hub.repo_id; default: the run's, else its last push's).")
 @click.option("--force", is_flag=True, help="Push into an existing repo that sft did not create.")
+@click.option("--public", is_flag=True, help="Create missing repos public (publish.hub.private=false; the run's "
+                                             "config.yaml cannot choose it). Default: private.")
 @click.argument("overrides", nargs=-1)
-def push(run_dir: str, exporters: tuple[str, ...], repo_id: str | None, force: bool, overrides: tuple[str, ...]) -> None:
+def push(run_dir: str, exporters: tuple[str, ...], repo_id: str | None, force: bool, public: bool,
+         overrides: tuple[str, ...]) -> None:
     """Push a run's exports on disk to the Hugging Face Hub, skipping files already there: sft push RUN_DIR [--repo R]
-    (the hub's spelling of sft publish RUN_DIR --to hub)."""
+    (the hub's spelling of sft publish RUN_DIR --to hub). Only the regular files inside the run's exports/ go."""
     hub = [f"publish.hub.repo_id={repo_id}"] if repo_id else []
-    _publish(run_dir, "hub", list(exporters), [*hub, *(["publish.hub.force=true"] if force else []), *overrides])
+    flags = ["publish.hub.force=true"] * force + ["publish.hub.private=false"] * public
+    _publish(run_dir, "hub", list(exporters), [*hub, *flags, *overrides])
 
 
 def _publish(run_dir: str, to: str, exporters: list[str], overrides: list[str]) -> None:
@@ -362,20 +374,21 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--tasks", "tasks", multiple=True, help="lm-eval tasks, comma-separated or repeated: sft_identity, sft_knowledge, a task .yaml file, or lm-eval's own (default: eval.tasks).")
+@click.option("--tasks", "tasks", multiple=True, help="lm-eval tasks, comma-separated or repeated: sft_identity, sft_knowledge, a task .yaml file, or lm-eval's own (default: eval.tasks; a task file the run's config.yaml names must be named here, since it can run Python).")
 @click.option("--exporter", "exporters", multiple=True, help="Exports to score and compare with the run's own model (always scored), comma-separated or repeated: gguf (each quant), merged_16bit (default: every export in the run).")
 @click.option("--limit", type=int, default=None, help="At most this many examples per task (default: eval.limit, else all).")
 @click.option("--base", is_flag=True, help="Score the base model too, to see what fine-tuning changed.")
+@_trust_option
 @click.argument("overrides", nargs=-1)
 def eval_cmd(run_dir: str, tasks: tuple[str, ...], exporters: tuple[str, ...], limit: int | None, base: bool,
-             overrides: tuple[str, ...]) -> None:
+             trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Score the run's model and its exports (each GGUF quant) on lm-eval tasks; exit 1 when an export drops more than eval.max_drop."""
     from sft.engine.evaluate import evaluate_run, print_eval
 
     if limit is not None and limit < 1:
         raise click.BadParameter("must be at least 1", param_hint="--limit")
     record = evaluate_run(run_dir, _csv(tasks) or None, _csv(exporters) or None, limit=limit, base=base,
-                          overrides=list(overrides))
+                          overrides=list(overrides), trust_remote_code=trust_remote_code)
     print_eval(record)
     if not record["ok"]:
         sys.exit(1)
@@ -416,6 +429,7 @@ def _sampling_options(func: Callable) -> Callable:
 @click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of tool specs (OpenAI function schema) the prompt declares.")
 @_sampling_options
+@_trust_option
 def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | None, gguf: bool, **sampling) -> None:
     """Answer PROMPT with the run's adapter and template, streaming the text (--gguf: with the exported GGUF)."""
     from sft.engine.generate import generate_from_run, read_tools
@@ -428,6 +442,7 @@ def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | N
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--max-new-tokens", default=256, show_default=True)
 @_sampling_options
+@_trust_option
 def chat(run_dir: str, max_new_tokens: int, gguf: bool, **sampling) -> None:
     """Chat with the run's adapter in the terminal (empty line or Ctrl-D to quit); --gguf: with the exported GGUF."""
     from sft.engine.generate import chat_with_run

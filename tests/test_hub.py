@@ -163,6 +163,9 @@ def test_a_repo_sft_did_not_make_needs_force_and_keeps_its_files(run_dir: Path, 
     res = sft("push", run_dir, "--exporter", "lora", "--repo", "theirs", env=env)
     assert res.returncode == 1
     assert "was not made by sft" in res.stderr and "--force" in res.stderr
+    # The retry sft prints is one that can go through: it says force (issue 31).
+    retry = re.search(r"Retry with: (sft publish .*)", res.stderr).group(1)
+    assert retry == f"sft publish {run_dir} --to hub --exporter lora publish.hub.force=true"
     assert sorted(theirs.files()) == [".gitattributes", "README.md", "notes.txt"] and not theirs.commits
 
     # Forced, onto a branch of theirs (created from main).
@@ -286,3 +289,119 @@ def test_a_run_pushed_before_publishers_were_a_kind_pushes_again_to_its_repo(run
     assert res.returncode == 0, res.stderr
     assert "adapter_model.safetensors" in hub.repos["alice/legacy-lora"].files()
     assert summary(run_dir)["publish"]["hub"]["target"] == "alice/legacy"
+
+
+# -- issue 31: a run folder someone sent you is data -------------------------------------------------
+SECRET_BYTES = b"-----BEGIN OPENSSH PRIVATE KEY----- 7f3a9c"
+
+
+def _sent_anywhere(hub: HubStub, data: bytes) -> bool:
+    blobs = list(hub.lfs.values()) + [f for repo in hub.repos.values() for branch in repo.branches.values()
+                                      for f in branch.values()]
+    return any(data in blob for blob in blobs) or any(data.decode() in json.dumps(repo.commits, default=str)
+                                                       for repo in hub.repos.values())
+
+
+def _edit_config(run_dir: Path, **dotted: object) -> None:
+    """Change the run's config.yaml as a sender would (keys with '__' for dots)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for key, value in dotted.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> Path:
+    """A home folder beside the run with what must never leave it."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/id_ed25519").write_bytes(SECRET_BYTES)
+    (home / "credentials").write_bytes(SECRET_BYTES + b" aws_secret_access_key")
+    return home
+
+
+def _plant(run_dir: Path, secrets: Path, how: str) -> str:
+    """Make the received run reach ``secrets`` one way; return the path sft must name."""
+    lora = run_dir / "exports/lora"
+    if how == "absolute path in summary.json":
+        record = summary(run_dir)
+        record["exports"]["lora"]["paths"].append(str(secrets / ".ssh"))
+        (run_dir / "summary.json").write_text(json.dumps(record))
+        return str(secrets / ".ssh")
+    if how == "file link in exports":
+        (lora / "notes.txt").symlink_to(secrets / "credentials")
+        return str(lora / "notes.txt")
+    if how == "folder link in exports":
+        (lora / "keys").symlink_to(secrets / ".ssh")
+        return str(lora / "keys")
+    if how == "exports is a link":
+        shutil.move(run_dir / "exports", secrets / "exports")
+        shutil.copy(secrets / "credentials", secrets / "exports/lora/credentials")
+        (run_dir / "exports").symlink_to(secrets / "exports")
+        return str(run_dir / "exports")
+    assert how == "loss plot is a link"
+    (run_dir / "loss.png").unlink()
+    (run_dir / "loss.png").symlink_to(secrets / ".ssh/id_ed25519")
+    return str(run_dir / "loss.png")
+
+
+@pytest.mark.parametrize("how", ["absolute path in summary.json", "file link in exports", "folder link in exports",
+                                 "exports is a link", "loss plot is a link"])
+def test_a_received_run_pushes_nothing_from_outside_it(run_dir: Path, hub: HubStub, tmp_path: Path, secrets: Path,
+                                                       how: str) -> None:
+    named = _plant(run_dir, secrets, how)
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "leak", env=hub_env(hub, tmp_path / "hf"))
+    assert res.returncode == 1, res.stderr
+    line = next(line for line in res.stderr.splitlines() if named in line)
+    assert ("a symbolic link" in line and "follows no link" in line) or "outside" in line, line
+    assert "Traceback" not in res.stderr
+    assert not _sent_anywhere(hub, SECRET_BYTES)
+    assert not any(repo.commits for repo in hub.repos.values())  # nothing at all was committed
+    if how != "loss plot is a link":  # checked before the publisher starts: not even the token is sent
+        assert not hub.requests("GET", "/api/whoami-v2") and not hub.repos
+
+
+def test_a_received_run_cannot_make_a_repo_public_or_force_one(run_dir: Path, hub: HubStub, tmp_path: Path) -> None:
+    env = hub_env(hub, tmp_path / "hf")
+    theirs = hub.add_repo("alice/mine-lora", {"README.md": b"# my own model\n", "notes.txt": b"keep"})
+    _edit_config(run_dir, publish__hub__repo_id="shared", publish__hub__private=False, publish__hub__force=True)
+    res = sft("push", run_dir, "--exporter", "lora", env=env)
+    assert res.returncode == 0, res.stderr
+    assert (f"publish.hub.private=false comes from {run_dir / 'config.yaml'}, which cannot choose it for you: using "
+            f"true; to confirm it add publish.hub.private=false (sft push: --public)") in res.stderr
+    assert "publish.hub.force=true comes from" in res.stderr
+    assert hub.repos["alice/shared-lora"].private is True
+    # force was not taken from the folder either: a repo sft did not make stays untouched.
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "mine", env=env)
+    assert res.returncode == 1 and "was not made by sft" in res.stderr and not theirs.commits
+
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "open", "--public", env=env)
+    assert res.returncode == 0, res.stderr
+    assert hub.repos["alice/open-lora"].private is False and "publish.hub.private=false comes from" not in res.stderr
+
+
+def test_a_received_config_that_reads_the_environment_sends_nothing(run_dir: Path, hub: HubStub, tmp_path: Path) -> None:
+    env = {**hub_env(hub, tmp_path / "hf"), "SFT_SECRET": "s3cr3t-value-91"}
+    _edit_config(run_dir, publish__hub__commit_message="${training.generation_prompt}",
+                 training__generation_prompt="${oc.env:SFT_SECRET}")
+    res = sft("push", run_dir, "--exporter", "lora", "--repo", "card", env=env)
+    assert res.returncode == 2
+    assert "training.generation_prompt: '${oc.env:SFT_SECRET}' reads the environment" in res.stderr
+    assert "s3cr3t-value-91" not in res.stderr + res.stdout and not hub.repos
+    assert not _sent_anywhere(hub, b"s3cr3t-value-91")
+
+
+@pytest.mark.parametrize("repo, message", [("a b", "'a b' is not a Hub repo id"),
+                                           ("alice/x..y", "'alice/x..y' is not a Hub repo id: Cannot have -- or .."),
+                                           ("a" * 94, "the lora export's repo '" + "a" * 94 + "-lora' is not a Hub repo id")])
+def test_a_repo_id_the_hub_refuses_fails_validate_naming_the_key(repo, message, tiny_model_dir, hub, tmp_path,
+                                                                 monkeypatch, sft_plugin_manager) -> None:
+    patch_hub(monkeypatch, hub, tmp_path)
+    res = run_sft("validate", *tiny_overrides(tmp_path / "run", tiny_model_dir), "export.enabled=[lora,gguf]",
+                  f"publish.hub.repo_id={repo}", check=False)
+    assert res.exit_code == 1
+    [line] = [line for line in res.output.splitlines() if "publish.hub.repo_id" in line]
+    assert f"hub: publish.hub.repo_id: {message}" in line
+    assert not hub.requests("GET", "/api/whoami-v2")  # found without the network

@@ -65,22 +65,45 @@ def test_names_that_are_paths_are_refused(override):
     assert "must be a name, not a path" in _problems(override)[key]
 
 
-def test_environment_secrets_are_never_resolved_into_what_is_written(monkeypatch):
-    monkeypatch.setenv("SFT_TEST_SECRET", "hunter2-secret")
-    cfg = load_config(overrides=["training.generation_prompt=${oc.env:SFT_TEST_SECRET}",
-                                 "training.eval_steps=${training.save_steps}"])
-    assert cfg.training.generation_prompt == "hunter2-secret"  # the run itself sees the value
-    text = config_to_yaml(cfg)
-    assert "hunter2-secret" not in text and "${oc.env:SFT_TEST_SECRET}" in text
+SECRET = "hunter2-secret"
+
+
+@pytest.mark.parametrize("value", ["${oc.env:SFT_TEST_SECRET}", "${oc.env:SFT_TEST_SECRET,x}", "Tell me ${oc.env:SFT_TEST_SECRET}",
+                                   "${oc.decode:${oc.env:SFT_TEST_SECRET}}", "${${training.run_name}:SFT_TEST_SECRET}"])
+def test_a_config_that_reads_the_environment_is_refused_naming_the_key(monkeypatch, tmp_path, value):
+    """Issue 31: one indirection (notes: ${training.generation_prompt}) carried a resolved secret into
+    config.yaml, summary.json, the loggers and the Hub's card. A config names other keys and nothing else."""
+    monkeypatch.setenv("SFT_TEST_SECRET", SECRET)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"training:\n  generation_prompt: '{value}'\n  run_name: oc.env\n"
+                      f"  output_dir: {tmp_path / 'runs'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(config), overrides=["model.name=${training.generation_prompt}"])
+    problems = {p.key: p.message for p in info.value.problems}
+    assert set(problems) == {"training.generation_prompt"}  # the key that spells it; the indirection needs no second line
+    assert "training.generation_prompt=\"$VAR\"" in problems["training.generation_prompt"]
+    assert "HF_TOKEN" in problems["training.generation_prompt"] and SECRET not in str(info.value)
+    result = run_sft("validate", str(config), check=False)
+    assert result.exit_code == 2 and "training.generation_prompt:" in result.output and SECRET not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resolver_given_on_the_command_line_or_through_the_api_is_refused_too(monkeypatch):
+    from omegaconf import OmegaConf
+
+    import sft
+
+    monkeypatch.setenv("SFT_TEST_SECRET", SECRET)
+    assert "reads the environment" in _problems("publish.hub.commit_message=${oc.env:SFT_TEST_SECRET}")["publish.hub.commit_message"]
+    with pytest.raises(ConfigError, match="loggers.wandb.project: .* reads the environment"):
+        sft.config(OmegaConf.create({"loggers": {"wandb": {"project": "${oc.env:SFT_TEST_SECRET}"}}}))
+
+
+def test_interpolations_that_name_keys_still_work_and_are_written_resolved():
+    cfg = load_config(overrides=["training.eval_steps=${training.save_steps}", "training.run_name=run-${training.seed}"])
     shared = shareable_container(cfg)
-    assert shared["training"]["generation_prompt"] == "${oc.env:SFT_TEST_SECRET}"
-    assert shared["training"]["eval_steps"] == 50  # other interpolations are resolved
-    monkeypatch.setenv("SFT_TEST_SECRET", "rotated")  # config.yaml reads the environment again
-    (reloaded := Path(os.environ.get("TMPDIR", "/tmp")) / f"sft-secret-{os.getpid()}.yaml").write_text(text)
-    try:
-        assert load_config(str(reloaded)).training.generation_prompt == "rotated"
-    finally:
-        reloaded.unlink()
+    assert shared["training"]["eval_steps"] == 50 and shared["training"]["run_name"] == f"run-{cfg.training.seed}"
+    assert "${" not in config_to_yaml(cfg)
 
 
 # -- 5: a broken plugin disables itself, not the CLI ----------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -137,7 +138,66 @@ def test_remote_code_is_refused_in_one_line_and_generate_honours_trust_remote_co
     # Full fine-tuning saves the custom model whole: generation must load it with remote code too.
     run = train_tiny(tmp_path / "run", model, "model.trust_remote_code=true", "model.method=full", steps=1)
     assert json.loads((run / "adapter" / "config.json").read_text())["model_type"] == "forge_llama"
-    assert isinstance(generate_from_run(run, "Who are you?", max_new_tokens=3), str)
+    assert isinstance(generate_from_run(run, "Who are you?", max_new_tokens=3, trust_remote_code=True), str)
+
+
+def test_merged_16bit_verifies_a_model_that_needs_its_own_code(tmp_path):
+    """Issue 31: the verification reloaded the merged folder without trust_remote_code, so it failed for every such model."""
+    model = _remote_code_model(tmp_path / "model")
+    run = train_tiny(tmp_path / "run", model, "model.trust_remote_code=true", "export.enabled=[merged_16bit]", steps=1)
+    record = json.loads((run / "summary.json").read_text())["exports"]["merged_16bit"]
+    assert record["ok"], record["error"]
+    assert record["details"]["verify"]["ok"]
+    assert json.loads((run / "exports/merged_16bit/config.json").read_text())["model_type"] == "forge_llama"
+
+
+# -- issue 31: a run folder someone sent you runs none of its code without your word --------------
+def _hostile_run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run whose config.yaml trusts remote code in a base model inside the folder and
+    names an eval task file inside it; each one's Python writes a marker file when it is imported."""
+    run = Path(shutil.copytree(tiny_run, tmp_path / "received"))
+    base = _remote_code_model(run / "base")
+    config_code = base / "configuration_forge.py"
+    config_code.write_text(f"open({str(tmp_path / 'model-code-ran')!r}, 'w').write('ran')\n" + config_code.read_text())
+    tasks = run / "tasks"
+    tasks.mkdir()
+    (tasks / "evil.py").write_text(f"open({str(tmp_path / 'task-code-ran')!r}, 'w').write('ran')\n"
+                                   "def rows(**_):\n    raise RuntimeError('not a dataset')\n")
+    (tasks / "evil.yaml").write_text("task: evil\ncustom_dataset: !function evil.rows\ntest_split: test\n"
+                                     "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\n"
+                                     "doc_to_target: a\n")
+    text = (run / "config.yaml").read_text()
+    text = re.sub(r"(?m)^  name: .*$", f"  name: {base}", text, count=1)
+    text = text.replace("trust_remote_code: false", "trust_remote_code: true")
+    text = re.sub(r"(?m)^  tasks:\n(  - .*\n)*", f"  tasks:\n  - {tasks / 'evil.yaml'}\n", text)
+    (run / "config.yaml").write_text(text)
+    from sft.engine.configuration import load_config
+
+    cfg = load_config(str(run / "config.yaml"))
+    assert cfg.model.trust_remote_code and cfg.model.name == str(base) and list(cfg.eval.tasks) == [str(tasks / "evil.yaml")]
+    return run
+
+
+def test_a_received_run_runs_none_of_its_code_without_the_users_flag(tiny_run, tmp_path):
+    run = _hostile_run(tiny_run, tmp_path)
+    model_ran, task_ran = tmp_path / "model-code-ran", tmp_path / "task-code-ran"
+    for args in (["generate", run, "Hi"], ["chat", run], ["export", run, "--exporter", "merged_16bit"], ["eval", run]):
+        result = run_sft(*args, input="hello\n", check=False)
+        assert result.exit_code == 1, result.output
+        assert (f"model.trust_remote_code: {run / 'config.yaml'} sets it to true" in result.output
+                and "add --trust-remote-code to this command" in result.output), result.output
+        assert "Traceback" not in result.output and not model_ran.exists() and not task_ran.exists()
+    # The user's flag allows the model's code, never the task file the run's config names.
+    result = run_sft("eval", run, "--trust-remote-code", check=False)
+    assert result.exit_code == 1 and not task_ran.exists() and not model_ran.exists()
+    assert f"eval.tasks: {run / 'config.yaml'} names the task file {run / 'tasks/evil.yaml'}" in result.output
+    assert f"--tasks {run / 'tasks/evil.yaml'}" in result.output
+    # What the flags let through does run: the folder's code is live, so the refusals above are what kept it out.
+    assert run_sft("generate", run, "Hi", "--max-new-tokens", "2", "--trust-remote-code").exit_code == 0
+    assert model_ran.exists()
+    model_ran.unlink()
+    run_sft("eval", run, "--tasks", run / "tasks/evil.yaml", "--trust-remote-code", "--limit", "1", check=False)
+    assert task_ran.exists()
 
 
 def test_generate_loads_a_run_trained_from_a_gguf_file(tmp_path, tiny_model_dir):
@@ -205,12 +265,33 @@ class _RecorderPlugin:
 
 def test_no_environment_secret_reaches_the_run_directory_or_a_logger(sft_plugin_manager, tiny_model_dir, tmp_path,
                                                                      monkeypatch):
+    """The notes take the secret through one indirection: the run is refused before a file is written."""
     monkeypatch.setenv("SFT_TEST_TOKEN", "hf_secret_value_42")
     sft_plugin_manager.register(_RecorderPlugin(), "recorder-plugin")
-    run = train_tiny(tmp_path / "run", tiny_model_dir, "loggers.enabled=[recorder]",
-                     "loggers.wandb.project=${oc.env:SFT_TEST_TOKEN}", steps=1)
-    assert _Recorder.seen["config"]["loggers"]["wandb"]["project"] == "${oc.env:SFT_TEST_TOKEN}"
-    assert "hf_secret_value_42" not in json.dumps(_Recorder.seen, default=str)
-    for f in run.rglob("*"):
+    _Recorder.seen.clear()
+    config = tmp_path / "config.yaml"
+    config.write_text("training:\n  generation_prompt: ${oc.env:SFT_TEST_TOKEN}\n"
+                      "loggers:\n  wandb:\n    notes: ${training.generation_prompt}\n")
+    result = run_sft("run", str(config), *tiny_overrides(tmp_path / "run", tiny_model_dir, steps=1),
+                     "loggers.enabled=[recorder]", check=False)
+    assert result.exit_code == 2, result.output
+    assert "training.generation_prompt: '${oc.env:SFT_TEST_TOKEN}' reads the environment" in result.output
+    assert "hf_secret_value_42" not in result.output and not _Recorder.seen
+    for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"hf_secret_value_42" not in f.read_bytes(), f
+
+
+def test_continuing_a_received_run_needs_the_users_own_trust_remote_code(tiny_run, tmp_path):
+    """``sft run --from RUN`` takes the model settings of that run, but not its permission to run code."""
+    from sft.core.errors import ConfigError
+    from sft.engine.configuration import load_config
+    from sft.engine.continuation import continued_run
+
+    run = _hostile_run(tiny_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"model.trust_remote_code: .*received/config.yaml sets it to true") as info:
+        load_config(overrides=[f"model.from_run={run}"], from_run=continued_run)
+    assert [p.key for p in info.value.problems] == ["model.trust_remote_code"]
+    cfg = load_config(overrides=[f"model.from_run={run}", "model.trust_remote_code=true"], from_run=continued_run)
+    assert cfg.model.trust_remote_code and cfg.model.name == str(run / "base")
+    assert not (tmp_path / "model-code-ran").exists()

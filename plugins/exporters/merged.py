@@ -85,7 +85,8 @@ class Merged16Exporter(Exporter):
             return []
         from sft.engine.evaluate import score_hf_folder
 
-        return [EvalModel(self.name, str(folder), lambda tasks, limit: score_hf_folder(folder, tasks, limit))]
+        trust = bool(context.config.model.trust_remote_code)
+        return [EvalModel(self.name, str(folder), lambda tasks, limit: score_hf_folder(folder, tasks, limit, trust))]
 
     def hub_card(self, context: ExportContext, result: ExportResult, repo_id: str, user: str) -> HubCard:
         dtype = result.details.get("dtype", "16-bit")
@@ -161,7 +162,8 @@ class Merged4Exporter(Exporter):
         compute = torch.bfloat16 if context.env.bf16 else torch.float16
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
                                    bnb_4bit_use_double_quant=options.double_quant, bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(str(merged), quantization_config=quant, device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(str(merged), quantization_config=quant, device_map={"": 0},
+                                                     trust_remote_code=bool(context.config.model.trust_remote_code))
         final = context.output_dir(self.name)
         with staged_dir(final) as partial:
             model.save_pretrained(str(partial))

@@ -308,7 +308,9 @@ class Merging:
         if cached is not None and cached[0] == path:
             return cached[1]
         device = {"device_map": {"": 0}} if self.context.env.cuda else {}
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **device)
+        # The merged folder keeps the model's own code (save_pretrained copies it): loading it runs that code again.
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **device,
+                                                     trust_remote_code=bool(self.context.config.model.trust_remote_code))
         model.eval()
         if 4 * self.context.parameter_count() <= KEEP_MODEL_BYTES:
             self._cache["reference_model"] = (path, model)

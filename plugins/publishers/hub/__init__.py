@@ -34,18 +34,25 @@ class HubPublisher(Publisher):
     options = HubOptions
     enabled_by = "repo_id"
     moved_from = "export.push"
+    # A run folder's config cannot make your repos public or push into one sft did not make.
+    confirmed_options = {"private": (True, "sft push: --public"), "force": (False, "sft push: --force")}
 
     def __init__(self) -> None:
         self._pusher: Any = None
 
     def preflight(self, config: Any, exporters: Sequence[Exporter], options: Any = None) -> list[str]:
         """The token (``whoami``) and every target repo, before training starts."""
-        from .pusher import Pusher, PushSettings, short_error
+        from .pusher import Pusher, PushSettings, repo_id_problem, short_error
 
         settings = PushSettings.from_options(options)
         if settings is None:
             return ["publish.hub.repo_id is not set: name the repo (owner/name) the exports go to"]
         pusher = Pusher(settings)
+        # Before the token is checked: a name the Hub refuses needs no network to find.
+        named = [repo_id_problem(settings.repo_id)] + [
+            repo_id_problem(pusher.repo_for(e), f"the {e.name} export's repo ") for e in exporters]
+        if any(named):
+            return [next(p for p in named if p)]  # the repo's own name first: its exports' repos share its fault
         try:
             pusher.login()
         except SftError as exc:
@@ -65,7 +72,7 @@ class HubPublisher(Publisher):
     def start(self, context: ExportContext, options: Any = None) -> str:
         """Log in; the repo is ``publish.hub.repo_id``, else the one the run's last push resolved
         (``publish.hub.target`` in summary.json, or an older run's ``hub.repo_id``)."""
-        from .pusher import Pusher, PushSettings
+        from .pusher import Pusher, PushSettings, repo_id_problem
 
         self._pusher = None
         summary = context.run_dir.read_summary()
@@ -75,6 +82,8 @@ class HubPublisher(Publisher):
         settings = PushSettings.from_options(options, repo_id=last)
         if settings is None:
             raise SftError("no repo to push to: pass --repo owner/name (or set publish.hub.repo_id)")
+        if (problem := repo_id_problem(settings.repo_id)):
+            raise SftError(problem)
         pusher = Pusher(settings)
         pusher.login()
         self._pusher = pusher
@@ -82,9 +91,15 @@ class HubPublisher(Publisher):
 
     def publish(self, context: ExportContext, exporter: Exporter, result: ExportResult,
                 options: Any = None) -> dict[str, Any]:
+        from .pusher import ForeignRepoError
+
         if self._pusher is None:
             raise SftError("the hub publisher was not started")
-        return self._pusher.push(context, exporter, result)
+        try:
+            return self._pusher.push(context, exporter, result)
+        except ForeignRepoError as exc:
+            # The retry that sft prints must say what lets it go through this time.
+            return {"ok": False, "error": str(exc), "retry_overrides": ["publish.hub.force=true"]}
 
     def error_text(self, exc: BaseException) -> str:
         from .pusher import short_error

@@ -36,7 +36,7 @@ from sft.core.errors import SftError
 from sft.core.interfaces import ExportContext, ExportResult, Exporter, HubCard
 from sft.core.notices import notice
 
-__all__ = ["TAG", "PushSettings", "Pusher", "render_card", "short_error"]
+__all__ = ["TAG", "ForeignRepoError", "PushSettings", "Pusher", "render_card", "repo_id_problem", "short_error"]
 
 #: The Hub tag that marks a repo as made by sft (TRL tags its own cards ``sft``, so that one cannot).
 TAG = "sft-forge"
@@ -55,6 +55,22 @@ def _is_hub_id(name: str | None) -> bool:
     text = str(name or "")
     return (bool(_HUB_ID.match(text)) and not text.lower().endswith(_FILE_SUFFIXES)
             and not Path(text).expanduser().exists())
+
+
+def repo_id_problem(repo: str, what: str = "") -> str | None:
+    """Why ``repo`` is no Hub repo id, by huggingface_hub's own rule (one line naming the key), else None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        return f"publish.hub.repo_id: {what}'{repo}' is not a Hub repo id: {str(exc).splitlines()[0]}"
+    return None
+
+
+class ForeignRepoError(SftError):
+    """A repo that exists and was not made by sft, pushed into without ``force``."""
 
 
 def _token() -> str | None:
@@ -168,7 +184,7 @@ class Pusher:
         tags = set(info.tags or []) | set(getattr(info.card_data, "tags", None) or [])
         state = "empty" if files <= EMPTY_REPO_FILES else "sft" if TAG in tags else "foreign"
         if state == "foreign" and not self.settings.force:
-            raise SftError(f"{repo} already exists and was not made by sft (its model card has no '{TAG}' tag); "
+            raise ForeignRepoError(f"{repo} already exists and was not made by sft (its model card has no '{TAG}' tag); "
                            "push into it anyway with `sft push --force` or publish.hub.force=true, or choose "
                            "another publish.hub.repo_id")
         return state, info
@@ -204,8 +220,8 @@ class Pusher:
         repo = self.repo_for(exporter)
         record: dict[str, Any] = {"repo": repo, "url": f"{self.api.endpoint}/{repo}",
                                   "revision": self.settings.revision or "main"}
+        files = self._files(context, name, result, repo)  # first: a file that is not the run's own stops it here
         record.update(self._ensure_repo(repo))
-        files = self._files(context, name, result, repo)
         record.update(self._commit(repo, name, files, context.name))
         size = _size(record["bytes_uploaded"])
         notice(f"push {name}: {record['url']} ({record['commit'] or 'no new commit'}): "
@@ -220,7 +236,7 @@ class Pusher:
         for _n, _exporter, entry in entries:
             files.update({path: local for local, path in context.run_dir.export_files(entry.paths)})
         files.pop("README.md", None)  # sft's card replaces any README an export carries (PEFT's placeholder)
-        if context.run_dir.loss_plot.is_file():
+        if context.run_dir.own_path(context.run_dir.loss_plot).is_file():  # a link to ~/.ssh/id_rsa is refused
             files.setdefault("loss.png", context.run_dir.loss_plot)
         siblings = sorted({(n, self.repo_for(e)) for n, e, _r in _repo_entries(context, summary, None, self)
                            if self.repo_for(e) != repo})
