@@ -276,6 +276,28 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_pat
     assert (tmp_path / "run" / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / "COMPLETE").is_file()
 
 
+def test_ranks_started_with_different_configs_refuse_naming_the_key(tiny_model_dir, tmp_path):
+    """torchrun starting each rank from its own command line: the ranks compare their configs first."""
+    import subprocess
+    import sys
+
+    from sft.testing import tiny_overrides
+
+    # What a per-node script does wrong: each rank's own learning rate.
+    rank_script = tmp_path / "rank.sh"
+    args = " ".join(f"'{a}'" for a in [*tiny_overrides(tmp_path / "run", tiny_model_dir), "data.dataset=sft:identity"])
+    rank_script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sft.cli run {args} '
+                           f'"training.learning_rate=0.00$((LOCAL_RANK + 1))"\n')
+    rank_script.chmod(0o755)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--no-python", str(rank_script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    line = ("rank 1's config differs from rank 0's at training.learning_rate: every rank of a job must be started "
+            "with the same config file and key=value overrides")
+    assert result.stderr.count(line) == 2, result.stderr  # both ranks refuse, before any training
+    assert "0.002" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # -- refused before any process starts ---------------------------------------------------------------
 def _refusal(tmp_path: Path, model: Path, *extra: str) -> str:
     from click.testing import CliRunner
