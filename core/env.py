@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import sys
 from dataclasses import dataclass
 
 __all__ = ["Environment", "current_environment", "hub_reachable", "quiet_known_warnings", "quiet_progress_bars"]
@@ -38,12 +41,26 @@ def current_environment() -> Environment:
 
 def quiet_progress_bars() -> None:
     """`sft` reports progress itself (console logger, notices); the libraries' own bars
-    (weight loading, dataset maps) would interleave with it."""
+    (weight loading, dataset maps) would interleave with it, and so would their import-time prints.
+
+    Called once the backend has prepared the environment (Unsloth must be imported before transformers).
+    """
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    # transformers prints "[INFO] Running in WANDB offline mode" when its integrations module is
+    # imported under WANDB_MODE=offline, W&B used or not. It is imported here with the variable
+    # hidden for that moment: with the wandb logger off nothing of W&B shows, and with it on,
+    # wandb.init gives W&B's own offline notice.
+    module = "transformers.integrations.integration_utils"
+    if os.environ.get("WANDB_MODE") == "offline" and module not in sys.modules:
+        mode = os.environ.pop("WANDB_MODE")
+        try:
+            importlib.import_module(module)
+        finally:
+            os.environ["WANDB_MODE"] = mode
 
 
 def quiet_known_warnings() -> None:

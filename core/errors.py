@@ -19,6 +19,7 @@ __all__ = [
     "UnknownPluginError",
     "did_you_mean",
     "as_user_error",
+    "refused_pickle",
 ]
 
 
@@ -136,9 +137,18 @@ def as_user_error(exc: BaseException) -> SftError | None:
     if name == "SecurityError" and type(exc).__module__.startswith("jinja2"):
         return SftError(f"a chat template tried something the Jinja sandbox forbids, so it was stopped: {text}")
     if isinstance(exc, pickle.UnpicklingError):
-        return SftError(f"refused to load a pickle that torch.load(weights_only=True) would not trust: {text}; "
-                        f"it was not written by sft")
+        return refused_pickle(exc, "a pickle file")
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (13, 28, 30)):
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         return SftError(f"cannot write{where}: {exc.strerror or text}")
     return None
+
+
+def refused_pickle(exc: BaseException, where: str) -> SftError:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: the file and what it asks
+    for, never torch's own advice (to load it again with ``weights_only=False``, running its code)."""
+    import re
+
+    wants = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    asks = f"it asks for {wants.group(1)}, which weights never need" if wants else "it holds more than weights"
+    return SftError(f"refused to load {where}: {asks}; it was not written by sft, so it is not loaded")

@@ -8,6 +8,12 @@ Loading order (pytest and tox do the same):
 2. ``check_pending()``: a hookimpl with a misspelled hook name fails its plugin;
 3. every ``register_*`` hook, called plugin by plugin so a duplicate name can name both.
 
+The bundled plugins (distribution ``sft-forge``) come first in both steps, whatever the order
+of ``sys.path`` or a hook's ``tryfirst``/``trylast``: a name of sft's own always stays sft's.
+A third party's object registered under such a name is left out (its other objects stay),
+with a notice and a line in ``sft plugins`` naming both plugins; two third-party plugins
+that register one name are an error that disables the second.
+
 ``SFT_STRICT_PLUGINS=1`` turns any recorded failure into an error.
 """
 
@@ -25,6 +31,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, UnknownPluginError
 from .interfaces import KINDS
+from .notices import notice
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -53,6 +60,8 @@ class PluginInfo:
     error: str | None = None
     #: kind -> registered names
     provides: dict[str, list[str]] = field(default_factory=dict)
+    #: its registrations left out because sft's own plugin has the name (the rest of it works)
+    clashes: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -71,6 +80,7 @@ class PluginInfo:
             "version": self.version,
             "status": self.status,
             "error": self.error,
+            "clashes": list(self.clashes),
         }
 
 
@@ -93,6 +103,7 @@ class PluginManager:
         self._registry: dict[str, dict[str, Any]] | None = None
         #: (kind, name) -> plugin name that registered it
         self._owner: dict[tuple[str, str], str] = {}
+        self._noticed: set[str] = set()  # each clash is told once, though the registry is rebuilt
 
     # -- loading -----------------------------------------------------------------------
     def register(self, plugin: object, name: str | None = None, *, distribution: str | None = None,
@@ -124,10 +135,11 @@ class PluginManager:
             bundled_only = _env_flag("SFT_DISABLE_PLUGIN_AUTOLOAD")
         if entry_points is None:
             entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
-        for ep in entry_points:
+        # sft's own first, so that an entry point name of sft's is never taken by a third party.
+        for ep in sorted(entry_points, key=lambda ep: not _is_bundled(ep.dist.name if ep.dist else None)):
             dist = ep.dist.name if ep.dist is not None else None
             version = ep.dist.version if ep.dist is not None else None
-            if bundled_only and _canonical(dist) != _canonical(BUNDLED_DISTRIBUTION):
+            if bundled_only and not _is_bundled(dist):
                 continue
             if ep.name in self.plugins:
                 other = self.plugins[ep.name].distribution
@@ -156,13 +168,13 @@ class PluginManager:
         registry: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self._owner = {}
         for info in self.plugins.values():
-            info.provides = {}
+            info.provides, info.clashes = {}, []
         for kind, (hook_name, interface, _section) in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             # Call implementations one plugin at a time so a duplicate can name both owners
-            # and a plugin whose hook raises fails alone. get_hookimpls() lists them in
-            # registration order: the bundled plugins (loaded first) keep their names on a clash.
-            for impl in hook.get_hookimpls():
+            # and a plugin whose hook raises fails alone. The bundled plugins go first, so they
+            # keep their names; pluggy's own order (registration, tryfirst/trylast) only ranks the rest.
+            for impl in sorted(hook.get_hookimpls(), key=lambda impl: not self.is_bundled(impl.plugin_name)):
                 plugin_name = impl.plugin_name
 
                 def register(obj: Any, _kind=kind, _plugin=plugin_name, _iface=interface) -> None:
@@ -174,9 +186,12 @@ class PluginManager:
                         raise _Refused(f"registered {_kind} '{name}' that is not a {_iface.__name__}")
                     _check_options(getattr(obj, "options", None), f"{_kind} '{name}'")
                     owner = self._owner.get((_kind, name))
+                    if owner is not None and self.is_bundled(owner) and not self.is_bundled(_plugin):
+                        self._clash(_kind, name, owner, _plugin)
+                        return
                     if owner is not None:
-                        raise _Refused(f"{_kind} '{name}' is registered by both plugin '{owner}' and plugin "
-                                       f"'{_plugin}'; '{owner}' keeps it")
+                        raise _Refused(f"{_kind} '{name}' is registered by both plugin {self._named(owner)} and "
+                                       f"plugin {self._named(_plugin)}; '{owner}' keeps it")
                     registry[_kind][name] = obj
                     self._owner[(_kind, name)] = _plugin
                     info = self.plugins.setdefault(_plugin, PluginInfo(_plugin))
@@ -191,6 +206,25 @@ class PluginManager:
                         registry[key[0]].pop(key[1], None)
                         del self._owner[key]
         return registry
+
+    def is_bundled(self, plugin_name: str) -> bool:
+        info = self.plugins.get(plugin_name)
+        return info is not None and _is_bundled(info.distribution)
+
+    def _named(self, plugin_name: str) -> str:
+        info = self.plugins.get(plugin_name)
+        dist = info.distribution if info is not None else None
+        return f"'{plugin_name}'" + (f" ({dist}{' ' + info.version if info.version else ''})" if dist else "")
+
+    def _clash(self, kind: str, name: str, owner: str, plugin_name: str) -> None:
+        """``plugin_name`` registers a name of sft's own: that one object is left out, the plugin stays."""
+        what = f"{kind.replace('_', ' ')} '{name}'"
+        line = (f"{what} of plugin {self._named(plugin_name)} is left out: the name is sft's own "
+                f"(plugin {self._named(owner)} keeps it); rename it in that plugin")
+        self.plugins.setdefault(plugin_name, PluginInfo(plugin_name)).clashes.append(line)
+        if line not in self._noticed:
+            self._noticed.add(line)
+            notice(line)
 
     def disable(self, plugin_name: str, reason: str) -> None:
         """Leave ``plugin_name`` out, recording ``reason`` for ``sft plugins`` (e.g. its options clash with a core key)."""
@@ -250,6 +284,10 @@ def _check_options(options: Any, what: str) -> None:
 
 def _canonical(name: str | None) -> str:
     return (name or "").lower().replace("_", "-").replace(".", "-")
+
+
+def _is_bundled(distribution: str | None) -> bool:
+    return _canonical(distribution) == _canonical(BUNDLED_DISTRIBUTION)
 
 
 _manager: PluginManager | None = None

@@ -248,8 +248,17 @@ def _check_ranges(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
         if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, bounds):
             problems.append(ConfigProblem(key, f"must be {describe_range(bounds)}, got {value!r}"))
         if meta.get("name") and value is not None and not is_plain_name(str(value)):
-            problems.append(ConfigProblem(key, f"must be a name, not a path (no '/', '\\' or '..'), got {str(value)!r}; "
-                                               f"a run goes elsewhere with training.output_dir"))
+            problems.append(ConfigProblem(key, f"must be a name, not a path (no '/', '\\' or '..'), got {str(value)!r}"
+                                               f"{_folder_hint(cfg, key)}"))
+
+
+def _folder_hint(cfg: DictConfig, key: str) -> str:
+    """Where the folder is chosen, when the name's own section has such a key (``training.output_dir``
+    for ``training.run_name``); nothing for a name whose section has none (``export.gguf.name``)."""
+    section = key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, section) if section else cfg
+    folders = sorted(k for k in (node.keys() if isinstance(node, DictConfig) else []) if str(k).endswith("_dir"))
+    return f"; the folder is set by {section}.{folders[0]}" if folders else ""
 
 
 def _check_plugin_names(cfg: DictConfig, pm: "PluginManager", problems: list[ConfigProblem]) -> None:

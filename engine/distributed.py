@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from sft.core.interfaces import TrainingBackend
 
 __all__ = ["STRATEGIES", "World", "current_world", "under_launcher", "wants_launch", "preset", "fsdp_config",
-           "BatchPlan", "batch_plan", "check_strategy", "setup", "barrier", "broadcast", "main_first",
-           "sum_across_ranks", "min_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env",
+           "BatchPlan", "batch_plan", "check_strategy", "setup", "check_same_config", "barrier", "broadcast",
+           "main_first", "sum_across_ranks", "min_across_ranks", "device_map", "device", "is_fsdp", "NullHub", "plain_env",
            "write_layout", "check_resume", "LAYOUT_FILE"]
 
 #: The values of ``distributed.strategy``; each has a preset ``engine/assets/accelerate/<name>.yaml``.
@@ -261,7 +261,45 @@ def setup(cfg: "DictConfig", env: "Environment") -> World:
     from accelerate import PartialState
 
     PartialState(cpu=not env.cuda)
+    check_same_config(cfg, world)
     return world
+
+
+def check_same_config(cfg: "DictConfig", world: World) -> None:
+    """Refuse, on every rank, a job whose ranks were started with different configs.
+
+    A launcher that starts each rank with its own command line (a per-node script, a stale
+    file on one node) would otherwise train a mix. Rank 0's config is the reference; the
+    message names the first differing key, never a value (a value may be a secret).
+    """
+    import hashlib
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()
+    digests: list[Any] = [None] * world.world_size
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    configs: list[Any] = [None] * world.world_size
+    dist.all_gather_object(configs, mine)  # only on a mismatch: every rank then names the same key
+    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    keys = _differing_keys(configs[0], configs[rank])
+    more = f" (and {len(keys) - 1} more key(s))" if len(keys) > 1 else ""
+    raise SftError(f"rank {rank}'s config differs from rank 0's at {keys[0]}{more}: every rank of a job must be "
+                   f"started with the same config file and key=value overrides")
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config mappings (sorted)."""
+    if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+        return [] if a == b else [prefix.rstrip(".") or "(the whole config)"]
+    keys: list[str] = []
+    for key in sorted(set(a) | set(b), key=str):
+        keys += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    return keys
 
 
 def _ready() -> bool:

@@ -129,7 +129,10 @@ def run_lm_eval(lm: Any, tasks: Sequence[str], limit: int | None, torch_seed: bo
     kwargs = {} if torch_seed else {"torch_random_seed": None}  # the llama.cpp worker never imports torch
     # lm-eval's environment report runs torch's collect_env (pip, conda and nvidia-smi in subprocesses:
     # 5 s of CPU, 65 s of wall time on a busy 2-core machine) for every model; eval.json has no use for it.
-    with mock.patch.object(evaluator, "add_env_info", lambda results: None):
+    # Nor for its git_hash: it asks git with git's stderr left on ours, and outside a repository
+    # every `sft eval` printed "fatal: not a git repository".
+    with mock.patch.object(evaluator, "add_env_info", lambda results: None), \
+            mock.patch.object(evaluator, "get_git_commit_hash", lambda: None):
         out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, apply_chat_template=True,
                                         task_manager=task_manager or _task_manager(tasks), log_samples=False,
                                         bootstrap_iters=1000, **kwargs)

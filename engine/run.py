@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import distributed
 from .backends import select_backend
-from sft.core.errors import SftError
+from sft.core.errors import SftError, refused_pickle
 from sft.core.notices import notice
 from sft.core.rundir import RunDir, atomic_write_text, staged_dir
 
@@ -223,6 +223,22 @@ def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", c
         return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
 
 
+def _refused_file(checkpoint: Path) -> str:
+    """The pickle file of ``checkpoint`` that ``torch.load(weights_only=True)`` refuses (the Trainer does
+    not say which one it was loading), else the checkpoint itself."""
+    import torch
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                return str(path)
+            except Exception:  # noqa: BLE001 - any other trouble is not the refusal being located
+                continue
+    return str(checkpoint)
+
+
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
     """The checkpoint ``--resume`` continues from, once :func:`~sft.engine.resume.check_resume` allows it."""
     from . import checkpoints
@@ -368,9 +384,8 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             else:
                 result = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
         except pickle.UnpicklingError as exc:
-            raise SftError(f"--resume: {resume_from.path if resume_from else 'the checkpoint'} holds a pickle that "
-                           f"torch refuses to load (weights_only): {str(exc).splitlines()[0]}; it was not written "
-                           f"by sft, so do not trust it") from None
+            where = _refused_file(resume_from.path) if resume_from else "the checkpoint"
+            raise refused_pickle(exc, f"--resume: {where}") from None
         if stop.requested:
             saved = (f"checkpoint-{stop.saved_step} was saved; continue with --resume" if stop.saved_step
                      else "no checkpoint was saved")

@@ -35,11 +35,12 @@ puts the two together on the prepared rows (what ``sft run`` and ``bench/`` trai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sft.core.errors import SftError
 from sft.core.notices import notice
@@ -561,12 +562,35 @@ class RunTrainerSetup:
         return guarded_trainer_class(base)
 
 
+@contextlib.contextmanager
+def _trl_without_wandb() -> Iterator[None]:
+    """TRL imports wandb with its trainers whenever wandb is installed (1.14's ``base_trainer``).
+    sft hands TRL ``report_to="none"``, so TRL never uses it: W&B is the wandb logger's alone,
+    and a run without that logger does not load it. ``sys.modules[name] = None`` is how Python
+    says "not installed" (``find_spec`` returns None); the entry is put back afterwards."""
+    import sys
+
+    before = sys.modules.get("wandb", _ABSENT)
+    sys.modules["wandb"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if before is _ABSENT:
+            sys.modules.pop("wandb", None)
+        else:
+            sys.modules["wandb"] = before
+
+
+_ABSENT = object()
+
+
 def objective_trainer(objective: Any, setup: RunTrainerSetup, options: Any = None) -> Any:
     """``objective``'s trainer for ``setup``, with metrics reaching the console through the logger
     plugins only (not also as the Trainer's raw dicts)."""
     from transformers import PrinterCallback
 
-    trainer = objective.build_trainer(setup, options)
+    with _trl_without_wandb():
+        trainer = objective.build_trainer(setup, options)
     trainer.sft_config = setup.config  # every objective's optimizer gets the run's parameter groups
     trainer.remove_callback(PrinterCallback)
     return trainer

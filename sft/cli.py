@@ -265,7 +265,7 @@ def plugins(name: str | None, as_json: bool) -> None:
     rows = [("plugin", "kinds", "provides", "distribution", "version", "status")]
     for p in listing:
         provides = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(p.provides.items()))
-        status = "ok" if p.error is None else f"failed: {p.error}"
+        status = "; ".join(["ok", *p.clashes]) if p.error is None else f"failed: {p.error}"
         rows.append((p.name, ", ".join(p.kinds), provides or "-", p.distribution or "-", p.version or "-", status))
     # Plain aligned columns, never truncated: the listing is read in pipes and CI logs too.
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

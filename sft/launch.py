@@ -83,11 +83,14 @@ def launch(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" =
     plan = batch_plan(cfg, n)
     notice(f"distributed: launching {n} processes ({cfg.distributed.strategy}, "
            f"{'NCCL' if env.cuda else 'gloo on CPU'}); {plan.describe()}")
-    # No --quiet: from accelerate 1.16 it turns a worker's failure into sys.exit(1), and the
+    # No --quiet (nor --debug, which the presets leave off): accelerate 1.16 turns a worker's
+    # failure into sys.exit(1) under either, and 1.0-1.12 swallow it under --debug. The
     # ChildFailedError is what names the rank that failed and how.
     parsed = launch_command_parser().parse_args(args)
     try:
         launch_command(parsed)
+    except SystemExit as stop:  # accelerate 1.16 on SIGTERM/Ctrl-C (128 + N), or a future quiet default
+        raise _launcher_exit(stop.code, run, checkpoints) from None
     except Exception as exc:  # noqa: BLE001 - ChildFailedError, or the launcher's own failure
         raise _worker_failure(exc, run, checkpoints) from None
     finally:
@@ -95,9 +98,47 @@ def launch(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" =
     return run.root
 
 
+def _kept(run: Any, checkpoints: Any) -> str:
+    last = checkpoints.last_complete(run.checkpoints)
+    return (f"the last complete checkpoint is kept: {last.path} (continue with sft run --resume)" if last
+            else "no checkpoint had been written")
+
+
+def _record(run: Any, message: str, status: str, **extra: Any) -> None:
+    """Record the launcher's account in summary.json, unless rank 0 wrote a more precise one (a NaN stop)."""
+    previous = run.read_summary() or {}
+    if previous.get("status") == "nan":
+        run.update_summary(**extra)
+    else:
+        run.update_summary(status=status, error=message, **extra)
+
+
+def _launcher_exit(code: Any, run: Any, checkpoints: Any) -> SftError:
+    """accelerate's launcher ended with ``sys.exit``: after a signal (128 + N, the workers stopped
+    first), or for a worker's failure it did not hand on (then no rank is known here)."""
+    import signal
+
+    status = code if isinstance(code, int) else 1
+    if status > 128:
+        try:
+            name = signal.Signals(status - 128).name
+        except ValueError:
+            name = f"signal {status - 128}"
+        message = f"distributed training stopped: the launcher got {name} and stopped every rank; {_kept(run, checkpoints)}"
+        _record(run, message, "interrupted")
+        return DistributedError(message, exit_code=status)
+    message = (f"distributed training failed: accelerate's launcher exited with status {status} without naming "
+               f"the rank (the workers' messages are above); {_kept(run, checkpoints)}")
+    _record(run, message, "failed")
+    return DistributedError(message, exit_code=status if status in (1, 2) else 1)
+
+
 def _worker_failure(exc: Exception, run: Any, checkpoints: Any) -> SftError:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if isinstance(exc, SignalException):  # accelerate before 1.16 hands on the signal the launcher got
+        return _launcher_exit(128 + int(exc.sigval), run, checkpoints)
     if not isinstance(exc, ChildFailedError):
         return DistributedError(f"the distributed launch failed: {type(exc).__name__}: {exc}")
     rank, failure = _root_cause(exc)
@@ -109,15 +150,9 @@ def _worker_failure(exc: Exception, run: Any, checkpoints: Any) -> SftError:
         code = failure.exitcode if failure.exitcode in (1, 2) else 1
     others = sorted(r for r in exc.failures if r != rank)
     also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
-    last = checkpoints.last_complete(run.checkpoints)
-    keep = (f"the last complete checkpoint is kept: {last.path} (continue with sft run --resume)" if last
-            else "no checkpoint had been written")
-    message = f"distributed training failed: rank {rank} (local rank {failure.local_rank}) {how}{also}; {keep}"
-    previous = run.read_summary() or {}
-    if previous.get("status") == "nan":  # rank 0 recorded the NaN guard's stop: the more precise account
-        run.update_summary(failed_rank=rank)
-    else:
-        run.update_summary(status="failed", error=message, failed_rank=rank)
+    message = (f"distributed training failed: rank {rank} (local rank {failure.local_rank}) {how}{also}; "
+               f"{_kept(run, checkpoints)}")
+    _record(run, message, "failed", failed_rank=rank)
     return DistributedError(message, exit_code=code)
 
 

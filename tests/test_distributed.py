@@ -230,6 +230,32 @@ def test_a_killed_rank_fails_the_run_and_resume_reaches_the_same_loss(runs, tiny
         assert json.loads((run / "summary.json").read_text())["status"] == "ok"
 
 
+def test_sigterm_to_the_launcher_stops_every_rank_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """accelerate 1.16 ends its launcher with sys.exit(128 + N) on a signal (1.0-1.12 raise
+    SignalException): either way the run says so in one line, names the checkpoint, and is recorded."""
+    import subprocess
+    import sys
+
+    from sft.testing import tiny_overrides
+
+    flag, out = tmp_path / "paused", tmp_path / "run"
+    _hook(tmp_path, monkeypatch, PAUSE_HOOK, SFT_TEST_PAUSE_FLAG=str(flag), SFT_TEST_PAUSE_AT=str(KILL_AFTER))
+    complete = out / "checkpoints" / f"checkpoint-{KILL_AFTER}" / "COMPLETE"
+    launcher = subprocess.Popen([sys.executable, "-m", "sft.cli", "run", *tiny_overrides(out, tiny_model_dir, steps=STEPS),
+                                 *SHARED, "training.stop_grace_seconds=2", "--nproc", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (flag.is_file() and flag.read_text() and complete.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert "the launcher got SIGTERM and stopped every rank" in last, err
+    assert f"the last complete checkpoint is kept: {out.resolve() / 'checkpoints' / f'checkpoint-{KILL_AFTER}'}" in last
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_path, monkeypatch, capfd):
     from sft.launch import DistributedError
 
@@ -248,6 +274,28 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model_dir, tmp_pat
     assert summary["status"] == "nan" and f"step {nan_at}" in summary["error"]
     assert f"checkpoint-{SAVE_EVERY}" in summary["error"]  # the last good checkpoint is named and kept
     assert (tmp_path / "run" / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / "COMPLETE").is_file()
+
+
+def test_ranks_started_with_different_configs_refuse_naming_the_key(tiny_model_dir, tmp_path):
+    """torchrun starting each rank from its own command line: the ranks compare their configs first."""
+    import subprocess
+    import sys
+
+    from sft.testing import tiny_overrides
+
+    # What a per-node script does wrong: each rank's own learning rate.
+    rank_script = tmp_path / "rank.sh"
+    args = " ".join(f"'{a}'" for a in [*tiny_overrides(tmp_path / "run", tiny_model_dir), "data.dataset=sft:identity"])
+    rank_script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sft.cli run {args} '
+                           f'"training.learning_rate=0.00$((LOCAL_RANK + 1))"\n')
+    rank_script.chmod(0o755)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--no-python", str(rank_script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    line = ("rank 1's config differs from rank 0's at training.learning_rate: every rank of a job must be started "
+            "with the same config file and key=value overrides")
+    assert result.stderr.count(line) == 2, result.stderr  # both ranks refuse, before any training
+    assert "0.002" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # -- refused before any process starts ---------------------------------------------------------------

@@ -113,7 +113,8 @@ def test_a_broken_quant_is_caught(evaluated, tmp_path: Path):
 
 
 # -- the tiny model: tasks, bad input, after training ----------------------------------------------
-def test_a_yaml_task_pointing_at_local_files(tiny_run: Path, tmp_path: Path):
+def test_a_yaml_task_pointing_at_local_files(tiny_run: Path, tmp_path: Path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's git query must not reach stderr
     data = tmp_path / "capitals.jsonl"
     data.write_text("".join(json.dumps({"q": q, "options": o, "gold": g}) + "\n" for q, o, g in [
         ("Capital of Italy?", ["Rome", "Oslo"], 0), ("Capital of Norway?", ["Rome", "Oslo"], 1),
@@ -139,6 +140,7 @@ metric_list:
     assert record["models"]["run"]["results"]["capitals"]["samples"] == 2
     assert 0 <= _acc(record, "run", "capitals") <= 1 and record["ok"]
     assert "scoring the run's model alone" in result.output  # the run has no export to compare
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_bad_input_gets_a_clear_error(tiny_run: Path, tmp_path: Path):

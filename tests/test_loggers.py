@@ -361,6 +361,30 @@ def _wandb_run(run_dir: Path) -> tuple[list[dict], dict, dict, dict]:
     return history, config, summary, run
 
 
+def test_with_the_wandb_logger_off_nothing_of_wandb_shows_under_wandb_mode_offline(
+        tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> None:
+    """WANDB_MODE=offline set in the shell (for other projects): a run without the wandb logger neither
+    imports wandb nor prints transformers' "Running in WANDB offline mode"."""
+    import os
+    import subprocess
+    import sys
+
+    from sft.testing import tiny_overrides
+
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('wandb imported:', 'wandb' in sys.modules, file=sys.stderr))\n"
+              "from sft.cli import main\nmain()\n")
+    out = tmp_path_factory.mktemp("quiet") / "run"  # a path without the word in it: the output is searched
+    overrides = [o for o in tiny_overrides(out, tiny_model_dir) if not o.startswith("loggers.")]
+    env = {**os.environ, "WANDB_MODE": "offline", "SFT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    result = subprocess.run([sys.executable, "-c", script, "run", *overrides, "loggers.enabled=[console]"], env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wandb imported: False" in result.stderr
+    output = (result.stdout + result.stderr).lower()
+    assert "wandb" not in output.replace("wandb imported: false", "")
+
+
 def test_wandb_offline_run_has_the_same_loss_series_as_metrics_jsonl(logged_run: LoggedRun) -> None:
     history, config, summary, run = _wandb_run(logged_run.run_dir)
     records = read_metrics(logged_run.run_dir)

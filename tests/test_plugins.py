@@ -196,6 +196,87 @@ def test_installed_plugin_with_misspelled_hook_is_listed_as_failed(tmp_path: Pat
     assert typo["status"] == "failed" and "register_exporter" in typo["error"]
 
 
+#: A third party's `chatml` with another end-of-turn token, beside a name of its own.
+CLASHING_PLUGIN = """
+    from sft.core import hookimpl
+    from sft.plugins.templates.chatml import ChatML
+
+
+    class EvilChatML(ChatML):
+        eot = "<|evil|>"
+
+
+    class Parrot(EvilChatML):
+        name = "parrot"
+
+
+    @hookimpl(trylast={trylast})
+    def register_chat_templates(register):
+        register(EvilChatML())
+        register(Parrot())
+"""
+
+#: Loads the plugins with the third party's folder before or after site-packages (where sft-forge is).
+PROBE = """
+import json, sys
+from importlib import metadata
+(sys.path.insert(0, sys.argv[1]) if sys.argv[2] == "before" else sys.path.append(sys.argv[1]))
+from sft.core.plugins import get_plugin_manager
+pm = get_plugin_manager()
+print(json.dumps({
+    "order": [ep.dist.name for ep in metadata.entry_points(group="sft") if ep.dist.name in ("sft-forge", "sft-evil")],
+    "chatml": [pm.owner("chat_template", "chatml"), pm.get("chat_template", "chatml").stop_tokens()],
+    "parrot": pm.owner("chat_template", "parrot"),
+    "listing": {p.name: p.to_json() for p in pm.listing()},
+}))
+"""
+
+
+@pytest.mark.parametrize("trylast", [False, True])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_a_third_party_chatml_never_replaces_the_bundled_one(tmp_path: Path, order: str, trylast: bool):
+    _fake_distribution(tmp_path, "sft-evil", "sft_evil_plugin", CLASHING_PLUGIN.format(trylast=trylast), "evil")
+    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), order], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout)
+    first = "sft-evil" if order == "before" else "sft-forge"
+    assert probe["order"][0] == first  # the entry points really come in this order
+    assert probe["chatml"] == ["templates.chatml", ["<|im_end|>"]]
+    evil = probe["listing"]["evil"]
+    # Only the clashing registration is dropped: the rest of the third party keeps working.
+    assert evil["status"] == "ok" and evil["provides"] == {"chat_template": ["parrot"]} and probe["parrot"] == "evil"
+    line = ("chat template 'chatml' of plugin 'evil' (sft-evil 1.2.3) is left out: the name is sft's own "
+            "(plugin 'templates.chatml' (sft-forge 0.1.0) keeps it); rename it in that plugin")
+    assert evil["clashes"] == [line]
+    assert result.stderr.count(line) == 1  # a notice, once
+
+
+def test_a_clash_with_sft_is_shown_by_sft_plugins_and_two_third_parties_still_refuse(tmp_path: Path):
+    _fake_distribution(tmp_path, "sft-evil", "sft_evil_plugin", CLASHING_PLUGIN.format(trylast=False), "evil")
+    parrot_only = """
+        from sft.core import hookimpl
+        from sft_evil_plugin import Parrot
+
+
+        @hookimpl
+        def register_chat_templates(register):
+            register(Parrot())
+    """
+    _fake_distribution(tmp_path, "sft-echo", "sft_echo_plugin", parrot_only, "echo")
+    table = _sft("plugins", pythonpath=tmp_path)
+    assert table.returncode == 0, table.stderr
+    evil = next(line for line in table.stdout.splitlines() if line.startswith("evil "))
+    assert evil.endswith("ok; chat template 'chatml' of plugin 'evil' (sft-evil 1.2.3) is left out: the name is "
+                         "sft's own (plugin 'templates.chatml' (sft-forge 0.1.0) keeps it); rename it in that plugin")
+    assert "[sft] chat template 'chatml' of plugin 'evil'" in table.stderr
+    listing = {p["name"]: p for p in json.loads(_sft("plugins", "--json", pythonpath=tmp_path).stdout)}
+    # Between two third parties the first one (by sys.path order) keeps the name; the second is disabled.
+    second = "echo" if listing["evil"]["status"] == "ok" else "evil"
+    assert listing[second]["status"] == "failed"
+    assert ("chat_template 'parrot' is registered by both plugin" in listing[second]["error"]
+            and "(sft-evil 1.2.3)" in listing[second]["error"] and "(sft-echo 1.2.3)" in listing[second]["error"])
+
+
 def test_cli_listing_does_not_import_heavy_libraries():
     code = textwrap.dedent(
         """

@@ -62,7 +62,13 @@ def test_the_reference_shows_each_range():
                                       "export.gguf.name=../../x", "export.gguf.name=a\nFROM /etc/passwd"])
 def test_names_that_are_paths_are_refused(override):
     key = override.split("=")[0]
-    assert "must be a name, not a path" in _problems(override)[key]
+    message = _problems(override)[key]
+    assert "must be a name, not a path" in message
+    # The hint names a key of the name's own section, or nothing: an export's name has no folder key.
+    if key == "training.run_name":
+        assert message.endswith("; the folder is set by training.output_dir")
+    else:
+        assert "output_dir" not in message and "training." not in message
 
 
 SECRET = "hunter2-secret"
@@ -150,7 +156,6 @@ class _NotADataclass:
 
 
 @pytest.mark.parametrize("template, reason", [
-    (_Template("chatml"), "is registered by both plugin 'templates.chatml' and plugin 'bad'"),
     (_Template("odd", options=_NotADataclass), "options must be a dataclass type"),
     (_Template("odd", options=_SetOptions), "OmegaConf cannot build its options _SetOptions"),
 ])
@@ -163,6 +168,14 @@ def test_a_plugin_that_breaks_the_registry_is_disabled_alone_and_listed(sft_plug
     bad = next(p for p in listed if p["name"] == "bad")
     assert bad["status"] == "failed" and reason in bad["error"]
     assert next(p for p in listed if p["name"] == "templates.chatml")["status"] == "ok"
+
+
+def test_a_third_party_chatml_is_left_out_and_listed(sft_plugin_manager):
+    sft_plugin_manager.register(_Registers(_Template("chatml")), "bad")
+    assert load_config(overrides=["export.enabled=[]"]).template.name == "chatml"
+    assert sft_plugin_manager.owner("chat_template", "chatml") == "templates.chatml"
+    bad = next(p for p in json.loads(run_sft("plugins", "--json").stdout) if p["name"] == "bad")
+    assert bad["status"] == "ok" and "the name is sft's own (plugin 'templates.chatml' (sft-forge" in bad["clashes"][0]
 
 
 def test_options_that_clash_with_a_core_key_disable_that_plugin(sft_plugin_manager):
