@@ -24,7 +24,8 @@ Stages, all before any model loads:
    (dropped by default, counted); a row whose prompt alone is longer is left out and counted
    the same way; a long raw-text document is split into ``max_seq_length`` windows. Rows left
    with no trained token are bad rows (counted); if every row is, that is an error whatever
-   the policy.
+   the policy. A row far longer than ``model.max_seq_length`` is cut by characters before it is
+   tokenized, where the outcome certainly stays the same (:mod:`.longrows`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
 from sft.core.formats import validate_conversation
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
-from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
+from sft.core.templating import end_of_turn, prepare_tokenizer, resolve_template
 from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
+from .longrows import LongRows
 from .preference import check_preference, encode_preferences
 from .progress import Progress
 from .readers import BadRow, RowRef
@@ -224,6 +226,8 @@ class _Encoded:
     long_prompts: int = 0
     #: long raw-text documents split into model.max_seq_length windows
     chunked: int = 0
+    #: rows far longer than model.max_seq_length, cut by characters before tokenizing (:mod:`.longrows`)
+    precut: int = 0
 
 
 def _windows(ids: list[int], size: int) -> list[list[int]]:
@@ -239,6 +243,7 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
     eot_ids: list[int] = []
     if policy == "keep_eot":
         eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
+    long_rows = LongRows(tokenizer, max_len, str(cfg.data.train_on))
     progress = Progress("tokenizing")
     for lo in range(0, len(conversations), ENCODE_BATCH):
         progress.update(lo / len(conversations), lo)
@@ -258,7 +263,8 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
                                   source=ref.source, line=ref.line, row=ref.row))
                 continue
             batch.append((conversation, ref))
-        encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
+        # Far too long rows are cut by characters first; a raw-text document is kept whole (its windows).
+        encoded = long_rows.encode(rendered, [isinstance(c, RawText) for c, _ in batch])
         for (conversation, ref), (ids, mask) in zip(batch, encoded):
             truncated = len(ids) > max_len
             if truncated and isinstance(conversation, RawText) and all(mask):
@@ -298,6 +304,7 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
             out.masks.append(mask)
             # A raw-text row has no conversation; the quick generation and chat skip it.
             out.conversations.append([] if isinstance(conversation, RawText) else conversation)
+    out.precut = long_rows.cut
     return out
 
 
@@ -503,6 +510,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
         "long_prompts": train_enc.long_prompts + eval_enc.long_prompts,
         "chunked": train_enc.chunked + eval_enc.chunked,
+        "precut": train_enc.precut + eval_enc.precut,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
         "unread_columns": dict(bad.unread.most_common()),
         "train_rows": len(train_enc.input_ids),
@@ -557,6 +565,7 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
         "truncated": train_enc.truncated + eval_enc.truncated,
         "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
         "truncated_eot_added": 0,
+        "precut": train_enc.precut + eval_enc.precut,
         "fully_masked": 0,
         "train_rows": len(train_enc),
         "eval_rows": len(eval_enc),
@@ -638,7 +647,8 @@ def _describe_totals(stats: Mapping[str, Any]) -> str:
 
 def _cut_detail(stats: Mapping[str, Any]) -> str:
     parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"),
-                                                  ("chunked", "text rows split into windows"))
+                                                  ("chunked", "text rows split into windows"),
+                                                  ("precut", "cut by characters before tokenizing"))
              if stats.get(k)]
     return f" ({', '.join(parts)})" if parts else ""
 
