@@ -131,5 +131,5 @@ def test_a_multi_megabyte_answer_validates_in_bounded_memory(smollm2_dir, tmp_pa
     head, report = out.split("\n", 1)
     rc, peak_kb = map(int, head.split())
     assert rc == 0, report
-    assert "1 dropped" in report and "1 cut by characters before tokenizing" in report, report
     assert peak_kb < 1_000_000, f"peak RSS {peak_kb / 1024:.0f} MB"
+    assert "1 dropped" in report and "1 cut by characters before tokenizing" in report, report

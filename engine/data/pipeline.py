@@ -176,7 +176,9 @@ def _normalize(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, 
     """Rows -> conversations (lists of :class:`Message`) or, from a raw-text format, :class:`RawText`."""
     conversations: list[Any] = []
     kept: list[RowRef] = []
-    for row, ref in zip(rows, refs):
+    progress = Progress("checking rows")
+    for n, (row, ref) in enumerate(zip(rows, refs)):
+        progress.update(n / len(rows), n)
         if isinstance(row, BadRow):
             bad.add(row.error.located(row=ref.row))
             continue
