@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .errors import ConfigError, ConfigProblem, SftError
 from .interfaces import ChatTemplate, Conversation, Message, Segment, ToolCall, tools_of
+from .timelimit import TemplateTooSlow, render_time_limit
 
 if TYPE_CHECKING:
     from .plugins import PluginManager
@@ -199,7 +200,11 @@ def reasoning_key(tokenizer: Any) -> str:
 def try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
     """``apply_chat_template`` of a probe (with the model's own eos), or "" when the template refuses it."""
     try:
-        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
+        with render_time_limit(f"the chat_template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"):
+            return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False,
+                                                 eos_token=model_eos_token(tokenizer))
+    except TemplateTooSlow:
+        raise
     except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
         return ""
 

@@ -42,6 +42,7 @@ from sft.core.formats import validate_conversation
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
 from sft.core.templating import end_of_turn, prepare_tokenizer, resolve_template
+from sft.core.timelimit import TemplateTooSlow
 from .cache import PreparedData, cache_key, cache_key_parts, cache_root, load_entry, store_entry
 from .longrows import LongRows
 from .preference import check_preference, encode_preferences
@@ -259,6 +260,8 @@ def _encode(conversations: Sequence[list[Message]], refs: Sequence[RowRef], temp
                 continue
             try:
                 rendered.append(template.render(conversation, tokenizer))
+            except TemplateTooSlow:
+                raise  # the template's fault: every row would wait as long
             except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
                 detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
                 bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",

@@ -29,6 +29,7 @@ from typing import Any
 from sft.core.errors import DataError, SftError
 from sft.core.formats import validate_conversation
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Preference, tools_of
+from sft.core.timelimit import TemplateTooSlow
 from .longrows import LongRows
 
 __all__ = ["check_preference", "encode_preferences", "EncodedPreferences"]
@@ -131,6 +132,8 @@ def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], templat
         except DataError as exc:
             bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
             continue
+        except TemplateTooSlow:
+            raise  # the template's fault: every row would wait as long
         except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row
             detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
             bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
