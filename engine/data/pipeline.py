@@ -135,8 +135,8 @@ class _BadRows:
                             line=error.line, row=error.row, field=error.field)
         self.errors.append(error)
         # Numbers become N so that rows with the same problem share a reason; digits inside a name stay
-        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN).
-        reason = re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)", "N",
+        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN, nor UTF-8 or latin-1 -> UTF-N).
+        reason = re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?!\w)", "N",
                         f"{error.field}: {error.message}" if error.field else error.message)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
@@ -360,6 +360,11 @@ class _Source:
     weight: float = 1.0
 
 
+def _no_rows(source: Any) -> str:
+    one_file = source.kind == "local" and source.path is not None and source.path.is_file()
+    return "the file is empty: it has no rows" if one_file else "the dataset has no rows"
+
+
 def _sources(cfg: Any) -> list[_Source]:
     if len(cfg.data.datasets):
         return [_Source(f"data.datasets[{i}]", str(d.path), str(d.format), str(d.split), float(d.weight))
@@ -422,6 +427,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
         if src.format == "auto" and columns is None:
             rows, refs = read_split(source, src.split, split_key, handle)
+            if not rows:  # before detection, which would find no format for the columns "(none)"
+                raise DataError(_no_rows(source), source=source.describe())
             columns = columns_of(rows)
         fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format",
                                           row_kind=row_kind)
@@ -466,7 +473,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
-            raise DataError("the dataset has no rows", source=source.describe())
+            raise DataError(_no_rows(source), source=source.describe())
         skipped_before = len(bad.errors)
         convs, kept_refs = _normalize(rows, refs, fmt, fmt_options, bad)
         convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)

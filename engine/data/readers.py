@@ -57,7 +57,7 @@ def _not_utf8(data: bytes, start: int, src: str, line: int | None) -> BadRow:
     offset = _first_bad_byte(data, start)
     return BadRow(DataError(
         f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset}; save the file as UTF-8 "
-        f"(e.g. iconv -f latin1 -t utf-8 FILE)", source=src, line=line))
+        f"(e.g. iconv -f latin-1 -t UTF-8 FILE)", source=src, line=line))
 
 
 def _line_start(data: bytes, line: int) -> int:
@@ -112,10 +112,10 @@ def _read_bytes(path: Path) -> bytes:
     those of the uncompressed text, as the user would see them with ``zcat``."""
     suffix = path.suffix.lower()
     if suffix not in COMPRESSIONS:
-        return path.read_bytes()
+        return _utf8_or_say(path.read_bytes(), path)
     try:
         if suffix == ".gz":
-            return gzip.decompress(path.read_bytes())
+            return _utf8_or_say(gzip.decompress(path.read_bytes()), path)
         try:
             import zstandard
         except ImportError:
@@ -123,11 +123,27 @@ def _read_bytes(path: Path) -> bytes:
                             source=str(path)) from None
         with path.open("rb") as fh:
             # A stream reader, because zstd frames written by streaming tools carry no content size.
-            return zstandard.ZstdDecompressor().stream_reader(fh).read()
+            return _utf8_or_say(zstandard.ZstdDecompressor().stream_reader(fh).read(), path)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstandard raise several types for a damaged file
         raise DataError(f"cannot decompress {suffix} file: {exc}", source=str(path)) from None
+
+
+#: Byte-order marks of the encodings a text file is saved in other than UTF-8 (UTF-32 first: its LE mark starts
+#: with UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
+def _utf8_or_say(data: bytes, path: Path) -> bytes:
+    """``data``, unless its byte-order mark says the whole file is in another encoding (then every row would be
+    refused as not UTF-8, one by one)."""
+    encoding = next((name for bom, name in _OTHER_BOMS if data.startswith(bom)), None)
+    if encoding:
+        raise DataError(f"the file is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; save it as "
+                        f"UTF-8 (e.g. iconv -f {encoding} -t UTF-8 FILE)", source=str(path))
+    return data
 
 
 def _read_json(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
