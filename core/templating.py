@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .errors import ConfigError, ConfigProblem, SftError
+from .formats import has_reasoning
 from .interfaces import ChatTemplate, Conversation, Message, Segment, ToolCall, tools_of
 from .timelimit import TemplateTooSlow, render_time_limit
 
@@ -385,9 +386,10 @@ class TurnTemplate(ChatTemplate):
         """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
         what = ("tools" if tools_of(messages) else
                 "tool calls" if any(m.tool_calls or m.role == "tool" for m in messages) else
-                "reasoning" if any(m.reasoning for m in messages) else None)
+                "reasoning" if any(map(has_reasoning, messages)) else None)
         if what == "reasoning":
-            raise SftError(f"chat template '{self.name}' has no format for reasoning; choose one that has "
+            raise SftError(f"chat template '{self.name}' has no format for reasoning (a reasoning_content field or a "
+                           f"<think> block in an assistant's content); choose one that has "
                            f"(qwen3, or tokenizer with a reasoning model's own template: Qwen3, gpt-oss, Nemotron 3)")
         if what:
             raise SftError(f"chat template '{self.name}' has no format for {what}; choose one that has "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sft.core.errors import SftError, as_user_error
+from sft.core.formats import has_reasoning
 from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
 from sft.core.templating import as_messages, chat_dicts
 from sft.core.timelimit import render_time_limit
@@ -325,8 +326,9 @@ class JinjaTemplate(ChatTemplate):
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = as_messages(messages)
-        if not self.reasoning and any(m.reasoning for m in messages):
-            raise SftError(f"chat template '{self.name}' has no reasoning format; use qwen3 (or tokenizer with a "
+        if not self.reasoning and any(map(has_reasoning, messages)):
+            raise SftError(f"chat template '{self.name}' has no reasoning format (for a reasoning_content field or a "
+                           f"<think> block in an assistant's content); use qwen3 (or tokenizer with a "
                            f"reasoning model) for rows with reasoning")
         return jinja_segments(self.name, lambda m, g: self._apply(m, g, tokenizer), messages, self.eot,
                               THINK if self.reasoning else None, special_tokens(tokenizer))
