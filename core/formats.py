@@ -196,6 +196,31 @@ def parse_tool_call(item: Any, field: str) -> ToolCall:
     return ToolCall(name, arguments, str(call_id) if call_id not in (None, "") else None)
 
 
+#: How reasoning is written inline in an assistant's content (DeepSeek-R1, Qwen3, QwQ).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def has_reasoning(message: Message) -> bool:
+    """True when an assistant turn reasons: a ``reasoning`` field, or a ``<think>`` block in its content. Both
+    sources follow one policy: a template without a reasoning format refuses the row either way."""
+    return bool(message.reasoning) or (message.role == "assistant" and isinstance(message.content, str)
+                                       and THINK_OPEN in message.content)
+
+
+def _check_reasoning(message: Message, where: str) -> None:
+    """An assistant turn's reasoning comes from one source, and an inline think block is closed."""
+    content = message.content if isinstance(message.content, str) else ""
+    opened = content.find(THINK_OPEN)
+    if opened < 0:
+        return
+    if message.reasoning is not None:
+        raise DataError(f"{where} (assistant): reasoning twice, in its reasoning_content and as a {THINK_OPEN} block "
+                        f"in its content (it would be rendered as two think blocks); keep one")
+    if THINK_CLOSE not in content[opened:]:
+        raise DataError(f"{where} (assistant): its content opens {THINK_OPEN} and never closes it with {THINK_CLOSE} "
+                        f"(a generation cut short?): the reasoning and the answer cannot be told apart")
+
+
 def _a(word: str) -> str:
     return f"an {word}" if word == "assistant" else f"a {word}"
 
@@ -210,7 +235,8 @@ def validate_conversation(messages: Sequence[Message]) -> list[str]:
     ``tool_call_id``, else by ``name``, else in order) and then by the next assistant turn; a
     tool result with no matching call is an error. Content is never empty, except on an
     assistant turn that makes tool calls. Reasoning and tool calls belong to assistant turns;
-    tool-call arguments are JSON objects.
+    tool-call arguments are JSON objects. A turn's reasoning has one source (``reasoning`` or a
+    ``<think>`` block in its content, never both), and a ``<think>`` in content is closed.
 
     Returns warnings (the core prints them with the row's location): a call of a tool that is
     missing from the conversation's ``tools`` when it declares some.
@@ -256,6 +282,7 @@ def validate_conversation(messages: Sequence[Message]) -> list[str]:
             raise DataError(f"{where}: roles must alternate user/assistant: {_a(role)} turn follows "
                             f"{previous} (expected {expected})")
         if role == "assistant":
+            _check_reasoning(message, where)
             for j, call in enumerate(message.tool_calls):
                 if not isinstance(call, ToolCall):
                     raise DataError(f"{where}: tool_calls[{j}] is {type(call).__name__}, not a ToolCall")

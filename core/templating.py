@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .errors import ConfigError, ConfigProblem, SftError
+from .formats import has_reasoning
 from .interfaces import ChatTemplate, Conversation, Message, Segment, ToolCall, tools_of
+from .timelimit import TemplateTooSlow, render_time_limit
 
 if TYPE_CHECKING:
     from .plugins import PluginManager
@@ -199,7 +201,11 @@ def reasoning_key(tokenizer: Any) -> str:
 def try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
     """``apply_chat_template`` of a probe (with the model's own eos), or "" when the template refuses it."""
     try:
-        return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False, eos_token=model_eos_token(tokenizer))
+        with render_time_limit(f"the chat_template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"):
+            return tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False,
+                                                 eos_token=model_eos_token(tokenizer))
+    except TemplateTooSlow:
+        raise
     except Exception:  # noqa: BLE001 - a template may refuse a probe shape; that probe tells nothing
         return ""
 
@@ -380,9 +386,10 @@ class TurnTemplate(ChatTemplate):
         """A prefix/suffix template has no tool-call or reasoning format: say so rather than drop them."""
         what = ("tools" if tools_of(messages) else
                 "tool calls" if any(m.tool_calls or m.role == "tool" for m in messages) else
-                "reasoning" if any(m.reasoning for m in messages) else None)
+                "reasoning" if any(map(has_reasoning, messages)) else None)
         if what == "reasoning":
-            raise SftError(f"chat template '{self.name}' has no format for reasoning; choose one that has "
+            raise SftError(f"chat template '{self.name}' has no format for reasoning (a reasoning_content field or a "
+                           f"<think> block in an assistant's content); choose one that has "
                            f"(qwen3, or tokenizer with a reasoning model's own template: Qwen3, gpt-oss, Nemotron 3)")
         if what:
             raise SftError(f"chat template '{self.name}' has no format for {what}; choose one that has "

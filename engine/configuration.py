@@ -19,6 +19,7 @@ It imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -245,7 +246,9 @@ def _check_ranges(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
     for key, f, value in iter_schema_fields(cfg):
         meta = f.metadata or {}
         bounds = meta.get("range")
-        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, bounds):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(ConfigProblem(key, f"must be a finite number, got {value!r}"))
+        elif bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, bounds):
             problems.append(ConfigProblem(key, f"must be {describe_range(bounds)}, got {value!r}"))
         if meta.get("name") and value is not None and not is_plain_name(str(value)):
             problems.append(ConfigProblem(key, f"must be a name, not a path (no '/', '\\' or '..'), got {str(value)!r}"
@@ -282,6 +285,10 @@ def _check_plugin_names(cfg: DictConfig, pm: "PluginManager", problems: list[Con
                                           f"{did_you_mean(source.format, formats)}; available: {', '.join(sorted(formats))}"))
 
 
+#: The most a mixed source's rows may be repeated (``data.datasets[i].weight``).
+MAX_SOURCE_WEIGHT = 1000
+
+
 def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
     t, d = cfg.training, cfg.data
     if t.max_steps == 0 or (t.max_steps < 0 and t.num_train_epochs <= 0):
@@ -296,8 +303,10 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
     for i, source in enumerate(d.datasets):
         if not str(source.path).strip():
             problems.append(ConfigProblem(f"data.datasets[{i}].path", "is empty"))
-        if source.weight <= 0:
-            problems.append(ConfigProblem(f"data.datasets[{i}].weight", f"must be > 0, got {source.weight}"))
+        if not math.isfinite(source.weight) or not 0 < source.weight <= MAX_SOURCE_WEIGHT:
+            # NaN passes every comparison, and a huge weight lists each row that many times in memory.
+            problems.append(ConfigProblem(f"data.datasets[{i}].weight", f"must be a number > 0 and <= "
+                                                                        f"{MAX_SOURCE_WEIGHT:g}, got {source.weight}"))
     if d.datasets and d.eval_split is not None:
         problems.append(ConfigProblem("data.eval_split", "is for data.dataset; with data.datasets hold out rows with data.test_size"))
     _check_lora(cfg, problems)

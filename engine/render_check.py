@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from sft.core.errors import SftError
 from sft.core.interfaces import ChatTemplate, Message, tools_of
 from sft.core.templating import chat_dicts, reasoning_key, segments_text
+from sft.core.timelimit import render_time_limit
 
 __all__ = ["RenderDifference", "render_difference", "model_render", "check_template", "CONTEXT_CHARS"]
 
@@ -47,8 +48,9 @@ def model_render(model_tokenizer: Any, messages: Sequence[Message]) -> str:
     if not getattr(model_tokenizer, "chat_template", None):
         raise SftError("the model's tokenizer has no chat_template to check the rendering against")
     # Reasoning under the key the model's template reads (gpt-oss: thinking), as training passes it.
-    return model_tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(model_tokenizer)),
-                                               tools=tools_of(messages) or None, tokenize=False)
+    with render_time_limit("the model tokenizer's own chat_template"):
+        return model_tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(model_tokenizer)),
+                                                   tools=tools_of(messages) or None, tokenize=False)
 
 
 def render_difference(template: ChatTemplate, tokenizer: Any, model_tokenizer: Any,

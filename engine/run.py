@@ -369,6 +369,8 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         "dataset": data.stats,
         "resumed_from": str(resume_from.path) if resume_from else None,
         "objective": _objective_record(objective, source, cfg),
+        # What training.packing (auto: decided from the data) came to; preference trainers never pack.
+        "packed": bool(getattr(trainer.args, "packing", False)),
     }
     if world.distributed:
         base_summary["distributed"] = {"strategy": cfg.distributed.strategy, **distributed.batch_plan(cfg).as_json()}

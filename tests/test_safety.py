@@ -235,6 +235,34 @@ def test_non_utf8_rows_name_file_line_and_byte_and_skip_counts_them(tmp_path, ti
                               AutoTokenizer.from_pretrained(tiny_model_dir), quiet=True)
     assert prepared.stats["skipped"]["count"] == 1 and prepared.stats["train_rows"] == 29
     assert "not valid UTF-8" in prepared.stats["skipped"]["examples"][0]
+    # The counted reason keeps the encodings' names (numbers elsewhere become N).
+    [reason] = prepared.stats["skipped"]["reasons"]
+    assert reason.startswith("not valid UTF-8: byte 0xe9 at byte offset N;") and "iconv -f latin-1 -t UTF-8" in reason
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-32", "UTF-32")])
+def test_a_file_in_another_unicode_encoding_is_named_once(tmp_path, tiny_model_dir, encoding, name):
+    from sft.engine.data import build_datasets
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes("".join(json.dumps(r) + "\n" for r in _rows()).encode(encoding))  # with its byte-order mark
+    with pytest.raises(DataError) as info:
+        build_datasets(load_config(overrides=[f"data.dataset={data}", f"model.name={tiny_model_dir}",
+                                              "data.cache_dir=none", "data.on_bad_row=skip"]), None, None)
+    assert str(info.value) == (f"{data}: the file is {name} (it starts with a {name} byte-order mark), not UTF-8; "
+                               f"save it as UTF-8 (e.g. iconv -f {name} -t UTF-8 FILE)")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_empty_file_under_format_auto_is_said_to_be_empty(tmp_path, tiny_model_dir, suffix):
+    from sft.engine.data import build_datasets
+
+    data = tmp_path / f"train{suffix}"
+    data.write_text("")
+    with pytest.raises(DataError) as info:
+        build_datasets(load_config(overrides=[f"data.dataset={data}", f"model.name={tiny_model_dir}",
+                                              "data.cache_dir=none"]), None, None)
+    assert str(info.value) == f"{data}: the file is empty: it has no rows"
 
 
 # -- 7: a cut answer keeps its end-of-turn token, or is left out ---------------------------

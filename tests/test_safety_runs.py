@@ -244,6 +244,40 @@ def test_a_sandboxed_template_is_one_line(tmp_path):
     assert result.exit_code == 1 and "Jinja sandbox" in result.output and "Traceback" not in result.output
 
 
+#: Templates that never finish: nested loops (10^10 turns), and a macro that calls itself twice (2^60 calls).
+ENDLESS = {
+    "loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+             "{% for m in messages %}{{ m.content }}{% endfor %}",
+    "exponential": "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                   "{{ f(60) }}{% for m in messages %}{{ m.content }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(ENDLESS))
+def test_a_template_that_never_finishes_is_stopped_with_one_line(tmp_path, monkeypatch, shape):
+    from sft.core import timelimit
+
+    monkeypatch.setattr(timelimit, "RENDER_SECONDS", 1.0)  # 30 s in use
+    model = make_tiny_llama(tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ENDLESS[shape]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    started = time.monotonic()
+    result = run_sft("validate", f"model.name={model}", "template.name=tokenizer", "data.cache_dir=none",
+                     "data.on_bad_row=skip", check=False)
+    assert time.monotonic() - started < 60, "stopped at the first render, never once a row"
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert (f"template 'tokenizer' (the chat_template of {model}) took more than 1 s to render one conversation "
+            f"and was stopped") in result.output
+    # The limit leaves later renders alone: a template that finishes renders as before.
+    from sft.core.timelimit import render_time_limit
+
+    with render_time_limit("a quick one"):
+        time.sleep(0.01)
+    time.sleep(1.5)  # past where a stale timeout would land
+
+
 # -- security: no secret in what a run writes or tells its loggers --------------------------
 class _Recorder(Logger):
     name = "recorder"

@@ -110,7 +110,23 @@ def test_a_mixed_source_with_a_bad_format_or_weight_is_a_config_error(tiny_model
         data_config(tiny_model_dir, "unused", f"data.datasets={json.dumps(sources)}", "data.eval_split=test")
     text = str(err.value)
     assert "data.datasets[0].format: unknown dataset format 'alpacca' (did you mean 'alpaca'?)" in text
-    assert "data.datasets[1].weight: must be > 0, got 0.0" in text and "data.eval_split: is for data.dataset" in text
+    assert "data.datasets[1].weight: must be a number > 0 and <= 1000, got 0.0" in text and "data.eval_split: is for data.dataset" in text
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "-1", "1e9"])
+def test_a_weight_that_is_not_a_finite_bounded_number_is_a_config_error(tiny_model_dir, weight):
+    with pytest.raises(ConfigError) as err:
+        data_config(tiny_model_dir, "unused", f"data.datasets=[{{path: a.jsonl}}, {{path: b.jsonl, weight: {weight}}}]")
+    assert str(err.value).splitlines()[1:] == [
+        f"  - data.datasets[1].weight: must be a number > 0 and <= 1000, got {float(weight)}"]
+
+
+def test_a_float_setting_that_is_not_finite_is_a_config_error(tiny_model_dir):
+    with pytest.raises(ConfigError) as err:
+        data_config(tiny_model_dir, "unused", "training.learning_rate=nan", "training.warmup_ratio=inf")
+    text = str(err.value)
+    assert "training.learning_rate: must be a finite number, got nan" in text
+    assert "training.warmup_ratio: must be a finite number, got inf" in text
 
 
 def test_a_run_trains_on_completion_data(tiny_model_dir, tmp_path):

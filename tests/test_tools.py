@@ -123,6 +123,44 @@ def test_chatml_refuses_reasoning_instead_of_dropping_it(tiny_tokenizer):
                                                  tiny_tokenizer)
 
 
+def _reasoning_row(content, reasoning=None):
+    answer = {"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}
+    return {"messages": [{"role": "user", "content": "What is 17 * 3?"}, answer]}
+
+
+@pytest.mark.parametrize("template_name", ["chatml", "qwen3"])
+@pytest.mark.parametrize("row, reason", [
+    (_reasoning_row("<think>17 * 3 = 51, or is it", None),
+     "turn 1 (assistant): its content opens <think> and never closes it with </think>"),
+    (_reasoning_row("<think>17 * 3 = 51.</think>51.", "17 * 3 = 51."),
+     "turn 1 (assistant): reasoning twice, in its reasoning_content and as a <think> block in its content"),
+])
+def test_an_unclosed_or_doubled_think_block_is_a_located_bad_row_under_every_template(template_name, row, reason,
+                                                                                       tiny_model_dir, tmp_path):
+    """The same refusal whatever the template and data.train_on: such a row is never trained, nor trained half."""
+    from sft.engine.data import build_datasets
+
+    good = [_reasoning_row("51.") for _ in range(20)]
+    path = write_jsonl(tmp_path / "reasoning.jsonl", [*good, row])
+    prepared = build_datasets(data_config(tiny_model_dir, path, f"template.name={template_name}",
+                                          "data.train_on=assistant_no_reasoning", "data.on_bad_row=skip"),
+                              None, fresh_tokenizer(tiny_model_dir), quiet=True)
+    assert prepared.stats["skipped"]["count"] == 1 and prepared.stats["train_rows"] == 20
+    assert prepared.stats["skipped"]["examples"][0].startswith(f"{path}:21, row 20: {reason}")
+
+
+@pytest.mark.parametrize("row", [_reasoning_row("51.", "17 * 3 = 51."), _reasoning_row("<think>17 * 3 = 51.</think>51.")])
+def test_chatml_refuses_reasoning_from_either_source_alike(row, tiny_model_dir, tmp_path):
+    """A reasoning_content field and an inline think block follow one policy: a template without a reasoning
+    format refuses both (inline, chatml used to train it as text, even under assistant_no_reasoning)."""
+    from sft.engine.data import build_datasets
+
+    path = write_jsonl(tmp_path / "reasoning.jsonl", [_reasoning_row("51."), row])
+    with pytest.raises(DataError, match=rf"^{path}:2, row 1: template 'chatml' cannot render this row: chat template "
+                                        r"'chatml' has no format for reasoning \(a reasoning_content field or a <think>"):
+        build_datasets(data_config(tiny_model_dir, path, "template.name=chatml"), None, fresh_tokenizer(tiny_model_dir))
+
+
 # -- data ---------------------------------------------------------------------------------
 def test_messages_format_reads_the_openai_tool_schema():
     fmt = PM.get("dataset_format", "messages")

@@ -24,7 +24,8 @@ Stages, all before any model loads:
    (dropped by default, counted); a row whose prompt alone is longer is left out and counted
    the same way; a long raw-text document is split into ``max_seq_length`` windows. Rows left
    with no trained token are bad rows (counted); if every row is, that is an error whatever
-   the policy.
+   the policy. A row far longer than ``model.max_seq_length`` is cut by characters before it is
+   tokenized, where the outcome certainly stays the same (:mod:`.longrows`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
 from sft.core.formats import conversation_from_json, validate_conversation
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
-from sft.core.templating import encode_rendered, end_of_turn, prepare_tokenizer, resolve_template
+from sft.core.templating import end_of_turn, prepare_tokenizer, resolve_template
+from sft.core.timelimit import TemplateTooSlow
 from .cache import (PreparedData, StoredConversations, cache_key, cache_key_parts, cache_root, conversation_text, load_entry,
                     store_entry)
+from .longrows import LongRows
 from .preference import check_preference, encode_preferences
 from .progress import Progress
 from .readers import BadRow, RowRef
@@ -136,8 +139,8 @@ class _BadRows:
                             line=error.line, row=error.row, field=error.field)
         self.errors.append(error)
         # Numbers become N so that rows with the same problem share a reason; digits inside a name stay
-        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN).
-        reason = re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)", "N",
+        # (template 'qwen3', max_seq_length=16 -> N but not qwen3 -> qwenN, nor UTF-8 or latin-1 -> UTF-N).
+        reason = re.sub(r"(?<![\w.])(?<![A-Za-z]-)\d+(?:\.\d+)?(?!\w)", "N",
                         f"{error.field}: {error.message}" if error.field else error.message)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
@@ -258,6 +261,8 @@ class _Encoded:
     long_prompts: int = 0
     #: long raw-text documents split into model.max_seq_length windows
     chunked: int = 0
+    #: rows far longer than model.max_seq_length, cut by characters before tokenizing (:mod:`.longrows`)
+    precut: int = 0
 
     def add_batch(self, ids: list[list[int]], masks: list[list[int]], conversations: list[str]) -> None:
         if not ids:
@@ -303,6 +308,7 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
     eot_ids: list[int] = []
     if policy == "keep_eot":
         eot_ids = tokenizer(end_of_turn(template, tokenizer), add_special_tokens=False)["input_ids"]
+    long_rows = LongRows(tokenizer, max_len, str(cfg.data.train_on))
     batch: list[tuple[Any, RowRef, int]] = []
     rendered = []
     ids_out: list[list[int]] = []
@@ -316,13 +322,16 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
             continue
         try:
             rendered.append(template.render(conversation, tokenizer))
+        except TemplateTooSlow:
+            raise  # the template's fault: every row would wait as long
         except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row, never trained empty
             detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
             bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",
                               source=ref.source, line=ref.line, row=ref.row))
             continue
         batch.append((conversation, ref, position))
-    encoded = encode_rendered(tokenizer, rendered, cfg.data.train_on)
+    # Far too long rows are cut by characters first; a raw-text document is kept whole (its windows).
+    encoded = long_rows.encode(rendered, [isinstance(c, RawText) for c, _, _ in batch])
     for (conversation, ref, position), (ids, mask) in zip(batch, encoded):
         truncated = len(ids) > max_len
         if truncated and isinstance(conversation, RawText) and all(mask):
@@ -363,6 +372,7 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
         # A raw-text row has no conversation; the quick generation and chat skip it.
         kept.append(-1 if isinstance(conversation, RawText) else position)
     out.add_batch(ids_out, masks_out, [NO_CONVERSATION if i < 0 else texts[i] for i in kept])
+    out.precut = long_rows.cut
     return out
 
 
@@ -483,6 +493,11 @@ class _Source:
     weight: float = 1.0
 
 
+def _no_rows(source: Any) -> str:
+    one_file = source.kind == "local" and source.path is not None and source.path.is_file()
+    return "the file is empty: it has no rows" if one_file else "the dataset has no rows"
+
+
 def _sources(cfg: Any) -> list[_Source]:
     if len(cfg.data.datasets):
         return [_Source(f"data.datasets[{i}]", str(d.path), str(d.format), str(d.split), float(d.weight))
@@ -545,6 +560,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         columns: list[str] | None = list(handle.column_names) if source.kind == "hub" else None
         if src.format == "auto" and columns is None:
             rows, refs = read_split(source, src.split, split_key, handle)
+            if not rows:  # before detection, which would find no format for the columns "(none)"
+                raise DataError(_no_rows(source), source=source.describe())
             columns = columns_of(rows)
         fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format",
                                           row_kind=row_kind)
@@ -592,7 +609,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
-            raise DataError("the dataset has no rows", source=source.describe())
+            raise DataError(_no_rows(source), source=source.describe())
         skipped_before = len(bad.errors)
         convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
         convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)
@@ -641,6 +658,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
         "long_prompts": train_enc.long_prompts + eval_enc.long_prompts,
         "chunked": train_enc.chunked + eval_enc.chunked,
+        "precut": train_enc.precut + eval_enc.precut,
         "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
         "unread_columns": dict(bad.unread.most_common()),
         "train_rows": train_enc.rows,
@@ -695,6 +713,7 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
         "truncated": train_enc.truncated + eval_enc.truncated,
         "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
         "truncated_eot_added": 0,
+        "precut": train_enc.precut + eval_enc.precut,
         "fully_masked": 0,
         "train_rows": len(train_enc),
         "eval_rows": len(eval_enc),
@@ -776,7 +795,8 @@ def _describe_totals(stats: Mapping[str, Any]) -> str:
 
 def _cut_detail(stats: Mapping[str, Any]) -> str:
     parts = [f"{stats[k]} {what}" for k, what in (("truncated_dropped", "dropped"), ("truncated_eot_added", "ended with EOT"),
-                                                  ("chunked", "text rows split into windows"))
+                                                  ("chunked", "text rows split into windows"),
+                                                  ("precut", "cut by characters before tokenizing"))
              if stats.get(k)]
     return f" ({', '.join(parts)})" if parts else ""
 

@@ -29,7 +29,8 @@ from typing import Any
 from sft.core.errors import DataError, SftError
 from sft.core.formats import validate_conversation
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Preference, tools_of
-from sft.core.templating import encode_rendered
+from sft.core.timelimit import TemplateTooSlow
+from .longrows import LongRows
 
 __all__ = ["check_preference", "encode_preferences", "EncodedPreferences"]
 
@@ -64,6 +65,8 @@ class EncodedPreferences:
     conversations: list[list[Message]] = field(default_factory=list)
     truncated: int = 0
     cut_dropped: int = 0
+    #: rows far longer than model.max_seq_length, cut by characters before tokenizing
+    precut: int = 0
     tokens: int = 0
     scored_tokens: int = 0
     max_tokens: int = 0
@@ -73,16 +76,17 @@ class EncodedPreferences:
 
 
 def _split(template: ChatTemplate, tokenizer: Any, pref: Preference, completion: Message,
-           generation_ids: list[int]) -> tuple[list[int], list[int]]:
+           generation: str, generation_ids: list[int], long_rows: LongRows) -> tuple[list[int], list[int]]:
     """``completion`` rendered after ``pref.prompt``: ``(prompt ids, completion ids)``, the completion's
     running from the answer's first token to its last trained token (its end of turn).
 
     The prompt's tokens are the render's own, as SFT trains them. They are the generation prompt's
     tokens, except where a tokenizer's look-ahead splits the prompt's last whitespace differently
     before an answer (``\\n\\n`` alone is one token, ``\\n\\nRed`` two): then the same text,
-    tokenized as in the render, stands before the answer."""
+    tokenized as in the render, stands before the answer. A completion far longer than
+    ``model.max_seq_length`` is cut by characters first (:mod:`.longrows`): the collator cuts it anyway."""
     segments = template.render(_joined(pref.prompt, completion), tokenizer)
-    (ids, mask), = encode_rendered(tokenizer, [segments], "assistant")
+    ids, mask = long_rows.encode_cut(segments, after=len(generation))
     same = next((i for i, (a, b) in enumerate(zip(ids, generation_ids)) if a != b), min(len(ids), len(generation_ids)))
     answer = len(generation_ids)
     if same < len(generation_ids):
@@ -103,11 +107,21 @@ def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], templat
     """Tokenize preference rows; bad ones go to ``bad`` (the pipeline's bad-row policy) with their file:line."""
     out = EncodedPreferences()
     max_len = int(cfg.model.max_seq_length)
+    long_rows = LongRows(tokenizer, max_len, "assistant")
     for pref, ref in zip(prefs, refs):
         try:
-            generation = tokenizer(template.generation_prompt(pref.prompt, tokenizer), add_special_tokens=False)
-            prompts, completions = zip(*(_split(template, tokenizer, pref, c, generation["input_ids"])
-                                         for c in pref.completions()))
+            prompt = template.generation_prompt(pref.prompt, tokenizer)
+            if long_rows.too_long(len(prompt)):
+                # The prompt alone certainly fills model.max_seq_length: left out, as once tokenized.
+                out.truncated += 1
+                out.cut_dropped += 1
+                out.precut += 1
+                continue
+            generation = tokenizer(prompt, add_special_tokens=False)
+            cut_before = long_rows.cut
+            prompts, completions = zip(*(_split(template, tokenizer, pref, c, prompt, generation["input_ids"],
+                                                long_rows) for c in pref.completions()))
+            out.precut += long_rows.cut > cut_before  # a row, whether one completion or both were cut
             if len(set(map(tuple, prompts))) > 1:
                 raise DataError("the prompt's tokens differ between chosen and rejected: the tokenizer joins the "
                                 "prompt's end with each answer's start differently, so the two would not be "
@@ -118,6 +132,8 @@ def encode_preferences(prefs: Sequence[Preference], refs: Sequence[Any], templat
         except DataError as exc:
             bad.add(exc.located(source=ref.source, line=ref.line, row=ref.row))
             continue
+        except TemplateTooSlow:
+            raise  # the template's fault: every row would wait as long
         except Exception as exc:  # noqa: BLE001 - a row the template cannot render is a bad row
             detail = str(exc) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
             bad.add(DataError(f"template '{template.name}' cannot render this row: {detail}",

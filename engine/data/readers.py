@@ -16,11 +16,19 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sft.core.errors import DataError
 
 __all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "extension_of", "read_file", "hash_files"]
+
+#: ``progress(fraction of the file read, rows so far)``: how a reader reports on a big file.
+OnRow = Callable[[float, int], None]
+
+
+def _quiet(fraction: float, rows: int) -> None:
+    """No progress report."""
+
 
 #: Compressions of text files, by suffix: the name of the package that reads it ("" for the standard library).
 COMPRESSIONS = {".gz": "", ".zst": "zstandard"}
@@ -49,7 +57,7 @@ def _not_utf8(data: bytes, start: int, src: str, line: int | None) -> BadRow:
     offset = _first_bad_byte(data, start)
     return BadRow(DataError(
         f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset}; save the file as UTF-8 "
-        f"(e.g. iconv -f latin1 -t utf-8 FILE)", source=src, line=line))
+        f"(e.g. iconv -f latin-1 -t UTF-8 FILE)", source=src, line=line))
 
 
 def _line_start(data: bytes, line: int) -> int:
@@ -104,10 +112,10 @@ def _read_bytes(path: Path) -> bytes:
     those of the uncompressed text, as the user would see them with ``zcat``."""
     suffix = path.suffix.lower()
     if suffix not in COMPRESSIONS:
-        return path.read_bytes()
+        return _utf8_or_say(path.read_bytes(), path)
     try:
         if suffix == ".gz":
-            return gzip.decompress(path.read_bytes())
+            return _utf8_or_say(gzip.decompress(path.read_bytes()), path)
         try:
             import zstandard
         except ImportError:
@@ -115,14 +123,30 @@ def _read_bytes(path: Path) -> bytes:
                             source=str(path)) from None
         with path.open("rb") as fh:
             # A stream reader, because zstd frames written by streaming tools carry no content size.
-            return zstandard.ZstdDecompressor().stream_reader(fh).read()
+            return _utf8_or_say(zstandard.ZstdDecompressor().stream_reader(fh).read(), path)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstandard raise several types for a damaged file
         raise DataError(f"cannot decompress {suffix} file: {exc}", source=str(path)) from None
 
 
-def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
+#: Byte-order marks of the encodings a text file is saved in other than UTF-8 (UTF-32 first: its LE mark starts
+#: with UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
+def _utf8_or_say(data: bytes, path: Path) -> bytes:
+    """``data``, unless its byte-order mark says the whole file is in another encoding (then every row would be
+    refused as not UTF-8, one by one)."""
+    encoding = next((name for bom, name in _OTHER_BOMS if data.startswith(bom)), None)
+    if encoding:
+        raise DataError(f"the file is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; save it as "
+                        f"UTF-8 (e.g. iconv -f {encoding} -t UTF-8 FILE)", source=str(path))
+    return data
+
+
+def _read_json(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
     """A JSON array of rows, each with the line its object starts on. JSONL-in-.json works too."""
     data = _read_bytes(path)
     text = _decode(data)
@@ -135,7 +159,7 @@ def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":
-                return _jsonl_rows(data, src)  # the bytes already read (and decompressed)
+                return _jsonl_rows(data, src, progress)  # the bytes already read (and decompressed)
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
         raise DataError(f"expected a list of rows (a JSON array) or JSON lines, got an object with keys "
                         f"{', '.join(list(obj)[:8])}", source=src, line=1)
@@ -158,6 +182,7 @@ def _read_json(path: Path) -> tuple[list[Any], list[RowRef]]:
                 obj = _not_utf8(data, _byte_offset(text, i, data), src, line)
             rows.append(obj)
             refs.append(RowRef(src, line, len(refs)))
+            progress(end / len(text), len(rows))
             i = _skip_ws(text, end)
             if i < len(text) and text[i] == ",":
                 i = _skip_ws(text, i + 1)
@@ -177,11 +202,11 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-def _read_jsonl(path: Path) -> tuple[list[Any], list[RowRef]]:
-    return _jsonl_rows(_read_bytes(path), str(path))
+def _read_jsonl(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
+    return _jsonl_rows(_read_bytes(path), str(path), progress)
 
 
-def _jsonl_rows(data: bytes, src: str) -> tuple[list[Any], list[RowRef]]:
+def _jsonl_rows(data: bytes, src: str, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
     """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line."""
     rows: list[Any] = []
     refs: list[RowRef] = []
@@ -201,15 +226,18 @@ def _jsonl_rows(data: bytes, src: str) -> tuple[list[Any], list[RowRef]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=lineno) from None
         refs.append(RowRef(src, lineno, len(refs)))
+        progress(offset / len(data), len(rows))
     return rows, refs
 
 
-def _read_csv(path: Path) -> tuple[list[Any], list[RowRef]]:
+def _read_csv(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
     rows: list[Any] = []
     refs: list[RowRef] = []
     src = str(path)
     data = _read_bytes(path)
-    with io.StringIO(_decode(data), newline="") as f:
+    text = _decode(data)
+    lines = text.count("\n") + 1
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header
         try:
@@ -221,12 +249,13 @@ def _read_csv(path: Path) -> tuple[list[Any], list[RowRef]]:
                     rows.append(dict(row))
                 refs.append(RowRef(src, start, len(refs)))
                 start = reader.line_num + 1
+                progress(min(1.0, reader.line_num / lines), len(rows))
         except csv.Error as exc:
             raise DataError(f"invalid CSV: {exc}", source=src, line=reader.line_num) from None
     return rows, refs
 
 
-def _read_parquet(path: Path) -> tuple[list[Any], list[RowRef]]:
+def _read_parquet(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
     import pyarrow.parquet as pq
 
     try:
@@ -236,7 +265,7 @@ def _read_parquet(path: Path) -> tuple[list[Any], list[RowRef]]:
     return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
 
 
-def _read_arrow(path: Path) -> tuple[list[Any], list[RowRef]]:
+def _read_arrow(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
     """An Arrow IPC file: ``datasets`` writes the stream format (``save_to_disk``, its cache); other
     tools often write the random-access file format, so both are tried."""
     import pyarrow as pa
@@ -258,12 +287,13 @@ READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parq
 READERS.update({ext + comp: READERS[ext] for ext in _COMPRESSIBLE for comp in COMPRESSIONS})
 
 
-def read_file(path: Path) -> tuple[list[Any], list[RowRef]]:
-    """The rows of one supported file, each with its :class:`RowRef`."""
+def read_file(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
+    """The rows of one supported file, each with its :class:`RowRef`; a text file's reader reports each row to
+    ``progress`` (a big file is read for minutes)."""
     ext = extension_of(path)
     if ext is None:
         raise DataError(f"unsupported file type; use one of {', '.join(SUPPORTED_EXTENSIONS)}", source=str(path))
-    return READERS[ext](path)
+    return READERS[ext](path, progress)
 
 
 def hash_files(files: Sequence[Path]) -> str:

@@ -256,12 +256,17 @@ def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[
     # Progress by bytes read, so shards of any size weigh what they cost; a line only after 5 s.
     sizes = [f.stat().st_size for f in handle]
     progress, done = Progress("reading data"), 0
+    total = sum(sizes) or 1
     for i, (f, size) in enumerate(zip(handle, sizes), 1):
-        r, rf = read_file(f)
+        def within(fraction: float, in_file: int, i: int = i, at: int = done, size: int = size,
+                   before: int = len(rows)) -> None:
+            progress.update((at + fraction * size) / total, before + in_file, f"{i}/{len(sizes)} files")
+
+        r, rf = read_file(f, within)
         rows += r
         refs += rf
         done += size
-        progress.update(done / (sum(sizes) or 1), len(rows), f"{i}/{len(sizes)} files")
+        progress.update(done / total, len(rows), f"{i}/{len(sizes)} files")
     if start is not None or stop is not None:
         idx = _slice(list(range(len(rows))), start, stop)
         rows, refs = [rows[i] for i in idx], [refs[i] for i in idx]

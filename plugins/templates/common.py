@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sft.core.errors import SftError, as_user_error
+from sft.core.formats import has_reasoning
 from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
 from sft.core.templating import as_messages, chat_dicts
+from sft.core.timelimit import render_time_limit
 
 __all__ = ["JinjaTemplate", "jinja_segments", "special_tokens", "render_chat_template", "chatml_tools_ollama", "THINK"]
 
@@ -312,19 +314,21 @@ class JinjaTemplate(ChatTemplate):
         # The saved tokenizer renders jinja() with its own special tokens; so does training.
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else self.bos
         eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else self.eot
-        try:
-            return render_chat_template(self.source(tokenizer), messages, generation, bos_token=bos or "",
-                                        eos_token=eos or "")
-        except Exception as e:  # noqa: BLE001 - the family's Jinja refusing a row (raise_exception) is a row error
-            stopped = as_user_error(e)  # the sandbox stopping a template is not a row's fault: it says so
-            if stopped is not None:
-                raise stopped from e
-            raise SftError(f"chat template '{self.name}' cannot render this row: {type(e).__name__}: {e}") from e
+        with render_time_limit(f"chat template '{self.name}'"):
+            try:
+                return render_chat_template(self.source(tokenizer), messages, generation, bos_token=bos or "",
+                                            eos_token=eos or "")
+            except Exception as e:  # noqa: BLE001 - the family's Jinja refusing a row (raise_exception) is a row error
+                stopped = as_user_error(e)  # the sandbox stopping a template is not a row's fault: it says so
+                if stopped is not None:
+                    raise stopped from e
+                raise SftError(f"chat template '{self.name}' cannot render this row: {type(e).__name__}: {e}") from e
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = as_messages(messages)
-        if not self.reasoning and any(m.reasoning for m in messages):
-            raise SftError(f"chat template '{self.name}' has no reasoning format; use qwen3 (or tokenizer with a "
+        if not self.reasoning and any(map(has_reasoning, messages)):
+            raise SftError(f"chat template '{self.name}' has no reasoning format (for a reasoning_content field or a "
+                           f"<think> block in an assistant's content); use qwen3 (or tokenizer with a "
                            f"reasoning model) for rows with reasoning")
         return jinja_segments(self.name, lambda m, g: self._apply(m, g, tokenizer), messages, self.eot,
                               THINK if self.reasoning else None, special_tokens(tokenizer))

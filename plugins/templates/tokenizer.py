@@ -28,6 +28,7 @@ from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
 from sft.core.templating import (PROBE_TOOL, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token,
                                  reasoning_key, try_render)
+from sft.core.timelimit import TemplateTooSlow, render_time_limit
 
 from .common import THINK, jinja_segments, special_tokens
 
@@ -36,16 +37,22 @@ __all__ = ["TokenizerTemplate", "register_chat_templates"]
 _U, _A, _U2, _S = "SFTPROBEUSER", "SFTPROBEANSWER", "SFTPROBEUSERTWO", "SFTPROBESYSTEM"
 
 
+def _model_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", None) or "this model"
+
+
 def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", None) or "this model"
-        raise SftError(f"template 'tokenizer': the tokenizer of {name} has no chat_template; "
+        raise SftError(f"template 'tokenizer': the tokenizer of {_model_name(tokenizer)} has no chat_template; "
                        f"set template.name to a named template (chatml, llama3, ...)")
     tools = tools_of(messages) or None
     try:
-        return tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(tokenizer)), tools=tools,
-                                             tokenize=False, add_generation_prompt=generation,
-                                             eos_token=model_eos_token(tokenizer))
+        with render_time_limit(f"template 'tokenizer' (the chat_template of {_model_name(tokenizer)})"):
+            return tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(tokenizer)), tools=tools,
+                                                 tokenize=False, add_generation_prompt=generation,
+                                                 eos_token=model_eos_token(tokenizer))
+    except TemplateTooSlow:
+        raise  # the template's fault, never this row's
     except Exception as e:  # noqa: BLE001 - the model's Jinja refusing a row (raise_exception, a missing key)
         stopped = as_user_error(e)  # the sandbox stopping a template is not a row's fault: it says so
         if stopped is not None:
@@ -64,6 +71,8 @@ def _probe(tokenizer: Any, messages: Sequence[Message], generation: bool = False
     """A probe conversation rendered as is, or with a probe tool when the template renders only those with tools."""
     try:
         return _apply(tokenizer, messages, generation)
+    except TemplateTooSlow:
+        raise
     except SftError:
         return _apply(tokenizer, Conversation(list(messages), [PROBE_TOOL]), generation)
 

@@ -379,6 +379,13 @@ def _hub_datasets(dataset: str, summary: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(n for n in names if _is_hub_id(n) and "/" in n))
 
 
+def _packed(cfg: Any, summary: Mapping[str, Any]) -> bool:
+    """Whether the run packed its rows: what ``training.packing=auto`` decided (``summary.json``'s ``packed``); a
+    run from before that record says so only for ``training.packing=true``."""
+    packed = summary.get("packed")
+    return bool(packed) if packed is not None else str(cfg.training.packing).lower() == "true"
+
+
 def _training_lines(cfg: Any, summary: Mapping[str, Any], base_text: str, dataset: str) -> list[str]:
     stats = summary.get("dataset") if isinstance(summary.get("dataset"), Mapping) else {}
     shown = dataset if _is_hub_id(dataset) or dataset.startswith("sft:") else Path(dataset).name
@@ -401,7 +408,7 @@ def _training_lines(cfg: Any, summary: Mapping[str, Any], base_text: str, datase
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{_fmt(t.num_train_epochs)} epochs"
     rows.append(("schedule", f"{steps}, learning rate {_fmt(t.learning_rate)} ({t.lr_scheduler_type}), batch "
                              f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation, "
-                             f"max length {cfg.model.max_seq_length}" + (", packed" if t.packing else "")))
+                             f"max length {cfg.model.max_seq_length}" + (", packed" if _packed(cfg, summary) else "")))
     for key, label in (("steps", "optimizer steps"), ("epochs", "epochs"), ("train_loss", "final train loss"),
                        ("eval_loss", "final eval loss"), ("tokens", "tokens seen"), ("tokens_per_second", "tokens/s"),
                        ("device", "device"), ("backend", "backend")):
