@@ -23,11 +23,10 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sft.core.rundir import atomic_write_text, swap_in
+from sft.core.rundir import atomic_write_text, remove_inside, swap_in
 
 __all__ = [
     "COMPLETE",
@@ -147,9 +146,14 @@ def last_complete(root: str | Path, notify=None, verify: bool = False) -> Checkp
 def staging_dir(root: str | Path, step: int) -> Path:
     """A fresh, empty staging folder for the checkpoint of ``step`` (the trainer writes inside it)."""
     path = Path(root) / f"{_STAGING}{step}"
-    shutil.rmtree(path, ignore_errors=True)
+    _remove(root, path)
     path.mkdir(parents=True)
     return path
+
+
+def _remove(root: str | Path, path: Path) -> None:
+    # ``root`` is the run's checkpoints/ folder: what is deleted must lie inside the run around it.
+    remove_inside(Path(root).parent, path)
 
 
 def _fsync_tree(path: Path) -> tuple[dict[str, int], dict[str, str]]:
@@ -193,7 +197,7 @@ def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:
     _fsync_dir(final)
     staging_parent = written.parent
     if staging_parent.name.startswith(_STAGING):
-        shutil.rmtree(staging_parent, ignore_errors=True)
+        _remove(root, staging_parent)
     return final
 
 
@@ -217,9 +221,9 @@ def rotate(root: str | Path, keep: int | None) -> list[Path]:
     for path in doomed:
         if path == newest.path:  # never, but cheap to be sure
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(root, path)
         deleted.append(path)
     for child in root.iterdir():
         if child.name.startswith(_STAGING) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+            _remove(root, child)
     return deleted

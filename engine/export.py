@@ -36,7 +36,7 @@ from sft.core.errors import SftError
 from sft.core.interfaces import ChatTemplate, ExportResult, Exporter, Message
 from sft.core.notices import notice
 from sft.core.plugins import get_plugin_manager
-from sft.core.rundir import RunDir, dir_size
+from sft.core.rundir import RunDir, dir_size, remove_inside
 from sft.core.templating import resolve_template
 
 from .publish import Publishing
@@ -135,7 +135,7 @@ class RunExportContext:
 
     def close(self) -> None:
         """Drop temporary folders and cached models."""
-        shutil.rmtree(self.run_dir.root / "exports" / ".tmp", ignore_errors=True)
+        remove_inside(self.run_dir.root, self.run_dir.root / "exports" / ".tmp")
         self._cache.clear()
 
     # -- environment and base model ----------------------------------------------------------
@@ -432,6 +432,7 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
     exporters and options get a did-you-mean); ``exporters`` replaces ``export.enabled``.
     """
     rd = RunDir.of(run_dir)
+    rd.refuse_links()
     if not rd.adapter.is_dir() and rd.config.is_file():
         raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
     pm = pm or get_plugin_manager()
@@ -462,6 +463,7 @@ def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), ove
     """
     pm = pm or get_plugin_manager()
     rd = RunDir.of(run_dir)
+    rd.refuse_links()
     cfg = _run_config(rd, overrides, pm)
     pm.get("publisher", to, "sft publish --to")
     exports = rd.read_summary().get("exports") or {}

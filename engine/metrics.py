@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence, TextIO
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
 from sft.core.notices import notice
+from sft.core.rundir import append_text, atomic_write_text
 
 __all__ = [
     "MetricsHub",
@@ -88,8 +89,7 @@ class MetricsHub:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         for logger, _options in self.loggers:
             self._call(logger, "log", int(step), dict(metrics))
 
@@ -102,7 +102,7 @@ class MetricsHub:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _jsonable(value: Any) -> Any:

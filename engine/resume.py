@@ -62,9 +62,10 @@ def run_lock(root: Path) -> Iterator[None]:
     import fcntl
 
     root = Path(root)
+    RunDir(root).refuse_links()  # before anything is written: the lock itself truncates its file
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise SftError(f"cannot create the run directory {root}: {exc.strerror or exc} "
                        f"(choose another with --output or training.output_dir)") from None

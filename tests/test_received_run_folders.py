@@ -1,0 +1,100 @@
+"""A run folder someone sent you is data (issue 31): its links lead nowhere, its records stay its own.
+
+Symbolic links in a run directory (``.lock``, ``metrics.jsonl``, ``exports/``, ``checkpoints/``
+...) pointing outside it are refused by name before anything is written, and nothing outside
+the run is truncated, appended to or deleted. A fresh run over a failed one keeps that run's
+records apart; a stop by SIGTERM in any phase is recorded ``interrupted``; a full disk at a
+checkpoint names the file and the checkpoint to resume from; and the minor messages of the
+issue say what happened in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sft.core.errors import SftError
+from sft.engine import checkpoints
+from sft.testing import run_sft, tiny_overrides
+
+SECRET = "the user's own file, not sft's\n"
+
+
+def _outside(tmp_path: Path, kind: str) -> Path:
+    """Something of the user's outside the run: a file, or a folder holding what sft would delete
+    there (``.tmp/`` of an export run, a checkpoint staging folder)."""
+    outside = tmp_path / "outside" / kind
+    if kind == "file":
+        outside.parent.mkdir(parents=True)
+        outside.write_text(SECRET)
+    else:
+        for name in (".tmp", ".staging-1", "checkpoint-1", "lora"):
+            (outside / name).mkdir(parents=True)
+            (outside / name / "keep.txt").write_text(SECRET)
+    return outside
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() if p.is_file() else "/" for p in sorted(root.rglob("*"))}
+
+
+#: (entry of the run, what it points at): every kind of link the issue found followed.
+LINKS = [(".lock", "file"), ("metrics.jsonl", "file"), ("config.yaml", "file"), ("summary.json", "file"),
+         ("checkpoints", "folder"), ("exports", "folder"), ("adapter", "folder"), ("checkpoints/.staging-1", "folder")]
+
+
+def _linked_run(tmp_path: Path, entry: str, kind: str, source: Path | None = None) -> tuple[Path, Path]:
+    run = tmp_path / "run"
+    if source is not None:
+        shutil.copytree(source, run)
+    run.mkdir(exist_ok=True)
+    outside = _outside(tmp_path, kind)
+    link = run / entry
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    link.unlink(missing_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside / ".staging-1" if entry.endswith(".staging-1") else outside)
+    return run, outside
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+@pytest.mark.parametrize("entry,kind", LINKS, ids=[e for e, _ in LINKS])
+def test_sft_run_refuses_a_linked_entry_and_leaves_its_target_alone(tiny_model_dir, tmp_path, entry, kind, resume):
+    run, outside = _linked_run(tmp_path, entry, kind)
+    before = _snapshot(tmp_path / "outside")
+    result = run_sft("run", *(["--resume"] if resume else []), *tiny_overrides(run, tiny_model_dir), check=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{run / entry} is a symbolic link" in result.output, result.output
+    assert _snapshot(tmp_path / "outside") == before
+
+
+@pytest.mark.parametrize("entry,kind", [("exports", "folder"), ("exports/lora", "folder"), ("summary.json", "file"),
+                                        ("metrics.jsonl", "file")])
+def test_sft_export_refuses_a_linked_entry_and_deletes_nothing_outside(tiny_run, tmp_path, entry, kind):
+    run, outside = _linked_run(tmp_path, entry, kind, source=tiny_run)
+    before = _snapshot(tmp_path / "outside")
+    result = run_sft("export", run, "--exporter", "lora", check=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{run / entry} is a symbolic link" in result.output, result.output
+    assert _snapshot(tmp_path / "outside") == before
+
+
+def test_a_delete_reached_through_a_link_is_refused(tmp_path):
+    """The one delete inside a run (``remove_inside``) resolves the path first: rotating the
+    checkpoints of a run whose ``checkpoints/`` leads elsewhere deletes nothing there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = _outside(tmp_path, "folder")
+    (run / "checkpoints").symlink_to(outside)
+    (outside / "checkpoint-2").mkdir()  # complete, so rotation deletes the older, incomplete checkpoint-1
+    (outside / "checkpoint-2" / checkpoints.COMPLETE).write_text(json.dumps({"step": 2, "files": {}}))
+    before = _snapshot(outside)
+    with pytest.raises(SftError, match=r"\.staging-1: not deleted, its real path .* is outside the run directory"):
+        checkpoints.staging_dir(run / "checkpoints", 1)
+    with pytest.raises(SftError, match="outside the run directory"):
+        checkpoints.rotate(run / "checkpoints", 1)
+    assert _snapshot(outside) == before
