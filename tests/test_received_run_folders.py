@@ -11,7 +11,12 @@ issue say what happened in one line.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +103,48 @@ def test_a_delete_reached_through_a_link_is_refused(tmp_path):
     with pytest.raises(SftError, match="outside the run directory"):
         checkpoints.rotate(run / "checkpoints", 1)
     assert _snapshot(outside) == before
+
+
+# -- a fresh run over one that did not finish ----------------------------------------------------
+def _steps(metrics: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+
+
+def test_a_fresh_run_over_a_killed_one_starts_its_own_records(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run_sft("run", *tiny_overrides(run, tiny_model_dir))
+    # Killed while saving its one checkpoint: nothing to resume, and its records stay.
+    shutil.rmtree(run / "adapter")
+    for marker in (run / "checkpoints").glob(f"*/{checkpoints.COMPLETE}"):
+        marker.unlink()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    earlier = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.yaml")}
+
+    result = run_sft("run", *tiny_overrides(run, tiny_model_dir, steps=3))
+    assert _steps(run / "metrics.jsonl") == [1, 2, 3]  # not 1, 2, 1, 2, 3
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    previous = run / "previous" / "1"
+    assert {name: (previous / name).read_bytes() for name in earlier} == earlier
+    assert f"moved to {previous}" in result.output and "status interrupted" in result.output
+
+
+# -- SIGTERM in every phase ------------------------------------------------------------------
+def test_sigterm_before_training_is_recorded_interrupted(tiny_model_dir, tmp_path):
+    """Stopped while it loads (config.yaml written, training not begun): ``interrupted``, not
+    ``failed`` with the error of whichever library was importing when the signal came."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sft.cli", "run", *tiny_overrides(out, tiny_model_dir, steps=500)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SFT_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "metrics.jsonl").exists(), "the signal came too late: training had begun"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert summary["status"] == "interrupted" and summary["error"] == "stopped by SIGTERM", summary
+    assert "Traceback" not in err and "Error: stopped by SIGTERM" in err
