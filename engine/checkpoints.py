@@ -19,13 +19,16 @@ Only the finite-weights check imports torch (inside it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from sft.core.errors import SftError
 from sft.core.rundir import atomic_write_text, remove_inside, swap_in
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "last_complete",
     "staging_dir",
     "commit_checkpoint",
+    "writing",
     "rotate",
     "is_complete",
     "damage",
@@ -180,6 +184,27 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def writing(root: str | Path, step: int, clean: bool = True) -> Iterator[None]:
+    """Turn a failure while ``checkpoint-<step>`` is written (a full disk, a folder that cannot be
+    written) into one line naming that checkpoint, the file and the checkpoint ``--resume`` continues
+    from. With ``clean`` (rank 0) the half-written staging folder is deleted first: on a full disk
+    that frees the space the run's ``summary.json`` needs."""
+    try:
+        yield
+    except SftError:
+        raise
+    except Exception as exc:
+        if clean:
+            _remove(root, Path(root) / f"{_STAGING}{step}")
+        why = (f"{Path(exc.filename).name}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror
+               else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        last = last_complete(root)
+        resume = (f"the last complete checkpoint is {last.path}; continue from it with --resume once this is fixed"
+                  if last else "no checkpoint was completed before it, so the run can only start over")
+        raise SftError(f"could not write the checkpoint {Path(root) / f'checkpoint-{step}'} ({why}); {resume}") from exc
 
 
 def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:

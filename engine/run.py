@@ -207,24 +207,25 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
     that says what to change; the run directory keeps whatever was finished, and a run that
     stops before training (bad data, a model that cannot load) still gets a ``summary.json``
-    with ``status: failed`` and the error.
+    with ``status: failed`` and the error, and the steps it trained.
     """
     from .stopping import Interrupted
 
-    created: list[RunDir] = []
+    # "run": the run directory once this process (rank 0) writes in it; "steps": the step training reached.
+    progress: dict[str, Any] = {"run": None, "steps": 0}
     try:
-        return _run_training(cfg, resume, pm, created)
+        return _run_training(cfg, resume, pm, progress)
     except BaseException as exc:
-        if created and "status" not in created[0].read_summary():
+        run = progress["run"]
+        if run is not None and "status" not in run.read_summary():
             stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
-            created[0].update_summary(run_name=created[0].root.name, run_dir=str(created[0].root),
-                                      model=cfg.model.name, preset=cfg.get("preset"),
-                                      status="interrupted" if stopped else "failed",
-                                      error=str(exc) or type(exc).__name__, steps=0)
+            run.update_summary(run_name=run.root.name, run_dir=str(run.root), model=cfg.model.name,
+                               preset=cfg.get("preset"), status="interrupted" if stopped else "failed",
+                               error=str(exc) or type(exc).__name__, steps=progress["steps"])
         raise
 
 
-def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", created: list[RunDir]) -> Path:
+def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", progress: dict[str, Any]) -> Path:
     from sft.core.env import current_environment, quiet_known_warnings
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
@@ -247,7 +248,7 @@ def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", c
     # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
     lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
     with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
-        return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
+        return _train_in(run, cfg, resume, pm, stop, started, env, world, progress)
 
 
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
@@ -272,7 +273,7 @@ def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
 
 
 def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
-              env: Any, world: Any, created: list[RunDir]) -> Path:
+              env: Any, world: Any, progress: dict[str, Any]) -> Path:
     from sft.core.config import config_to_yaml, shareable_container
 
     durations: dict[str, float] = {}
@@ -283,7 +284,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         _check_fresh(run, clean=world.is_main)
     run.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        created.append(run)
+        progress["run"] = run
         atomic_write_text(run.config, config_to_yaml(cfg))
         _announce_setup(cfg)
 
@@ -419,6 +420,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             hub.finish(summary)
         raise
     durations["train"] = time.perf_counter() - tick
+    progress["steps"] = int(trainer.state.global_step)  # what a failure from here on records
 
     tick = time.perf_counter()
     # A sharded model's weights are gathered by every rank together; rank 0 writes them.

@@ -148,3 +148,56 @@ def test_sigterm_before_training_is_recorded_interrupted(tiny_model_dir, tmp_pat
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert summary["status"] == "interrupted" and summary["error"] == "stopped by SIGTERM", summary
     assert "Traceback" not in err and "Error: stopped by SIGTERM" in err
+
+
+# -- a full disk at a checkpoint ---------------------------------------------------------------
+def test_a_full_disk_at_a_checkpoint_names_the_file_and_the_checkpoint_to_resume(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from sft.engine.run import run_training
+    from sft.testing import tiny_config
+
+    save = torch.save
+
+    def full_disk_at_step_2(obj, f, *args, **kwargs):  # the disk fills while checkpoint-2 is written
+        if ".staging-2" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(SftError) as raised:
+        run_training(tiny_config(out, tiny_model_dir, "training.save_steps=1", steps=4))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(out / "checkpoints" / "checkpoint-2") in message and "No space left on device" in message
+    assert str(out / "checkpoints" / "checkpoint-1") in message and "--resume" in message
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 2 and summary["error"] == message
+    assert [c.step for c in checkpoints.scan(out / "checkpoints")] == [1]  # nothing half-written is left
+    assert not list((out / "checkpoints").glob(".staging-*"))
+
+
+def test_a_full_disk_after_training_records_the_steps_trained(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    import peft.peft_model
+
+    from sft.engine.run import run_training
+    from sft.testing import tiny_config
+
+    save = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):  # the library's write of adapter/ after the last checkpoint
+        if "checkpoints" not in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left on device"):
+        run_training(tiny_config(out, tiny_model_dir, steps=3))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 3, summary
