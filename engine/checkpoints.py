@@ -66,15 +66,22 @@ def _manifest(path: Path) -> dict | None:
 
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` has a valid ``COMPLETE`` marker and every file it lists has the recorded size."""
-    path = Path(path)
-    manifest = _manifest(path)
-    if manifest is None:
-        return False
-    for name, size in manifest["files"].items():
+    return _marker_problem(Path(path)) is None and _size_problem(Path(path)) is None
+
+
+def _marker_problem(path: Path) -> str | None:
+    return None if _manifest(path) is not None else f"no valid {COMPLETE} marker"
+
+
+def _size_problem(path: Path) -> str | None:
+    """The first file the valid ``COMPLETE`` marker of ``path`` lists that is missing or of another size."""
+    for name, size in (_manifest(path) or {"files": {}})["files"].items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+        if not f.is_file():
+            return f"{f} is missing (listed in {COMPLETE})"
+        if f.stat().st_size != size:
+            return f"{f} is truncated or corrupt ({f.stat().st_size} bytes, {COMPLETE} records {size})"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -89,10 +96,10 @@ def damage(path: str | Path) -> str | None:
     """Why the complete checkpoint at ``path`` cannot be trusted, or None: a file whose sha256 differs
     from its ``COMPLETE`` record, or saved weights that are not finite."""
     path = Path(path)
-    manifest = _manifest(path)
-    if manifest is None or not is_complete(path):
-        return f"no valid {COMPLETE} marker"
-    hashes = manifest.get("sha256")
+    why = _marker_problem(path) or _size_problem(path)
+    if why is not None:
+        return why
+    hashes = _manifest(path).get("sha256")
     for name, digest in sorted((hashes if isinstance(hashes, dict) else {}).items()):  # older markers: sizes only
         if _sha256(path / name) != digest:
             return f"{name} does not match the sha256 in {COMPLETE} (the file changed on disk after it was saved)"
@@ -132,12 +139,16 @@ def last_complete(root: str | Path, notify=None, verify: bool = False) -> Checkp
     damaged is skipped too (and named), and the next older one is tried.
     """
     found = scan(root)
-    incomplete = [c for c in found if not c.complete]
+    # Without a marker: killed while saving. With one whose files differ in size: damaged on disk since.
+    incomplete = [c for c in found if not c.complete and _marker_problem(c.path)]
     complete = [c for c in found if c.complete]
     if incomplete and notify is not None:
         names = ", ".join(c.path.name for c in incomplete)
         notify(f"ignoring incomplete checkpoint(s) {names} in {Path(root)} (no valid {COMPLETE} marker; "
                f"the run was probably killed while saving)")
+    for checkpoint in (c for c in found if not c.complete and c not in incomplete):
+        if notify is not None:
+            notify(f"ignoring damaged checkpoint {checkpoint.path.name}: {_size_problem(checkpoint.path)}")
     for checkpoint in reversed(complete):
         why = damage(checkpoint.path) if verify else None
         if why is None:

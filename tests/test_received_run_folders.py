@@ -201,3 +201,17 @@ def test_a_full_disk_after_training_records_the_steps_trained(tiny_model_dir, tm
         run_training(tiny_config(out, tiny_model_dir, steps=3))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 3, summary
+
+
+# -- minor messages ------------------------------------------------------------------------------
+def test_a_truncated_checkpoint_file_is_named_as_truncated(tiny_model_dir, tmp_path):
+    from sft.testing import train_tiny
+
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "training.save_steps=1", steps=2)
+    shutil.rmtree(run / "adapter")  # killed before its adapter: a run to resume
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    weights = run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # shrunk on disk after it was saved
+    result = run_sft("run", "--resume", *tiny_overrides(run, tiny_model_dir, "sft:identity"), "training.save_steps=1")
+    assert f"ignoring damaged checkpoint checkpoint-2: {weights} is truncated or corrupt (1000 bytes" in result.output
+    assert "COMPLETE marker" not in result.output and "from checkpoint-1 (step 1)" in result.output
