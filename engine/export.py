@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from sft.core.errors import SftError
+from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, ExportResult, Exporter, Message
 from sft.core.notices import notice
 from sft.core.plugins import get_plugin_manager
@@ -399,9 +399,10 @@ def _run(context: RunExportContext, names: Sequence[str], publishing: Publishing
             except SftError as exc:
                 result = ExportResult(name, ok=False, error=str(exc))
             except Exception as exc:  # noqa: BLE001 - one exporter's crash must not lose the others
-                tb = traceback.format_exc(limit=-3)
-                print(tb, file=sys.stderr)
-                result = ExportResult(name, ok=False, error=f"{type(exc).__name__}: {exc}")
+                mapped = as_user_error(exc)  # a path that is not writable or not a folder: one line, no traceback
+                if mapped is None:
+                    print(traceback.format_exc(limit=-3), file=sys.stderr)
+                result = ExportResult(name, ok=False, error=str(mapped) if mapped else f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - start
         results.append(result)
         context.run_dir.update_summary(exports={name: _result_json(result, seconds)})

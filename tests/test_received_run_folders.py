@@ -215,3 +215,14 @@ def test_a_truncated_checkpoint_file_is_named_as_truncated(tiny_model_dir, tmp_p
     result = run_sft("run", "--resume", *tiny_overrides(run, tiny_model_dir, "sft:identity"), "training.save_steps=1")
     assert f"ignoring damaged checkpoint checkpoint-2: {weights} is truncated or corrupt (1000 bytes" in result.output
     assert "COMPLETE marker" not in result.output and "from checkpoint-1 (step 1)" in result.output
+
+
+def test_sft_export_reports_an_os_error_in_one_line_naming_the_path(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "exports").write_text("a file where sft keeps its exports folder\n")
+    result = run_sft("export", run, "--exporter", "lora", check=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [failed] = [line for line in result.output.splitlines() if "FAILED" in line]
+    assert f"export lora: FAILED after" in failed and f"{run / 'exports' / 'lora'}: Not a directory" in failed
+    assert result.output.count("Not a directory") == 1, result.output
