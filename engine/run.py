@@ -254,8 +254,10 @@ def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", p
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
     """The checkpoint ``--resume`` continues from, once :func:`~sft.engine.resume.check_resume` allows it."""
     from . import checkpoints
-    from .resume import ResumeError, check_resume
+    from .resume import ResumeError, check_resume, run_name_of
 
+    if not cfg.training.run_name:  # a resume found by its folder keeps the name the run was given
+        cfg.training.run_name = run_name_of(run)
     changed = check_resume(run, cfg)
     last = checkpoints.last_complete(run.checkpoints, notify=notice, verify=True)
     if last is None:

@@ -226,3 +226,34 @@ def test_sft_export_reports_an_os_error_in_one_line_naming_the_path(tiny_run, tm
     [failed] = [line for line in result.output.splitlines() if "FAILED" in line]
     assert f"export lora: FAILED after" in failed and f"{run / 'exports' / 'lora'}: Not a directory" in failed
     assert result.output.count("Not a directory") == 1, result.output
+
+
+def test_cache_dir_off_is_stored_as_off_and_reads_back(tiny_model_dir, tmp_path):
+    from sft.engine.configuration import load_config
+    from sft.engine.data.cache import cache_root
+
+    run = tmp_path / "run"
+    run_sft("run", *tiny_overrides(run, tiny_model_dir, steps=1), "data.cache_dir=off")
+    assert "cache_dir: 'off'" in (run / "config.yaml").read_text()
+    assert json.loads((run / "summary.json").read_text())["dataset"]["cache"] == "off"
+    again = load_config(str(run / "config.yaml"))
+    assert again.data.cache_dir == "off" and cache_root(again) is None
+    hand_written = tmp_path / "mine.yaml"
+    hand_written.write_text("data:\n  cache_dir: off\n")  # YAML reads a bare off as false
+    assert load_config(str(hand_written)).data.cache_dir == "off"
+
+
+def test_a_resume_keeps_the_runs_name(tiny_model_dir, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    named = [*tiny_overrides("", tiny_model_dir, "sft:identity", steps=2), "training.output_dir=null",
+             "training.save_steps=1"]
+    run_sft("run", *named, "training.run_name=forge")
+    run = tmp_path / "runs" / "forge"
+    shutil.rmtree(run / "adapter")  # killed before its adapter: a run to resume
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    result = run_sft("run", "--resume", *named)  # found by its config, no name given
+    assert f"continuing the one unfinished run with this config, {Path('runs') / 'forge'}" in result.output
+    assert OmegaConf.load(run / "config.yaml").training.run_name == "forge"
+    assert "differs" not in result.output
