@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from .errors import SftError
 
-__all__ = ["RunDir", "RUN_ENTRIES", "append_text", "atomic_write_text", "remove_inside", "staged_dir", "swap_in"]
+__all__ = ["RunDir", "RUN_ENTRIES", "append_text", "atomic_write_bytes", "atomic_write_text", "remove_inside", "staged_dir", "swap_in"]
 
 #: What ``sft`` and its bundled plugins write, replace or delete in a run directory. None of them may be
 #: a symbolic link (:meth:`RunDir.refuse_links`): a run folder may come from someone else, and a write or
@@ -32,12 +32,18 @@ _RUN_FOLDERS = ("checkpoints", "exports", "previous")
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` like :func:`atomic_write_text`. The temporary file has a new name
+    and the rename replaces ``path`` itself: nothing is written through a link."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file 0600; results are shared like any file the user writes.

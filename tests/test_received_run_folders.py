@@ -257,3 +257,11 @@ def test_a_resume_keeps_the_runs_name(tiny_model_dir, tmp_path, monkeypatch):
     assert f"continuing the one unfinished run with this config, {Path('runs') / 'forge'}" in result.output
     assert OmegaConf.load(run / "config.yaml").training.run_name == "forge"
     assert "differs" not in result.output
+
+
+@pytest.mark.parametrize("entry", ["loss.png", "metrics.jsonl"])
+def test_sft_report_refuses_a_linked_entry(tiny_run, tmp_path, entry):
+    run, outside = _linked_run(tmp_path, entry, "file", source=tiny_run)
+    result = run_sft("report", run, check=False)
+    assert result.exit_code != 0 and f"{run / entry} is a symbolic link" in result.output, result.output
+    assert outside.read_text() == SECRET
