@@ -141,6 +141,9 @@ def as_user_error(exc: BaseException) -> SftError | None:
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (13, 28, 30)):
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         return SftError(f"cannot write{where}: {exc.strerror or text}")
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:  # a path that is not what sft needs there
+        also = f" (-> {exc.filename2})" if exc.filename2 else ""
+        return SftError(f"{exc.filename}{also}: {exc.strerror}")
     return None
 
 

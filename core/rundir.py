@@ -20,17 +20,30 @@ from typing import Any, Iterable, Iterator
 
 from .errors import SftError
 
-__all__ = ["RunDir", "atomic_write_text", "staged_dir", "swap_in"]
+__all__ = ["RunDir", "RUN_ENTRIES", "append_text", "atomic_write_bytes", "atomic_write_text", "remove_inside", "staged_dir", "swap_in"]
+
+#: What ``sft`` and its bundled plugins write, replace or delete in a run directory. None of them may be
+#: a symbolic link (:meth:`RunDir.refuse_links`): a run folder may come from someone else, and a write or
+#: a delete through a link would land outside the run. The folders' own entries are checked too.
+RUN_ENTRIES = (".lock", ".launch-config.yaml", "config.yaml", "metrics.jsonl", "loss.png", "summary.json",
+               "eval.json", "checkpoints", "adapter", "initial_adapter", "exports", "previous", "tensorboard", "wandb")
+_RUN_FOLDERS = ("checkpoints", "exports", "previous")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` like :func:`atomic_write_text`. The temporary file has a new name
+    and the rename replaces ``path`` itself: nothing is written through a link."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file 0600; results are shared like any file the user writes.
@@ -39,6 +52,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to the file ``path`` (created if missing), never through a symbolic link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise _link_error(Path(path)) if Path(path).is_symlink() else exc
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
+
+
+def _link_error(path: Path) -> SftError:
+    return SftError(f"{path} is a symbolic link (to {os.readlink(path)}); sft never writes or deletes through a "
+                    f"link in a run directory (it may lead outside the run): replace it with a real file or folder, "
+                    f"or use another run directory")
+
+
+def remove_inside(root: str | Path, path: str | Path) -> None:
+    """Delete the file or folder ``path`` (a link: only the link) when it really lies inside the run
+    directory ``root``. Its location is resolved first, so a folder reached through a symbolic link
+    (``exports/`` pointing elsewhere) is refused with an :class:`SftError` instead of deleted."""
+    path = Path(path)
+    where = Path(os.path.realpath(path.parent)) / path.name
+    if not where.is_relative_to(os.path.realpath(root)):
+        raise SftError(f"{path}: not deleted, its real path {where} is outside the run directory {root} "
+                       f"(a symbolic link on the way leads there)")
+    if where.is_symlink() or where.is_file():
+        where.unlink(missing_ok=True)
+    elif where.exists():
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -121,6 +165,16 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.root / "summary.json"
+
+    def refuse_links(self) -> None:
+        """Raise :class:`SftError` naming the first of :data:`RUN_ENTRIES` (or an entry of its folders)
+        that is a symbolic link, before a command writes anything in the run."""
+        for name in RUN_ENTRIES:
+            path = self.root / name
+            inside = sorted(path.iterdir()) if name in _RUN_FOLDERS and path.is_dir() and not path.is_symlink() else []
+            for entry in (path, *inside):
+                if entry.is_symlink():
+                    raise _link_error(entry)
 
     def has_trained_model(self) -> bool:
         """Whether ``adapter/`` holds what training wrote: a LoRA adapter, or a full fine-tune's model."""

@@ -19,15 +19,17 @@ Only the finite-weights check imports torch (inside it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from sft.core.rundir import atomic_write_text, swap_in
+from sft.core.errors import SftError
+from sft.core.rundir import atomic_write_text, remove_inside, swap_in
 
 __all__ = [
     "COMPLETE",
@@ -36,6 +38,7 @@ __all__ = [
     "last_complete",
     "staging_dir",
     "commit_checkpoint",
+    "writing",
     "rotate",
     "is_complete",
     "damage",
@@ -63,15 +66,22 @@ def _manifest(path: Path) -> dict | None:
 
 def is_complete(path: str | Path) -> bool:
     """True when ``path`` has a valid ``COMPLETE`` marker and every file it lists has the recorded size."""
-    path = Path(path)
-    manifest = _manifest(path)
-    if manifest is None:
-        return False
-    for name, size in manifest["files"].items():
+    return _marker_problem(Path(path)) is None and _size_problem(Path(path)) is None
+
+
+def _marker_problem(path: Path) -> str | None:
+    return None if _manifest(path) is not None else f"no valid {COMPLETE} marker"
+
+
+def _size_problem(path: Path) -> str | None:
+    """The first file the valid ``COMPLETE`` marker of ``path`` lists that is missing or of another size."""
+    for name, size in (_manifest(path) or {"files": {}})["files"].items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+        if not f.is_file():
+            return f"{f} is missing (listed in {COMPLETE})"
+        if f.stat().st_size != size:
+            return f"{f} is truncated or corrupt ({f.stat().st_size} bytes, {COMPLETE} records {size})"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -86,10 +96,10 @@ def damage(path: str | Path) -> str | None:
     """Why the complete checkpoint at ``path`` cannot be trusted, or None: a file whose sha256 differs
     from its ``COMPLETE`` record, or saved weights that are not finite."""
     path = Path(path)
-    manifest = _manifest(path)
-    if manifest is None or not is_complete(path):
-        return f"no valid {COMPLETE} marker"
-    hashes = manifest.get("sha256")
+    why = _marker_problem(path) or _size_problem(path)
+    if why is not None:
+        return why
+    hashes = _manifest(path).get("sha256")
     for name, digest in sorted((hashes if isinstance(hashes, dict) else {}).items()):  # older markers: sizes only
         if _sha256(path / name) != digest:
             return f"{name} does not match the sha256 in {COMPLETE} (the file changed on disk after it was saved)"
@@ -129,12 +139,16 @@ def last_complete(root: str | Path, notify=None, verify: bool = False) -> Checkp
     damaged is skipped too (and named), and the next older one is tried.
     """
     found = scan(root)
-    incomplete = [c for c in found if not c.complete]
+    # Without a marker: killed while saving. With one whose files differ in size: damaged on disk since.
+    incomplete = [c for c in found if not c.complete and _marker_problem(c.path)]
     complete = [c for c in found if c.complete]
     if incomplete and notify is not None:
         names = ", ".join(c.path.name for c in incomplete)
         notify(f"ignoring incomplete checkpoint(s) {names} in {Path(root)} (no valid {COMPLETE} marker; "
                f"the run was probably killed while saving)")
+    for checkpoint in (c for c in found if not c.complete and c not in incomplete):
+        if notify is not None:
+            notify(f"ignoring damaged checkpoint {checkpoint.path.name}: {_size_problem(checkpoint.path)}")
     for checkpoint in reversed(complete):
         why = damage(checkpoint.path) if verify else None
         if why is None:
@@ -147,9 +161,14 @@ def last_complete(root: str | Path, notify=None, verify: bool = False) -> Checkp
 def staging_dir(root: str | Path, step: int) -> Path:
     """A fresh, empty staging folder for the checkpoint of ``step`` (the trainer writes inside it)."""
     path = Path(root) / f"{_STAGING}{step}"
-    shutil.rmtree(path, ignore_errors=True)
+    _remove(root, path)
     path.mkdir(parents=True)
     return path
+
+
+def _remove(root: str | Path, path: Path) -> None:
+    # ``root`` is the run's checkpoints/ folder: what is deleted must lie inside the run around it.
+    remove_inside(Path(root).parent, path)
 
 
 def _fsync_tree(path: Path) -> tuple[dict[str, int], dict[str, str]]:
@@ -178,6 +197,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(root: str | Path, step: int, clean: bool = True) -> Iterator[None]:
+    """Turn a failure while ``checkpoint-<step>`` is written (a full disk, a folder that cannot be
+    written) into one line naming that checkpoint, the file and the checkpoint ``--resume`` continues
+    from. With ``clean`` (rank 0) the half-written staging folder is deleted first: on a full disk
+    that frees the space the run's ``summary.json`` needs."""
+    try:
+        yield
+    except SftError:
+        raise
+    except Exception as exc:
+        if clean:
+            _remove(root, Path(root) / f"{_STAGING}{step}")
+        why = (f"{Path(exc.filename).name}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror
+               else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        last = last_complete(root)
+        resume = (f"the last complete checkpoint is {last.path}; continue from it with --resume once this is fixed"
+                  if last else "no checkpoint was completed before it, so the run can only start over")
+        raise SftError(f"could not write the checkpoint {Path(root) / f'checkpoint-{step}'} ({why}); {resume}") from exc
+
+
 def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:
     """Move the checkpoint folder ``written`` into place as ``root/checkpoint-<step>`` and mark it complete.
 
@@ -193,7 +233,7 @@ def commit_checkpoint(written: str | Path, root: str | Path, step: int) -> Path:
     _fsync_dir(final)
     staging_parent = written.parent
     if staging_parent.name.startswith(_STAGING):
-        shutil.rmtree(staging_parent, ignore_errors=True)
+        _remove(root, staging_parent)
     return final
 
 
@@ -217,9 +257,9 @@ def rotate(root: str | Path, keep: int | None) -> list[Path]:
     for path in doomed:
         if path == newest.path:  # never, but cheap to be sure
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(root, path)
         deleted.append(path)
     for child in root.iterdir():
         if child.name.startswith(_STAGING) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+            _remove(root, child)
     return deleted

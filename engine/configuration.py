@@ -474,6 +474,10 @@ def load_config(
         raw = from_run(raw, problems)
     _apply(schema, raw, "", problems)
     _check_resolvers(schema, problems)
+    from .data.cache import CACHE_OFF
+
+    if schema.data.cache_dir is not None and str(schema.data.cache_dir).lower() in CACHE_OFF:
+        schema.data.cache_dir = "off"  # as the docs spell it, not the 'false' YAML made of `off`
     _check_choices(schema, problems)
     _check_ranges(schema, problems)
     _check_plugin_names(schema, pm, problems)

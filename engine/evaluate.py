@@ -263,6 +263,7 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
     from .export import RunExportContext
 
     run = RunDir.of(run_dir)
+    run.refuse_links()
     if not run.config.is_file():
         raise SftError(f"{run.root}: no config.yaml; is this a run directory written by sft run?")
     if not run.adapter.is_dir():

@@ -32,11 +32,11 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from sft.core.errors import SftError
+from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, ExportResult, Exporter, Message
 from sft.core.notices import notice
 from sft.core.plugins import get_plugin_manager
-from sft.core.rundir import RunDir, dir_size
+from sft.core.rundir import RunDir, dir_size, remove_inside
 from sft.core.templating import resolve_template
 
 from .publish import Publishing
@@ -135,7 +135,7 @@ class RunExportContext:
 
     def close(self) -> None:
         """Drop temporary folders and cached models."""
-        shutil.rmtree(self.run_dir.root / "exports" / ".tmp", ignore_errors=True)
+        remove_inside(self.run_dir.root, self.run_dir.root / "exports" / ".tmp")
         self._cache.clear()
 
     # -- environment and base model ----------------------------------------------------------
@@ -400,9 +400,10 @@ def _run(context: RunExportContext, names: Sequence[str], publishing: Publishing
             except SftError as exc:
                 result = ExportResult(name, ok=False, error=str(exc))
             except Exception as exc:  # noqa: BLE001 - one exporter's crash must not lose the others
-                tb = traceback.format_exc(limit=-3)
-                print(tb, file=sys.stderr)
-                result = ExportResult(name, ok=False, error=f"{type(exc).__name__}: {exc}")
+                mapped = as_user_error(exc)  # a path that is not writable or not a folder: one line, no traceback
+                if mapped is None:
+                    print(traceback.format_exc(limit=-3), file=sys.stderr)
+                result = ExportResult(name, ok=False, error=str(mapped) if mapped else f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - start
         results.append(result)
         context.run_dir.update_summary(exports={name: _result_json(result, seconds)})
@@ -435,6 +436,7 @@ def export_run(run_dir: str | Path, exporters: Sequence[str], overrides: Sequenc
     :func:`~sft.engine.configuration.load_run_config`; ``trust_remote_code`` is ``--trust-remote-code``.
     """
     rd = RunDir.of(run_dir)
+    rd.refuse_links()
     if not rd.adapter.is_dir() and rd.config.is_file():
         raise SftError(f"{rd.adapter}: missing; the run has no saved adapter (did training finish?)")
     pm = pm or get_plugin_manager()
@@ -466,6 +468,7 @@ def publish_run(run_dir: str | Path, to: str, exporters: Sequence[str] = (), ove
     """
     pm = pm or get_plugin_manager()
     rd = RunDir.of(run_dir)
+    rd.refuse_links()
     cfg = _run_config(rd, overrides, pm, loads_model=False)
     pm.get("publisher", to, "sft publish --to")
     exports = rd.read_summary().get("exports") or {}

@@ -12,9 +12,10 @@ Checkpoints keep the unconverted adapter, which ``--resume`` loads onto the same
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
+
+from sft.core.rundir import remove_inside
 
 __all__ = ["remember_initial_adapter", "save_adapter", "forget_initial_adapter"]
 
@@ -33,8 +34,7 @@ def remember_initial_adapter(model: Any, folder: Path) -> Path | None:
     init = getattr(config, "init_lora_weights", True)
     if not isinstance(init, str) or not init.startswith(_CONVERTED):
         return None
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_inside(folder.parent, folder)
     config.init_lora_weights = True
     try:
         model.save_pretrained(str(folder))
@@ -61,4 +61,4 @@ def save_adapter(model: Any, folder: str | Path, initial: Path | None = None, **
 def forget_initial_adapter(initial: Path | None) -> None:
     """Remove the initial adapter once the converted one is written."""
     if initial is not None:
-        shutil.rmtree(initial, ignore_errors=True)
+        remove_inside(initial.parent, initial)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Mapping, Sequence, TextIO
 from sft.core.errors import SftError
 from sft.core.interfaces import Logger, RunInfo
 from sft.core.notices import notice
+from sft.core.rundir import append_text, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "MetricsHub",
@@ -88,8 +88,7 @@ class MetricsHub:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         for logger, _options in self.loggers:
             self._call(logger, "log", int(step), dict(metrics))
 
@@ -102,7 +101,7 @@ class MetricsHub:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _jsonable(value: Any) -> Any:
@@ -201,17 +200,21 @@ def write_loss_plot(run_dir: str | Path) -> Path:
     """Draw ``loss.png`` in ``run_dir`` from its ``metrics.jsonl``; return the path.
 
     Called at the end of every run and by ``sft report``. The file is written through a
-    temporary file and a rename, so a reader never sees half a PNG.
+    temporary file and a rename, so a reader never sees half a PNG. A run directory with a link
+    among its entries is refused first.
     """
+    import io
+
     from sft.core.rundir import RunDir
 
     rd = RunDir.of(run_dir)
+    rd.refuse_links()
     if not rd.metrics.exists():
         raise SftError(f"{rd.metrics}: no metrics file; is {rd.root} a run directory (sft run --output ...)?")
     fig = plot_loss(loss_series(rd.metrics), title=rd.root.name)
-    tmp = rd.loss_plot.with_name(f".{rd.loss_plot.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, rd.loss_plot)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(rd.loss_plot, png.getvalue())
     return rd.loss_plot
 
 

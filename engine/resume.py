@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 __all__ = ["RunLockedError", "ResumeError", "RESUMABLE_CHANGES", "run_lock", "changed_keys", "refused_changes",
-           "check_resume", "find_resumable", "is_finished"]
+           "check_resume", "find_resumable", "is_finished", "run_name_of"]
 
 #: Keys (or sections, ending in ".") that may differ between a run and its resume: they change
 #: what is logged, checkpointed, evaluated or exported, or how many processes share the work,
@@ -62,9 +62,10 @@ def run_lock(root: Path) -> Iterator[None]:
     import fcntl
 
     root = Path(root)
+    RunDir(root).refuse_links()  # before anything is written: the lock itself truncates its file
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise SftError(f"cannot create the run directory {root}: {exc.strerror or exc} "
                        f"(choose another with --output or training.output_dir)") from None
@@ -113,6 +114,12 @@ def _run_config(run: RunDir) -> dict[str, Any] | None:
         return OmegaConf.to_container(OmegaConf.load(run.config), resolve=False)  # type: ignore[return-value]
     except Exception:  # noqa: BLE001 - an unreadable config.yaml matches nothing
         return None
+
+
+def run_name_of(run: RunDir) -> str | None:
+    """``training.run_name`` in the run's ``config.yaml`` (None when unset or unreadable)."""
+    name = ((_run_config(run) or {}).get("training") or {}).get("run_name")
+    return str(name) if name else None
 
 
 def is_finished(run: RunDir) -> bool:

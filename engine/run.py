@@ -34,7 +34,7 @@ from . import distributed
 from .backends import select_backend
 from sft.core.errors import SftError, refused_pickle
 from sft.core.notices import notice
-from sft.core.rundir import RunDir, atomic_write_text, staged_dir
+from sft.core.rundir import RunDir, atomic_write_text, remove_inside, staged_dir
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -75,8 +75,9 @@ def _check_fresh(run: RunDir, clean: bool = True) -> None:
     """A new (non-resumed) run must not overwrite a previous run's results.
 
     Checkpoints that are all incomplete (a run killed while saving its first one) hold nothing
-    to resume, so a new run may start over there: they are removed (when ``clean``: by rank 0
-    of a distributed run), with a notice.
+    to resume, so a new run may start over there: they are removed, and the records of that
+    earlier run are moved aside (:func:`_move_aside_earlier_run`); both when ``clean``: by rank
+    0 of a distributed run, with a notice.
     """
     from . import checkpoints
 
@@ -86,13 +87,36 @@ def _check_fresh(run: RunDir, clean: bool = True) -> None:
     if checkpoints.last_complete(run.checkpoints) is not None:
         raise SftError(f"{run.root} already holds a run (checkpoints/); continue it with --resume, "
                        f"or choose another directory (--output or training.run_name)")
+    if not clean:
+        return
     leftovers = checkpoints.scan(run.checkpoints)
-    if leftovers and clean:
-        import shutil
-
+    if leftovers:
         notice(f"{run.checkpoints} holds only incomplete checkpoint(s) ({', '.join(c.path.name for c in leftovers)}), "
                f"which cannot be resumed; starting this run over")
-        shutil.rmtree(run.checkpoints)
+        remove_inside(run.root, run.checkpoints)
+    _move_aside_earlier_run(run)
+
+
+def _move_aside_earlier_run(run: RunDir) -> None:
+    """A fresh run where an earlier one failed or was killed starts its own ``metrics.jsonl`` and
+    ``summary.json`` (appending would record its steps twice): the earlier run's records move to
+    ``previous/<n>/``, so nothing of it is lost."""
+    earlier = [p for p in (run.metrics, run.summary_path, run.loss_plot, run.config) if p.is_file()]
+    if not any(p != run.config for p in earlier):
+        return  # no run recorded anything here: a config.yaml alone is written again
+    try:
+        status = run.read_summary().get("status") or "unknown"
+    except (OSError, ValueError):
+        status = "unreadable summary.json"
+    n = 1
+    while (run.root / "previous" / str(n)).exists():
+        n += 1
+    target = run.root / "previous" / str(n)
+    target.mkdir(parents=True)
+    for p in earlier:
+        p.rename(target / p.name)
+    notice(f"{run.root} holds an earlier run that did not finish (status {status}); its "
+           f"{', '.join(p.name for p in earlier)} moved to {target}, and this run starts new ones")
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -183,21 +207,25 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
     Raises :class:`SftError` (data, config, NaN loss, no checkpoint to resume) with a message
     that says what to change; the run directory keeps whatever was finished, and a run that
     stops before training (bad data, a model that cannot load) still gets a ``summary.json``
-    with ``status: failed`` and the error.
+    with ``status: failed`` and the error, and the steps it trained.
     """
-    created: list[RunDir] = []
+    from .stopping import Interrupted
+
+    # "run": the run directory once this process (rank 0) writes in it; "steps": the step training reached.
+    progress: dict[str, Any] = {"run": None, "steps": 0}
     try:
-        return _run_training(cfg, resume, pm, created)
+        return _run_training(cfg, resume, pm, progress)
     except BaseException as exc:
-        if created and "status" not in created[0].read_summary():
-            created[0].update_summary(run_name=created[0].root.name, run_dir=str(created[0].root),
-                                      model=cfg.model.name, preset=cfg.get("preset"),
-                                      status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                                      error=str(exc) or type(exc).__name__, steps=0)
+        run = progress["run"]
+        if run is not None and "status" not in run.read_summary():
+            stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
+            run.update_summary(run_name=run.root.name, run_dir=str(run.root), model=cfg.model.name,
+                               preset=cfg.get("preset"), status="interrupted" if stopped else "failed",
+                               error=str(exc) or type(exc).__name__, steps=progress["steps"])
         raise
 
 
-def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", created: list[RunDir]) -> Path:
+def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", progress: dict[str, Any]) -> Path:
     from sft.core.env import current_environment, quiet_known_warnings
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
@@ -220,7 +248,7 @@ def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", c
     # Rank 0 holds the run directory; the other ranks of the same run work under its lock.
     lock = run_lock(run.root) if world.is_main else contextlib.nullcontext()
     with lock, sigterm_stops_training(cfg.training.stop_grace_seconds) as stop:
-        return _train_in(run, cfg, resume, pm, stop, started, env, world, created)
+        return _train_in(run, cfg, resume, pm, stop, started, env, world, progress)
 
 
 def _refused_file(checkpoint: Path) -> str:
@@ -242,8 +270,10 @@ def _refused_file(checkpoint: Path) -> str:
 def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
     """The checkpoint ``--resume`` continues from, once :func:`~sft.engine.resume.check_resume` allows it."""
     from . import checkpoints
-    from .resume import ResumeError, check_resume
+    from .resume import ResumeError, check_resume, run_name_of
 
+    if not cfg.training.run_name:  # a resume found by its folder keeps the name the run was given
+        cfg.training.run_name = run_name_of(run)
     changed = check_resume(run, cfg)
     last = checkpoints.last_complete(run.checkpoints, notify=notice, verify=True)
     if last is None:
@@ -261,7 +291,7 @@ def _resume_point(run: RunDir, cfg: "DictConfig", world_size: int = 1) -> Any:
 
 
 def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager", stop: Any, started: float,
-              env: Any, world: Any, created: list[RunDir]) -> Path:
+              env: Any, world: Any, progress: dict[str, Any]) -> Path:
     from sft.core.config import config_to_yaml, shareable_container
 
     durations: dict[str, float] = {}
@@ -272,7 +302,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
         _check_fresh(run, clean=world.is_main)
     run.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        created.append(run)
+        progress["run"] = run
         atomic_write_text(run.config, config_to_yaml(cfg))
         _announce_setup(cfg)
 
@@ -377,7 +407,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
 
     tick = time.perf_counter()
     tokens_before = _resumed_tokens(resume_from.path) if resume_from is not None else 0
-    from .stopping import Interrupted
+    from .stopping import Interrupted, as_recorded
 
     try:
         try:
@@ -398,7 +428,8 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
                             for r in trainer.state.log_history)
             if not evaluated:
                 trainer.evaluate()
-    except BaseException as exc:
+    except BaseException as raised:
+        exc = as_recorded(raised, stop)  # an error that a SIGTERM caused is that stop
         status = "nan" if isinstance(exc, NonFiniteLossError) else (
             "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed")
         if world.is_main:
@@ -408,6 +439,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             hub.finish(summary)
         raise
     durations["train"] = time.perf_counter() - tick
+    progress["steps"] = int(trainer.state.global_step)  # what a failure from here on records
 
     tick = time.perf_counter()
     # A sharded model's weights are gathered by every rank together; rank 0 writes them.

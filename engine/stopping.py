@@ -5,7 +5,9 @@ Slurm, Kubernetes and ``docker stop`` send SIGTERM, then SIGKILL after a grace p
 summary and no message. :func:`sigterm_stops_training` installs a handler for the run:
 
 - outside the training loop (data, model loading, saving, exports) the run stops at once with
-  :class:`Interrupted`, recorded as status ``interrupted`` like Ctrl-C;
+  :class:`Interrupted`, recorded as status ``interrupted`` like Ctrl-C. A library that catches
+  the stop and raises its own error (huggingface_hub's lazy imports wrap it in a RuntimeError)
+  does not turn it into a failure: :func:`as_recorded` gives the stop back;
 - during training, the step in progress finishes, a checkpoint is saved and training stops
   (:func:`stop_callback` asks the Trainer for both); if that has not happened within
   ``training.stop_grace_seconds``, or a second SIGTERM comes, it stops at once without one.
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 from sft.core.errors import SftError
 from sft.core.notices import notice
 
-__all__ = ["Interrupted", "StopRequest", "sigterm_stops_training", "stop_callback"]
+__all__ = ["Interrupted", "StopRequest", "as_recorded", "sigterm_stops_training", "stop_callback"]
 
 
 class Interrupted(SftError):
@@ -41,6 +43,17 @@ class StopRequest:
     requested: bool = False
     training: bool = False
     saved_step: int | None = None
+    signalled: bool = False  # a SIGTERM came, whatever the phase
+
+
+def as_recorded(exc: BaseException, request: StopRequest) -> BaseException:
+    """``exc`` as the run records it: an error raised after a SIGTERM came is that stop (an
+    :class:`Interrupted`, with ``exc`` as its cause), so every phase is recorded ``interrupted``."""
+    if not request.signalled or isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return exc
+    stopped = Interrupted("stopped by SIGTERM")
+    stopped.__cause__ = exc
+    return stopped
 
 
 @contextlib.contextmanager
@@ -56,6 +69,7 @@ def sigterm_stops_training(grace_seconds: float) -> Iterator[StopRequest]:
                           f"training.stop_grace_seconds={request.grace_seconds:g}")
 
     def on_term(signum: int, frame: Any) -> None:
+        request.signalled = True
         if request.requested or not request.training or request.grace_seconds <= 0:
             raise Interrupted("stopped by SIGTERM")
         request.requested = True
@@ -68,6 +82,11 @@ def sigterm_stops_training(grace_seconds: float) -> Iterator[StopRequest]:
     previous_alarm = signal.getsignal(signal.SIGALRM)
     try:
         yield request
+    except Exception as exc:
+        recorded = as_recorded(exc, request)
+        if recorded is exc:
+            raise
+        raise recorded from exc
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, previous_term)

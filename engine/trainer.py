@@ -186,17 +186,19 @@ def guarded_trainer_class(base: type) -> type:
             self._staging = distributed.broadcast(checkpoints.staging_dir(root, step) if world.is_main else None)
             written = self._staging / f"checkpoint-{step}"
             try:
-                # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
-                Trainer._save_checkpoint(self, model, trial)
+                with checkpoints.writing(root, step, clean=world.is_main):
+                    # transformers.Trainer's, not TRL's: TRL also writes a model card into output_dir.
+                    Trainer._save_checkpoint(self, model, trial)
             finally:
                 self._staging = None
             distributed.barrier()
             if world.is_main:
                 strategy = "fsdp2" if self.is_fsdp_enabled else ("ddp" if world.distributed else "single")
-                distributed.write_layout(written, strategy, distributed.BatchPlan(
-                    self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
-                    self.args.world_size))
-                checkpoints.commit_checkpoint(written, root, step)
+                with checkpoints.writing(root, step):
+                    distributed.write_layout(written, strategy, distributed.BatchPlan(
+                        self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+                        self.args.world_size))
+                    checkpoints.commit_checkpoint(written, root, step)
                 checkpoints.rotate(root, self.args.save_total_limit)
 
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"

@@ -57,6 +57,7 @@ def launch(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | None" =
         pm = get_plugin_manager()
     n = int(cfg.distributed.num_processes)
     run = resolve_run_dir(cfg, resume)
+    run.refuse_links()  # a received run folder: nothing is written through its links
     env = current_environment()
     check_strategy(cfg, select_backend(cfg, pm, env), env, n)
     from sft.engine.publish import Publishing

@@ -37,7 +37,9 @@ def test_incomplete_checkpoints_are_ignored_with_a_notice(tmp_path):
     notices: list[str] = []
     last = last_complete(tmp_path, notify=notices.append)
     assert last is not None and last.step == 2
-    assert len(notices) == 1 and "checkpoint-4" in notices[0] and "checkpoint-6" in notices[0]
+    assert len(notices) == 2 and "checkpoint-4" in notices[0] and "no valid COMPLETE marker" in notices[0]
+    truncated = tmp_path / "checkpoint-6" / "adapter_model.safetensors"
+    assert f"ignoring damaged checkpoint checkpoint-6: {truncated} is truncated or corrupt" in notices[1]
 
 
 def test_rotation_keeps_the_newest_complete_one(tmp_path):

@@ -128,10 +128,15 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+#: The ``data.cache_dir`` values that turn the cache off (YAML reads a bare ``off`` as false);
+#: a config stores each as ``off``.
+CACHE_OFF = ("off", "none", "false", "")
+
+
 def cache_root(cfg: Any) -> Path | None:
     """Where tokenized datasets are cached (``data.cache_dir``, default ``<sft cache>/datasets``); None when off."""
     setting = cfg.data.cache_dir
-    if setting is not None and str(setting).lower() in ("off", "none", "false", ""):
+    if setting is not None and str(setting).lower() in CACHE_OFF:
         return None
     if setting:
         return Path(setting).expanduser()

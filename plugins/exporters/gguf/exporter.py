@@ -344,9 +344,9 @@ def _llama_cpp_input(context: ExportContext, model_dir: Path, dest: Path, weight
     SentencePiece model (scores and piece types) from ``tokenizer.model``. With ``weights_only``
     only config and weights are linked and the run's tokenizer is saved beside them.
     """
-    import shutil
+    from sft.core.rundir import remove_inside
 
-    shutil.rmtree(dest, ignore_errors=True)
+    remove_inside(context.run_dir.root, dest)
     dest.mkdir(parents=True)
     for f in model_dir.iterdir():
         weights = f.name == "config.json" or f.name.startswith("model") and f.suffix in (".safetensors", ".json")
