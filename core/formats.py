@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import DataError, did_you_mean
-from .interfaces import ROLES, Conversation, Message, ToolCall, tools_of
+from .interfaces import ROLES, Message, ToolCall, tools_of
 
 __all__ = [
     "MEDIA_COLUMNS",
@@ -29,8 +29,6 @@ __all__ = [
     "parse_tool_call",
     "parse_arguments",
     "tool_names",
-    "conversation_to_json",
-    "conversation_from_json",
 ]
 
 
@@ -322,29 +320,3 @@ def _match_call(message: Message, pending: list[ToolCall], where: str) -> ToolCa
         raise DataError(f"{where}: a tool result with no matching call: tool '{message.name}' was not called "
                         f"(pending: {names})")
     return pending[0]
-
-
-def conversation_to_json(messages: Sequence[Message]) -> dict[str, Any]:
-    """A JSON-able form of a conversation (the data cache stores these); :func:`conversation_from_json` reverses it."""
-    out: dict[str, Any] = {"messages": []}
-    for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.tool_calls:
-            item["tool_calls"] = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in m.tool_calls]
-        for key in ("tool_call_id", "name", "reasoning"):
-            if getattr(m, key) is not None:
-                item[key] = getattr(m, key)
-        out["messages"].append(item)
-    if tools_of(messages):
-        out["tools"] = tools_of(messages)
-    return out
-
-
-def conversation_from_json(data: Mapping[str, Any]) -> list[Message]:
-    """The conversation :func:`conversation_to_json` wrote (a :class:`Conversation` when it has tools)."""
-    messages = []
-    for item in data["messages"]:
-        item = dict(item)
-        calls = tuple(ToolCall(c["name"], c["arguments"], c.get("id")) for c in item.pop("tool_calls", ()))
-        messages.append(Message(tool_calls=calls, **item))
-    return Conversation(messages, data["tools"]) if data.get("tools") else messages

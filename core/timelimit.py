@@ -13,6 +13,7 @@ string repeated a billion times) finishes before the exception can land.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -78,6 +79,8 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+# A forked data worker (data.num_proc) has none of its parent's threads: it starts its own watchdog.
+os.register_at_fork(after_in_child=_WATCHDOG.__init__)
 
 
 @contextmanager

@@ -269,7 +269,7 @@ def evaluate_run(run_dir: str | Path, tasks: Sequence[str] | None = None, export
     if not run.adapter.is_dir():
         raise SftError(f"{run.adapter}: missing; the run has no trained model yet (train first: sft run)")
     _require_lm_eval()
-    from sft.core.env import quiet_known_warnings
+    from .libraries import quiet_known_warnings
 
     quiet_known_warnings()
     if pm is None:

@@ -448,7 +448,7 @@ def _run_config(rd: RunDir, overrides: Sequence[str], pm: "PluginManager", flags
                 **trust: bool) -> "DictConfig":
     """A finished run's ``config.yaml`` plus ``overrides`` (:func:`~sft.engine.configuration.load_run_config`)."""
     from .configuration import load_run_config
-    from sft.core.env import quiet_known_warnings, quiet_progress_bars
+    from .libraries import quiet_known_warnings, quiet_progress_bars
 
     # As quiet as `sft run`, whose exports print exactly these lines.
     quiet_known_warnings()

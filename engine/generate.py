@@ -130,7 +130,8 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     from transformers.utils import logging as hf_logging
 
     from .configuration import load_run_config
-    from sft.core.env import current_environment, quiet_known_warnings
+    from sft.core.env import current_environment
+    from .libraries import quiet_known_warnings
     from .models import forget_gguf_quantization, pretrained_kwargs, resolve_model
     from sft.core.rundir import RunDir
     from sft.core.templating import resolve_template

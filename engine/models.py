@@ -99,7 +99,7 @@ def resolve_model(name: str, revision: str | None = None) -> str:
 
 
 def _hub_model(name: str, revision: str | None) -> str:
-    from sft.core.env import hub_reachable
+    from .libraries import hub_reachable
 
     if hub_reachable():
         return name

@@ -226,7 +226,8 @@ def run_training(cfg: "DictConfig", resume: bool = False, pm: "PluginManager | N
 
 
 def _run_training(cfg: "DictConfig", resume: bool, pm: "PluginManager | None", progress: dict[str, Any]) -> Path:
-    from sft.core.env import current_environment, quiet_known_warnings
+    from sft.core.env import current_environment
+    from .libraries import quiet_known_warnings
 
     quiet_known_warnings()  # before the backend: PEFT already trips one while attaching LoRA
     if pm is None:
@@ -319,7 +320,7 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
             notice(f"distributed.num_processes={cfg.distributed.num_processes} is not used: "
                    f"the launcher started {world.world_size}")
     backend.prepare_environment()
-    from sft.core.env import quiet_progress_bars
+    from .libraries import quiet_progress_bars
 
     quiet_progress_bars()
     if not env.cuda:

@@ -18,11 +18,11 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-from sft.core.formats import conversation_from_json, conversation_to_json
-from sft.core.interfaces import ChatTemplate, DatasetFormat, Message
+from sft.core.interfaces import ChatTemplate, Conversation, DatasetFormat, Message, ToolCall, tools_of
 from sft.core.notices import notice
 
-__all__ = ["PreparedData", "StoredConversations", "conversation_text", "conversation_from_text", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "load_entry", "store_entry",
+__all__ = ["PreparedData", "StoredConversations", "conversation_text", "conversation_from_text", "conversation_to_json",
+           "conversation_from_json", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "load_entry", "store_entry",
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
@@ -69,6 +69,32 @@ class StoredConversations(Sequence):
 
     def __repr__(self) -> str:
         return f"StoredConversations({len(self)} conversations)"
+
+
+def conversation_to_json(messages: Sequence[Message]) -> dict[str, Any]:
+    """A JSON-able form of a conversation (the data cache stores these); :func:`conversation_from_json` reverses it."""
+    out: dict[str, Any] = {"messages": []}
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in m.tool_calls]
+        for key in ("tool_call_id", "name", "reasoning"):
+            if getattr(m, key) is not None:
+                item[key] = getattr(m, key)
+        out["messages"].append(item)
+    if tools_of(messages):
+        out["tools"] = tools_of(messages)
+    return out
+
+
+def conversation_from_json(data: Mapping[str, Any]) -> list[Message]:
+    """The conversation :func:`conversation_to_json` wrote (a :class:`Conversation` when it has tools)."""
+    messages = []
+    for item in data["messages"]:
+        item = dict(item)
+        calls = tuple(ToolCall(c["name"], c["arguments"], c.get("id")) for c in item.pop("tool_calls", ()))
+        messages.append(Message(tool_calls=calls, **item))
+    return Conversation(messages, data["tools"]) if data.get("tools") else messages
 
 
 def conversation_text(conversation: Sequence[Message]) -> str:

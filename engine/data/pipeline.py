@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
-from sft.core.formats import conversation_from_json, validate_conversation
-from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
+from sft.core.formats import validate_conversation
+from sft.core.interfaces import ChatTemplate, DatasetFormat, Segment
 from sft.core.notices import notice
 from sft.core.templating import end_of_turn, prepare_tokenizer, resolve_template
 from sft.core.timelimit import TemplateTooSlow
-from .cache import (PreparedData, StoredConversations, cache_key, cache_key_parts, cache_root, conversation_text, load_entry,
-                    store_entry)
+from .cache import (PreparedData, StoredConversations, cache_key, cache_key_parts, cache_root, conversation_from_json,
+                    conversation_text, load_entry, store_entry)
 from .longrows import LongRows
 from .preference import check_preference, encode_preferences
 from .progress import Progress

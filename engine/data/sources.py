@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.core.env import hub_reachable
+from ..libraries import hub_reachable
 from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
 from .progress import Progress
 from .readers import SUPPORTED_EXTENSIONS, RowRef, extension_of, hash_files, read_file
