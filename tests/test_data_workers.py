@@ -86,3 +86,28 @@ def test_workers_stop_at_the_first_bad_row_of_the_file(tiny_model_dir, tmp_path)
         messages.append(str(info.value))
     assert messages[0] == messages[1] == messages[2]
     assert ":901, row 900" in messages[0] and "empty text" in messages[0]
+
+
+def test_a_template_that_never_finishes_in_a_worker_is_stopped(tmp_path, monkeypatch):
+    # A forked worker has none of its parent's threads: it must start its own render watchdog.
+    import time
+
+    from sft.core import timelimit
+    from sft.core.timelimit import TemplateTooSlow
+    from sft.testing import make_tiny_llama
+
+    monkeypatch.setattr(timelimit, "RENDER_SECONDS", 1.0)
+    model = make_tiny_llama(tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m.content == 'LOOP' %}{% for i in range(100000) %}"
+                               "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+                               "<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    rows = _rows(2 * MIN_ROWS_FOR_WORKERS)
+    rows[-3]["messages"][0]["content"] = "LOOP"  # in the last chunk, rendered by a worker
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    started = time.monotonic()
+    with pytest.raises(TemplateTooSlow, match="took more than 1 s to render one conversation"):
+        _prepare(model, tmp_path, data, 2, "template.name=tokenizer")
+    assert time.monotonic() - started < 60
