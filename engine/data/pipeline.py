@@ -51,6 +51,7 @@ from .longrows import LongRows
 from .preference import check_preference, encode_preferences
 from .progress import Progress
 from .readers import BadRow, RowRef
+from .spool import Spool
 from .workers import map_chunks, worker_count
 from .sources import columns_of, fingerprint_split, names_local_files, read_split, resolve_source
 
@@ -445,17 +446,29 @@ def _encode_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _C
 
 def _encode_rows(conversations: Sequence[Any], refs: Sequence[RowRef], template: ChatTemplate, tokenizer: Any,
                  cfg: Any, bad: _BadRows, processes: int) -> _Encoded:
-    """:func:`_encode` over every conversation, in chunks; the same result whatever ``processes``."""
+    """:func:`_encode` over every conversation, in chunks; the same result whatever ``processes``.
+
+    Each chunk's rows go to disk as they come (:class:`.spool.Spool`) and are mapped back at the end.
+    """
     out = _Encoded()
     state = {"conversations": conversations, "refs": refs, "template": template, "tokenizer": tokenizer, "cfg": cfg}
     progress = Progress("tokenizing")
     done = 0
     size = _chunk_size(len(conversations), processes)
+    spool = Spool()
     for encoded, chunk_bad in map_chunks(_encode_chunk, len(conversations), size, processes, state):
         chunk_bad.replay(bad)
+        for ids, masks, convs in zip(encoded.input_ids, encoded.masks, encoded.conversations):
+            spool.write({"input_ids": ids, "assistant_masks": masks, "conversation": convs})
+        encoded.input_ids, encoded.masks, encoded.conversations = [], [], []
         out.extend(encoded)
         done = min(done + size, len(conversations))
         progress.update(done / len(conversations), done)
+    table = spool.read()
+    if table is not None:
+        out.input_ids = table.column("input_ids").chunks
+        out.masks = table.column("assistant_masks").chunks
+        out.conversations = table.column("conversation").chunks
     return out
 
 

@@ -9,18 +9,23 @@ Every parse error names the file and line (an Arrow or Parquet file has rows, no
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
+import re
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from sft.core.errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "RowRef", "READERS", "extension_of", "read_file", "hash_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "JsonLines", "RowChain", "RowRef", "READERS", "extension_of", "read_file", "hash_files"]
 
 #: ``progress(fraction of the file read, rows so far)``: how a reader reports on a big file.
 OnRow = Callable[[float, int], None]
@@ -206,28 +211,89 @@ def _read_jsonl(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[R
     return _jsonl_rows(_read_bytes(path), str(path), progress)
 
 
-def _jsonl_rows(data: bytes, src: str, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
-    """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line."""
-    rows: list[Any] = []
-    refs: list[RowRef] = []
-    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    for lineno, raw in enumerate(data[offset:].splitlines(keepends=True), 1):
-        start, offset = offset, offset + len(raw)
+class JsonLines(Sequence):
+    """The rows of JSON-lines text, parsed when one is read.
+
+    The file's bytes are kept as they are (its size in memory, where parsed rows take about ten
+    times as much) with where each non-blank line starts and ends; a row is parsed on access (in
+    the data workers, :mod:`.workers`, for most of them). A line that is not UTF-8 reads as a
+    :class:`BadRow`; one that is not JSON raises a :class:`DataError` naming the file and line.
+    A slice is a view on the same bytes.
+    """
+
+    def __init__(self, data: bytes, src: str, starts: Any, ends: Any, lines: Any):
+        self.data, self.src = data, src
+        self.starts, self.ends, self.lines = starts, ends, lines  # array('q') each, one entry a row
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return JsonLines(self.data, self.src, self.starts[index], self.ends[index], self.lines[index])
+        start, end, line = self.starts[index], self.ends[index], self.lines[index]
         try:
-            line = raw.decode("utf-8")
+            text = self.data[start:end].decode("utf-8")
         except UnicodeDecodeError:
-            rows.append(_not_utf8(data, start, src, lineno))
-            refs.append(RowRef(src, lineno, len(refs)))
-            continue
-        if not line.strip():
-            continue
+            return _not_utf8(self.data, start, self.src, line)
         try:
-            rows.append(json.loads(line))
+            return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=lineno) from None
-        refs.append(RowRef(src, lineno, len(refs)))
-        progress(offset / len(data), len(rows))
-    return rows, refs
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=self.src, line=line) from None
+
+
+class RowChain(Sequence):
+    """The rows of several files one after the other, without copying (or parsing) them into one list."""
+
+    def __init__(self, parts: Sequence[Sequence[Any]]):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = list(itertools.accumulate(len(p) for p in self.parts))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            parts, begin = [], 0
+            for part, end in zip(self.parts, self.ends):
+                if lo < end and hi > begin:
+                    parts.append(part[max(lo, begin) - begin:min(hi, end) - begin])
+                begin = end
+            return RowChain(parts)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        k = bisect.bisect_right(self.ends, index)
+        return self.parts[k][index - (self.ends[k - 1] if k else 0)]
+
+
+#: A line break as ``bytes.splitlines`` sees one, and a character that makes a line not blank.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_NOT_BLANK = re.compile(rb"[^ \t\f\v\x1c-\x1f]")
+
+
+def _jsonl_rows(data: bytes, src: str, progress: OnRow = _quiet) -> tuple[JsonLines, list[RowRef]]:
+    """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line, parsed when read."""
+    starts, ends, lines = array("q"), array("q"), array("q")
+    refs: list[RowRef] = []
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    lineno = 0
+    while start < len(data):
+        lineno += 1
+        brk = _LINE_END.search(data, start)
+        end, after = (brk.start(), brk.end()) if brk else (len(data), len(data))
+        if _NOT_BLANK.search(data, start, end):
+            starts.append(start)
+            ends.append(end)
+            lines.append(lineno)
+            refs.append(RowRef(src, lineno, len(refs)))
+            progress(after / len(data), len(refs))
+        start = after
+    return JsonLines(data, src, starts, ends, lines), refs
 
 
 def _read_csv(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:

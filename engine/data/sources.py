@@ -24,7 +24,7 @@ from typing import Any
 from ..libraries import hub_reachable
 from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
 from .progress import Progress
-from .readers import SUPPORTED_EXTENSIONS, RowRef, extension_of, hash_files, read_file
+from .readers import SUPPORTED_EXTENSIONS, RowChain, RowRef, extension_of, hash_files, read_file
 
 __all__ = ["Source", "resolve_source", "names_local_files", "parse_split", "fingerprint_split", "read_split",
            "read_rows", "columns_of"]
@@ -246,12 +246,12 @@ def fingerprint_split(source: Source, split: str, key: str) -> tuple[str, Any]:
     return f"hub|{source.name}|{source.revision}|{split}|{getattr(ds, '_fingerprint', '')}", ds
 
 
-def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[Any], list[RowRef]]:
+def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[Sequence[Any], list[RowRef]]:
     if source.kind == "hub":
         rows = handle.to_list()
         return rows, [RowRef(source.name, None, i) for i in range(len(rows))]
     _name, start, stop = parse_split(split, key)
-    rows: list[Any] = []
+    parts: list[Sequence[Any]] = []
     refs: list[RowRef] = []
     # Progress by bytes read, so shards of any size weigh what they cost; a line only after 5 s.
     sizes = [f.stat().st_size for f in handle]
@@ -259,17 +259,19 @@ def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[list[
     total = sum(sizes) or 1
     for i, (f, size) in enumerate(zip(handle, sizes), 1):
         def within(fraction: float, in_file: int, i: int = i, at: int = done, size: int = size,
-                   before: int = len(rows)) -> None:
+                   before: int = len(refs)) -> None:
             progress.update((at + fraction * size) / total, before + in_file, f"{i}/{len(sizes)} files")
 
         r, rf = read_file(f, within)
-        rows += r
+        parts.append(r)
         refs += rf
         done += size
-        progress.update(done / total, len(rows), f"{i}/{len(sizes)} files")
+        progress.update(done / total, len(refs), f"{i}/{len(sizes)} files")
+    # JSON lines stay unparsed until the pipeline reads them (in its workers); shards are chained, not copied.
+    rows: Sequence[Any] = parts[0] if len(parts) == 1 else RowChain(parts)
     if start is not None or stop is not None:
-        idx = _slice(list(range(len(rows))), start, stop)
-        rows, refs = [rows[i] for i in idx], [refs[i] for i in idx]
+        idx = _slice(range(len(rows)), start, stop)
+        rows, refs = rows[idx.start:idx.stop], refs[idx.start:idx.stop]
     return rows, refs
 
 
@@ -277,7 +279,8 @@ def read_rows(spec: str, split: str = "train") -> tuple[list[Any], list[RowRef]]
     """All rows of ``split`` of the dataset ``spec``, each with its :class:`RowRef`."""
     source = resolve_source(spec)
     _fp, handle = fingerprint_split(source, split, "data.split")
-    return read_split(source, split, "data.split", handle)
+    rows, refs = read_split(source, split, "data.split", handle)
+    return list(rows), refs  # every row parsed: an invalid line raises here
 
 
 def columns_of(rows: Sequence[Any], limit: int = 100) -> list[str]:
