@@ -6,8 +6,8 @@ an error that names no file, allocate what a length field asks for, or hang. Eac
 reads only what it must (a safetensors header, a GGUF header, the tokenizer JSON) and raises
 one :class:`SftError` line naming the file and what is wrong:
 
-- ``tokenizer.json``: valid JSON, an object with a ``model``, then parsed by the tokenizers
-  library itself (its errors, and its panics, become that one line). Its normalizer and
+- ``tokenizer.json``: parsed by the tokenizers library itself; when it refuses the file (or
+  panics), the line says whether the JSON, its shape or what the library names is wrong. Its normalizer and
   pre-tokenizer regexes run in the Oniguruma engine, which backtracks: a nested quantifier
   such as ``(a+)+$`` hits Oniguruma's retry limit and panics mid-tokenization, and a
   polynomial one such as ``a*a*a*[^a]`` is under that limit at every position and runs for
