@@ -110,7 +110,13 @@ def _non_finite_weights(path: Path) -> str | None:
     import torch
     from safetensors import safe_open
 
+    from .model_files import check_safetensors
+
     for weights in sorted(path.glob("*.safetensors")):
+        try:
+            check_safetensors(weights)
+        except SftError as exc:
+            return str(exc)
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():
                 if not torch.isfinite(f.get_tensor(key)).all():

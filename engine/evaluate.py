@@ -171,6 +171,9 @@ def score_hf_folder(path: str | Path, tasks: Sequence[str], limit: int | None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model_files import check_model_folder
+
+    check_model_folder(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
     return score_hf(model, AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code), tasks, limit)
 

@@ -24,7 +24,6 @@ and is kept for one export run through :meth:`ExportContext.shared`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -38,6 +37,8 @@ from sft.core.notices import notice
 from sft.core.plugins import get_plugin_manager
 from sft.core.rundir import RunDir, dir_size, remove_inside
 from sft.core.templating import resolve_template
+
+from .model_files import check_model_folder, check_safetensors, read_gguf_header
 
 from .publish import Publishing
 
@@ -63,20 +64,17 @@ DEFAULT_VERIFY_PROMPT = "What is the capital of France?"
 T = TypeVar("T")
 
 
+def _elements(shape: Sequence[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
 def _safetensors_params(files: Sequence[Path]) -> int:
-    """Parameter count from safetensors headers (no tensor is read)."""
-    total = 0
-    for f in files:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for key, info in header.items():
-            if key != "__metadata__":
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                total += count
-    return total
+    """Parameter count from safetensors headers (checked; no tensor is read)."""
+    return sum(_elements(info["shape"]) for f in files
+               for key, info in check_safetensors(f).items() if key != "__metadata__")
 
 
 class RunExportContext:
@@ -202,9 +200,8 @@ class RunExportContext:
         count = 0
         local = self.base_local_dir()
         if local is not None and self.config.model.gguf_file:
-            import gguf
-
-            count = sum(int(t.n_elements) for t in gguf.GGUFReader(str(local / self.config.model.gguf_file)).tensors)
+            count = sum(_elements(shape) for _type, shape in
+                        read_gguf_header(local / self.config.model.gguf_file)[1].values())
         elif local is not None and list(local.glob("*.safetensors")):
             count = _safetensors_params(sorted(local.glob("*.safetensors")))
         if not count:
@@ -231,6 +228,7 @@ class RunExportContext:
         if "tokenizer" not in self._cache:
             from transformers import AutoTokenizer
 
+            check_model_folder(self.tokenizer_dir)
             try:
                 tok = AutoTokenizer.from_pretrained(str(self.tokenizer_dir),
                                                     trust_remote_code=bool(self.config.model.trust_remote_code))
@@ -253,6 +251,10 @@ class RunExportContext:
             return [f"{d}: missing tokenizer_config.json (the training core saves the tokenizer next to the adapter)"]
         if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
             return [f"{d}: missing tokenizer files (tokenizer.json, tokenizer.model or vocab.json)"]
+        try:
+            check_model_folder(d)  # a received run's adapter/: its tokenizer and weights, before any work
+        except SftError as exc:
+            return [str(exc)]
         return []
 
     @property

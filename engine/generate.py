@@ -132,6 +132,7 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     from .configuration import load_run_config
     from sft.core.env import current_environment
     from .libraries import quiet_known_warnings
+    from .model_files import check_model_folder
     from .models import forget_gguf_quantization, pretrained_kwargs, resolve_model
     from sft.core.rundir import RunDir
     from sft.core.templating import resolve_template
@@ -152,6 +153,7 @@ def load_run(run_dir: str | Path, cfg: Any = None, template: "ChatTemplate | Non
     dtype = torch.float32 if not env.cuda else (torch.bfloat16 if env.bf16 else torch.float16)
     # The run's own files (adapter/) need the base model's remote code too, never its revision or GGUF file.
     own = {"trust_remote_code": bool(cfg.model.trust_remote_code)}
+    check_model_folder(run.adapter)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter, **own)
     if (run.adapter / "adapter_config.json").is_file():
         from peft import PeftModel

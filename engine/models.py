@@ -59,6 +59,9 @@ def embedded_model_dir() -> Path:
 
     from sft.core.rundir import staged_dir
 
+    from .model_files import read_gguf_header
+
+    read_gguf_header(gguf)  # a damaged package file: one line, not numpy's errors from transformers' reader
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     forget_gguf_quantization(model)
@@ -87,6 +90,9 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     """What to hand ``from_pretrained`` for ``model.name``: a local folder, or a hub id that is
     reachable. See the module docstring; raises :class:`SftError` when neither works."""
     if Path(name).expanduser().is_dir():
+        from .model_files import check_model_folder
+
+        check_model_folder(Path(name).expanduser())
         return str(Path(name).expanduser())
     if name.startswith("sft:"):
         if name[4:] not in EMBEDDED_MODELS:
@@ -162,11 +168,18 @@ def load_tokenizer(model_cfg: Any, of_base: bool = False) -> Any:
         saved = Path(str(model_cfg.from_run)).expanduser() / "adapter"
         from transformers import AutoTokenizer
 
+        from .model_files import check_model_folder
+
+        check_model_folder(saved)
         try:
             return AutoTokenizer.from_pretrained(str(saved))
         except OSError as exc:
             raise SftError(f"model.from_run: cannot load the tokenizer saved in {saved}: {exc}") from None
     path = resolve_model(model_cfg.name, model_cfg.revision)  # an unreachable model fails before the import
+    if model_cfg.gguf_file:
+        from .model_files import check_model_folder
+
+        check_model_folder(path, model_cfg.gguf_file)
     from transformers import AutoTokenizer
 
     kwargs = pretrained_kwargs(model_cfg)

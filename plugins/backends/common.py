@@ -58,6 +58,9 @@ def load_trainable_adapter(model: Any, adapter_dir: Any) -> Any:
     """
     from peft import PeftModel
 
+    from sft.engine.model_files import check_model_folder
+
+    check_model_folder(adapter_dir)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from sft.core.errors import SftError
 
+from sft.engine.model_files import read_gguf_header
+
 from .llama import LLAMA_EXTRA_INSTALL, llama_cpp_available, quiet_native_output
 from .worker import run_in_worker
 
@@ -35,9 +37,10 @@ def pick_gguf(paths: Sequence[str]) -> Path:
 
 def answer_with_gguf(paths: Sequence[str], messages: Sequence[Mapping[str, str]], settings: Mapping[str, Any]) -> str:
     """The next assistant turn for ``messages`` (``{"role", "content"}`` dicts) from the GGUF among ``paths``."""
+    path = pick_gguf(paths)
+    read_gguf_header(path)  # a crafted header: one line here, not llama.cpp's parser in the worker
     if not llama_cpp_available():
         raise SftError(f"talking to a GGUF needs llama.cpp: {LLAMA_EXTRA_INSTALL}")
-    path = pick_gguf(paths)
     reply = run_in_worker(CHAT_TASK, {"path": str(path), "messages": list(map(dict, messages)), **settings})
     return reply["text"]
 

@@ -1,17 +1,18 @@
-"""Reading a GGUF file's header (metadata and tensor types) without parsing its arrays."""
+"""Reading a GGUF file's header (metadata and tensor types) without parsing its arrays.
+
+The walk itself, with every count bounded by the file's size, is the engine's
+(:func:`sft.engine.model_files.read_gguf_header`): sft reads received GGUFs with it too.
+"""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
 from sft.core.errors import SftError
+from sft.engine.model_files import read_gguf_header as _read_header
 
 __all__ = ["read_gguf_header", "gguf_tensor_types"]
-
-
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
 def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -23,48 +24,13 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     """
     import gguf
 
-    def scalar(f: Any, vtype: int) -> Any:
-        fmt = _SCALAR_FORMATS[vtype]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-    def string(f: Any) -> str:
-        return f.read(scalar(f, 10)).decode("utf-8", errors="replace")
-
-    def skip(f: Any, vtype: int, count: int) -> None:
-        if vtype == 8:
-            for _ in range(count):
-                f.seek(scalar(f, 10), 1)
-        elif vtype == 9:
-            for _ in range(count):
-                inner, n = scalar(f, 4), scalar(f, 10)
-                skip(f, inner, n)
-        else:
-            f.seek(struct.calcsize(_SCALAR_FORMATS[vtype]) * count, 1)
-
-    metadata: dict[str, Any] = {}
+    metadata, tensors = _read_header(path)
     types: dict[str, str] = {}
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SftError(f"{path}: not a GGUF file")
-        scalar(f, 4)  # version
-        n_tensors, n_kv = scalar(f, 10), scalar(f, 10)
-        for _ in range(n_kv):
-            key = string(f)
-            vtype = scalar(f, 4)
-            if vtype == 8:
-                metadata[key] = string(f)
-            elif vtype == 9:
-                inner, n = scalar(f, 4), scalar(f, 10)
-                skip(f, inner, n)
-                metadata[key] = {"array": n}
-            else:
-                metadata[key] = scalar(f, vtype)
-        for _ in range(n_tensors):
-            name = string(f)
-            n_dims = scalar(f, 4)
-            f.seek(8 * n_dims, 1)
-            types[name] = gguf.GGMLQuantizationType(scalar(f, 4)).name
-            scalar(f, 10)  # offset
+    for name, (type_id, _shape) in tensors.items():
+        try:
+            types[name] = gguf.GGMLQuantizationType(type_id).name
+        except ValueError:
+            raise SftError(f"{path}: tensor {name!r} has an unknown ggml type {type_id}") from None
     return metadata, types
 
 
