@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_throughput import CHATML_TRAINING  # TRL's generation markers, as that bench uses them
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parents[1] / "shared" / "data" / "fastchat_dummy_conversation.json"
 
@@ -69,17 +71,6 @@ args = SFTConfig(output_dir="{cache}/trl", assistant_only_loss=True, packing=Tru
                  chat_template_path="{template}", dataset_num_proc={procs}, use_cpu=True)
 SFTTrainer(model=str(tiny), args=args, train_dataset=ds, processing_class=tok)
 """
-
-# ChatML with TRL's generation markers (TRL's mechanism for assistant masks), as bench/data_throughput.py.
-CHATML_TRAINING = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 def make_rows(n: int, out: Path, seed: int = 0) -> None:
     source = json.loads(SOURCE.read_text())
