@@ -28,11 +28,12 @@ __all__ = [
     "parse_tools",
     "parse_tool_call",
     "parse_arguments",
+    "present_field",
     "tool_names",
 ]
 
 
-def _present(row: Mapping[str, Any], key: str, prefix: str) -> tuple[str, Any]:
+def present_field(row: Mapping[str, Any], key: str, prefix: str = "") -> tuple[str, Any]:
     """The dotted field name and ``row[key]``; a :class:`DataError` when it is missing or null."""
     field = f"{prefix}.{key}" if prefix else key
     if key not in row:
@@ -103,7 +104,7 @@ def content_text(value: Any, field: str) -> Any:
 
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
     """``row[key]`` as non-empty text (OpenAI text content parts joined), or a :class:`DataError` naming ``prefix.key``."""
-    field, value = _present(row, key, prefix)
+    field, value = present_field(row, key, prefix)
     value = content_text(value, field)
     if not isinstance(value, str):
         raise DataError(f"expected text, got {type(value).__name__}", field=field)
@@ -114,7 +115,7 @@ def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
 
 def require_list(row: Mapping[str, Any], key: str, prefix: str = "") -> list:
     """``row[key]`` as a non-empty list, or a :class:`DataError` naming the field."""
-    field, value = _present(row, key, prefix)
+    field, value = present_field(row, key, prefix)
     if not isinstance(value, (list, tuple)):
         raise DataError(f"expected a list, got {type(value).__name__}", field=field)
     if not value:

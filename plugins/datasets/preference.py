@@ -22,6 +22,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError
+from sft.core.formats import present_field
 from sft.core.interfaces import Conversation, DatasetFormat, Message, Preference
 
 from .messages import Messages, MessagesOptions
@@ -102,8 +103,7 @@ class PreferencePairs(DatasetFormat):
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         o: PreferenceOptions = options or PreferenceOptions()
         for key in (o.chosen_key, o.rejected_key):
-            if row.get(key) is None:
-                raise DataError("missing field" if key not in row else "null value", field=key)
+            present_field(row, key)
         if row.get(o.prompt_key) is not None:
             prompt = _turns(row[o.prompt_key], o.prompt_key)
             chosen = _completion(row[o.chosen_key], o.chosen_key)
@@ -205,9 +205,7 @@ class LabelledCompletions(DatasetFormat):
 
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         o: KTOOptions = options or KTOOptions()
-        label = row.get(o.label_key)
-        if label is None:
-            raise DataError("missing field" if o.label_key not in row else "null value", field=o.label_key)
+        _field, label = present_field(row, o.label_key)
         if not isinstance(label, bool):
             raise DataError(f"expected true or false, got {label!r:.40}", field=o.label_key)
         if row.get(o.completion_key) is not None or row.get(o.messages_key) is None:
