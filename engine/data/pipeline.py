@@ -631,12 +631,14 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         total += len(rows)
         conversations += convs
         kept += kept_refs
+        del rows, refs  # the file's bytes are not needed once its rows are conversations
 
     if eval_handle is not None:
         assert eval_source is not None
         erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
         eval_convs, eval_refs = _normalize_rows(erows, erefs, fmt0, options0, bad, processes)
         total += len(erows)
+        del erows, erefs
         train_convs, train_refs = conversations, kept
     else:
         (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
