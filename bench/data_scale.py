@@ -26,7 +26,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from data_throughput import CHATML_TRAINING  # TRL's generation markers, as that bench uses them

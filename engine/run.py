@@ -39,7 +39,6 @@ from sft.core.rundir import RunDir, atomic_write_text, remove_inside, staged_dir
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from sft.core.env import Environment
     from sft.core.plugins import PluginManager
 
 __all__ = ["run_training", "resolve_run_dir"]

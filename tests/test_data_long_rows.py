@@ -3,7 +3,6 @@ whole text would have had (engine/data/longrows.py); a multi-MB answer validates
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys

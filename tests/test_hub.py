@@ -120,7 +120,7 @@ def test_push_lands_the_exports_byte_for_byte_with_private_repos_and_model_cards
     gguf_card = hub.repos["alice/tiny-GGUF"].files()["README.md"].decode()
     gguf_name = next(p for p in local_files(run_dir / "exports" / "gguf") if p.endswith(".gguf"))
     assert "llama-cli -hf alice/tiny-GGUF:Q8_0" in gguf_card and "ollama run hf.co/alice/tiny-GGUF:Q8_0" in gguf_card
-    assert f"ollama create" in gguf_card and gguf_name.replace(".gguf", ".Modelfile") in gguf_card
+    assert "ollama create" in gguf_card and gguf_name.replace(".gguf", ".Modelfile") in gguf_card
     assert "![Training loss](loss.png)" in gguf_card and "r=4, alpha=8" in gguf_card
     # training.packing=auto did not pack the tiny run's rows: the card says what happened, not what was asked.
     [schedule] = [line for line in gguf_card.splitlines() if "max length" in line]

@@ -14,7 +14,7 @@ import pytest
 
 from sft.core import ChatTemplate, Segment, hookimpl
 from sft.engine.configuration import load_config
-from sft.core.errors import ConfigError, PluginError
+from sft.core.errors import ConfigError
 from sft.testing import make_plugin_manager
 
 

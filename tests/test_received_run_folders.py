@@ -224,7 +224,7 @@ def test_sft_export_reports_an_os_error_in_one_line_naming_the_path(tiny_run, tm
     result = run_sft("export", run, "--exporter", "lora", check=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     [failed] = [line for line in result.output.splitlines() if "FAILED" in line]
-    assert f"export lora: FAILED after" in failed and f"{run / 'exports' / 'lora'}: Not a directory" in failed
+    assert "export lora: FAILED after" in failed and f"{run / 'exports' / 'lora'}: Not a directory" in failed
     assert result.output.count("Not a directory") == 1, result.output
 
 

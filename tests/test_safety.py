@@ -23,7 +23,7 @@ from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError, DataError, SftError
 from sft.engine.resume import ResumeError, RunLockedError, check_resume, run_lock
 from sft.core.rundir import RunDir
-from sft.testing import make_plugin_manager, run_sft, write_jsonl
+from sft.testing import run_sft, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ollama_modelfile import parse_modelfile  # noqa: E402

@@ -27,7 +27,6 @@ Only huggingface_hub's API is used (``whoami``, ``model_info``, ``create_repo``,
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -367,7 +366,7 @@ def render_card(context: ExportContext, summary: Mapping[str, Any], repo: str, u
     if generation.get("prompt") and generation.get("text") is not None:
         lines += ["", "Quick generation after training:", "", f"> **{generation['prompt']}**", ">",
                   "> " + str(generation["text"]).strip().replace("\n", "\n> ")]
-    lines += ["", f"Made with [sft](https://pypi.org/project/sft-forge/) (`sft push` re-uploads it from the run directory).", ""]
+    lines += ["", "Made with [sft](https://pypi.org/project/sft-forge/) (`sft push` re-uploads it from the run directory).", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
 
