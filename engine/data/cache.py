@@ -61,9 +61,9 @@ class StoredConversations(Sequence):
         return conversation_from_text(self.texts[index].as_py())
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-            return NotImplemented if not isinstance(other, Sequence) else False
-        return all(a == b for a, b in zip(self, other))
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return not isinstance(other, str) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -395,12 +395,23 @@ def _chunk_size(n: int, processes: int) -> int:
     return max(1, min(ENCODE_BATCH, -(-n // max(1, processes))))
 
 
-def _normalize_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[list[Any], list[RowRef], _ChunkBadRows]:
+def _each_chunk(fn: Any, n: int, processes: int, state: dict[str, Any], bad: _BadRows, what: str) -> Any:
+    """``fn``'s results over ``[0, n)`` in chunks, in row order (:func:`.workers.map_chunks`): each chunk's
+    bad rows and warnings replayed into ``bad``, progress reported as ``what``."""
+    progress = Progress(what)
+    size = _chunk_size(n, processes)
+    for end, (result, chunk_bad) in zip(range(size, n + size, size), map_chunks(fn, n, size, processes, state)):
+        chunk_bad.replay(bad)
+        progress.update(min(end, n) / n, min(end, n))
+        yield result
+
+
+def _normalize_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[tuple[list[Any], list[RowRef]], _ChunkBadRows]:
     bad = _ChunkBadRows()
     convs, kept = _normalize(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], bad)
     if state["fmt"].row_kind == "conversation":
         convs = [_pack(c) for c in convs]  # text travels and waits for tokenizing in a fraction of the memory
-    return convs, kept, bad
+    return (convs, kept), bad
 
 
 def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, bad: _BadRows,
@@ -409,13 +420,9 @@ def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFor
     conversations: list[Any] = []
     kept: list[RowRef] = []
     state = {"rows": rows, "refs": refs, "fmt": fmt, "options": options}
-    progress = Progress("checking rows")
-    for convs, chunk_refs, chunk_bad in map_chunks(_normalize_chunk, len(rows), _chunk_size(len(rows), processes),
-                                                   processes, state):
-        chunk_bad.replay(bad)
+    for convs, chunk_refs in _each_chunk(_normalize_chunk, len(rows), processes, state, bad, "checking rows"):
         conversations += convs
         kept += chunk_refs
-        progress.update(len(kept) / len(rows), len(kept))
     return conversations, kept
 
 
@@ -452,18 +459,12 @@ def _encode_rows(conversations: Sequence[Any], refs: Sequence[RowRef], template:
     """
     out = _Encoded()
     state = {"conversations": conversations, "refs": refs, "template": template, "tokenizer": tokenizer, "cfg": cfg}
-    progress = Progress("tokenizing")
-    done = 0
-    size = _chunk_size(len(conversations), processes)
     spool = Spool()
-    for encoded, chunk_bad in map_chunks(_encode_chunk, len(conversations), size, processes, state):
-        chunk_bad.replay(bad)
+    for encoded in _each_chunk(_encode_chunk, len(conversations), processes, state, bad, "tokenizing"):
         for ids, masks, convs in zip(encoded.input_ids, encoded.masks, encoded.conversations):
             spool.write({"input_ids": ids, "assistant_masks": masks, "conversation": convs})
         encoded.input_ids, encoded.masks, encoded.conversations = [], [], []
         out.extend(encoded)
-        done = min(done + size, len(conversations))
-        progress.update(done / len(conversations), done)
     table = spool.read()
     if table is not None:
         out.input_ids = table.column("input_ids").chunks
