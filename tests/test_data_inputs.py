@@ -226,8 +226,7 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     assert [line.split(" (")[0] + line.split(")")[1].removesuffix(", about 0s left") for line in lines] == [
         "reading data: 1 rows, 1/2 files", "reading data: 2 rows, 1/2 files", "reading data: 2 rows, 1/2 files",
         "reading data: 3 rows, 2/2 files", "reading data: 3 rows, 2/2 files",
-        "checking rows: 1 rows", "checking rows: 2 rows", "checking rows: 3 rows",
-        "tokenizing: 1 rows", "tokenizing: 2 rows", "tokenizing: 3 rows"]
+        "preparing rows: 1 rows", "preparing rows: 2 rows", "preparing rows: 3 rows"]
 
 
 def test_a_dataset_dict_with_split_names_of_its_own_is_all_training_data(tmp_path):

@@ -74,18 +74,25 @@ def test_workers_give_the_rows_masks_counts_and_skips_of_one_process(tiny_model_
 
 def test_workers_stop_at_the_first_bad_row_of_the_file(tiny_model_dir, tmp_path):
     rows = _rows(3 * MIN_ROWS_FOR_WORKERS)
-    # Bad rows only past the first chunk of every worker count: the error names the first of them.
-    rows = [r for i, r in enumerate(rows) if "robot" not in json.dumps(r) and "   " not in json.dumps(r)]
+    # Bad rows only past the first chunk of every worker count: the error names the first of them, in file
+    # order whatever the stage that finds it (row 700 fails to render, row 900 and 1300 fail their checks).
+    rows = [r for r in rows if not any(bad in json.dumps(r) for bad in ("robot", "   ", "tool_calls"))]
+    rows[700] = _rows(12)[11]  # a call of a tool: ChatML cannot render it
     rows[900]["messages"][1]["content"] = ""
     rows[1300]["messages"][0]["role"] = "robot"
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
-    messages = []
-    for workers in (1, 2, 3):
-        with pytest.raises(DataError) as info:
-            _prepare(tiny_model_dir, tmp_path, data, workers, "data.on_bad_row=error", "data.test_size=0")
-        messages.append(str(info.value))
-    assert messages[0] == messages[1] == messages[2]
-    assert ":901, row 900" in messages[0] and "empty text" in messages[0]
+    messages = {}
+    for first_bad in (700, 900):
+        if first_bad == 900:
+            rows[700] = rows[699]
+            data = write_jsonl(tmp_path / "chat.jsonl", rows)
+        for workers in (1, 2, 3):
+            with pytest.raises(DataError) as info:
+                _prepare(tiny_model_dir, tmp_path, data, workers, "data.on_bad_row=error", "data.test_size=0")
+            messages[first_bad, workers] = str(info.value)
+        assert messages[first_bad, 1] == messages[first_bad, 2] == messages[first_bad, 3]
+    assert ":701, row 700" in messages[700, 1] and "cannot render" in messages[700, 1]
+    assert ":901, row 900" in messages[900, 1] and "empty text" in messages[900, 1]
 
 
 def test_a_template_that_never_finishes_in_a_worker_is_stopped(tmp_path, monkeypatch):

@@ -179,6 +179,13 @@ class _ChunkBadRows(_BadRows):
     def add(self, error: DataError) -> None:
         self.events.append((True, error))
 
+    def in_row_order(self, refs: Sequence[RowRef]) -> None:
+        """Order the events by the row they name: a chunk's format errors and its tokenizing errors come from
+        two passes over it, and are reported as one pass over the file would (whatever the chunks)."""
+        if len(self.events) > 1:
+            position = {(r.source, r.row): i for i, r in enumerate(refs)}
+            self.events.sort(key=lambda event: position.get((event[1].source, event[1].row), len(position)))
+
     def replay(self, into: _BadRows) -> None:
         """Hand this chunk's warnings, bad rows and unread columns to ``into``, in row order."""
         into.unread.update(self.unread)
@@ -264,6 +271,8 @@ class _Encoded:
     chunked: int = 0
     #: rows far longer than model.max_seq_length, cut by characters before tokenizing (:mod:`.longrows`)
     precut: int = 0
+    #: for each conversation given to :func:`_encode`, the rows it became (0: left out, >1: a text's windows)
+    produced: list[int] = field(default_factory=list)
 
     def add_batch(self, ids: list[list[int]], masks: list[list[int]], conversations: list[str]) -> None:
         if not ids:
@@ -277,11 +286,6 @@ class _Encoded:
         self.tokens += sum(map(len, ids))
         self.trained_tokens += sum(map(sum, masks))
         self.max_tokens = max(self.max_tokens, max(map(len, ids)))
-
-    def stored_conversations(self) -> StoredConversations:
-        import pyarrow as pa
-
-        return StoredConversations(pa.chunked_array(self.conversations, type=pa.large_string()))
 
     def extend(self, other: "_Encoded") -> None:
         """Append ``other``'s rows after these, adding up the counts."""
@@ -299,10 +303,10 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
 
 
 def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate, tokenizer: Any, cfg: Any,
-            bad: _BadRows) -> _Encoded:
-    """One batch of conversations (as :func:`_pack` wrote them) rendered, tokenized, masked and cut to
-    ``model.max_seq_length``."""
-    out = _Encoded()
+            bad: _BadRows, conversations: Sequence[Any] | None = None) -> _Encoded:
+    """One batch of conversations (as :func:`_pack` wrote them; ``conversations``, when given, are the
+    same ones unpacked) rendered, tokenized, masked and cut to ``model.max_seq_length``."""
+    out = _Encoded(produced=[0] * len(texts))
     kept: list[int] = []  # for each row out, its conversation's position in the batch (-1: raw text)
     max_len = int(cfg.model.max_seq_length)
     policy = str(cfg.data.on_truncate)
@@ -315,7 +319,7 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
     ids_out: list[list[int]] = []
     masks_out: list[list[int]] = []
     for position, (text, ref) in enumerate(zip(texts, refs)):
-        conversation = _unpack(text)
+        conversation = _unpack(text) if conversations is None else conversations[position]
         if isinstance(conversation, RawText):
             # Raw text ends with end-of-sequence, trained, so generation learns where a text stops.
             rendered.append([*conversation.segments, Segment(tokenizer.eos_token or "", True)])
@@ -342,6 +346,7 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
             ids_out += windows
             masks_out += [[1] * len(w) for w in windows]
             kept += [-1] * len(windows)
+            out.produced[position] = len(windows)
             continue
         if truncated and not any(mask[:max_len]):
             # The prompt alone fills model.max_seq_length: left out and counted, as a cut answer is.
@@ -370,6 +375,7 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
             continue
         ids_out.append(ids)
         masks_out.append(mask)
+        out.produced[position] = 1
         # A raw-text row has no conversation; the quick generation and chat skip it.
         kept.append(-1 if isinstance(conversation, RawText) else position)
     out.add_batch(ids_out, masks_out, [NO_CONVERSATION if i < 0 else texts[i] for i in kept])
@@ -377,17 +383,12 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
     return out
 
 
-def _to_dataset(encoded: _Encoded) -> Any:
+def _to_dataset(table: Any) -> Any:
+    """The trainer's dataset over a table of tokenized rows (memory-mapped from the spool: no copy)."""
     import datasets
-    import pyarrow as pa
     from datasets.table import InMemoryTable
 
-    # The batches' Arrow arrays as the columns' chunks: Dataset.from_dict would encode row by row.
-    table = pa.table({
-        "input_ids": pa.chunked_array(encoded.input_ids, type=pa.list_(pa.int32())),
-        "assistant_masks": pa.chunked_array(encoded.masks, type=pa.list_(pa.int8())),
-    })
-    return datasets.Dataset(InMemoryTable(table))
+    return datasets.Dataset(InMemoryTable(table.select(["input_ids", "assistant_masks"])))
 
 
 # -- the per-row stages in chunks, in this process or in workers (data.num_proc) ------------
@@ -408,15 +409,12 @@ def _each_chunk(fn: Any, n: int, processes: int, state: dict[str, Any], bad: _Ba
 
 def _normalize_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[tuple[list[Any], list[RowRef]], _ChunkBadRows]:
     bad = _ChunkBadRows()
-    convs, kept = _normalize(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], bad)
-    if state["fmt"].row_kind == "conversation":
-        convs = [_pack(c) for c in convs]  # text travels and waits for tokenizing in a fraction of the memory
-    return (convs, kept), bad
+    return _normalize(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], bad), bad
 
 
 def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, bad: _BadRows,
                     processes: int) -> tuple[list[Any], list[RowRef]]:
-    """:func:`_normalize` over every row, in chunks; the same result whatever ``processes``."""
+    """:func:`_normalize` over every row, in chunks; the same result whatever ``processes`` (preference rows)."""
     conversations: list[Any] = []
     kept: list[RowRef] = []
     state = {"rows": rows, "refs": refs, "fmt": fmt, "options": options}
@@ -427,7 +425,7 @@ def _normalize_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFor
 
 
 def _pack(conversation: Any) -> str:
-    """A conversation or raw text as compact JSON text, for the stages between reading and tokenizing."""
+    """A conversation or raw text as compact JSON text (what the cache stores), :func:`_unpack` reverses it."""
     if isinstance(conversation, RawText):
         return json.dumps({"raw": [[s.text, s.trained, s.reasoning] for s in conversation.segments]}, ensure_ascii=False)
     return conversation_text(conversation)
@@ -444,47 +442,73 @@ def _unpack(text: str) -> Any:
 NO_CONVERSATION = conversation_text([])
 
 
-def _encode_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
+def _prepare_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
+    """Rows ``[lo, hi)`` checked into conversations and, in the same pass, rendered, masked and tokenized:
+    one trip to a worker, and no conversation waits in memory for the eval split to be drawn."""
     bad = _ChunkBadRows()
-    encoded = _encode(state["conversations"][lo:hi], state["refs"][lo:hi], state["template"], state["tokenizer"],
-                      state["cfg"], bad)
+    refs = state["refs"][lo:hi]
+    conversations, kept = _normalize(state["rows"][lo:hi], refs, state["fmt"], state["options"], bad)
+    encoded = _encode([_pack(c) for c in conversations], kept, state["template"], state["tokenizer"], state["cfg"],
+                      bad, conversations)
+    bad.in_row_order(refs)
     return encoded, bad
 
 
-def _encode_rows(conversations: Sequence[Any], refs: Sequence[RowRef], template: ChatTemplate, tokenizer: Any,
-                 cfg: Any, bad: _BadRows, processes: int) -> _Encoded:
-    """:func:`_encode` over every conversation, in chunks; the same result whatever ``processes``.
-
-    Each chunk's rows go to disk as they come (:class:`.spool.Spool`) and are mapped back at the end.
-    """
-    out = _Encoded()
-    state = {"conversations": conversations, "refs": refs, "template": template, "tokenizer": tokenizer, "cfg": cfg}
-    spool = Spool()
-    for encoded in _each_chunk(_encode_chunk, len(conversations), processes, state, bad, "tokenizing"):
+def _prepare_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, state: dict[str, Any],
+                  bad: _BadRows, spool: Spool, totals: _Encoded) -> list[int]:
+    """Every row through :func:`_prepare_chunk`, in chunks (in workers, ``state["processes"]``); the tokenized
+    rows go to ``spool`` in row order, the counts into ``totals``. Returns, for each kept row, how many
+    tokenized rows it became: the same whatever the number of workers."""
+    state = dict(state, rows=rows, refs=refs, fmt=fmt, options=options)
+    produced: list[int] = []
+    for encoded in _each_chunk(_prepare_chunk, len(rows), state["processes"], state, bad, "preparing rows"):
         for ids, masks, convs in zip(encoded.input_ids, encoded.masks, encoded.conversations):
             spool.write({"input_ids": ids, "assistant_masks": masks, "conversation": convs})
         encoded.input_ids, encoded.masks, encoded.conversations = [], [], []
-        out.extend(encoded)
-    table = spool.read()
-    if table is not None:
-        out.input_ids = table.column("input_ids").chunks
-        out.masks = table.column("assistant_masks").chunks
-        out.conversations = table.column("conversation").chunks
-    return out
+        produced += encoded.produced
+        totals.extend(encoded)
+    return produced
 
 
-def _hold_out(conversations: list, refs: list, test_size: float, seed: int) -> tuple[tuple[list, list], tuple[list, list]]:
-    """Split rows into ``(train, eval)`` pairs of (conversations, refs); ``test_size`` rows drawn with ``seed``.
+#: Rows copied per batch when the eval split or mixing weights pick rows out of the spooled ones.
+TAKE_BATCH = 8192
+
+
+def _rows_of(table: Any, produced: Sequence[int], units: Sequence[int]) -> Any:
+    """The tokenized rows of ``units`` (kept rows, in that order, repeats included) out of ``table``, which holds
+    every kept row's ``produced`` rows one after the other; None when there are none. All of ``table`` in
+    order is ``table`` itself; else the rows are copied in batches to a new spool (memory stays flat)."""
+    import numpy as np
+
+    counts = np.asarray(produced, dtype=np.int64)
+    picked = np.asarray(units, dtype=np.int64)
+    sizes = counts[picked]
+    total = int(sizes.sum())
+    if not total:
+        return None
+    if len(picked) == len(counts) and np.array_equal(picked, np.arange(len(counts))):
+        return table
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))[picked]
+    # Row k of the result is row (first[u] + j) of the table, for the j-th row of its unit u.
+    before = np.cumsum(sizes) - sizes
+    index = np.repeat(first - before, sizes) + np.arange(total)
+    spool = Spool()
+    for lo in range(0, total, TAKE_BATCH):
+        for batch in table.take(index[lo:lo + TAKE_BATCH]).to_batches():
+            spool.write_batch(batch)
+    return spool.read()
+
+
+def _hold_out(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions ``(train, eval)`` of ``n`` rows: ``test_size`` of them drawn with ``seed`` for eval.
 
     Both keep the source order; the same seed always holds out the same rows.
     """
-    n_eval = _eval_count(test_size, len(conversations))
-    order = list(range(len(conversations)))
+    n_eval = _eval_count(test_size, n)
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    train = ([c for i, c in enumerate(conversations) if i not in held], [r for i, r in enumerate(refs) if i not in held])
-    evals = ([conversations[i] for i in sorted(held)], [refs[i] for i in sorted(held)])
-    return train, evals
+    return [i for i in range(n) if i not in held], sorted(held)
 
 
 def _eval_count(test_size: float, n: int) -> int:
@@ -519,14 +543,13 @@ def _sources(cfg: Any) -> list[_Source]:
     return [_Source("data", str(cfg.data.dataset), str(cfg.data.format), str(cfg.data.split))]
 
 
-def _weighted(items: list, refs: list, weight: float, seed: int) -> tuple[list, list]:
-    """``weight`` × the rows: whole copies, then a random subset (drawn with ``seed``) in source order."""
-    if weight == 1.0 or not items:
-        return items, refs
-    n = max(1, round(weight * len(items)))
-    whole, rest = divmod(n, len(items))
-    picked = list(range(len(items))) * whole + sorted(random.Random(seed).sample(range(len(items)), rest))
-    return [items[i] for i in picked], [refs[i] for i in picked]
+def _weighted(n: int, weight: float, seed: int) -> list[int]:
+    """Positions of ``weight`` × ``n`` rows: whole copies, then a random subset (drawn with ``seed``) in source order."""
+    if weight == 1.0 or not n:
+        return list(range(n))
+    count = max(1, round(weight * n))
+    whole, rest = divmod(count, n)
+    return list(range(n)) * whole + sorted(random.Random(seed).sample(range(n), rest))
 
 
 def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, template: ChatTemplate | None = None,
@@ -613,76 +636,79 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
 
     bad = _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction))
     processes = worker_count(int(cfg.data.num_proc))
-    conversations: list[Any] = []
-    kept: list[RowRef] = []
+    if row_kind != "conversation":
+        return _prepared_preferences(cfg, template, tokenizer, bad, processes, opened, (eval_source, eval_spec, eval_handle),
+                                     described, root, key, quiet)
+    # Every source's rows are checked and tokenized in one pass, into one spool, in source order; the mixing
+    # weights and the eval split then pick among the kept rows ("units") by position, as they would among
+    # the conversations.
+    state = {"template": template, "tokenizer": tokenizer, "cfg": cfg, "processes": processes}
+    spool = Spool()
+    counts = _Encoded()  # each source row counted once, whatever its weight
+    produced: list[int] = []  # per unit, in source order: the tokenized rows it became
+    units: list[int] = []  # the units to train on, weights applied
     total = 0
     per_source: list[dict[str, Any]] = []
     for opened_source in opened:
         src, source, _fp, handle, rows, refs, fmt, fmt_options = opened_source
-        opened_source[4] = opened_source[5] = None  # the rows are not needed once read into conversations
+        opened_source[4] = opened_source[5] = None  # the rows are not needed once prepared
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
             raise DataError(_no_rows(source), source=source.describe())
-        skipped_before = len(bad.errors)
-        convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
-        convs, kept_refs = _weighted(convs, kept_refs, src.weight, seed)
+        skipped_before, first = len(bad.errors), len(produced)
+        produced += _prepare_rows(rows, refs, fmt, fmt_options, state, bad, spool, counts)
+        picked = _weighted(len(produced) - first, src.weight, seed)
+        units += [first + i for i in picked]
         per_source.append({"source": source.describe(), "format": fmt.name, "split": src.split, "rows": len(rows),
-                           "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(convs)})
+                           "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(picked)})
         total += len(rows)
-        conversations += convs
-        kept += kept_refs
-        del rows, refs  # the file's bytes are not needed once its rows are conversations
+        del rows, refs  # the file's bytes are not needed once its rows are prepared
 
     if eval_handle is not None:
         assert eval_source is not None
         erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
-        eval_convs, eval_refs = _normalize_rows(erows, erefs, fmt0, options0, bad, processes)
+        first = len(produced)
+        produced += _prepare_rows(erows, erefs, fmt0, options0, state, bad, spool, counts)
         total += len(erows)
         del erows, erefs
-        train_convs, train_refs = conversations, kept
+        train_units, eval_units = units, list(range(first, len(produced)))
     else:
-        (train_convs, train_refs), (eval_convs, eval_refs) = _hold_out(
-            conversations, kept, float(cfg.data.test_size), seed)
+        train_at, eval_at = _hold_out(len(units), float(cfg.data.test_size), seed)
+        train_units, eval_units = [units[i] for i in train_at], [units[i] for i in eval_at]
 
-    if row_kind != "conversation":
-        prepared = _prepared_preferences(cfg, template, tokenizer, bad, total, (train_convs, train_refs),
-                                         (eval_convs, eval_refs), described, root, key)
-        prepared.stats["format"] = "+".join(dict.fromkeys(o[6].name for o in opened))
-        if len(opened) > 1:
-            prepared.stats.update(sources=per_source, mix_seed=seed)
-        _report_skipped(prepared.stats, quiet)
-        if root is not None:
-            store_entry(root / key, prepared)
-        return prepared
-    train_enc = _encode_rows(train_convs, train_refs, template, tokenizer, cfg, bad, processes)
-    eval_enc = _encode_rows(eval_convs, eval_refs, template, tokenizer, cfg, bad, processes)
-    if not train_enc.rows:
-        first = f"; the first: {bad.errors[0]}" if bad.errors else ""
-        dropped = (f"; {train_enc.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
-                   f"were dropped (data.on_truncate=drop)" if train_enc.cut_dropped else "")
+    table = spool.read()
+    train = _rows_of(table, produced, train_units)
+    evals = _rows_of(table, produced, eval_units)
+    del table
+    if train is None:
+        first_bad = f"; the first: {bad.errors[0]}" if bad.errors else ""
+        dropped = (f"; {counts.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
+                   f"were dropped (data.on_truncate=drop)" if counts.cut_dropped else "")
         raise DataError("no training row has a trained token: every row is fully masked, bad or too long "
-                        f"(check template '{template.name}', data.train_on and model.max_seq_length){dropped}{first}",
+                        f"(check template '{template.name}', data.train_on and model.max_seq_length){dropped}{first_bad}",
                         source=described)
     bad.check(total)
 
+    train_rows, train_tokens, trained_tokens, train_longest = _token_counts(train)
+    eval_rows, eval_tokens, _, eval_longest = _token_counts(evals)
     stats: dict[str, Any] = {
         "rows": total,
         "skipped": bad.stats(),
-        "truncated": train_enc.truncated + eval_enc.truncated,
-        "truncated_dropped": train_enc.cut_dropped + eval_enc.cut_dropped,
-        "truncated_eot_added": train_enc.cut_eot + eval_enc.cut_eot,
-        "long_prompts": train_enc.long_prompts + eval_enc.long_prompts,
-        "chunked": train_enc.chunked + eval_enc.chunked,
-        "precut": train_enc.precut + eval_enc.precut,
-        "fully_masked": train_enc.fully_masked + eval_enc.fully_masked,
+        "truncated": counts.truncated,
+        "truncated_dropped": counts.cut_dropped,
+        "truncated_eot_added": counts.cut_eot,
+        "long_prompts": counts.long_prompts,
+        "chunked": counts.chunked,
+        "precut": counts.precut,
+        "fully_masked": counts.fully_masked,
         "unread_columns": dict(bad.unread.most_common()),
-        "train_rows": train_enc.rows,
-        "eval_rows": eval_enc.rows,
-        "train_tokens": train_enc.tokens,
-        "trained_tokens": train_enc.trained_tokens,
-        "eval_tokens": eval_enc.tokens,
-        "max_tokens": max(train_enc.max_tokens, eval_enc.max_tokens),
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "train_tokens": train_tokens,
+        "trained_tokens": trained_tokens,
+        "eval_tokens": eval_tokens,
+        "max_tokens": max(train_longest, eval_longest),
         "format": "+".join(dict.fromkeys(o[6].name for o in opened)),
         "template": template.name,
         "source": described,
@@ -692,12 +718,31 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if len(opened) > 1:
         stats["sources"] = per_source
         stats["mix_seed"] = seed
-    prepared = PreparedData(_to_dataset(train_enc), _to_dataset(eval_enc) if eval_enc.rows else None,
-                            stats, train_enc.stored_conversations(), eval_enc.stored_conversations())
+    prepared = PreparedData(_to_dataset(train), _to_dataset(evals) if evals is not None else None, stats,
+                            _conversations_of(train), _conversations_of(evals))
     _report_skipped(stats, quiet)
     if root is not None:
         store_entry(root / key, prepared)
     return prepared
+
+
+def _token_counts(table: Any) -> tuple[int, int, int, int]:
+    """Rows, tokens, trained tokens and the longest row's tokens of a tokenized table (zeros for None)."""
+    import pyarrow.compute as pc
+
+    if table is None:
+        return 0, 0, 0, 0
+    lengths = pc.list_value_length(table.column("input_ids"))
+    trained = pc.sum(pc.list_flatten(table.column("assistant_masks"))).as_py() or 0
+    return table.num_rows, pc.sum(lengths).as_py() or 0, trained, pc.max(lengths).as_py() or 0
+
+
+def _conversations_of(table: Any) -> StoredConversations:
+    import pyarrow as pa
+
+    if table is None:
+        return StoredConversations(pa.chunked_array([], type=pa.large_string()))
+    return StoredConversations(table.column("conversation"))
 
 
 def objective_row_kind(cfg: Any, pm: "PluginManager | None") -> str:
@@ -709,12 +754,41 @@ def objective_row_kind(cfg: Any, pm: "PluginManager | None") -> str:
     return (pm or get_plugin_manager()).get("objective", cfg.objective.name, "objective.name").row_kind
 
 
-def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad: _BadRows, total: int,
-                          train: tuple[list, list], evals: tuple[list, list], described: str, root: Any,
-                          key: str) -> PreparedData:
-    """Preference rows (pairs or labelled completions) tokenized by :mod:`.preference`, with their counts."""
+def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad: _BadRows, processes: int,
+                          opened: list, eval_from: tuple, described: str, root: Any, key: str,
+                          quiet: bool) -> PreparedData:
+    """Preference rows (pairs or labelled completions) checked, mixed, split and tokenized by :mod:`.preference`,
+    with their counts."""
     from .preference import to_dataset
 
+    seed = int(cfg.training.seed)
+    conversations: list[Any] = []
+    kept: list[RowRef] = []
+    total = 0
+    per_source: list[dict[str, Any]] = []
+    for src, source, _fp, handle, rows, refs, fmt, fmt_options in opened:
+        if rows is None:
+            rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
+        if not rows:
+            raise DataError(_no_rows(source), source=source.describe())
+        skipped_before = len(bad.errors)
+        convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
+        picked = _weighted(len(convs), src.weight, seed)
+        per_source.append({"source": source.describe(), "format": fmt.name, "split": src.split, "rows": len(rows),
+                           "skipped": len(bad.errors) - skipped_before, "weight": src.weight, "used": len(picked)})
+        total += len(rows)
+        conversations += [convs[i] for i in picked]
+        kept += [kept_refs[i] for i in picked]
+    eval_source, eval_spec, eval_handle = eval_from
+    if eval_handle is not None:
+        erows, erefs = read_split(eval_source, eval_spec, "data.eval_split", eval_handle)
+        evals = _normalize_rows(erows, erefs, opened[0][6], opened[0][7], bad, processes)
+        total += len(erows)
+        train = (conversations, kept)
+    else:
+        train_at, eval_at = _hold_out(len(conversations), float(cfg.data.test_size), seed)
+        train = ([conversations[i] for i in train_at], [kept[i] for i in train_at])
+        evals = ([conversations[i] for i in eval_at], [kept[i] for i in eval_at])
     train_enc = encode_preferences(*train, template, tokenizer, cfg, bad)
     eval_enc = encode_preferences(*evals, template, tokenizer, cfg, bad)
     if not len(train_enc):
@@ -746,8 +820,15 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
     if "label" in train_enc.columns:
         labels = train_enc.columns["label"]
         stats["labels"] = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
-    return PreparedData(to_dataset(train_enc), to_dataset(eval_enc) if len(eval_enc) else None, stats,
-                        train_enc.conversations, eval_enc.conversations)
+    stats["format"] = "+".join(dict.fromkeys(o[6].name for o in opened))
+    if len(opened) > 1:
+        stats.update(sources=per_source, mix_seed=seed)
+    prepared = PreparedData(to_dataset(train_enc), to_dataset(eval_enc) if len(eval_enc) else None, stats,
+                            train_enc.conversations, eval_enc.conversations)
+    _report_skipped(stats, quiet)
+    if root is not None:
+        store_entry(root / key, prepared)
+    return prepared
 
 
 def _report_skipped(stats: Mapping[str, Any], quiet: bool) -> None:

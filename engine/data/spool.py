@@ -27,7 +27,11 @@ class Spool:
     def write(self, columns: dict[str, Any]) -> None:
         import pyarrow as pa
 
-        batch = pa.RecordBatch.from_pydict(columns)
+        self.write_batch(pa.RecordBatch.from_pydict(columns))
+
+    def write_batch(self, batch: Any) -> None:
+        import pyarrow as pa
+
         if self.writer is None:
             # The system's temporary folder ($TMPDIR): the data cache may be read-only or off.
             fd, self.path = tempfile.mkstemp(prefix="sft-rows-", suffix=".arrow")
