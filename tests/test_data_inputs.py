@@ -211,6 +211,7 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     import functools
 
     import sft.engine.data.pipeline as pipeline
+    import sft.engine.data.readers as readers
     import sft.engine.data.sources as sources
     from sft.engine.data.progress import Progress
 
@@ -219,13 +220,15 @@ def test_reading_and_tokenizing_report_progress(smollm2_dir, tmp_path, monkeypat
     monkeypatch.setattr(sources, "Progress", eager)
     monkeypatch.setattr(pipeline, "Progress", eager)
     monkeypatch.setattr(pipeline, "ENCODE_BATCH", 1)  # a batch a row, so three rows are three steps
+    monkeypatch.setattr(readers, "SCAN_BLOCK", 1)  # a file's lines are scanned a block at a time: one byte here
     inputs = _write_inputs(tmp_path, ROWS)
     lines.clear()
     _build(smollm2_dir, inputs["jsonl.gz glob"])
-    # Row by row within a file (a single 200 MB file is read for minutes), then at each file's end.
-    assert [line.split(" (")[0] + line.split(")")[1].removesuffix(", about 0s left") for line in lines] == [
-        "reading data: 1 rows, 1/2 files", "reading data: 2 rows, 1/2 files", "reading data: 2 rows, 1/2 files",
-        "reading data: 3 rows, 2/2 files", "reading data: 3 rows, 2/2 files",
+    # Within a file as its blocks are scanned (a single 200 MB file is read for minutes), then at each file's end.
+    shown = [line.split(" (")[0] + line.split(")")[1].removesuffix(", about 0s left") for line in lines]
+    assert [line for k, line in enumerate(shown) if not k or line != shown[k - 1]] == [
+        "reading data: 0 rows, 1/2 files", "reading data: 1 rows, 1/2 files", "reading data: 2 rows, 1/2 files",
+        "reading data: 2 rows, 2/2 files", "reading data: 3 rows, 2/2 files",
         "preparing rows: 1 rows", "preparing rows: 2 rows", "preparing rows: 3 rows"]
 
 
@@ -242,3 +245,18 @@ def test_a_data_file_named_state_json_is_still_data(tmp_path):
     folder.mkdir()
     (folder / "state.json").write_text(json.dumps(ROWS))
     assert read_rows(str(folder))[0] == ROWS
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
+def test_json_lines_are_found_whatever_the_scan_block(tmp_path, monkeypatch, block):
+    # A file is scanned a block at a time: a \r\n, a blank line or a row may straddle two blocks.
+    import sft.engine.data.readers as readers
+
+    monkeypatch.setattr(readers, "SCAN_BLOCK", block)
+    text = b'\xef\xbb\xbf{"a": 1}\r\n\r\n  \t\n{"a": "\xc3\xa9"}\r{"a": 3}\n\n{"a": 4}'
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(text)
+    rows, refs = readers.read_file(path)
+    assert list(rows) == [{"a": 1}, {"a": "é"}, {"a": 3}, {"a": 4}]
+    assert [r.line for r in refs] == [1, 4, 5, 7] and [r.row for r in refs] == [0, 1, 2, 3]
+    assert [rows[i] for i in range(len(rows))] == list(rows) and list(rows[1:3]) == [{"a": "é"}, {"a": 3}]

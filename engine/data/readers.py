@@ -16,16 +16,20 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import re
+import shutil
+import tempfile
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from sft.core.errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "JsonLines", "RowChain", "RowRef", "READERS", "extension_of", "read_file", "hash_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "JsonLines", "RowChain", "RowRef", "RowRefs", "READERS", "extension_of", "read_file", "hash_files"]
 
 #: ``progress(fraction of the file read, rows so far)``: how a reader reports on a big file.
 OnRow = Callable[[float, int], None]
@@ -60,8 +64,12 @@ def _first_bad_byte(data: bytes, start: int) -> int:
 
 def _not_utf8(data: bytes, start: int, src: str, line: int | None) -> BadRow:
     offset = _first_bad_byte(data, start)
+    return _not_utf8_at(offset, data[offset], src, line)
+
+
+def _not_utf8_at(offset: int, byte: int, src: str, line: int | None) -> BadRow:
     return BadRow(DataError(
-        f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset}; save the file as UTF-8 "
+        f"not valid UTF-8: byte 0x{byte:02x} at byte offset {offset}; save the file as UTF-8 "
         f"(e.g. iconv -f latin-1 -t UTF-8 FILE)", source=src, line=line))
 
 
@@ -102,6 +110,30 @@ class RowRef:
     row: int
 
 
+class RowRefs(Sequence):
+    """The :class:`RowRef` of each row of one file, made when one is read: a list of them would cost about
+    a hundred bytes a row, what a million-row file cannot spare. ``lines`` (1-based, one a row) or None."""
+
+    def __init__(self, src: str, count: int, lines: Any = None, first: int = 0):
+        self.src, self.count, self.lines, self.first = src, count, lines, first
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self.count)
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            lines = None if self.lines is None else self.lines[lo:hi]
+            return RowRefs(self.src, max(0, hi - lo), lines, self.first + lo)
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return RowRef(self.src, None if self.lines is None else self.lines[index], self.first + index)
+
+
 def extension_of(path: Path | str) -> str | None:
     """The supported extension ``path`` ends with (``.jsonl.gz`` before ``.gz``), lower-cased; None if none."""
     name = str(path).lower()
@@ -112,27 +144,64 @@ def extension_of(path: Path | str) -> str | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed when its name says so: lines and byte offsets in errors are then
-    those of the uncompressed text, as the user would see them with ``zcat``."""
+def _decompressed(path: Path) -> Any:
+    """``path`` opened for reading its bytes, decompressed when its name says so: lines and byte offsets in
+    errors are then those of the uncompressed text, as the user would see them with ``zcat``."""
     suffix = path.suffix.lower()
-    if suffix not in COMPRESSIONS:
-        return _utf8_or_say(path.read_bytes(), path)
-    try:
-        if suffix == ".gz":
-            return _utf8_or_say(gzip.decompress(path.read_bytes()), path)
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
         try:
             import zstandard
         except ImportError:
             raise DataError("reading .zst files needs the zstandard package: pip install zstandard",
                             source=str(path)) from None
-        with path.open("rb") as fh:
-            # A stream reader, because zstd frames written by streaming tools carry no content size.
-            return _utf8_or_say(zstandard.ZstdDecompressor().stream_reader(fh).read(), path)
+        # A stream reader, because zstd frames written by streaming tools carry no content size.
+        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+    return path.open("rb")
+
+
+@contextmanager
+def _decompressing(path: Path) -> Iterator[None]:
+    """A damaged compressed file is one clear error (gzip/zlib/zstandard raise several types)."""
+    try:
+        yield
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstandard raise several types for a damaged file
-        raise DataError(f"cannot decompress {suffix} file: {exc}", source=str(path)) from None
+    except Exception as exc:  # noqa: BLE001
+        if path.suffix.lower() not in COMPRESSIONS:
+            raise
+        raise DataError(f"cannot decompress {path.suffix.lower()} file: {exc}", source=str(path)) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed (:func:`_decompressed`)."""
+    with _decompressing(path), _decompressed(path) as fh:
+        return _utf8_or_say(fh.read(), path)
+
+
+class _FileBytes:
+    """A file's bytes, read by slice when asked (``os.pread``: forked workers share the descriptor safely,
+    and nothing of the file stays in memory)."""
+
+    def __init__(self, fh: Any):
+        self.fh = fh  # kept open (and a temporary copy kept alive) as long as rows may be read
+
+    def __getitem__(self, span: slice) -> bytes:
+        return os.pread(self.fh.fileno(), span.stop - span.start, span.start)
+
+
+def _local_bytes(path: Path) -> tuple[Any, int]:
+    """``path``'s (decompressed) bytes readable by offset, and their size: the file itself, or for a
+    compressed file a decompressed copy in the temporary folder (unnamed: gone when closed)."""
+    if path.suffix.lower() not in COMPRESSIONS:
+        fh = path.open("rb", buffering=0)
+        return _FileBytes(fh), os.fstat(fh.fileno()).st_size
+    copy = tempfile.TemporaryFile(prefix="sft-rows-")
+    with _decompressing(path), _decompressed(path) as fh:
+        shutil.copyfileobj(fh, copy, SCAN_BLOCK)
+    copy.flush()  # rows are read with os.pread, past Python's buffer
+    return _FileBytes(copy), copy.tell()
 
 
 #: Byte-order marks of the encodings a text file is saved in other than UTF-8 (UTF-32 first: its LE mark starts
@@ -143,8 +212,8 @@ _OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
 
 def _utf8_or_say(data: bytes, path: Path) -> bytes:
     """``data``, unless its byte-order mark says the whole file is in another encoding (then every row would be
-    refused as not UTF-8, one by one)."""
-    encoding = next((name for bom, name in _OTHER_BOMS if data.startswith(bom)), None)
+    refused as not UTF-8, one by one); only its first bytes are looked at."""
+    encoding = next((name for bom, name in _OTHER_BOMS if data[:4].startswith(bom)), None)
     if encoding:
         raise DataError(f"the file is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; save it as "
                         f"UTF-8 (e.g. iconv -f {encoding} -t UTF-8 FILE)", source=str(path))
@@ -164,7 +233,7 @@ def _read_json(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[Ro
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":
-                return _jsonl_rows(data, src, progress)  # the bytes already read (and decompressed)
+                return _jsonl_rows(data, len(data), src, progress)  # the bytes already read (and decompressed)
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=exc.lineno) from None
         raise DataError(f"expected a list of rows (a JSON array) or JSON lines, got an object with keys "
                         f"{', '.join(list(obj)[:8])}", source=src, line=1)
@@ -207,21 +276,22 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-def _read_jsonl(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
-    return _jsonl_rows(_read_bytes(path), str(path), progress)
+def _read_jsonl(path: Path, progress: OnRow = _quiet) -> tuple["JsonLines", "RowRefs"]:
+    data, size = _local_bytes(path)
+    _utf8_or_say(data[0:4], path)
+    return _jsonl_rows(data, size, str(path), progress)
 
 
 class JsonLines(Sequence):
-    """The rows of JSON-lines text, parsed when one is read.
+    """The rows of JSON-lines text, parsed when read.
 
-    The file's bytes are kept as they are (its size in memory, where parsed rows take about ten
-    times as much) with where each non-blank line starts and ends; a row is parsed on access (in
-    the data workers, :mod:`.workers`, for most of them). A line that is not UTF-8 reads as a
-    :class:`BadRow`; one that is not JSON raises a :class:`DataError` naming the file and line.
-    A slice is a view on the same bytes.
+    Only where each non-blank line starts and ends is held (24 bytes a row); a row's bytes are read
+    when it is read, from the file (:class:`_FileBytes`) or from the bytes given, in the data workers
+    (:mod:`.workers`) for most rows. A line that is not UTF-8 reads as a :class:`BadRow`; one that is
+    not JSON raises a :class:`DataError` naming the file and line. A slice is a view on the same bytes.
     """
 
-    def __init__(self, data: bytes, src: str, starts: Any, ends: Any, lines: Any):
+    def __init__(self, data: Any, src: str, starts: Any, ends: Any, lines: Any):
         self.data, self.src = data, src
         self.starts, self.ends, self.lines = starts, ends, lines  # array('q') each, one entry a row
 
@@ -231,11 +301,23 @@ class JsonLines(Sequence):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return JsonLines(self.data, self.src, self.starts[index], self.ends[index], self.lines[index])
-        start, end, line = self.starts[index], self.ends[index], self.lines[index]
+        start, end = self.starts[index], self.ends[index]
+        return self._parse(self.data[start:end], start, self.lines[index])
+
+    def __iter__(self) -> Iterator[Any]:
+        # Consecutive rows are read a block at a time: one read (or copy) per block, not per row.
+        for lo in range(0, len(self), 1024):
+            hi = min(lo + 1024, len(self))
+            base = self.starts[lo]
+            block = self.data[base:self.ends[hi - 1]]
+            for k in range(lo, hi):
+                yield self._parse(block[self.starts[k] - base:self.ends[k] - base], self.starts[k], self.lines[k])
+
+    def _parse(self, raw: bytes, start: int, line: int) -> Any:
         try:
-            text = self.data[start:end].decode("utf-8")
-        except UnicodeDecodeError:
-            return _not_utf8(self.data, start, self.src, line)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _not_utf8_at(start + exc.start, raw[exc.start], self.src, line)
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
@@ -276,24 +358,45 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _NOT_BLANK = re.compile(rb"[^ \t\f\v\x1c-\x1f]")
 
 
-def _jsonl_rows(data: bytes, src: str, progress: OnRow = _quiet) -> tuple[JsonLines, list[RowRef]]:
-    """JSON lines in ``data`` (the bytes of ``src``, decompressed): one row a non-blank line, parsed when read."""
+#: Bytes read at a time when a JSON-lines file is scanned for its lines.
+SCAN_BLOCK = 16 << 20
+
+
+def _jsonl_rows(data: Any, size: int, src: str, progress: OnRow = _quiet) -> tuple[JsonLines, RowRefs]:
+    """JSON lines in ``data`` (``size`` bytes of ``src``, decompressed): one row a non-blank line, parsed when
+    read. The bytes are scanned a block at a time, so a file of any size costs only its line index."""
     starts, ends, lines = array("q"), array("q"), array("q")
-    refs: list[RowRef] = []
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     lineno = 0
-    while start < len(data):
-        lineno += 1
-        brk = _LINE_END.search(data, start)
-        end, after = (brk.start(), brk.end()) if brk else (len(data), len(data))
-        if _NOT_BLANK.search(data, start, end):
-            starts.append(start)
-            ends.append(end)
-            lines.append(lineno)
-            refs.append(RowRef(src, lineno, len(refs)))
-            progress(after / len(data), len(refs))
-        start = after
-    return JsonLines(data, src, starts, ends, lines), refs
+    at = 3 if data[0:3] == b"\xef\xbb\xbf" else 0
+    carry_at, carry = at, b""  # the file offset of ``carry``, the unfinished line of the last block
+    while True:
+        block = data[at:min(at + SCAN_BLOCK, size)] if at < size else b""
+        at += len(block)
+        buf, base = carry + block, carry_at
+        pos = 0
+        while True:
+            brk = _LINE_END.search(buf, pos)
+            # A line without its end yet, or a \r that may be the first half of \r\n: wait for the next block.
+            if brk is None or (brk.end() == len(buf) and brk.group() == b"\r" and block):
+                break
+            lineno += 1
+            if _NOT_BLANK.search(buf, pos, brk.start()):
+                starts.append(base + pos)
+                ends.append(base + brk.start())
+                lines.append(lineno)
+            pos = brk.end()
+        if not block:
+            if pos < len(buf):
+                lineno += 1
+                if _NOT_BLANK.search(buf, pos):
+                    starts.append(base + pos)
+                    ends.append(base + len(buf))
+                    lines.append(lineno)
+            break
+        carry, carry_at = buf[pos:], base + pos
+        progress(at / max(size, 1), len(starts))
+    progress(1.0, len(starts))
+    return JsonLines(data, src, starts, ends, lines), RowRefs(src, len(starts), lines)
 
 
 def _read_csv(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:

@@ -246,36 +246,39 @@ def fingerprint_split(source: Source, split: str, key: str) -> tuple[str, Any]:
     return f"hub|{source.name}|{source.revision}|{split}|{getattr(ds, '_fingerprint', '')}", ds
 
 
-def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[Sequence[Any], list[RowRef]]:
+def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[Sequence[Any], Sequence[RowRef]]:
     if source.kind == "hub":
         rows = handle.to_list()
         return rows, [RowRef(source.name, None, i) for i in range(len(rows))]
     _name, start, stop = parse_split(split, key)
     parts: list[Sequence[Any]] = []
-    refs: list[RowRef] = []
+    ref_parts: list[Sequence[RowRef]] = []
+    count = 0
     # Progress by bytes read, so shards of any size weigh what they cost; a line only after 5 s.
     sizes = [f.stat().st_size for f in handle]
     progress, done = Progress("reading data"), 0
     total = sum(sizes) or 1
     for i, (f, size) in enumerate(zip(handle, sizes), 1):
         def within(fraction: float, in_file: int, i: int = i, at: int = done, size: int = size,
-                   before: int = len(refs)) -> None:
+                   before: int = count) -> None:
             progress.update((at + fraction * size) / total, before + in_file, f"{i}/{len(sizes)} files")
 
         r, rf = read_file(f, within)
         parts.append(r)
-        refs += rf
+        ref_parts.append(rf)
+        count += len(rf)
         done += size
-        progress.update(done / total, len(refs), f"{i}/{len(sizes)} files")
+        progress.update(done / total, count, f"{i}/{len(sizes)} files")
     # JSON lines stay unparsed until the pipeline reads them (in its workers); shards are chained, not copied.
     rows: Sequence[Any] = parts[0] if len(parts) == 1 else RowChain(parts)
+    refs: Sequence[RowRef] = ref_parts[0] if len(ref_parts) == 1 else RowChain(ref_parts)
     if start is not None or stop is not None:
         idx = _slice(range(len(rows)), start, stop)
         rows, refs = rows[idx.start:idx.stop], refs[idx.start:idx.stop]
     return rows, refs
 
 
-def read_rows(spec: str, split: str = "train") -> tuple[list[Any], list[RowRef]]:
+def read_rows(spec: str, split: str = "train") -> tuple[list[Any], Sequence[RowRef]]:
     """All rows of ``split`` of the dataset ``spec``, each with its :class:`RowRef`."""
     source = resolve_source(spec)
     _fp, handle = fingerprint_split(source, split, "data.split")
