@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["PreparedData", "resolve_format", "build_datasets", "describe_stats", "validate_data", "objective_row_kind"]
 
 #: Rows rendered and tokenized per batch (bounds memory, keeps the fast tokenizer's batching).
-ENCODE_BATCH = 2000
+ENCODE_BATCH = 500
 
 
 #: What each row kind is, for errors that say what an objective needs and what a file has.
