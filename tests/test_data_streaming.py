@@ -128,15 +128,17 @@ def test_packed_sequences_are_the_cached_ones(tiny_model_dir, tmp_path):
     import datasets
     from trl.data_utils import pack_dataset
 
-    data = write_jsonl(tmp_path / "chat.jsonl", [r for r in _rows(1500) if "robot" not in json.dumps(r)])
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"},
+                          {"role": "assistant", "content": "ok " * (i % 7 + 1)}]} for i in range(2300)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)  # more than 2 of TRL's packing batches of 1,000 rows
     cfg = _config(tmp_path, tiny_model_dir, data)
     ids, masks, _stats = _cached(cfg, tiny_model_dir)
     s_ids, s_masks, _s_stats = _streamed(cfg, tiny_model_dir)
-    cached = pack_dataset(datasets.Dataset.from_dict({"input_ids": ids, "labels": masks}), 48)
+    cached = pack_dataset(datasets.Dataset.from_dict({"input_ids": ids, "labels": masks}), 96)
     streamed = pack_dataset(datasets.IterableDataset.from_generator(
         lambda: ({"input_ids": i, "labels": m} for i, m in zip(s_ids, s_masks)),
         features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                    "labels": datasets.List(datasets.Value("int8"))})), 48)
+                                    "labels": datasets.List(datasets.Value("int8"))})), 96)
     assert list(streamed) == list(cached)
     assert len(cached) < len(ids) // 2  # rows were really packed together
 
