@@ -197,3 +197,32 @@ def test_a_streamed_run_trains_packed(tiny_model_dir, tmp_path):
     assert summary["generation"]["prompt"] == "Question 0?"
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+def test_a_streamed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
+    """transformers' Trainer skips the batches a resumed run already trained on by reading the stream again
+    (the same order: the shuffle buffer is seeded by training.seed): the run resumed from checkpoint-2 ends
+    with the weights of the run that went straight through."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sft.engine.run import run_training
+    from sft.testing import train_tiny
+
+    data = write_jsonl(tmp_path / "chat.jsonl", [r for r in _rows(60) if "robot" not in json.dumps(r)])
+    overrides = ("data.streaming=true", "data.on_bad_row=skip", "data.max_bad_fraction=0.5", "training.save_steps=2",
+                 "training.save_total_limit=3", "training.learning_rate=0.001")
+    straight = train_tiny(tmp_path / "straight", tiny_model_dir, *overrides, dataset=data, steps=4)
+    stopped = train_tiny(tmp_path / "stopped", tiny_model_dir, *overrides, dataset=data, steps=4)
+    # As if killed just after checkpoint-2: what came later is gone.
+    for later in ("adapter", "checkpoints/checkpoint-4"):
+        shutil.rmtree(stopped / later)
+    (stopped / "summary.json").unlink()
+    run_training(tiny_config(stopped, tiny_model_dir, *overrides, dataset=data, steps=4), resume=True)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["resumed_from"].endswith("checkpoint-2")
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (straight, stopped))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= 1e-5, name
