@@ -119,6 +119,7 @@ class DataConfig:
     train_on: str = opt("assistant", "assistant: train exactly the assistant turns (text, tool calls, reasoning) and their end-of-turn token. assistant_no_reasoning: the same but leave reasoning (think blocks) untrained. all: train every token.", ["assistant", "assistant_no_reasoning", "all"])
     cache_dir: Optional[str] = opt(None, "Where tokenized datasets are cached (default ~/.cache/sft/datasets).")
     num_proc: int = opt(0, "Worker processes that check rows and render, mask and tokenize them: 0 (default) one per CPU core, 1 in the run's own process. The result is the same whatever the number: the same tokens, masks, counts, and skipped rows in the same order.", ge=0)
+    streaming: bool = opt(False, "Read the training split lazily and tokenize it as training reads it, for data that does not fit on disk twice (JSONL, Parquet, Arrow, hub datasets); no data cache, no global shuffle (a 10,000-row shuffle buffer), training.max_steps required. See docs/datasets.md.")
     on_truncate: str = opt("drop", "A row longer than model.max_seq_length whose cut falls inside a trained turn. drop (default): leave it out and count it, since a cut answer teaches either never to stop or to stop mid-sentence. keep_eot: cut it and end it with the end-of-turn token. truncate: cut it as is (the answer ends mid-sentence with no end-of-turn token). A cut in untrained text keeps the row, whose trained turns are whole.", ["drop", "keep_eot", "truncate"])
 
 

@@ -57,6 +57,8 @@ def decide_packing(setting: Any, stats: Mapping[str, Any], max_seq_length: int, 
     value = str(setting).lower()
     if value in ("true", "false"):
         return PackingDecision(value == "true", f"training.packing={value}")
+    if stats.get("streaming"):
+        return _decide_streamed(stats, max_seq_length)
     rows = int(stats.get("train_rows") or 0)
     tokens = int(stats.get("train_tokens") or 0)
     if rows == 0:
@@ -72,6 +74,18 @@ def decide_packing(setting: Any, stats: Mapping[str, Any], max_seq_length: int, 
                                       f"steps an epoch (fewer than {AUTO_MIN_STEPS}); padded rows in length groups")
     return PackingDecision(True, f"auto: {shape}; about {1 / fill:.1f} rows per packed sequence, "
                                  f"{steps:.0f} optimizer steps an epoch")
+
+
+def _decide_streamed(stats: Mapping[str, Any], max_seq_length: int) -> PackingDecision:
+    """``auto`` for a stream (data.streaming), whose length is unknown: the first chunk's rows decide, by
+    their mean length alone (training.max_steps, required, sets the steps packing would otherwise shorten)."""
+    rows, tokens = int(stats.get("sample_rows") or 0), int(stats.get("sample_tokens") or 0)
+    fill = tokens / max(1, rows) / max_seq_length
+    shape = (f"auto, streaming: the first {rows} rows average {tokens / max(1, rows):.0f} tokens, {fill:.0%} of "
+             f"model.max_seq_length={max_seq_length}")
+    if fill > AUTO_MAX_FILL:
+        return PackingDecision(False, f"{shape}; padded rows waste little")
+    return PackingDecision(True, f"{shape}; about {1 / max(fill, 1e-9):.1f} rows per packed sequence")
 
 
 @functools.lru_cache(maxsize=1)

@@ -340,10 +340,15 @@ def _train_in(run: RunDir, cfg: "DictConfig", resume: bool, pm: "PluginManager",
     # A continued run's tokenizer is the one it saved: with any tokens it added.
     tokenizer = load_tokenizer(cfg.model)
     template = resolve_template(cfg, pm, tokenizer)
-    with distributed.main_first():  # one process per node fills the data cache, the others read it
-        data = build_datasets(cfg, pm, tokenizer, template=template, row_kind=objective.row_kind)
+    if cfg.data.streaming:  # read as training goes (engine/data/streaming.py), which says what it does
+        from .data.streaming import build_streaming
+
+        data = build_streaming(cfg, pm, tokenizer, template=template, row_kind=objective.row_kind)
+    else:
+        with distributed.main_first():  # one process per node fills the data cache, the others read it
+            data = build_datasets(cfg, pm, tokenizer, template=template, row_kind=objective.row_kind)
+        notice(f"data: {describe_stats(data.stats)}")
     durations["data"] = time.perf_counter() - tick
-    notice(f"data: {describe_stats(data.stats)}")
     from .export import preflight_before_training
 
     preflight_before_training(cfg, run, pm, template)  # an export that cannot work stops the run before training

@@ -208,6 +208,8 @@ def validate(**kwargs) -> None:
 
     check_backend_config(cfg, pm, current_environment())  # a LoRA setting the backend cannot train
     template = resolve_template(cfg, pm)
+    if cfg.data.streaming:
+        from sft.engine.data.streaming import validate_streaming as validate_data
     report = validate_data(cfg, template)
     # The same preflights as sft run, before training: an export or a publisher that cannot work fails here too.
     preflight_before_training(cfg, resolve_run_dir(cfg), pm, template)

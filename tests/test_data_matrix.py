@@ -5,7 +5,8 @@ third-party format or template installed next to sft-forge joins the matrix by i
 pair runs the real pipeline (:func:`build_datasets`) on every source the format recognises:
 the small fixtures in tests/data, and the shared sample files in ../shared/data when they
 exist (a clean CI checkout may not have them). Decoding the trained tokens of every row must
-give exactly that row's assistant contents, each followed by the template's EOT token.
+give exactly that row's assistant contents, each followed by the template's EOT token; the
+JSONL sources streamed (``data.streaming``) must give the same rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import pytest
 
 from sft.engine.data import build_datasets, read_rows
+from sft.engine.data.streaming import stream_rows
 from sft.core.templating import resolve_template
 from sft.core.plugins import get_plugin_manager
 
@@ -93,6 +95,10 @@ def test_every_format_with_every_template_trains_exactly_the_answers(format_name
         assert prepared.stats["skipped"]["count"] == 0, prepared.stats["skipped"]
         assert prepared.stats["train_rows"] == prepared.stats["rows"]
         checked += assert_rows_exact(prepared, tokenizer, template, _raw_trained(fmt, cfg, source))
+        if source.suffix in (".jsonl", ".parquet"):  # streamed (data.streaming), the same rows: exact there too
+            streamed, _stats = stream_rows(cfg, PM, fresh_tokenizer(smollm2_dir))
+            assert [(r["input_ids"], r["assistant_masks"]) for r in streamed] == list(
+                zip(prepared.train["input_ids"], prepared.train["assistant_masks"]))
     assert checked > 0
 
 

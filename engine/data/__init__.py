@@ -6,7 +6,8 @@ Which file does what:
 - :mod:`.sources`: ``data.dataset`` → packaged asset, local files or a Hub dataset; splits;
 - :mod:`.cache`: the content-addressed cache of tokenized datasets;
 - :mod:`.pipeline`: formats, bad rows, the eval split, rendering and tokenizing
-  (:func:`build_datasets`), and ``sft validate``'s data check.
+  (:func:`build_datasets`), and ``sft validate``'s data check;
+- :mod:`.streaming`: ``data.streaming``, the train split read lazily through the same stages.
 
 Fitting the tokenizer to the chat template is the template's business:
 :func:`sft.core.templating.resolve_template`.
