@@ -383,6 +383,17 @@ def _encode(texts: Sequence[str], refs: Sequence[RowRef], template: ChatTemplate
     return out
 
 
+def _table(encoded: _Encoded) -> Any:
+    """``encoded``'s rows as one table (the spool's columns), in memory; None when there are none."""
+    import pyarrow as pa
+
+    if not encoded.rows:
+        return None
+    return pa.table({"input_ids": pa.chunked_array(encoded.input_ids, type=pa.list_(pa.int32())),
+                     "assistant_masks": pa.chunked_array(encoded.masks, type=pa.list_(pa.int8())),
+                     "conversation": pa.chunked_array(encoded.conversations, type=pa.large_string())})
+
+
 def _to_dataset(table: Any) -> Any:
     """The trainer's dataset over a table of tokenized rows (memory-mapped from the spool: no copy)."""
     import datasets
@@ -442,16 +453,21 @@ def _unpack(text: str) -> Any:
 NO_CONVERSATION = conversation_text([])
 
 
-def _prepare_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
-    """Rows ``[lo, hi)`` checked into conversations and, in the same pass, rendered, masked and tokenized:
-    one trip to a worker, and no conversation waits in memory for the eval split to be drawn."""
+def _prepare(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, template: ChatTemplate,
+             tokenizer: Any, cfg: Any) -> tuple[_Encoded, _ChunkBadRows]:
+    """Rows checked into conversations and, in the same pass, rendered, masked and tokenized (no conversation
+    waits in memory as objects); their bad rows and warnings in row order, to be replayed."""
     bad = _ChunkBadRows()
-    refs = state["refs"][lo:hi]
-    conversations, kept = _normalize(state["rows"][lo:hi], refs, state["fmt"], state["options"], bad)
-    encoded = _encode([_pack(c) for c in conversations], kept, state["template"], state["tokenizer"], state["cfg"],
-                      bad, conversations)
+    conversations, kept = _normalize(rows, refs, fmt, options, bad)
+    encoded = _encode([_pack(c) for c in conversations], kept, template, tokenizer, cfg, bad, conversations)
     bad.in_row_order(refs)
     return encoded, bad
+
+
+def _prepare_chunk(lo: int, hi: int, state: dict[str, Any]) -> tuple[_Encoded, _ChunkBadRows]:
+    """:func:`_prepare` over rows ``[lo, hi)``: one trip to a worker."""
+    return _prepare(state["rows"][lo:hi], state["refs"][lo:hi], state["fmt"], state["options"], state["template"],
+                    state["tokenizer"], state["cfg"])
 
 
 def _prepare_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetFormat, options: Any, state: dict[str, Any],

@@ -144,7 +144,7 @@ def extension_of(path: Path | str) -> str | None:
     return None
 
 
-def _decompressed(path: Path) -> Any:
+def open_decompressed(path: Path) -> Any:
     """``path`` opened for reading its bytes, decompressed when its name says so: lines and byte offsets in
     errors are then those of the uncompressed text, as the user would see them with ``zcat``."""
     suffix = path.suffix.lower()
@@ -175,8 +175,8 @@ def _decompressing(path: Path) -> Iterator[None]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed (:func:`_decompressed`)."""
-    with _decompressing(path), _decompressed(path) as fh:
+    """The file's bytes, decompressed (:func:`open_decompressed`)."""
+    with _decompressing(path), open_decompressed(path) as fh:
         return _utf8_or_say(fh.read(), path)
 
 
@@ -198,7 +198,7 @@ def _local_bytes(path: Path) -> tuple[Any, int]:
         fh = path.open("rb", buffering=0)
         return _FileBytes(fh), os.fstat(fh.fileno()).st_size
     copy = tempfile.TemporaryFile(prefix="sft-rows-")
-    with _decompressing(path), _decompressed(path) as fh:
+    with _decompressing(path), open_decompressed(path) as fh:
         shutil.copyfileobj(fh, copy, SCAN_BLOCK)
     copy.flush()  # rows are read with os.pread, past Python's buffer
     return _FileBytes(copy), copy.tell()
@@ -358,44 +358,65 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _NOT_BLANK = re.compile(rb"[^ \t\f\v\x1c-\x1f]")
 
 
-#: Bytes read at a time when a JSON-lines file is scanned for its lines.
+#: Bytes read at a time when JSON lines are scanned for their lines.
 SCAN_BLOCK = 16 << 20
+
+
+def scan_lines(read: Callable[[int], bytes], path: Path) -> Iterator[tuple[bytes, int, Any, Any, Any]]:
+    """The rows of JSON-lines bytes, found a block at a time (``read(n)`` gives the next ``n`` bytes).
+
+    Yields ``(buf, base, starts, ends, lines)`` per block: ``buf`` holds the bytes from offset ``base``
+    on, ``starts``/``ends`` are the offsets (in the whole text) of the rows completed in it and ``lines``
+    their 1-based line numbers. A line ends at ``\\n``, ``\\r\\n`` or ``\\r`` (as ``bytes.splitlines``); a blank
+    line is no row; a line that straddles two blocks comes with the later one.
+    """
+    with _decompressing(path):
+        block = read(max(SCAN_BLOCK, 4))  # a byte-order mark whole
+    _utf8_or_say(block, path)
+    carry_at = 3 if block.startswith(b"\xef\xbb\xbf") else 0
+    carry, block = b"", block[carry_at:]
+    lineno = 0
+    while True:
+        buf, base = carry + block, carry_at
+        starts, ends, lines = array("q"), array("q"), array("q")
+        pos = 0
+        while pos < len(buf):
+            brk = _LINE_END.search(buf, pos)
+            # A line without its end yet, or a \r that may be the first half of \r\n, waits for the next block.
+            if block and (brk is None or brk.end() == len(buf) and brk.group() == b"\r"):
+                break
+            end, after = (brk.start(), brk.end()) if brk else (len(buf), len(buf))
+            lineno += 1
+            if _NOT_BLANK.search(buf, pos, end):
+                starts.append(base + pos)
+                ends.append(base + end)
+                lines.append(lineno)
+            pos = after
+        yield buf, base, starts, ends, lines
+        if not block:
+            return
+        carry, carry_at = buf[pos:], base + pos
+        with _decompressing(path):
+            block = read(SCAN_BLOCK)
 
 
 def _jsonl_rows(data: Any, size: int, src: str, progress: OnRow = _quiet) -> tuple[JsonLines, RowRefs]:
     """JSON lines in ``data`` (``size`` bytes of ``src``, decompressed): one row a non-blank line, parsed when
-    read. The bytes are scanned a block at a time, so a file of any size costs only its line index."""
+    read; only the line index is kept (:func:`scan_lines`)."""
     starts, ends, lines = array("q"), array("q"), array("q")
-    lineno = 0
-    at = 3 if data[0:3] == b"\xef\xbb\xbf" else 0
-    carry_at, carry = at, b""  # the file offset of ``carry``, the unfinished line of the last block
-    while True:
-        block = data[at:min(at + SCAN_BLOCK, size)] if at < size else b""
+    at = 0
+
+    def read(n: int) -> bytes:
+        nonlocal at
+        block = data[at:min(at + n, size)]
         at += len(block)
-        buf, base = carry + block, carry_at
-        pos = 0
-        while True:
-            brk = _LINE_END.search(buf, pos)
-            # A line without its end yet, or a \r that may be the first half of \r\n: wait for the next block.
-            if brk is None or (brk.end() == len(buf) and brk.group() == b"\r" and block):
-                break
-            lineno += 1
-            if _NOT_BLANK.search(buf, pos, brk.start()):
-                starts.append(base + pos)
-                ends.append(base + brk.start())
-                lines.append(lineno)
-            pos = brk.end()
-        if not block:
-            if pos < len(buf):
-                lineno += 1
-                if _NOT_BLANK.search(buf, pos):
-                    starts.append(base + pos)
-                    ends.append(base + len(buf))
-                    lines.append(lineno)
-            break
-        carry, carry_at = buf[pos:], base + pos
-        progress(at / max(size, 1), len(starts))
-    progress(1.0, len(starts))
+        return block
+
+    for buf, base, block_starts, block_ends, block_lines in scan_lines(read, Path(src)):
+        starts.extend(block_starts)
+        ends.extend(block_ends)
+        lines.extend(block_lines)
+        progress(min(1.0, (base + len(buf)) / max(size, 1)), len(starts))
     return JsonLines(data, src, starts, ends, lines), RowRefs(src, len(starts), lines)
 
 

@@ -4,9 +4,8 @@ For data that does not fit on disk twice (the files, and their tokenized copy in
 the rows are read as training goes, a chunk of :data:`CHUNK_ROWS` at a time: JSON lines
 (plain, ``.gz``, ``.zst``) block by block with their line numbers, Parquet by record batch,
 Arrow by record batch, a hub dataset through ``datasets``' own streaming. Each chunk passes the
-same stages the cached pipeline runs (:func:`.pipeline._normalize`, :func:`.pipeline._pack`,
-:func:`.pipeline._encode`), so its token ids, trained-token masks, counts and bad-row messages
-are those of :func:`.pipeline.build_datasets`. A background thread prepares the next
+same stages the cached pipeline runs (:func:`.pipeline._prepare`), so its token ids, trained-token
+masks, counts and bad-row messages are those of :func:`.pipeline.build_datasets`. A background thread prepares the next
 :data:`READ_AHEAD` chunks while the trainer works on the current one.
 
 What a stream cannot do is said before any model loads (:func:`check_streaming`,
@@ -17,11 +16,9 @@ mixing of ``data.datasets``, no data cache, SFT rows only. docs/datasets.md has 
 
 from __future__ import annotations
 
-import gzip
 import queue
 import re
 import threading
-from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 from sft.core.errors import ConfigError, ConfigProblem, DataError
 from sft.core.notices import notice
 from sft.core.templating import prepare_tokenizer, resolve_template
-from .cache import PreparedData, StoredConversations
-from .pipeline import (ROW_KIND_WORDS, _BadRows, _ChunkBadRows, _encode, _Encoded, _normalize, _pack, _sources,
-                       _to_dataset, describe_stats, objective_row_kind, resolve_format)
-from .readers import _LINE_END, _NOT_BLANK, COMPRESSIONS, JsonLines, RowRef, _utf8_or_say, extension_of, read_file
+from .cache import PreparedData
+from .pipeline import (ROW_KIND_WORDS, _BadRows, _ChunkBadRows, _conversations_of, _Encoded, _prepare, _sources,
+                       _table, _to_dataset, describe_stats, objective_row_kind, resolve_format)
+from .readers import JsonLines, RowChain, RowRef, RowRefs, extension_of, open_decompressed, read_file, scan_lines
 from .sources import Source, _local_files, columns_of, names_local_files, parse_split, resolve_source
 
 if TYPE_CHECKING:
@@ -111,89 +108,35 @@ def streaming_notes(cfg: Any) -> list[str]:
 
 
 # -- reading rows lazily ----------------------------------------------------------------------
-class _FileBytes:
-    """Bytes of a file from offset ``base`` on, indexed by offsets in the whole file: :class:`JsonLines`
-    and its not-UTF-8 errors then name the byte offset in the file, as when the file is read whole."""
+class _BlockBytes:
+    """The bytes of one block of a file, indexed by offsets in the whole file: :class:`JsonLines` and its
+    not-UTF-8 errors then name the byte offset in the file, as when the file is read whole."""
 
     def __init__(self, data: bytes, base: int):
         self.data, self.base = data, base
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            start = None if index.start is None else index.start - self.base
-            stop = None if index.stop is None else index.stop - self.base
-            return self.data[start:stop]
-        return self.data[index - self.base]
+    def __getitem__(self, span: slice) -> bytes:
+        return self.data[span.start - self.base:span.stop - self.base]
 
 
-def _open_binary(path: Path) -> Any:
-    """A binary stream of ``path``'s uncompressed bytes (lines and offsets are those ``zcat`` shows)."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix in COMPRESSIONS:  # .zst
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError("reading .zst files needs the zstandard package: pip install zstandard",
-                            source=str(path)) from None
-        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-    return path.open("rb")
-
-
-def _read_block(fh: Any, path: Path) -> bytes:
-    try:
-        return fh.read(_BLOCK)
-    except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstandard raise several types for a damaged file
-        raise DataError(f"cannot decompress {path.suffix.lower()} file: {exc}", source=str(path)) from None
-
-
-def _jsonl_chunks(path: Path, size: int) -> Iterator[tuple[Sequence[Any], list[RowRef]]]:
-    """The rows of a JSON-lines file, ``size`` at a time, as :func:`.readers._jsonl_rows` numbers them
-    (a line ends at ``\\n``, ``\\r\\n`` or ``\\r``; blank lines are no rows), parsed when read."""
+def _jsonl_chunks(path: Path, size: int) -> Iterator[tuple[Sequence[Any], Sequence[RowRef]]]:
+    """The rows of a JSON-lines file, ``size`` at a time, as the cached reader numbers them
+    (:func:`.readers.scan_lines`), parsed when read."""
     src = str(path)
-    with _open_binary(path) as fh:
-        buf, base = b"", 0  # buf holds the file's bytes from offset base on, not yet handed out
-        pos, lineno, row = 0, 0, 0
-        starts, ends, lines = array("q"), array("q"), array("q")
-        first, eof = True, False
-        while not eof:
-            block = _read_block(fh, path)
-            if first:
-                block = _utf8_or_say(block, path)
-                pos = 3 if block.startswith(b"\xef\xbb\xbf") else 0
-                first = False
-            eof = not block
-            buf += block
-            while pos < len(buf):
-                brk = _LINE_END.search(buf, pos)
-                # A line break split over two blocks (\r, then \n) waits for the next block.
-                if brk is None and not eof or brk is not None and brk.end() == len(buf) and brk.group() == b"\r" \
-                        and not eof:
-                    break
-                end, after = (brk.start(), brk.end()) if brk else (len(buf), len(buf))
-                lineno += 1
-                if _NOT_BLANK.search(buf, pos, end):
-                    starts.append(base + pos)
-                    ends.append(base + end)
-                    lines.append(lineno)
-                pos = after
-                if len(starts) == size:
-                    yield _json_lines(buf, base, starts, ends, lines, src, row)
-                    row += len(starts)
-                    starts, ends, lines = array("q"), array("q"), array("q")
-            # What is handed out (or blank) is dropped; a pending row's bytes stay.
-            keep = starts[0] - base if starts else pos
-            buf, base, pos = buf[keep:], base + keep, pos - keep
-        if starts:
-            yield _json_lines(buf, base, starts, ends, lines, src, row)
-
-
-def _json_lines(buf: bytes, base: int, starts: Any, ends: Any, lines: Any, src: str,
-                row: int) -> tuple[JsonLines, list[RowRef]]:
-    lo, hi = starts[0] - base, ends[-1] - base
-    rows = JsonLines(_FileBytes(buf[lo:hi], starts[0]), src, starts, ends, lines)  # type: ignore[arg-type]
-    return rows, [RowRef(src, line, row + i) for i, line in enumerate(lines)]
+    pending: tuple[Sequence[Any], Sequence[RowRef]] = ([], [])
+    row = 0
+    with open_decompressed(path) as fh:
+        for buf, base, starts, ends, lines in scan_lines(fh.read, path):
+            if len(starts):
+                block = _BlockBytes(buf[starts[0] - base:ends[-1] - base], starts[0])
+                pending = (RowChain([pending[0], JsonLines(block, src, starts, ends, lines)]),
+                           RowChain([pending[1], RowRefs(src, len(starts), lines, row)]))
+                row += len(starts)
+            while len(pending[0]) >= size:
+                yield pending[0][:size], pending[1][:size]
+                pending = (pending[0][size:], pending[1][size:])
+    if len(pending[0]):
+        yield pending
 
 
 def _parquet_chunks(path: Path, size: int) -> Iterator[tuple[Sequence[Any], list[RowRef]]]:
@@ -322,18 +265,11 @@ class _Stages:
     tokenizer: Any
     cfg: Any
 
-    def conversations(self, rows: Sequence[Any], refs: Sequence[RowRef], bad: _BadRows) -> tuple[list[str], list[RowRef]]:
-        convs, kept = _normalize(rows, refs, self.fmt, self.options, bad)
-        return [_pack(c) for c in convs], kept
-
-    def encode(self, texts: Sequence[str], refs: Sequence[RowRef], bad: _BadRows) -> _Encoded:
-        return _encode(texts, refs, self.template, self.tokenizer, self.cfg, bad)
-
     def chunk(self, rows: Sequence[Any], refs: Sequence[RowRef]) -> tuple[_Encoded, _ChunkBadRows, int]:
-        """One chunk through every stage; its bad rows and warnings kept for the reader to replay in order."""
-        bad = _ChunkBadRows()
-        texts, kept = self.conversations(rows, refs, bad)
-        return self.encode(texts, kept, bad), bad, len(rows)
+        """One chunk through every stage (:func:`.pipeline._prepare`); its bad rows and warnings kept for the
+        reader to replay in order."""
+        encoded, bad = _prepare(rows, refs, self.fmt, self.options, self.template, self.tokenizer, self.cfg)
+        return encoded, bad, len(rows)
 
 
 class _Quiet(_BadRows):
@@ -508,61 +444,42 @@ def _open(cfg: Any, pm: "PluginManager | None", tokenizer: Any, template: "ChatT
                    _BadRows(cfg.data.on_bad_row, float(cfg.data.max_bad_fraction)), stats)
 
 
-def _held_out(opened: _Opened, count: int) -> tuple[list[str], list[RowRef], int]:
-    """The first ``count`` conversations of the stream (``data.test_size`` as a row count), and the rows read for them."""
-    texts: list[str] = []
-    refs: list[RowRef] = []
-    read = 0
-    for rows, chunk_refs in opened.plan.chunks():
-        for row, ref in zip(rows, chunk_refs):
-            if len(texts) == count:
-                return texts, refs, read
-            read += 1
-            more, kept = opened.stages.conversations([row], [ref], opened.bad)
-            texts += more
-            refs += kept
-    raise ConfigError([ConfigProblem("data.test_size", f"{count} leaves no training rows out of {len(texts)}")])
-
-
-def _eval_rows(opened: _Opened) -> tuple[list[str], list[RowRef], int, int]:
-    """The eval conversations (``data.eval_split``, read whole, or the first ``data.test_size`` rows), their
-    refs, the rows read for them and the rows the training stream skips."""
+def _eval_rows(opened: _Opened) -> tuple[_Encoded, int, int]:
+    """The eval rows tokenized (``data.eval_split``, read whole, or the first ``data.test_size`` rows kept), the
+    rows read for them and the rows the training stream skips."""
     cfg = opened.stages.cfg
+    out = _Encoded()
+    read = 0
+
+    def prepare(rows: Sequence[Any], refs: Sequence[RowRef]) -> None:
+        encoded, bad, _n = opened.stages.chunk(rows, refs)
+        bad.replay(opened.bad)
+        out.extend(encoded)
+
     if cfg.data.eval_split:
         spec, split = str(cfg.data.dataset), str(cfg.data.eval_split)
         if opened.plan.source.kind == "local" and names_local_files(split):
             spec, split = split, "train"
-        texts, refs, read = [], [], 0
         for rows, chunk_refs in _Plan.of(spec, split, "data.eval_split").chunks():
-            more, kept = opened.stages.conversations(rows, chunk_refs, opened.bad)
-            texts += more
-            refs += kept
+            prepare(rows, chunk_refs)
             read += len(rows)
-        return texts, refs, read, 0
+        return out, read, 0
     count = int(float(cfg.data.test_size))
     if count <= 0:
-        return [], [], 0, 0
-    texts, refs, read = _held_out(opened, count)
-    return texts, refs, read, read
-
-
-def _encoded_in_batches(opened: _Opened, texts: list[str], refs: list[RowRef]) -> _Encoded:
-    out = _Encoded()
-    for lo in range(0, len(texts), CHUNK_ROWS):
-        part = opened.stages.encode(texts[lo:lo + CHUNK_ROWS], refs[lo:lo + CHUNK_ROWS], opened.bad)
-        out.input_ids += part.input_ids
-        out.masks += part.masks
-        out.conversations += part.conversations
-        part.input_ids, part.masks, part.conversations = [], [], []
-        out.extend(part)
-    return out
+        return out, 0, 0
+    for rows, chunk_refs in opened.plan.chunks():
+        for row, ref in zip(rows, chunk_refs):
+            if len(out.produced) == count:  # conversations kept, as a cached split counts them
+                return out, read, read
+            read += 1
+            prepare([row], [ref])
+    raise ConfigError([ConfigProblem("data.test_size", f"{count} leaves no training rows out of {len(out.produced)}")])
 
 
 def _stream(cfg: Any, pm: "PluginManager | None", tokenizer: Any, template: "ChatTemplate | None",
             row_kind: str | None) -> tuple[_Stream, _Encoded]:
     opened = _open(cfg, pm, tokenizer, template, row_kind)
-    texts, refs, eval_read, skip = _eval_rows(opened)
-    evals = _encoded_in_batches(opened, texts, refs)
+    evals, eval_read, skip = _eval_rows(opened)
     return _Stream(opened, evals, eval_read, skip), evals
 
 
@@ -588,8 +505,9 @@ def build_streaming(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, tem
             notice(line)
         notice(f"data: streaming {describe_stream(stream.stats)}")
     train = _as_dataset(stream).shuffle(seed=int(cfg.training.seed), buffer_size=SHUFFLE_BUFFER)
-    return PreparedData(train, _to_dataset(evals) if evals.rows else None, stream.stats,
-                        sample.stored_conversations(), evals.stored_conversations())
+    eval_table = _table(evals)
+    return PreparedData(train, _to_dataset(eval_table) if eval_table is not None else None, stream.stats,
+                        _conversations_of(_table(sample)), _conversations_of(eval_table))
 
 
 def stream_rows(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, template: "ChatTemplate | None" = None,
