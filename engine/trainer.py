@@ -262,9 +262,9 @@ def trainer_class() -> type:
             if (self.args.train_sampling_strategy != "group_by_length" or dataset is None
                     or "input_ids" not in getattr(dataset, "column_names", ())):
                 return super()._get_train_sampler(train_dataset)
-            from .packing import length_grouped_sampler
+            from .packing import length_grouped_sampler, row_lengths
 
-            lengths = [len(ids) for ids in dataset["input_ids"]]
+            lengths = row_lengths(dataset)
             per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
                         * self.args.world_size)
             return length_grouped_sampler(lengths, per_step, self.args.seed)

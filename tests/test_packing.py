@@ -283,3 +283,21 @@ def test_qlora_on_cuda_without_bitsandbytes_stops_before_the_data(tmp_path):
     assert "model.method" in text and "training.optim" in text and "pip install 'sft-forge[gpu]'" in text
     check_cuda_dependencies(load_config(None, ["model.method=lora", "training.optim=adamw_torch"], pm=PM), cuda)
     check_cuda_dependencies(cfg, Environment(cuda=False, bf16=False, device_name="cpu"))  # CPU falls back
+
+
+def test_row_lengths_come_from_the_offsets_of_the_rows_a_dataset_selects():
+    # The length-grouped sampler needs every row's length; reading the rows for it would materialise them all.
+    import numpy as np
+    import pyarrow as pa
+
+    from sft.engine.data.cache import dataset_of
+    from sft.engine.packing import row_lengths
+
+    ids = [[1] * n for n in (3, 1, 4, 1, 5, 9, 2, 6)]
+    table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "assistant_masks": pa.array(ids, pa.list_(pa.int8())),
+                      "conversation": pa.array(["{}"] * len(ids), pa.large_string())})
+    for index in (None, np.array([5, 0, 0, 7, 2])):
+        dataset = dataset_of(table, index)
+        assert dataset.column_names == ["input_ids", "assistant_masks"]
+        assert row_lengths(dataset) == [len(r) for r in dataset["input_ids"]]
+    assert row_lengths(dataset_of(table, np.array([5, 0, 0, 7, 2]))) == [9, 3, 3, 6, 4]

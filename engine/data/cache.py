@@ -21,12 +21,12 @@ from typing import Any
 from sft.core.interfaces import ChatTemplate, Conversation, DatasetFormat, Message, ToolCall, tools_of
 from sft.core.notices import notice
 
-__all__ = ["PreparedData", "StoredConversations", "conversation_text", "conversation_from_text", "conversation_to_json",
+__all__ = ["PreparedData", "StoredConversations", "dataset_of", "conversation_text", "conversation_from_text", "conversation_to_json",
            "conversation_from_json", "PIPELINE_VERSION", "cache_key_parts", "cache_key", "cache_root", "load_entry", "store_entry",
            "tokenizer_fingerprint"]
 
 #: Bump when the pipeline's output for the same inputs changes; part of every cache key.
-PIPELINE_VERSION = "5"
+PIPELINE_VERSION = "6"
 
 
 
@@ -39,17 +39,20 @@ class StoredConversations(Sequence):
     cache when they come from it.
     """
 
-    def __init__(self, texts: Any):
-        self.texts = texts  # pyarrow (chunked) array of JSON strings, one per row
+    def __init__(self, texts: Any, index: Any = None):
+        self.texts = texts  # pyarrow (chunked) array of JSON strings
+        self.index = index  # which of them, in order (a numpy array); None: all
 
     @classmethod
     def of(cls, conversations: Sequence[Any]) -> "StoredConversations":
         import pyarrow as pa
 
+        if isinstance(conversations, StoredConversations):
+            return conversations
         return cls(pa.array([conversation_text(c) for c in conversations], type=pa.large_string()))
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.texts) if self.index is None else len(self.index)
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
@@ -58,7 +61,15 @@ class StoredConversations(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return conversation_from_text(self.texts[index].as_py())
+        return conversation_from_text(self.text(index))
+
+    def text(self, i: int) -> str:
+        """The JSON text of conversation ``i``."""
+        return self.texts[i if self.index is None else int(self.index[i])].as_py()
+
+    def column(self) -> Any:
+        """The JSON texts, one per conversation, as one Arrow array."""
+        return self.texts if self.index is None else self.texts.take(self.index)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):
@@ -171,60 +182,90 @@ def cache_root(cfg: Any) -> Path | None:
     return cache_dir("datasets")
 
 
-def _write_conversations(path: Path, conversations: Sequence[Any]) -> None:
+def dataset_of(table: Any, index: Any = None, fingerprint: str | None = None) -> Any:
+    """A ``datasets.Dataset`` of ``table``'s rows at ``index`` (None: all, in order), without the
+    ``conversation`` column and without copying: ``table`` may be a ``pyarrow.Table`` (wrapped as it is) or a
+    ``datasets`` table (a memory-mapped cache file). ``fingerprint``: the dataset's, else ``datasets`` derives
+    one by pickling every row."""
+    import datasets
+    import numpy as np
+    from datasets.table import InMemoryTable, Table
+
+    table = table if isinstance(table, Table) else InMemoryTable(table)
+    data = datasets.Dataset(table.select([c for c in table.column_names if c != "conversation"]), fingerprint=fingerprint)
+    if index is None or (len(index) == len(data) and np.array_equal(index, np.arange(len(data)))):
+        return data
+    return data.select(index)
+
+
+def _rows_table(data: PreparedData) -> tuple[Any, Any, Any]:
+    """Every row of ``data`` (train, then eval) as one table with its ``conversation`` column, and the train
+    and eval positions in it."""
+    import numpy as np
     import pyarrow as pa
 
-    stored = conversations if isinstance(conversations, StoredConversations) else StoredConversations.of(conversations)
-    table = pa.table({"conversation": stored.texts})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
-def _read_conversations(path: Path) -> StoredConversations:
-    import pyarrow as pa
-
-    return StoredConversations(pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("conversation"))
+    parts = []
+    for dataset, conversations in ((data.train, data.train_conversations), (data.eval, data.eval_conversations)):
+        if dataset is not None:
+            rows = dataset.flatten_indices() if dataset._indices is not None else dataset
+            parts.append(rows.data.table.append_column("conversation", StoredConversations.of(conversations).column()))
+    n_train = len(data.train)
+    n_eval = 0 if data.eval is None else len(data.eval)
+    return pa.concat_tables(parts), np.arange(n_train), np.arange(n_train, n_train + n_eval)
 
 
 def load_entry(path: Path) -> dict[str, Any] | None:
-    """The cached :class:`PreparedData` fields at ``path``, or None when absent or damaged."""
-    import datasets
+    """The cached :class:`PreparedData` fields at ``path``, or None when absent or damaged.
+
+    An entry is ``rows.arrow`` (every row's columns and its conversation, an Arrow stream ``datasets``
+    maps), ``splits.npz`` (the train and eval positions in it), ``meta.json`` and ``COMPLETE``.
+    """
+    import numpy as np
+    from datasets.table import MemoryMappedTable
 
     if not (path / "COMPLETE").is_file():
         return None
     try:
         meta = json.loads((path / "meta.json").read_text())
-        train = datasets.load_from_disk(str(path / "train"))
-        eval_ds = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
-        conversations = {split: _read_conversations(path / f"{split}_conversations.arrow") for split in ("train", "eval")}
+        table = MemoryMappedTable.from_file(str(path / "rows.arrow"))
+        with np.load(path / "splits.npz") as splits:
+            train, evals = splits["train"], splits["eval"]
+        texts = table.table.column("conversation")
+        key = path.name
+        return {"train": dataset_of(table, train, f"{key}-train"),
+                "eval": dataset_of(table, evals, f"{key}-eval") if len(evals) else None,
+                "stats": dict(meta["stats"], cache="hit"),
+                "train_conversations": StoredConversations(texts, train),
+                "eval_conversations": StoredConversations(texts, evals)}
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
         return None
-    return {"train": train, "eval": eval_ds, "stats": dict(meta["stats"], cache="hit"),
-            "train_conversations": conversations["train"], "eval_conversations": conversations["eval"]}
 
 
-def store_entry(path: Path, data: PreparedData) -> None:
-    """Write ``data`` as the entry at ``path``, whole or not at all; a cache that cannot be written is reported."""
-    from datasets.utils import logging as ds_logging
+def store_entry(path: Path, data: PreparedData, rows: Any = None, splits: tuple[Any, Any] | None = None) -> None:
+    """Write ``data`` as the entry at ``path``, whole or not at all; a cache that cannot be written is reported.
+
+    ``rows`` (a :class:`.spool.Spool`) holds every row and ``splits`` the train and eval positions in
+    it: the file is copied as it is. Without them the rows are written from ``data``.
+    """
+    import numpy as np
 
     from sft.core.rundir import staged_dir
+    from .spool import write_rows
 
-    bars = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()  # a "Saving the dataset" bar per run is noise
     try:
         with staged_dir(path) as tmp:
-            data.train.save_to_disk(str(tmp / "train"))
-            if data.eval is not None:
-                data.eval.save_to_disk(str(tmp / "eval"))
-            _write_conversations(tmp / "train_conversations.arrow", data.train_conversations)
-            _write_conversations(tmp / "eval_conversations.arrow", data.eval_conversations)
+            if rows is None:
+                table, train, evals = _rows_table(data)
+                write_rows(tmp / "rows.arrow", table)
+            else:
+                assert splits is not None
+                rows.copy_to(tmp / "rows.arrow")
+                train, evals = splits
+            np.savez(tmp / "splits.npz", train=np.asarray(train, dtype=np.int64), eval=np.asarray(evals, dtype=np.int64))
             (tmp / "meta.json").write_text(json.dumps({"stats": data.stats}))
             (tmp / "COMPLETE").write_text("")
     except OSError as exc:
         notice(f"data: not caching the tokenized dataset ({exc})")  # an optimisation; never fail a run for it
-    finally:
-        if bars:
-            ds_logging.enable_progress_bar()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

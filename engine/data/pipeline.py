@@ -34,6 +34,7 @@ import dataclasses
 import json
 import random
 import re
+from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from sft.core.notices import notice
 from sft.core.templating import end_of_turn, prepare_tokenizer, resolve_template
 from sft.core.timelimit import TemplateTooSlow
 from .cache import (PreparedData, StoredConversations, cache_key, cache_key_parts, cache_root, conversation_from_json,
+                    dataset_of,
                     conversation_text, load_entry, store_entry)
 from .longrows import LongRows
 from .preference import check_preference, encode_preferences
@@ -273,6 +275,9 @@ class _Encoded:
     precut: int = 0
     #: for each conversation given to :func:`_encode`, the rows it became (0: left out, >1: a text's windows)
     produced: list[int] = field(default_factory=list)
+    #: each row's tokens and trained tokens (the counts of a split, without reading its rows back)
+    lengths: Any = field(default_factory=lambda: array("i"))
+    trained: Any = field(default_factory=lambda: array("i"))
 
     def add_batch(self, ids: list[list[int]], masks: list[list[int]], conversations: list[str]) -> None:
         if not ids:
@@ -282,10 +287,12 @@ class _Encoded:
         self.input_ids.append(pa.array(ids, type=pa.list_(pa.int32())))
         self.masks.append(pa.array(masks, type=pa.list_(pa.int8())))
         self.conversations.append(pa.array(conversations, type=pa.large_string()))
+        self.lengths.extend(map(len, ids))
+        self.trained.extend(map(sum, masks))
         self.rows += len(ids)
-        self.tokens += sum(map(len, ids))
-        self.trained_tokens += sum(map(sum, masks))
-        self.max_tokens = max(self.max_tokens, max(map(len, ids)))
+        self.tokens += sum(self.lengths[-len(ids):])
+        self.trained_tokens += sum(self.trained[-len(ids):])
+        self.max_tokens = max(self.max_tokens, max(self.lengths[-len(ids):]))
 
     def extend(self, other: "_Encoded") -> None:
         """Append ``other``'s rows after these, adding up the counts."""
@@ -394,14 +401,6 @@ def _table(encoded: _Encoded) -> Any:
                      "conversation": pa.chunked_array(encoded.conversations, type=pa.large_string())})
 
 
-def _to_dataset(table: Any) -> Any:
-    """The trainer's dataset over a table of tokenized rows (memory-mapped from the spool: no copy)."""
-    import datasets
-    from datasets.table import InMemoryTable
-
-    return datasets.Dataset(InMemoryTable(table.select(["input_ids", "assistant_masks"])))
-
-
 # -- the per-row stages in chunks, in this process or in workers (data.num_proc) ------------
 def _chunk_size(n: int, processes: int) -> int:
     return max(1, min(ENCODE_BATCH, -(-n // max(1, processes))))
@@ -486,33 +485,17 @@ def _prepare_rows(rows: Sequence[Any], refs: Sequence[RowRef], fmt: DatasetForma
     return produced
 
 
-#: Rows copied per batch when the eval split or mixing weights pick rows out of the spooled ones.
-TAKE_BATCH = 8192
-
-
-def _rows_of(table: Any, produced: Sequence[int], units: Sequence[int]) -> Any:
-    """The tokenized rows of ``units`` (kept rows, in that order, repeats included) out of ``table``, which holds
-    every kept row's ``produced`` rows one after the other; None when there are none. All of ``table`` in
-    order is ``table`` itself; else the rows are copied in batches to a new spool (memory stays flat)."""
+def _positions(produced: Sequence[int], units: Sequence[int]) -> Any:
+    """The positions, among the tokenized rows, of the rows of ``units`` (kept rows, in that order, repeats
+    included), where kept row ``u`` became ``produced[u]`` rows, one kept row after the other."""
     import numpy as np
 
     counts = np.asarray(produced, dtype=np.int64)
     picked = np.asarray(units, dtype=np.int64)
     sizes = counts[picked]
-    total = int(sizes.sum())
-    if not total:
-        return None
-    if len(picked) == len(counts) and np.array_equal(picked, np.arange(len(counts))):
-        return table
-    first = np.concatenate(([0], np.cumsum(counts)[:-1]))[picked]
-    # Row k of the result is row (first[u] + j) of the table, for the j-th row of its unit u.
-    before = np.cumsum(sizes) - sizes
-    index = np.repeat(first - before, sizes) + np.arange(total)
-    spool = Spool()
-    for lo in range(0, total, TAKE_BATCH):
-        for batch in table.take(index[lo:lo + TAKE_BATCH]).to_batches():
-            spool.write_batch(batch)
-    return spool.read()
+    first = (np.cumsum(counts) - counts)[picked]
+    # Row k of the result is row first[u] + j, for the j-th row of its unit u.
+    return np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
 
 
 def _hold_out(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -694,10 +677,8 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         train_units, eval_units = [units[i] for i in train_at], [units[i] for i in eval_at]
 
     table = spool.read()
-    train = _rows_of(table, produced, train_units)
-    evals = _rows_of(table, produced, eval_units)
-    del table
-    if train is None:
+    train_at, eval_at = _positions(produced, train_units), _positions(produced, eval_units)
+    if not len(train_at):
         first_bad = f"; the first: {bad.errors[0]}" if bad.errors else ""
         dropped = (f"; {counts.cut_dropped} row(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
                    f"were dropped (data.on_truncate=drop)" if counts.cut_dropped else "")
@@ -706,8 +687,10 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
                         source=described)
     bad.check(total)
 
-    train_rows, train_tokens, trained_tokens, train_longest = _token_counts(train)
-    eval_rows, eval_tokens, _, eval_longest = _token_counts(evals)
+    import numpy as np
+
+    lengths = np.frombuffer(counts.lengths, dtype=np.int32)
+    trained = np.frombuffer(counts.trained, dtype=np.int32)
     stats: dict[str, Any] = {
         "rows": total,
         "skipped": bad.stats(),
@@ -719,12 +702,12 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         "precut": counts.precut,
         "fully_masked": counts.fully_masked,
         "unread_columns": dict(bad.unread.most_common()),
-        "train_rows": train_rows,
-        "eval_rows": eval_rows,
-        "train_tokens": train_tokens,
-        "trained_tokens": trained_tokens,
-        "eval_tokens": eval_tokens,
-        "max_tokens": max(train_longest, eval_longest),
+        "train_rows": len(train_at),
+        "eval_rows": len(eval_at),
+        "train_tokens": int(lengths[train_at].sum()),
+        "trained_tokens": int(trained[train_at].sum()),
+        "eval_tokens": int(lengths[eval_at].sum()),
+        "max_tokens": int(lengths[np.concatenate([train_at, eval_at])].max()),
         "format": "+".join(dict.fromkeys(o[6].name for o in opened)),
         "template": template.name,
         "source": described,
@@ -734,26 +717,18 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
     if len(opened) > 1:
         stats["sources"] = per_source
         stats["mix_seed"] = seed
-    prepared = PreparedData(_to_dataset(train), _to_dataset(evals) if evals is not None else None, stats,
-                            _conversations_of(train), _conversations_of(evals))
+    texts = table.column("conversation")
+    prepared = PreparedData(dataset_of(table, train_at, f"{key}-train"),
+                            dataset_of(table, eval_at, f"{key}-eval") if len(eval_at) else None, stats,
+                            StoredConversations(texts, train_at), StoredConversations(texts, eval_at))
     _report_skipped(stats, quiet)
     if root is not None:
-        store_entry(root / key, prepared)
+        store_entry(root / key, prepared, spool, (train_at, eval_at))
     return prepared
 
 
-def _token_counts(table: Any) -> tuple[int, int, int, int]:
-    """Rows, tokens, trained tokens and the longest row's tokens of a tokenized table (zeros for None)."""
-    import pyarrow.compute as pc
-
-    if table is None:
-        return 0, 0, 0, 0
-    lengths = pc.list_value_length(table.column("input_ids"))
-    trained = pc.sum(pc.list_flatten(table.column("assistant_masks"))).as_py() or 0
-    return table.num_rows, pc.sum(lengths).as_py() or 0, trained, pc.max(lengths).as_py() or 0
-
-
 def _conversations_of(table: Any) -> StoredConversations:
+    """The conversations of a table of prepared rows (none for None)."""
     import pyarrow as pa
 
     if table is None:

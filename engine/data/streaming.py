@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from sft.core.errors import ConfigError, ConfigProblem, DataError
 from sft.core.notices import notice
 from sft.core.templating import prepare_tokenizer, resolve_template
-from .cache import PreparedData
+from .cache import PreparedData, dataset_of
 from .pipeline import (ROW_KIND_WORDS, _BadRows, _ChunkBadRows, _conversations_of, _Encoded, _prepare, _sources,
-                       _table, _to_dataset, describe_stats, objective_row_kind, resolve_format)
+                       _table, describe_stats, objective_row_kind, resolve_format)
 from .readers import JsonLines, RowChain, RowRef, RowRefs, extension_of, open_decompressed, read_file, scan_lines
 from .sources import Source, _local_files, columns_of, names_local_files, parse_split, resolve_source
 
@@ -506,7 +506,7 @@ def build_streaming(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, tem
         notice(f"data: streaming {describe_stream(stream.stats)}")
     train = _as_dataset(stream).shuffle(seed=int(cfg.training.seed), buffer_size=SHUFFLE_BUFFER)
     eval_table = _table(evals)
-    return PreparedData(train, _to_dataset(eval_table) if eval_table is not None else None, stream.stats,
+    return PreparedData(train, dataset_of(eval_table) if eval_table is not None else None, stream.stats,
                         _conversations_of(_table(sample)), _conversations_of(eval_table))
 
 
