@@ -117,13 +117,13 @@ def swap_in(ready: str | Path, final: str | Path) -> None:
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Write a folder whole, then swap it in: the one way `sft` replaces a folder of results.
 
-    Yields an empty staging folder beside ``final`` (a hidden, uniquely named sibling, so two
-    writers never share one). When the block ends without an error the staging folder
+    Yields an empty staging folder beside ``final`` (a hidden, uniquely named sibling naming the
+    writer's process, so two writers never share one). When the block ends without an error the staging folder
     replaces ``final`` (:func:`swap_in`); on an error it is deleted and ``final`` is untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
         swap_in(tmp, final)

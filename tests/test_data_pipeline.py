@@ -258,3 +258,57 @@ def test_a_damaged_cache_entry_is_rebuilt(smollm2_dir, tmp_path):
     again = _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={cache}")
     assert again.stats["cache"] == "miss" and again.train["input_ids"] == first.train["input_ids"]
     assert _build(smollm2_dir, FIXTURES / "sharegpt.json", f"data.cache_dir={cache}").stats["cache"] == "hit"
+
+
+KILLED_WRITER = """
+import sys, time
+from transformers import AutoTokenizer
+from sft.engine.configuration import load_config
+from sft.engine.data import build_datasets
+from sft.engine.data import spool
+
+copy_to = spool.Spool.copy_to
+
+def copy_and_hang(self, dest):
+    copy_to(self, dest)  # the rows are in the staging folder: the entry is half written from here on
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+
+spool.Spool.copy_to = copy_and_hang
+cfg = load_config(overrides=[f"data.dataset={sys.argv[1]}", f"model.name={sys.argv[3]}", f"data.cache_dir={sys.argv[4]}"])
+build_datasets(cfg, None, AutoTokenizer.from_pretrained(sys.argv[3]), quiet=True)
+"""
+
+
+def test_a_writer_killed_during_the_cache_write_leaves_no_half_entry(smollm2_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache, hanging = tmp_path / "cache", tmp_path / "hanging"
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                               {"role": "assistant", "content": f"A{i}."}]}
+                                                 for i in range(50)])
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(data), str(hanging), str(smollm2_dir), str(cache)],
+                              stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not hanging.exists():
+            if writer.poll() is not None or time.monotonic() > deadline:
+                writer.kill()
+                pytest.fail(f"the writer never reached the cache write: {writer.communicate()[1][-2000:]}")
+            time.sleep(0.2)
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait()
+    left = list(cache.iterdir())
+    assert len(left) == 1 and left[0].name.endswith(".partial")  # the staging folder, never an entry
+    prepared = _build(smollm2_dir, data, f"data.cache_dir={cache}")
+    assert prepared.stats["cache"] == "miss"  # nothing half-written was read
+    assert [p.name for p in cache.iterdir()] == [prepared.stats["cache_key"]]  # the dead writer's folder is gone
+    again = _build(smollm2_dir, data, f"data.cache_dir={cache}")
+    assert again.stats["cache"] == "hit" and again.train["input_ids"] == prepared.train["input_ids"]
+    assert list(again.train_conversations) == list(prepared.train_conversations)

@@ -252,6 +252,7 @@ def store_entry(path: Path, data: PreparedData, rows: Any = None, splits: tuple[
     from sft.core.rundir import staged_dir
     from .spool import write_rows
 
+    _remove_abandoned(path)
     try:
         with staged_dir(path) as tmp:
             if rows is None:
@@ -266,6 +267,29 @@ def store_entry(path: Path, data: PreparedData, rows: Any = None, splits: tuple[
             (tmp / "COMPLETE").write_text("")
     except OSError as exc:
         notice(f"data: not caching the tokenized dataset ({exc})")  # an optimisation; never fail a run for it
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Delete the staging folders of ``path`` whose writer is gone (killed while it wrote: they would stay, as
+    big as the entry, for ever); a live writer's folder is left alone."""
+    import shutil
+
+    for staging in path.parent.glob(f".{path.name}.*.partial"):
+        pid = staging.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
