@@ -57,3 +57,22 @@ def assert_rows_exact(prepared: Any, tokenizer: Any, template: Any, raw_trained:
         ok = len(got) == len(want) and all(g == w or (g.startswith(" ") and g[1:] == w) for g, w in zip(got, want))
         assert ok, f"row {i} with template '{template.name}': trained {got!r}, expected {want!r}"
     return len(ids_col)
+
+
+#: Run argv[1:] in a child and print its exit code and peak RSS (RUSAGE_CHILDREN: the largest child waited for,
+#: its data workers included), then its output.
+_PROBE = ("import resource, subprocess, sys\n"
+          "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+          "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+          "print(p.stdout + p.stderr)\n")
+
+
+def peak_rss(*command: str) -> tuple[int, int, str]:
+    """``(exit code, peak resident memory in kB, output)`` of ``command`` run in a fresh process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PROBE, *command], capture_output=True, text=True, check=True).stdout
+    head, report = out.split("\n", 1)
+    rc, peak_kb = map(int, head.split())
+    return rc, peak_kb, report

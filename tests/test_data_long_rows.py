@@ -4,7 +4,6 @@ whole text would have had (engine/data/longrows.py); a multi-MB answer validates
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ from sft.engine.data import build_datasets
 from sft.engine.data.pipeline import describe_stats
 from sft.testing import write_jsonl
 
-from datakit import data_config, fresh_tokenizer
+from datakit import data_config, fresh_tokenizer, peak_rss
 
 MAX_LEN = 64
 SHORT = [{"instruction": f"Say hello {i}.", "output": f"Hello {i}."} for i in range(4)]
@@ -119,16 +118,8 @@ def test_a_multi_megabyte_answer_validates_in_bounded_memory(smollm2_dir, tmp_pa
     """`sft validate` on a file with one 10 MB answer (before the cut: 1.7 GB of memory; now well under 1 GB)."""
     rows = SHORT + [{"instruction": "Write a lot.", "output": _prose(10_000_000)}]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
-    # A fresh parent measures the peak of its one child (RUSAGE_CHILDREN is the largest child ever waited for).
-    probe = ("import resource, subprocess, sys\n"
-             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-             "print(p.stdout + p.stderr)\n")
-    out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "sft.cli", "validate", "--model",
-                          str(smollm2_dir), "--dataset", str(path), "data.cache_dir=off"],
-                         capture_output=True, text=True, check=True).stdout
-    head, report = out.split("\n", 1)
-    rc, peak_kb = map(int, head.split())
+    rc, peak_kb, report = peak_rss(sys.executable, "-m", "sft.cli", "validate", "--model", str(smollm2_dir),
+                                   "--dataset", str(path), "data.cache_dir=off")
     assert rc == 0, report
     assert peak_kb < 1_000_000, f"peak RSS {peak_kb / 1024:.0f} MB"
     assert "1 dropped" in report and "1 cut by characters before tokenizing" in report, report
