@@ -104,6 +104,9 @@ def content_text(value: Any, field: str) -> Any:
 
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
     """``row[key]`` as non-empty text (OpenAI text content parts joined), or a :class:`DataError` naming ``prefix.key``."""
+    value = row.get(key)
+    if isinstance(value, str) and value.strip():
+        return value  # the common case, ahead of the checks that would pass it unchanged (a turn's every field)
     field, value = present_field(row, key, prefix)
     value = content_text(value, field)
     if not isinstance(value, str):
