@@ -17,20 +17,8 @@ from typing import Any
 from .errors import DataError, did_you_mean
 from .interfaces import ROLES, Message, ToolCall, tools_of
 
-__all__ = [
-    "MEDIA_COLUMNS",
-    "refuse_media",
-    "content_parts",
-    "content_text",
-    "require_text",
-    "require_list",
-    "validate_conversation",
-    "parse_tools",
-    "parse_tool_call",
-    "parse_arguments",
-    "present_field",
-    "tool_names",
-]
+__all__ = ["MEDIA_COLUMNS", "refuse_media", "content_parts", "content_text", "require_text", "require_list",
+           "validate_conversation", "parse_tools", "parse_tool_call", "parse_arguments", "present_field", "tool_names"]
 
 
 def present_field(row: Mapping[str, Any], key: str, prefix: str = "") -> tuple[str, Any]:

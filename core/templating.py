@@ -31,25 +31,9 @@ if TYPE_CHECKING:
 #: Tokens a tokenizer may already have that make a good pad (checked in this order).
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 
-__all__ = [
-    "resolve_template",
-    "prepare_tokenizer",
-    "model_eos_token",
-    "Turn",
-    "TurnTemplate",
-    "segments_text",
-    "trained_text",
-    "encode_rendered",
-    "end_of_turn",
-    "adds_bos",
-    "as_messages",
-    "chat_dicts",
-    "REASONING_KEYS",
-    "reasoning_key",
-    "try_render",
-    "PROBE_TOOL",
-    "token_runs",
-]
+__all__ = ["resolve_template", "prepare_tokenizer", "model_eos_token", "Turn", "TurnTemplate", "segments_text",
+           "trained_text", "encode_rendered", "end_of_turn", "adds_bos", "as_messages", "chat_dicts", "REASONING_KEYS",
+           "reasoning_key", "try_render", "PROBE_TOOL", "token_runs"]
 
 
 def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
@@ -303,16 +287,18 @@ class TurnTemplate(ChatTemplate):
         head = self.bos
         if self.default_system is not None and (not messages or messages[0].role != "system"):
             head += self.system.prefix + self.default_system + self.system.suffix
-        # Per conversation, not per turn: each role's Turn looked up once; an empty text makes no Segment.
+        # Per conversation, not per turn: each role's Turn looked up once, the assistant's untrained prefix and
+        # suffix made Segments once (they are immutable), empty texts left out at the end.
         turns = {role: getattr(self, role) for role in ("system", "user", "assistant")}
-        pieces = [(head, False)]
+        opening, closing = Segment(self.assistant.prefix, False), Segment(self.assistant.suffix, False)
+        segments = [Segment(head, False)]
         for message in messages:
             turn = turns.get(message.role) or self._turn(message.role)
             if message.role == "assistant":
-                pieces += ((turn.prefix, False), (message.content + eot, True), (turn.suffix, False))
+                segments += (opening, Segment(message.content + eot, True), closing)
             else:
-                pieces.append((turn.prefix + message.content + turn.suffix, False))
-        return [Segment(text, trained) for text, trained in pieces if text]
+                segments.append(Segment(turn.prefix + message.content + turn.suffix, False))
+        return [s for s in segments if s.text]
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         return segments_text(self._turns(messages, tokenizer)) + self.assistant.prefix
@@ -443,13 +429,9 @@ def encode_rendered(
         if train_on == "all":
             out.append((list(ids), [1] * len(ids)))
             continue
-        flags = np.zeros(len(text), dtype=np.int32)
-        pos = 0
-        for seg in segs:
-            end = pos + len(seg.text)
-            if seg.trained and not (seg.reasoning and train_on == "assistant_no_reasoning"):
-                flags[pos:end] = 1
-            pos = end
+        # Per character: 1 where a trained segment lies (each segment's flag repeated over its text).
+        trained = [s.trained and not (s.reasoning and train_on == "assistant_no_reasoning") for s in segs]
+        flags = np.repeat(np.array(trained, dtype=np.int32), [len(s.text) for s in segs])
         spans = _spans(offsets)
         cuts = _straddled_answer_starts(flags, spans)
         pieces = _encode_in_pieces(tokenizer, text, ids, cuts) if cuts else None

@@ -89,15 +89,13 @@ def conversation_to_json(messages: Sequence[Message]) -> dict[str, Any]:
 
 #: The optional text fields of a :class:`Message` a stored conversation keeps when they are set.
 _OPTIONAL = ("tool_call_id", "name", "reasoning")
-#: The keys of a stored turn that has only a role and a content.
-_PLAIN = {"role", "content"}
 
 
 def conversation_from_json(data: Mapping[str, Any]) -> list[Message]:
     """The conversation :func:`conversation_to_json` wrote (a :class:`Conversation` when it has tools)."""
     messages = []
     for item in data["messages"]:
-        if item.keys() == _PLAIN:  # role and content only, as most turns are: no copy, no keyword unpacking
+        if len(item) == 2 and "role" in item and "content" in item:  # most turns: no copy, no keyword unpacking
             messages.append(Message(item["role"], item["content"]))
             continue
         item = dict(item)
