@@ -17,20 +17,8 @@ from typing import Any
 from .errors import DataError, did_you_mean
 from .interfaces import ROLES, Message, ToolCall, tools_of
 
-__all__ = [
-    "MEDIA_COLUMNS",
-    "refuse_media",
-    "content_parts",
-    "content_text",
-    "require_text",
-    "require_list",
-    "validate_conversation",
-    "parse_tools",
-    "parse_tool_call",
-    "parse_arguments",
-    "present_field",
-    "tool_names",
-]
+__all__ = ["MEDIA_COLUMNS", "refuse_media", "content_parts", "content_text", "require_text", "require_list",
+           "validate_conversation", "parse_tools", "parse_tool_call", "parse_arguments", "present_field", "tool_names"]
 
 
 def present_field(row: Mapping[str, Any], key: str, prefix: str = "") -> tuple[str, Any]:
@@ -104,6 +92,9 @@ def content_text(value: Any, field: str) -> Any:
 
 def require_text(row: Mapping[str, Any], key: str, prefix: str = "") -> str:
     """``row[key]`` as non-empty text (OpenAI text content parts joined), or a :class:`DataError` naming ``prefix.key``."""
+    value = row.get(key)
+    if isinstance(value, str) and value.strip():
+        return value  # the common case, ahead of the checks that would pass it unchanged (a turn's every field)
     field, value = present_field(row, key, prefix)
     value = content_text(value, field)
     if not isinstance(value, str):

@@ -31,25 +31,9 @@ if TYPE_CHECKING:
 #: Tokens a tokenizer may already have that make a good pad (checked in this order).
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 
-__all__ = [
-    "resolve_template",
-    "prepare_tokenizer",
-    "model_eos_token",
-    "Turn",
-    "TurnTemplate",
-    "segments_text",
-    "trained_text",
-    "encode_rendered",
-    "end_of_turn",
-    "adds_bos",
-    "as_messages",
-    "chat_dicts",
-    "REASONING_KEYS",
-    "reasoning_key",
-    "try_render",
-    "PROBE_TOOL",
-    "token_runs",
-]
+__all__ = ["resolve_template", "prepare_tokenizer", "model_eos_token", "Turn", "TurnTemplate", "segments_text",
+           "trained_text", "encode_rendered", "end_of_turn", "adds_bos", "as_messages", "chat_dicts", "REASONING_KEYS",
+           "reasoning_key", "try_render", "PROBE_TOOL", "token_runs"]
 
 
 def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
@@ -300,19 +284,18 @@ class TurnTemplate(ChatTemplate):
         messages = self._trimmed(as_messages(messages))
         self._refuse_tools(messages)
         eot = end_of_turn(self, tokenizer)
-        segments: list[Segment] = []
         head = self.bos
         if self.default_system is not None and (not messages or messages[0].role != "system"):
             head += self.system.prefix + self.default_system + self.system.suffix
-        if head:
-            segments.append(Segment(head, False))
+        # Per conversation, not per turn: each role's Turn looked up once, the assistant's untrained prefix and
+        # suffix made Segments once (they are immutable), empty texts left out at the end.
+        turns = {role: getattr(self, role) for role in ("system", "user", "assistant")}
+        opening, closing = Segment(self.assistant.prefix, False), Segment(self.assistant.suffix, False)
+        segments = [Segment(head, False)]
         for message in messages:
-            turn = self._turn(message.role)
+            turn = turns.get(message.role) or self._turn(message.role)
             if message.role == "assistant":
-                segments.append(Segment(turn.prefix, False))
-                segments.append(Segment(message.content + eot, True))
-                if turn.suffix:
-                    segments.append(Segment(turn.suffix, False))
+                segments += (opening, Segment(message.content + eot, True), closing)
             else:
                 segments.append(Segment(turn.prefix + message.content + turn.suffix, False))
         return [s for s in segments if s.text]
@@ -446,20 +429,28 @@ def encode_rendered(
         if train_on == "all":
             out.append((list(ids), [1] * len(ids)))
             continue
-        flags = np.zeros(len(text), dtype=np.int32)
-        pos = 0
-        for seg in segs:
-            end = pos + len(seg.text)
-            if seg.trained and not (seg.reasoning and train_on == "assistant_no_reasoning"):
-                flags[pos:end] = 1
-            pos = end
-        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        # Per character: 1 where a trained segment lies (each segment's flag repeated over its text).
+        trained = [s.trained and not (s.reasoning and train_on == "assistant_no_reasoning") for s in segs]
+        flags = np.repeat(np.array(trained, dtype=np.int32), [len(s.text) for s in segs])
+        spans = _spans(offsets)
         cuts = _straddled_answer_starts(flags, spans)
         pieces = _encode_in_pieces(tokenizer, text, ids, cuts) if cuts else None
         if pieces is not None:
             ids, spans = pieces
-        out.append((list(ids), _trained_mask(flags, spans)))
+        out.append((ids if isinstance(ids, list) else list(ids), _trained_mask(flags, spans)))
     return out
+
+
+def _spans(offsets: Sequence[tuple[int, int]]) -> Any:
+    """Offsets (a list of ``(start, end)`` tuples) as an ``(n, 2)`` int array.
+
+    Through one flat iterator: ``np.asarray`` on a list of tuples probes each tuple for its shape
+    first, which took twice as long as the tokenizing it follows.
+    """
+    import numpy as np
+    from itertools import chain
+
+    return np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
 
 
 def _straddled_answer_starts(flags: Any, spans: Any) -> list[int]:
@@ -469,13 +460,18 @@ def _straddled_answer_starts(flags: Any, spans: Any) -> list[int]:
     if len(flags) < 2 or not len(spans):
         return []
     starts = np.flatnonzero((flags[1:] == 1) & (flags[:-1] == 0)) + 1
-    return [int(b) for b in starts if bool(np.any((spans[:, 0] < b) & (spans[:, 1] > b)))]
+    # One pass for all answer starts (rather than a scan of every span per start): with the spans
+    # ordered by start, the spans beginning before b are a prefix, and one of them crosses b when the
+    # furthest end in that prefix lies past b. Sorted, so no order of the offsets is assumed.
+    order = np.argsort(spans[:, 0], kind="stable")
+    reach = np.maximum.accumulate(spans[order, 1])
+    before = np.searchsorted(spans[order, 0], starts, side="left")  # how many spans start before b
+    crossed = (before > 0) & (reach[np.maximum(before - 1, 0)] > starts)
+    return starts[crossed].tolist()
 
 
 def _encode_in_pieces(tokenizer: Any, text: str, ids: Sequence[int], cuts: list[int]) -> tuple[list[int], Any] | None:
     """``(ids, spans)`` of ``text`` encoded piece by piece, split at ``cuts``; None if that changes the text."""
-    import numpy as np
-
     bounds = [0, *cuts, len(text)]
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     piece_ids: list[int] = []
@@ -485,7 +481,7 @@ def _encode_in_pieces(tokenizer: Any, text: str, ids: Sequence[int], cuts: list[
         piece_spans.extend((start + a, start + b) for a, b in p_offsets)
     if tokenizer.decode(piece_ids) != tokenizer.decode(list(ids)):
         return None
-    return piece_ids, np.asarray(piece_spans, dtype=np.int64).reshape(-1, 2)
+    return piece_ids, _spans(piece_spans)
 
 
 def _trained_mask(flags: Any, spans: Any) -> list[int]:
@@ -502,7 +498,7 @@ def _trained_mask(flags: Any, spans: Any) -> list[int]:
     if empty.any() and len(flags):
         at = np.minimum(starts[empty], len(flags) - 1)
         mask[empty] = flags[at] > 0
-    return mask.astype(np.int8).tolist()
+    return mask.view(np.int8).tolist()  # a bool array viewed as 0/1 bytes, not copied
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:

@@ -67,6 +67,16 @@ def test_sharegpt_mapping_override_reads_other_keys_and_role_names(smollm2_dir, 
     assert prepared.train_conversations == [[Message("user", "Is it open?"), Message("assistant", "Until six.")]]
 
 
+def test_a_turns_keys_no_format_reads_are_counted_and_plain_turns_pass(smollm2_dir, tmp_path):
+    """A turn with just the role and content keys is skipped quickly; any other set key is counted."""
+    turns = [{"from": "human", "value": "Hi", "weight": 0}, {"value": "Hello", "from": "gpt", "note": None}]
+    plain = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": turns}, {"conversations": plain},
+                                                 {"conversations": [plain[0], {**plain[1], "loss": 1}]}])
+    assert _build(smollm2_dir, path).stats["unread_columns"] == {"conversations[].weight (sharegpt)": 1,
+                                                                 "conversations[].loss (sharegpt)": 1}
+
+
 # -- splits -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("split, answers", [
     ("train[:2]", ["Red, green and violet.", "The cat slept on the mat."]),
@@ -133,6 +143,27 @@ def test_an_answer_is_tokenized_as_it_is_generated_after_its_prompt(smollm2_dir)
     assert mask == [0, 1, 1, 0]
 
 
+def test_straddled_answer_starts_are_found_whatever_the_order_of_the_spans():
+    """The one-pass search agrees with the definition (a token's span begins before an answer's start
+    and ends after it) on random rows, with spans in order or not (a tokenizer need not order them)."""
+    import random
+
+    import numpy as np
+
+    from sft.core.templating import _straddled_answer_starts
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        flags = [int(rng.random() < 0.4) for _ in range(rng.randint(0, 30))]
+        spans = [(a, rng.randint(a, min(len(flags), a + 5))) for a in (rng.randint(0, len(flags))
+                                                                        for _ in range(rng.randint(0, 12)))]
+        if rng.random() < 0.5:
+            spans.sort()
+        starts = [b for b in range(1, len(flags)) if flags[b] and not flags[b - 1]]
+        expected = [b for b in starts if any(s < b < e for s, e in spans)]
+        found = _straddled_answer_starts(np.array(flags, dtype=np.int32), np.array(spans, dtype=np.int64).reshape(-1, 2))
+        assert found == expected, (flags, spans)
+
 def test_a_tokenizer_that_marks_each_piece_keeps_the_whole_text_encoding():
     """A SentencePiece-style tokenizer prefixes every separately encoded piece with a word boundary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -165,6 +196,25 @@ def test_cache_hit_returns_the_same_data(smollm2_dir, tmp_path):
     assert first.eval_conversations == second.eval_conversations
     assert {k: v for k, v in first.stats.items() if k != "cache"} == {k: v for k, v in second.stats.items() if k != "cache"}
 
+
+def test_a_conversation_comes_back_from_storage_as_the_format_made_it(smollm2_dir, tmp_path):
+    """Between the stages and in the cache a conversation is JSON text; plain turns are read back by a
+    shortcut, the others (tool calls, a result's id and name, reasoning, the row's tools) field by field."""
+    from sft.plugins.datasets.messages import Messages
+
+    tool = {"type": "function", "function": {"name": "weather", "description": "d", "parameters": {"type": "object"}}}
+    row = {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": "", "reasoning_content": "Ask the tool.",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "Sunny", "tool_call_id": "c1", "name": "weather"},
+        {"role": "assistant", "content": "Sunny."}], "tools": [tool]}
+    expected = Messages().to_conversation(row)
+    path = write_jsonl(tmp_path / "tools.jsonl", [row])
+    for cache in ("off", str(tmp_path / "cache"), str(tmp_path / "cache")):  # stages only; cache miss; cache hit
+        prepared = _build(smollm2_dir, path, "template.name=qwen3", f"data.cache_dir={cache}", "data.test_size=0")
+        assert prepared.train_conversations == [expected] and prepared.train_conversations[0].tools == [tool]
+    assert prepared.stats["cache"] == "hit"
 
 def _key(model_dir, dataset, *overrides, tokenizer=None):
     return _build(model_dir, dataset, *overrides, tokenizer=tokenizer).stats["cache_key"]

@@ -89,19 +89,26 @@ def conversation_to_json(messages: Sequence[Message]) -> dict[str, Any]:
         item: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             item["tool_calls"] = [{"name": c.name, "arguments": c.arguments, "id": c.id} for c in m.tool_calls]
-        for key in ("tool_call_id", "name", "reasoning"):
-            if getattr(m, key) is not None:
-                item[key] = getattr(m, key)
+        if m.tool_call_id is not None or m.name is not None or m.reasoning is not None:  # rare: one test per turn
+            item.update((key, getattr(m, key)) for key in _OPTIONAL if getattr(m, key) is not None)
         out["messages"].append(item)
-    if tools_of(messages):
-        out["tools"] = tools_of(messages)
+    tools = tools_of(messages)
+    if tools:
+        out["tools"] = tools
     return out
+
+
+#: The optional text fields of a :class:`Message` a stored conversation keeps when they are set.
+_OPTIONAL = ("tool_call_id", "name", "reasoning")
 
 
 def conversation_from_json(data: Mapping[str, Any]) -> list[Message]:
     """The conversation :func:`conversation_to_json` wrote (a :class:`Conversation` when it has tools)."""
     messages = []
     for item in data["messages"]:
+        if len(item) == 2 and "role" in item and "content" in item:  # most turns: no copy, no keyword unpacking
+            messages.append(Message(item["role"], item["content"]))
+            continue
         item = dict(item)
         calls = tuple(ToolCall(c["name"], c["arguments"], c.get("id")) for c in item.pop("tool_calls", ()))
         messages.append(Message(tool_calls=calls, **item))

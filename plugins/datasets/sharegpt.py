@@ -59,23 +59,22 @@ class ShareGPT(DatasetFormat):
     def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
         o = options or ShareGPTOptions()
         turns = row.get(o.conversations_key) if isinstance(row.get(o.conversations_key), list) else []
-        nested = {k for t in turns if isinstance(t, Mapping) for k, v in t.items()
-                  if k not in (o.role_key, o.content_key) and v is not None}
+        read = {o.role_key, o.content_key}
+        # A turn holding just the keys read (nearly every turn) has nothing to look through.
+        nested = {k for t in turns if isinstance(t, (dict, Mapping))
+                  and not (len(t) == len(read) and o.role_key in t and o.content_key in t)
+                  for k, v in t.items() if k not in read and v is not None}
         return [*super().unread(row, options), *(f"{o.conversations_key}[].{k}" for k in sorted(nested))]
 
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
         o: ShareGPTOptions = options or ShareGPTOptions()
         refuse_media(row)
-        roles = {name: "user" for name in o.user}
-        roles.update({name: "assistant" for name in o.assistant})
-        roles.update({name: "system" for name in o.system})
-        roles.update({name: "call" for name in o.function_call})
-        roles.update({name: "tool" for name in o.observation})
+        roles = _roles(o)
         turns = require_list(row, o.conversations_key)
         messages: list[Message] = []
         for i, turn in enumerate(turns):
             where = f"{o.conversations_key}[{i}]"
-            if not isinstance(turn, Mapping):
+            if not isinstance(turn, (dict, Mapping)):  # dict first: a plain type check, before the ABC's
                 raise DataError(f"expected an object with '{o.role_key}' and '{o.content_key}', got {turn!r:.60}", field=where)
             speaker = require_text(turn, o.role_key, where)
             if speaker not in roles:
@@ -103,6 +102,18 @@ class ShareGPT(DatasetFormat):
             raise DataError(f"expected text, got {type(system).__name__}", field=o.system_key)
         tools = parse_tools(row.get(o.tools_key), o.tools_key)
         return Conversation(messages, tools) if tools else messages
+
+
+def _roles(o: ShareGPTOptions) -> dict[str, str]:
+    """Speaker name -> role (``call`` for a function_call turn); a later list wins a name listed twice."""
+    key = tuple(map(tuple, (o.user, o.assistant, o.system, o.function_call, o.observation)))
+    if key not in _ROLES:  # the same few option sets for every row: built once each
+        names = zip(key, ("user", "assistant", "system", "call", "tool"))
+        _ROLES[key] = {name: role for speakers, role in names for name in speakers}
+    return _ROLES[key]
+
+
+_ROLES: dict[tuple, dict[str, str]] = {}
 
 
 def _calls(value: str, field: str) -> list[Any]:
