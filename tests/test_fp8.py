@@ -22,7 +22,7 @@ PM = make_plugin_manager()
 CPU = Environment(cuda=False, bf16=False, device_name="cpu")
 
 
-def test_fp8_is_a_method_and_needs_compute_capability_9() -> None:
+def test_fp8_is_a_method_and_needs_compute_capability_9(monkeypatch) -> None:
     cfg = load_config(None, ["model.method=fp8"], pm=PM)
     assert cfg.model.method == "fp8"
     with pytest.raises(ConfigError) as info:
@@ -36,7 +36,14 @@ def test_fp8_is_a_method_and_needs_compute_capability_9() -> None:
     with pytest.raises(ConfigError):  # FP8 tensor cores, but no per-row scaled products
         check_method_hardware(cfg, ada)
     for capability in ((9, 0), (10, 0)):
-        check_method_hardware(cfg, Environment(cuda=True, bf16=True, device_name="gpu", capability=capability))
+        hopper = Environment(cuda=True, bf16=True, device_name="gpu", capability=capability)
+        # Where it could run, the failed quality gate refuses it, saying what was measured ...
+        monkeypatch.delenv("SFT_FP8_UNGATED", raising=False)
+        with pytest.raises(ConfigError) as info:
+            check_method_hardware(cfg, hopper)
+        assert "quality gate" in str(info.value) and "30%" in str(info.value)
+        monkeypatch.setenv("SFT_FP8_UNGATED", "1")  # ... unless asked for, to measure it again
+        check_method_hardware(cfg, hopper)
     for method in ("qlora", "lora", "full"):  # nothing else is checked
         check_method_hardware(load_config(None, [f"model.method={method}"], pm=PM), CPU)
 
