@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ try:
     cli(["validate", "data.dataset={data}", "template.name=chatml", "data.cache_dir={cache}", "data.num_proc={procs}",
           "model.max_seq_length=2048"])
 except SystemExit as exc:
-    assert not exc.code, exc.code
+    assert exc.code == {code}, exc.code
 """
 
 NOTEBOOK = """
@@ -71,7 +72,8 @@ args = SFTConfig(output_dir="{cache}/trl", assistant_only_loss=True, packing=Tru
 SFTTrainer(model=str(tiny), args=args, train_dataset=ds, processing_class=tok)
 """
 
-def make_rows(n: int, out: Path, seed: int = 0) -> None:
+def make_rows(n: int, out: Path, seed: int = 0, bad_last: bool = False) -> None:
+    """``n`` rows; with ``bad_last`` the last one has an empty answer (a bad row, on line ``n``)."""
     source = json.loads(SOURCE.read_text())
     rng = random.Random(seed)
     with out.open("w") as f:
@@ -79,6 +81,8 @@ def make_rows(n: int, out: Path, seed: int = 0) -> None:
             turns = []
             for _ in range(min(40, int(rng.lognormvariate(1.2, 1.0)) + 1)):
                 turns += rng.choice(source)["conversations"]
+            if bad_last and i == n - 1:
+                turns = [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": ""}]
             f.write(json.dumps({"id": i, "conversations": turns}) + "\n")
 
 
@@ -87,36 +91,47 @@ def measure(body: str) -> dict:
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            return {**json.loads(line[7:]), "said": out.stderr.strip().splitlines()[-1:]}
     raise RuntimeError(f"measurement failed:\n{out.stderr[-3000:]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10000,30000")
+    parser.add_argument("--workers", default=None, help="data.num_proc values to measure (default: 1 and the cores).")
+    parser.add_argument("--no-notebook", action="store_true", help="Skip the notebook path (hours at 1M rows).")
+    parser.add_argument("--bad-last", action="store_true",
+                        help="The last row is bad: sft validate must name its line and exit 2 (the cold run only).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else [1, cores]
     results = []
     for n in [int(x) for x in args.rows.split(",")]:
         work = Path(tempfile.mkdtemp(prefix="sft-scale-"))
         data = work / "rows.jsonl"
-        make_rows(n, data)
+        make_rows(n, data, bad_last=args.bad_last)
         (work / "chatml.jinja").write_text(CHATML_TRAINING)
         row = {"rows": n, "file_mb": round(data.stat().st_size / 2**20, 1)}
-        for procs in (1, cores):
+        for procs in workers:
             cache = work / f"cache{procs}"
-            body = SFT_VALIDATE.format(data=data, cache=cache, procs=procs)
+            body = SFT_VALIDATE.format(data=data, cache=cache, procs=procs, code=2 if args.bad_last else 0)
             row[f"sft_cold_{procs}"] = measure(body)
-            row[f"sft_warm_{procs}"] = measure(body)
-        row["notebook"] = measure(NOTEBOOK.format(data=data, cache=work / "nb", procs=cores,
-                                                  template=work / "chatml.jinja"))
+            if args.bad_last:
+                said = " ".join(row[f"sft_cold_{procs}"]["said"])
+                assert f"rows.jsonl:{n}" in said, said  # the bad row, located by its line
+            else:
+                row[f"sft_warm_{procs}"] = measure(body)
+        if not args.no_notebook:
+            row["notebook"] = measure(NOTEBOOK.format(data=data, cache=work / "nb", procs=cores,
+                                                      template=work / "chatml.jinja"))
+        shutil.rmtree(work, ignore_errors=True)
         results.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'rows':>8} {'MB':>6} | {'setup':<28} {'wall s':>7} {'peak MB':>8} {'x notebook time':>16}")
     for row in results:
-        nb = row["notebook"]["s"]
-        for key in [k for k in row if k.startswith("sft_")] + ["notebook"]:
+        nb = row["notebook"]["s"] if "notebook" in row else float("nan")
+        for key in [k for k in row if k.startswith("sft_") or k == "notebook"]:
             label = {"notebook": f"notebook ({cores} procs)"}.get(key, key.replace("_", " ") + " worker(s)")
             r = row[key]
             print(f"{row['rows']:>8} {row['file_mb']:>6} | {label:<28} {r['s']:>7} {r['rss_mb']:>8} {r['s'] / nb:>16.2f}")
