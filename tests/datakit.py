@@ -76,3 +76,32 @@ def peak_rss(*command: str) -> tuple[int, int, str]:
     head, report = out.split("\n", 1)
     rc, peak_kb = map(int, head.split())
     return rc, peak_kb, report
+
+
+_GET_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+def faulty_rows(n: int, *, words: int, empty: int, robot: int, unread: int, undeclared_tool: int = 0) -> list[dict]:
+    """``n`` OpenAI-messages rows with answers of 1 to ``words`` words, and faults spread over the file: every
+    ``empty``-th row (from 7) an empty answer and every ``robot``-th (from 3) an unknown role (bad rows), every
+    ``unread``-th (from 5) a column no format reads, every ``undeclared_tool``-th (from 11) a call of a tool
+    the row does not declare (a warning; ChatML cannot render it)."""
+    rows = []
+    for i in range(n):
+        answer = " ".join(f"word{j}" for j in range(i % words))
+        row: dict = {"messages": [{"role": "user", "content": f"Question {i}?"},
+                                  {"role": "assistant", "content": f"Answer {i}. {answer}"}]}
+        if i % empty == 7:
+            row["messages"][1]["content"] = "   "
+        if i % robot == 3:
+            row["messages"].insert(0, {"role": "robot", "content": "?"})
+        if undeclared_tool and i % undeclared_tool == 11:
+            row["tools"] = [_GET_WEATHER]
+            row["messages"][1:1] = [
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "noon"}]
+        if i % unread == 5:
+            row["source"] = "unread column"
+        rows.append(row)
+    return rows

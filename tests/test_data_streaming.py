@@ -18,29 +18,21 @@ from sft.engine.data import build_datasets
 from sft.engine.data import streaming
 from sft.testing import run_sft, tiny_config, write_jsonl
 
+from datakit import faulty_rows
+
 
 def _rows(n: int) -> list[dict]:
     """Messages rows: good ones, long ones (some over max_seq_length), bad ones and unread columns."""
-    rows = []
-    for i in range(n):
-        answer = " ".join(f"word{j}" for j in range(i % 37))
-        row = {"messages": [{"role": "user", "content": f"Question {i}?"},
-                            {"role": "assistant", "content": f"Answer {i}. {answer}"}]}
-        if i % 23 == 7:
-            row["messages"][1]["content"] = "   "  # a bad row: empty content
-        if i % 29 == 3:
-            row["messages"].insert(0, {"role": "robot", "content": "?"})  # a bad row: unknown role
-        if i % 31 == 5:
-            row["source"] = "unread column"
-        rows.append(row)
-    return rows
+    return faulty_rows(n, words=37, empty=23, robot=29, unread=31)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 7 rows and read blocks of 64 bytes: rows and line breaks straddle both."""
+    from sft.engine.data import readers
+
     monkeypatch.setattr(streaming, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(streaming, "_BLOCK", 64)
+    monkeypatch.setattr(readers, "SCAN_BLOCK", 64)
 
 
 def _config(tmp_path, model_dir, data, *extra):
@@ -120,7 +112,7 @@ def test_a_bad_row_stops_the_stream_with_the_cached_message(tiny_model_dir, tmp_
     with pytest.raises(DataError) as streamed:
         _streamed(cfg, tiny_model_dir)
     assert str(streamed.value) == str(cached.value)
-    assert f"chat.jsonl:34" in str(streamed.value)
+    assert "chat.jsonl:34" in str(streamed.value)
 
 
 def test_packed_sequences_are_the_cached_ones(tiny_model_dir, tmp_path):

@@ -16,30 +16,13 @@ from sft.engine.data import build_datasets
 from sft.engine.data.workers import MIN_ROWS_FOR_WORKERS
 from sft.testing import tiny_config, write_jsonl
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+from datakit import faulty_rows
+
 
 
 def _rows(n: int) -> list[dict]:
     """Messages rows of every kind the stages treat differently, spread over the whole file."""
-    rows = []
-    for i in range(n):
-        answer = " ".join(f"word{j}" for j in range(i % 97))  # lengths from 1 to ~100 words: some over the limit
-        row = {"messages": [{"role": "user", "content": f"Question {i}?"},
-                            {"role": "assistant", "content": f"Answer {i}. {answer}"}]}
-        if i % 101 == 7:
-            row["messages"][1]["content"] = "   "  # a bad row: empty content
-        if i % 89 == 3:
-            row["messages"].insert(0, {"role": "robot", "content": "?"})  # a bad row: unknown role
-        if i % 53 == 11:  # a warning: a call of a tool the row does not declare
-            row["tools"] = [TOOL]
-            row["messages"][1:1] = [
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "noon"}]
-        if i % 61 == 5:
-            row["source"] = "unread column"
-        rows.append(row)
-    return rows
+    return faulty_rows(n, words=97, empty=101, robot=89, unread=61, undeclared_tool=53)
 
 
 def _prepare(tiny_model_dir, tmp_path, data, workers: int, *extra: str, notices: list | None = None):

@@ -46,8 +46,6 @@ CHUNK_ROWS = 1000
 SHUFFLE_BUFFER = 10_000
 #: Chunks prepared ahead of the one the trainer reads.
 READ_AHEAD = 2
-#: Bytes read from a JSON-lines file at a time.
-_BLOCK = 1 << 20
 #: Files read whole even when streaming: their rows cannot be told apart without reading all of them.
 _WHOLE = (".json", ".csv")
 
