@@ -260,3 +260,28 @@ def test_json_lines_are_found_whatever_the_scan_block(tmp_path, monkeypatch, blo
     assert list(rows) == [{"a": 1}, {"a": "é"}, {"a": 3}, {"a": 4}]
     assert [r.line for r in refs] == [1, 4, 5, 7] and [r.row for r in refs] == [0, 1, 2, 3]
     assert [rows[i] for i in range(len(rows))] == list(rows) and list(rows[1:3]) == [{"a": "é"}, {"a": 3}]
+
+
+def test_table_rows_are_read_a_batch_at_a_time_as_the_whole_table_would_read(tmp_path):
+    # Parquet, Arrow and hub datasets are Arrow tables: their rows are made Python objects as they are read.
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sft.engine.data.readers import TableRows, read_file
+    from sft.engine.data.sources import Source, read_split
+
+    rows = [{"instruction": f"Say {i}.", "output": str(i), "extra": {"n": i} if i % 3 else None} for i in range(2500)]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=700)
+    with pa.OSFile(str(tmp_path / "rows.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    hub = datasets.Dataset.from_list(rows).select(range(2499, -1, -1))  # with an index, as a shuffled split has
+    read = {"parquet": read_file(tmp_path / "rows.parquet"), "arrow": read_file(tmp_path / "rows.arrow"),
+            "hub": read_split(Source("org/rows", "hub", name="org/rows"), "train", "data.split", hub)}
+    for name, (got, refs) in read.items():
+        want = rows[::-1] if name == "hub" else rows
+        assert isinstance(got, TableRows) and len(got) == len(refs) == 2500, name
+        assert list(got) == want and got[1234] == want[1234] and got[-1] == want[-1], name
+        assert list(got[100:1900:1]) == want[100:1900] and got[5:10:2] == want[5:10:2], name
+        assert [r.row for r in refs[:3]] == [0, 1, 2] and refs[7].line is None, name

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from sft.core.errors import DataError
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "JsonLines", "RowChain", "RowRef", "RowRefs", "READERS", "extension_of", "read_file", "hash_files"]
+__all__ = ["SUPPORTED_EXTENSIONS", "BadRow", "JsonLines", "RowChain", "RowRef", "RowRefs", "TableRows", "READERS", "extension_of", "read_file", "hash_files"]
 
 #: ``progress(fraction of the file read, rows so far)``: how a reader reports on a big file.
 OnRow = Callable[[float, int], None]
@@ -445,27 +445,61 @@ def _read_csv(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[Row
     return rows, refs
 
 
-def _read_parquet(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
+class TableRows(Sequence):
+    """The rows of an Arrow table (memory-mapped), made Python objects a batch at a time as they are read:
+    a Parquet, Arrow or hub dataset of any size costs its columns on disk, not a dict a row in memory."""
+
+    def __init__(self, table: Any):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            return TableRows(self.table.slice(lo, max(0, hi - lo)))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.table.to_batches(max_chunksize=1024):
+            yield from batch.to_pylist()
+
+
+def _read_parquet(path: Path, progress: OnRow = _quiet) -> tuple[TableRows, RowRefs]:
+    """A Parquet file, decoded row group by row group into an Arrow file in the temporary folder
+    (:class:`.spool.Spool`) that is mapped back: decoded, its columns would otherwise sit in memory."""
     import pyarrow.parquet as pq
 
+    from .spool import Spool
+
+    spool = Spool()
     try:
-        rows = pq.read_table(path).to_pylist()
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=8192):
+            spool.write_batch(batch)
+        table = spool.read() if spool.writer is not None else parquet.schema_arrow.empty_table()
     except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
         raise DataError(f"cannot read Parquet: {exc}", source=str(path)) from None
-    return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
+    return TableRows(table), RowRefs(str(path), table.num_rows)
 
 
-def _read_arrow(path: Path, progress: OnRow = _quiet) -> tuple[list[Any], list[RowRef]]:
-    """An Arrow IPC file: ``datasets`` writes the stream format (``save_to_disk``, its cache); other
-    tools often write the random-access file format, so both are tried."""
+def _read_arrow(path: Path, progress: OnRow = _quiet) -> tuple[TableRows, RowRefs]:
+    """An Arrow IPC file, memory-mapped: ``datasets`` writes the stream format (``save_to_disk``, its cache);
+    other tools often write the random-access file format, so both are tried."""
     import pyarrow as pa
 
     errors = []
     for open_ipc in (pa.ipc.open_stream, pa.ipc.open_file):
         try:
-            with pa.memory_map(str(path)) as source:
-                rows = open_ipc(source).read_all().to_pylist()
-            return rows, [RowRef(str(path), None, i) for i in range(len(rows))]
+            table = open_ipc(pa.memory_map(str(path))).read_all()
+            return TableRows(table), RowRefs(str(path), table.num_rows)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
             errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     raise DataError(f"cannot read Arrow: {errors[-1]}", source=str(path))

@@ -24,7 +24,7 @@ from typing import Any
 from ..libraries import hub_reachable
 from sft.core.errors import ConfigError, ConfigProblem, DataError, did_you_mean
 from .progress import Progress
-from .readers import SUPPORTED_EXTENSIONS, RowChain, RowRef, extension_of, hash_files, read_file
+from .readers import SUPPORTED_EXTENSIONS, RowChain, RowRef, RowRefs, TableRows, extension_of, hash_files, read_file
 
 __all__ = ["Source", "resolve_source", "names_local_files", "parse_split", "fingerprint_split", "read_split",
            "read_rows", "columns_of"]
@@ -248,8 +248,9 @@ def fingerprint_split(source: Source, split: str, key: str) -> tuple[str, Any]:
 
 def read_split(source: Source, split: str, key: str, handle: Any) -> tuple[Sequence[Any], Sequence[RowRef]]:
     if source.kind == "hub":
-        rows = handle.to_list()
-        return rows, [RowRef(source.name, None, i) for i in range(len(rows))]
+        # The Arrow table `datasets` memory-maps from its cache, read a batch at a time: no dict a row.
+        table = (handle if handle._indices is None else handle.flatten_indices()).data.table
+        return TableRows(table), RowRefs(source.name, table.num_rows)
     _name, start, stop = parse_split(split, key)
     parts: list[Sequence[Any]] = []
     ref_parts: list[Sequence[RowRef]] = []
