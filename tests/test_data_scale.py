@@ -32,3 +32,23 @@ def test_two_hundred_thousand_rows_validate_in_bounded_memory(smollm2_dir, tmp_p
     assert rc == 0, report
     assert f"{ROWS} rows" in report and f"{ROWS - ROWS // 100} train / {ROWS // 100} eval" in report, report
     assert peak_kb < BOUND_MB * 1024, f"peak RSS {peak_kb / 1024:.0f} MB at {ROWS:,} rows (bound {BOUND_MB} MB)"
+
+
+def test_a_run_stopped_by_a_late_bad_row_leaves_no_temporary_file(smollm2_dir, tmp_path):
+    # Rows are spooled to $TMPDIR chunk by chunk; a bad row on the last line stops the pipeline after
+    # several chunks went there, and nothing of them may stay behind.
+    import os
+    import subprocess
+
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            for i in range(1500)]
+    rows[-1]["messages"][1]["content"] = ""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = subprocess.run([sys.executable, "-m", "sft.cli", "validate", "--model", str(smollm2_dir), "--dataset",
+                             str(path), "data.cache_dir=off", "data.num_proc=1"],
+                            capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    assert result.returncode == 2 and "rows.jsonl:1500" in result.stderr, result.stderr[-2000:]
+    assert list(scratch.iterdir()) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ class Spool:
         self.sink: Any = None
         self.writer: Any = None
         self.fd: int | None = None  # the file, kept open once unlinked: what :meth:`copy_to` reads
+        self._left: Any = None
 
     def write(self, columns: dict[str, Any]) -> None:
         import pyarrow as pa
@@ -39,6 +41,8 @@ class Spool:
             # The system's temporary folder ($TMPDIR): the data cache may be read-only or off.
             fd, self.path = tempfile.mkstemp(prefix="sft-rows-", suffix=".arrow")
             os.close(fd)
+            # Deleted with the spool or at exit if never read back (a bad row stopped the pipeline midway).
+            self._left = weakref.finalize(self, _unlink, self.path)
             self.sink = pa.OSFile(self.path, "wb")
             # The stream format: what `datasets` maps (datasets.table.MemoryMappedTable), so the cache
             # entry is this file as it is.
@@ -58,10 +62,7 @@ class Spool:
         try:
             return pa.ipc.open_stream(pa.memory_map(self.path)).read_all()
         finally:
-            try:
-                os.unlink(self.path)  # mapped: the data stays readable until the table is gone
-            except OSError:
-                pass  # a system that cannot unlink an open file leaves it in the temporary folder
+            self._left()  # mapped: the data stays readable until the table is gone
 
     def copy_to(self, dest: Path) -> None:
         """The file :meth:`read` mapped, copied to ``dest`` by the kernel (nothing of it read into this process)."""
@@ -79,6 +80,13 @@ class Spool:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or a system that cannot unlink an open file: it stays in the temporary folder
 
 
 def write_rows(dest: Path, table: Any) -> None:
