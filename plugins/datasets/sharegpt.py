@@ -72,7 +72,16 @@ class ShareGPT(DatasetFormat):
         roles = _roles(o)
         turns = require_list(row, o.conversations_key)
         messages: list[Message] = []
+        role_key, content_key = o.role_key, o.content_key
         for i, turn in enumerate(turns):
+            if type(turn) is dict:
+                # Nearly every turn: a dict of a known speaker and non-empty text, appended without the
+                # checks below that would pass it (a turn's field name is only made for an error).
+                speaker, value = turn.get(role_key), turn.get(content_key)
+                role = roles.get(speaker) if type(speaker) is str else None
+                if role is not None and role != "call" and type(value) is str and value.strip() and speaker.strip():
+                    messages.append(Message(role, value))
+                    continue
             where = f"{o.conversations_key}[{i}]"
             if not isinstance(turn, (dict, Mapping)):  # dict first: a plain type check, before the ABC's
                 raise DataError(f"expected an object with '{o.role_key}' and '{o.content_key}', got {turn!r:.60}", field=where)
