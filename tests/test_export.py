@@ -519,3 +519,18 @@ def test_without_llama_cpp_the_default_writes_an_unverified_gguf_and_says_so(run
     strict = run_sft("export", run_dir, "--exporter", "gguf", "export.gguf.quants=[q8_0]", "export.verify=true",
                      check=False)
     assert strict.exit_code == 1 and "export.verify=true: GGUF verification loads each file in llama.cpp" in strict.output
+
+
+def test_a_llama_cpp_child_dead_of_an_illegal_instruction_says_how_to_rebuild() -> None:
+    """A llama.cpp built for instructions the CPU refuses (a native AMX build on a VM that advertises
+    AMX) kills the verification's child with SIGILL: the error says so and gives the rebuild command,
+    not a bare exit status. The child here raises SIGILL itself (its request is the signal number)."""
+    import signal
+
+    from sft.core.errors import SftError
+    from sft.plugins.exporters.gguf.worker import run_in_worker
+
+    with pytest.raises(SftError, match=r"stopped \(SIGILL: .*-DGGML_NATIVE=OFF .*--force-reinstall"):
+        run_in_worker("signal:raise_signal", int(signal.SIGILL))
+    with pytest.raises(SftError, match=r"stopped \(killed by SIGABRT\)"):
+        run_in_worker("signal:raise_signal", int(signal.SIGABRT))

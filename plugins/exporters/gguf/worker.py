@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,10 +50,24 @@ def run_in_worker(task: str, request: dict[str, Any], timeout: float | None = No
         if reply is None or code != 0:
             tail = log.read_text(errors="replace")[-2000:]
             detail = reply.get("error") if reply else None
-            raise SftError(detail or f"llama.cpp {task} stopped ({code}):\n{tail}")
+            raise SftError(detail or f"llama.cpp {task} stopped ({_exit_reason(code)}):\n{tail}")
         if "error" in reply:
             raise SftError(reply["error"])
         return reply["result"]
+
+
+def _exit_reason(code: int | str) -> str:
+    """A child's exit status in words; an illegal instruction says what to rebuild."""
+    if code == -signal.SIGILL:
+        from .llama_converter import LLAMA_CPP_PYTHON_PIN
+
+        return ("SIGILL: llama-cpp-python was built for CPU instructions this machine refuses; rebuild it for AVX2: "
+                'CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON '
+                '-DGGML_F16C=ON -DGGML_BMI2=ON" pip install --no-cache-dir --force-reinstall --no-deps '
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_PIN} (docs/gguf-and-ollama.md)")
+    if isinstance(code, int) and code < 0:
+        return f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
+    return str(code)
 
 
 def main(argv: list[str]) -> int:
