@@ -96,7 +96,7 @@ def test_a_continued_run_stands_on_its_own(tiny_run, tiny_model_dir, tmp_path: P
     assert first["learning_rate_lora_B"] == pytest.approx(16 * first["learning_rate"])
     objective = json.loads((run / "summary.json").read_text())["objective"]
     assert objective["reference"] == f"{source} (its adapter, frozen)"
-    assert objective["description"].endswith(f"on top of the run `sft` (sft on `sft:identity`)")
+    assert objective["description"].endswith("on top of the run `sft` (sft on `sft:identity`)")
     assert "objective.rewards/margins" in run_sft("report", run).output  # sft report shows the objective's metrics
     shutil.rmtree(source)
     run_sft("export", run, "--exporter", "lora")
@@ -140,15 +140,24 @@ def _labelled_chars(row: dict[str, Any]) -> int:
     return sum(len(m["content"]) for m in row["messages"])
 
 
+#: Held-out rows: enough that a held-out accuracy is not saturated after SFT (ORPO and SimPO start
+#: near 0.6 on these 30 pairs, 0.9 on 10) and a mean margin averages over more than noise.
+EVAL_ROWS = 30
+#: Steps, and so the eval at the end: the two evals (on start and at the end) are most of the time.
+STEPS = 16
+
 OBJECTIVES = {
-    # objective: (real data file, its rows' length, options)
-    "dpo": (DPO_DEMO, _pair_chars, ["objective.dpo.beta=0.1"]),
-    "orpo": (DPO_DEMO, _pair_chars, ["objective.orpo.beta=0.1"]),
-    "simpo": (DPO_DEMO, _pair_chars, ["objective.simpo.beta=2.0"]),
+    # objective: (real data file, its rows' length, the longest row kept in characters, options).
+    # The pairs up to 1,500 characters (65 of them; 35 left to train on) are cut to 384 tokens.
+    "dpo": (DPO_DEMO, _pair_chars, 1500, ["objective.dpo.beta=0.1"]),
+    # ORPO's beta weighs its odds-ratio term against the chosen answer's NLL: at the default 0.1 the
+    # NLL dominates a short run (the margin barely moved in 12 steps); at 1.0 the preference term counts.
+    "orpo": (DPO_DEMO, _pair_chars, 1500, ["objective.orpo.beta=1.0"]),
+    "simpo": (DPO_DEMO, _pair_chars, 1500, ["objective.simpo.beta=2.0"]),
     # KTO's KL estimate pairs each prompt with another row of its batch: a batch of 4 and a lower rate
     # keep it from running away on a dozen steps.
-    "kto": (KTO_DEMO, _labelled_chars, ["objective.kto.beta=0.1", "training.learning_rate=1e-4",
-                                         "training.per_device_train_batch_size=4"]),
+    "kto": (KTO_DEMO, _labelled_chars, 1200, ["objective.kto.beta=0.1", "training.learning_rate=1e-4",
+                                               "training.per_device_train_batch_size=4"]),
 }
 
 
@@ -157,39 +166,43 @@ OBJECTIVES = {
 def test_each_objective_learns_on_real_preference_data(objective, embedded_default_run, tmp_path: Path):
     """From the finished SFT run of the embedded SmolLM2, a short run on LLaMA-Factory's real
     preference data (its rows short enough for a CPU) raises the held-out reward accuracy above
-    where it started and the mean margin above 0; the adapter exports and answers."""
-    source, length, options = OBJECTIVES[objective]
+    where it started and the mean held-out margin above 0 and above where it started (KTO, which
+    logs no accuracy: its margin); the adapter exports and answers."""
+    source, length, limit, options = OBJECTIVES[objective]
     data = tmp_path / source.name
-    data.write_text(json.dumps(_short_rows(source, length)))
+    data.write_text(json.dumps(_short_rows(source, length, limit)))
     out = tmp_path / objective
     exporters = "[lora,gguf]" if objective == "dpo" else "[lora]"
     run_sft("run", "--objective", objective, "--from", embedded_default_run, "--dataset", data, "--output", out,
-            "model.max_seq_length=384", "data.test_size=10", "training.max_steps=12", "training.learning_rate=5e-4",
-            "training.warmup_steps=0", "training.per_device_train_batch_size=2",
-            "training.gradient_accumulation_steps=1", "training.per_device_eval_batch_size=5",
-            "training.eval_steps=12", "training.eval_on_start=true", "training.save_steps=1000",
+            "model.max_seq_length=384", f"data.test_size={EVAL_ROWS}", f"training.max_steps={STEPS}",
+            "training.learning_rate=5e-4", "training.warmup_steps=0", "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=1", "training.per_device_eval_batch_size=6",
+            f"training.eval_steps={STEPS}", "training.eval_on_start=true", "training.save_steps=1000",
             "training.generation_max_new_tokens=8", f"export.enabled={exporters}", "loggers.enabled=[]", *options)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["objective"]["from_run"] == str(embedded_default_run)
-    assert summary["dataset"]["eval_rows"] == 10
+    # The pairs still too long at 384 tokens are dropped (6 of the 65; each side of the split loses some).
+    dataset = summary["dataset"]
+    assert EVAL_ROWS - dataset["truncated_dropped"] <= dataset["eval_rows"] <= EVAL_ROWS, dataset
     evals = [r for r in _records(out) if "eval_loss" in r]
     start, end = evals[0], evals[-1]
-    assert (start["step"], end["step"]) == (0, 12)
+    assert (start["step"], end["step"]) == (0, STEPS)
     margin, accuracy = "eval_rewards/margins", "eval_rewards/accuracies"
+    # The mean held-out margin ends above 0 and above where it started.
+    assert end[margin] > 0 and end[margin] > start[margin], (start, end)
     if objective == "kto":
-        # KTO scores each row against a KL estimate, not against a rival answer: in a dozen steps its
-        # held-out loss falls (from 0.5, where every reward is 0), while the margin between the mean
-        # rewards of 10 held-out desirable and undesirable rows is still noise (-0.38 when measured).
-        assert start["eval_loss"] == pytest.approx(0.5) and end["eval_loss"] < start["eval_loss"], (start, end)
+        # TRL's KTOTrainer logs no accuracy: a row is scored against a KL estimate, not against a rival
+        # answer. Its `rewards/margins` is the mean reward of a batch's desirable rows less that of its
+        # undesirable rows (trl/trainer/kto_trainer.py, `_compute_loss`), averaged over the eval batches.
+        # The reference is the model training starts from: every reward starts at 0.
+        assert start[margin] == 0.0 and accuracy not in end, (start, end)
     else:
-        assert end[margin] > 0 and end[margin] > start[margin], (start, end)
-    if objective == "dpo":
-        # The reference is the model training starts from: every reward, and so the accuracy, starts at 0.
-        assert start[accuracy] == 0.0 and end[accuracy] > start[accuracy], (start, end)
-    elif objective in ("orpo", "simpo"):
-        # Their rewards are the policy's own log-probabilities, which already favour most chosen
-        # answers of this data after SFT: the accuracy starts high and must not fall; the margin grows.
-        assert end[accuracy] >= start[accuracy], (start, end)
+        # DPO's rewards are log-ratios to the reference, the model training starts from: they and the
+        # accuracy start at 0. ORPO's and SimPO's are the policy's own length-normalised log-probabilities,
+        # which already favour about 6 in 10 held-out chosen answers after SFT.
+        assert end[accuracy] > start[accuracy], (start, end)
+        if objective == "dpo":
+            assert start[accuracy] == 0.0 and start[margin] == 0.0, start
     assert summary["exports"]["lora"]["ok"]
     if objective == "dpo":
         assert summary["exports"]["gguf"]["ok"], summary["exports"]["gguf"]
