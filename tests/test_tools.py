@@ -328,13 +328,17 @@ def _parse_tool_call(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tool_run(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama fully fine-tuned on the weather tool set with ``hermes``, long enough to learn the call format."""
+    """The tiny Llama fully fine-tuned on the weather tool set with ``hermes``, long enough to learn the call format.
+
+    At a rate of 1e-2 for 60 steps the call came out malformed on one CI machine and well formed on
+    another (the CPUs' float rounding took the runs apart); 5e-3 for 100 steps gave a valid call for
+    each of 7 seeds tried, so the test measures learning, not one lucky trajectory."""
     from sft.testing import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("tools") / "run", tiny_model_dir, "template.name=hermes",
-                      "model.method=full", "training.learning_rate=1e-2", "training.lr_scheduler_type=constant", "data.test_size=0",
+                      "model.method=full", "training.learning_rate=5e-3", "training.lr_scheduler_type=constant", "data.test_size=0",
                       "model.max_seq_length=320", "training.per_device_train_batch_size=4",
-                      "training.generation_max_new_tokens=40", dataset=TOOL_DATA, steps=60)
+                      "training.generation_max_new_tokens=40", dataset=TOOL_DATA, steps=100)
 
 
 def test_trained_model_calls_the_tool_in_sft_generate_and_in_the_exported_gguf(tool_run):
