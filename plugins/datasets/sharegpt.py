@@ -61,8 +61,7 @@ class ShareGPT(DatasetFormat):
         turns = row.get(o.conversations_key) if isinstance(row.get(o.conversations_key), list) else []
         read = {o.role_key, o.content_key}
         # A turn holding just the keys read (nearly every turn) has nothing to look through.
-        nested = {k for t in turns if isinstance(t, (dict, Mapping))
-                  and not (len(t) == len(read) and o.role_key in t and o.content_key in t)
+        nested = {k for t in turns if isinstance(t, (dict, Mapping)) and t.keys() != read
                   for k, v in t.items() if k not in read and v is not None}
         return [*super().unread(row, options), *(f"{o.conversations_key}[].{k}" for k in sorted(nested))]
 
