@@ -7,9 +7,12 @@ One command, both setups on the same preference pairs, one table with the ratios
 The workload (issue 26): the Llama-3.1-8B shape of ``bench/train_throughput.py`` (random-init,
 bf16, saved once), QLoRA r=16 on all 7 linear projections, rsLoRA, adamw_8bit, Unsloth's
 offloaded checkpointing; DPO (sigmoid, beta 0.1) with the base as the reference (adapters
-disabled), batch ``--batch`` pairs, no accumulation. The pairs are chat-shaped and of every
-length: the prompt is a conversation of :func:`train_throughput.chat_conversations` (its last
-assistant turn removed), chosen is that turn, rejected a shuffled other answer.
+disabled), batch ``--batch`` pairs, no accumulation, one epoch over ``--pairs`` pairs. The pairs
+are chat-shaped and of every length: the prompt is a conversation of
+:func:`train_throughput.chat_conversations` (its last assistant turn removed), chosen is that
+turn, rejected a shuffled other answer. Both setups train on every pair once, each in its own
+order: the raw script in TRL's (random), ``sft`` in length groups of up to 50 steps' pairs (its
+default for pairs), so the 200 pairs of the default are one such group, as in a larger set.
 
 Each setup runs in its own subprocess. tokens/s counts the non-padding tokens of the batches the
 model runs (prompt + chosen and prompt + rejected), from the step after ``--warmup`` on: the
@@ -86,9 +89,9 @@ def run_sft(a: argparse.Namespace) -> dict[str, Any]:
 
     pm = get_plugin_manager()
     pm.register(Plugin(), "bench-clock")
-    steps = a.warmup + a.steps
+    steps = a.pairs // a.batch
     data = a.work / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(steps * a.batch, a.seed)))
+    data.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(a.pairs, a.seed)))
     out = a.work / "sft-dpo"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(None, [
@@ -126,7 +129,7 @@ def run_unsloth(a: argparse.Namespace) -> dict[str, Any]:
 
     # The same ChatML text sft renders, as the tokenizer's chat template.
     tokenizer.chat_template = resolve_template(load_config(None, ["template.name=chatml"])).jinja(tokenizer)
-    steps = a.warmup + a.steps
+    steps = a.pairs // a.batch
     clock = StepClock()
     seen: dict[int, int] = {}
 
@@ -138,7 +141,7 @@ def run_unsloth(a: argparse.Namespace) -> dict[str, Any]:
 
     trainer = DPOTrainer(
         model=model, ref_model=None, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(preference_pairs(steps * a.batch, a.seed)),
+        train_dataset=Dataset.from_list(preference_pairs(a.pairs, a.seed)),
         args=DPOConfig(output_dir=str(a.work / "unsloth-dpo"), per_device_train_batch_size=a.batch,
                        gradient_accumulation_steps=1, max_steps=steps, learning_rate=5e-5, optim="adamw_8bit",
                        bf16=True, logging_steps=1, save_strategy="no", report_to="none", seed=3407,
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4, help="Pairs per step.")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8, help="Measured steps after warm-up.")
+    p.add_argument("--pairs", type=int, default=200, help="Pairs: one epoch, --batch a step.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=600, help="Seconds per setup subprocess.")
     p.add_argument("--json", type=Path, default=None)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--model-dir", str(a.model_dir), "--work", str(a.work), "--tokenizer",
             a.tokenizer, "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup),
-            "--steps", str(a.steps), "--seed", str(a.seed)]
+            "--pairs", str(a.pairs), "--seed", str(a.seed)]
     if not (a.model_dir / "config.json").exists():
         subprocess.run(base + ["--worker", "create"], env=env, check=True)
     results: dict[str, dict[str, Any]] = {}

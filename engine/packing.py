@@ -9,7 +9,8 @@ Every backend trains on the same batches, so this lives in core:
   a batch into one row whose ``position_ids`` restart at every document; attention keeps the
   documents apart (transformers' SDPA/eager mask from the position ids, Unsloth's varlen
   kernel), which ``tests/test_packing.py`` checks token by token.
-- :func:`length_grouped_sampler`: without packing, each optimizer step's rows are drawn
+- :func:`length_grouped_sampler`: without packing (and for preference pairs, which are never
+  packed), each optimizer step's rows are drawn
   from a shuffled pool sorted by length, so a batch pads to a length close to each of its rows
   (transformers' ``LengthGroupedSampler`` grouping, seeded by ``training.seed`` and the epoch,
   so an order is the same on every run and after a resume).
@@ -117,12 +118,32 @@ def _sampler_class() -> type:
     return SeededLengthGroupedSampler
 
 
-def row_lengths(dataset: Any) -> list[int]:
-    """The tokens of each row of a tokenized ``datasets.Dataset``, from the Arrow offsets of its
-    ``input_ids`` (and its index, where it selects rows): no row is read, whatever the rows."""
+#: How long a row of each tokenized shape is, by the columns that hold its tokens: a row padded
+#: alone (SFT), the longer of a pair's two rows (TRL's DPO collator pads chosen and rejected
+#: together; the CPO/ORPO trainers' columns hold prompt + completion), or prompt + the longer
+#: completion (pairs as ``sft`` tokenizes them).
+LENGTH_COLUMNS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("input_ids",), ()),
+    (("chosen_input_ids", "rejected_input_ids"), ()),
+    (("chosen_ids", "rejected_ids"), ("prompt_ids",)),
+)
+
+
+def row_lengths(dataset: Any) -> list[int] | None:
+    """The tokens of each row of a tokenized ``datasets.Dataset`` (see :data:`LENGTH_COLUMNS`), from
+    the Arrow offsets of its token columns (and its index, where it selects rows): no row is read,
+    whatever the rows. None for a dataset of none of those shapes."""
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(dataset.data.column("input_ids"))
+    columns = set(getattr(dataset, "column_names", None) or ())
+    for longest_of, plus in LENGTH_COLUMNS:
+        if set(longest_of + plus) <= columns:
+            break
+    else:
+        return None
+    lengths = pc.max_element_wise(*(pc.list_value_length(dataset.data.column(c)) for c in longest_of))
+    for column in plus:
+        lengths = pc.add(lengths, pc.list_value_length(dataset.data.column(column)))
     if dataset._indices is not None:
         lengths = lengths.take(dataset._indices.column(0))
     return lengths.to_pylist()

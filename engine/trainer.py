@@ -19,8 +19,8 @@
 - **Token counting**: ``state.num_input_tokens_seen`` counts the non-padding tokens of
   every training micro-batch (:func:`sft.engine.packing.real_tokens`); it is saved with each
   checkpoint, so it survives a resume.
-- **Length-grouped batches** when rows are not packed: a sampler seeded by ``args.seed`` and
-  the epoch (:func:`sft.engine.packing.length_grouped_sampler`).
+- **Length-grouped batches** when rows are not packed (and for preference pairs): a sampler
+  seeded by ``args.seed`` and the epoch (:func:`sft.engine.packing.length_grouped_sampler`).
 - **Merged micro-batches** (``merge_budget``, unpacked rows, one process): the micro-batches
   of an optimizer step run as one pass while together they hold at most ``merge_budget``
   padded tokens (:func:`sft.engine.packing.merge_micro_batches`). Only where the loss is
@@ -162,6 +162,32 @@ def guarded_trainer_class(base: type) -> type:
             self._settle()
             return result
 
+        # -- batches ----------------------------------------------------------------------
+        def _get_train_sampler(self, train_dataset=None):
+            """``group_by_length`` (unpacked rows, preference pairs):
+            :func:`sft.engine.packing.length_grouped_sampler`, seeded by ``args.seed`` and the epoch
+            instead of the global RNG's state.
+
+            Distributed, every rank draws the same order and accelerate deals its batches out
+            round-robin; grouping by the global batch of a step keeps each step's rows those of
+            a single process with the same global batch."""
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.args.world_size)
+            sampler = self._length_grouped(dataset, per_step)
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+        def _get_eval_sampler(self, eval_dataset):
+            # transformers groups eval rows by the length of their "input_ids" too, which pairs lack.
+            sampler = self._length_grouped(eval_dataset, self.args.eval_batch_size)
+            return sampler if sampler is not None else super()._get_eval_sampler(eval_dataset)
+
+        def _length_grouped(self, dataset: Any, batch_size: int) -> Any:
+            from .packing import length_grouped_sampler, row_lengths
+
+            lengths = row_lengths(dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+            return None if lengths is None else length_grouped_sampler(lengths, batch_size, self.args.seed)
+
         # -- checkpoints -----------------------------------------------------------------
         def _last_checkpoint(self) -> str | None:
             last = checkpoints.last_complete(self.args.output_dir, verify=True)  # "last good" must be good
@@ -251,24 +277,6 @@ def trainer_class() -> type:
             return (loss, outputs) if return_outputs else loss
 
         # -- batches ----------------------------------------------------------------------
-        def _get_train_sampler(self, train_dataset=None):
-            """``group_by_length`` (unpacked rows): :func:`sft.engine.packing.length_grouped_sampler`,
-            seeded by ``args.seed`` and the epoch instead of the global RNG's state.
-
-            Distributed, every rank draws the same order and accelerate deals its batches out
-            round-robin; grouping by the global batch of a step keeps each step's rows those of
-            a single process with the same global batch."""
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if (self.args.train_sampling_strategy != "group_by_length" or dataset is None
-                    or "input_ids" not in getattr(dataset, "column_names", ())):
-                return super()._get_train_sampler(train_dataset)
-            from .packing import length_grouped_sampler, row_lengths
-
-            lengths = row_lengths(dataset)
-            per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                        * self.args.world_size)
-            return length_grouped_sampler(lengths, per_step, self.args.seed)
-
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
             if self.merge_budget and num_items_in_batch is not None and self.model_accepts_loss_kwargs:

@@ -218,3 +218,57 @@ def test_the_python_api_continues_a_run_it_was_given(tiny_run, tiny_model_dir, t
     assert cfg.objective.name == "dpo" and cfg.model.from_run == str(tiny_run)
     # What the run was trained with comes with it: its base, its LoRA shape, its template.
     assert cfg.model.name == str(tiny_model_dir) and cfg.lora.r == 4 and cfg.template.name == "chatml"
+
+
+# -- batches of pairs ------------------------------------------------------------------------------
+@pytest.mark.skipif(not DPO_DEMO.is_file(), reason="../shared/data is not here")
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_pairs_are_batched_in_length_groups(objective, tiny_model_dir, tmp_path: Path):
+    """A batch of pairs pads every row to its longest: the trainer each pair objective builds draws
+    the real pairs (of every length) in length groups, every pair once an epoch, and pads them
+    less than half as much as the random order TRL's trainers draw in, by the batches it collates
+    (DPO's chosen+rejected rows; ORPO's, through the CPO trainer's own columns)."""
+    import random
+
+    from sft.core.config import plugin_options
+    from sft.core.env import current_environment
+    from sft.core.plugins import get_plugin_manager
+    from sft.core.templating import resolve_template
+    from sft.engine.backends import select_backend
+    from sft.engine.data import build_datasets
+    from sft.engine.models import load_tokenizer
+    from sft.engine.packing import row_lengths
+    from sft.engine.trainer import RunTrainerSetup, objective_trainer
+    from sft.testing import tiny_config
+
+    batch = 4
+    cfg = tiny_config(tmp_path / "run", tiny_model_dir, f"objective.name={objective}", "model.max_seq_length=1024",
+                      f"training.per_device_train_batch_size={batch}", "data.cache_dir=none", dataset=DPO_DEMO)
+    pm, env = get_plugin_manager(), current_environment()
+    tokenizer = load_tokenizer(cfg.model)
+    resolve_template(cfg, pm, tokenizer)
+    data = build_datasets(cfg, pm, tokenizer, quiet=True, row_kind="pair")
+    backend = select_backend(cfg, pm, env)
+    model = backend.prepare_for_training(backend.load(cfg)[0], cfg)
+    chosen = pm.get("objective", objective, "objective.name")
+    trainer = objective_trainer(chosen, RunTrainerSetup(cfg, model, tokenizer, data, env, tmp_path / "checkpoints", [],
+                                                        backend), plugin_options(cfg, "objective", objective, pm))
+
+    lengths = row_lengths(trainer.train_dataset)
+    assert lengths is not None and max(lengths) > 4 * min(lengths)  # real pairs, of every length
+    assert sorted(trainer._get_train_sampler()) == list(range(len(lengths)))
+    sides = [("input_ids", "attention_mask")] if objective == "dpo" else \
+        [("chosen_input_ids", "chosen_attention_mask"), ("rejected_input_ids", "rejected_attention_mask")]
+    slots = real = 0
+    for collated in trainer.get_train_dataloader():
+        slots += sum(collated[ids].numel() for ids, _ in sides)
+        real += sum(int(collated[mask].sum()) for _, mask in sides)
+    # A pair pads its shorter side to its longer one whatever the batch; what a batch adds to that is
+    # the padding of each pair to the batch's longest pair, which the order decides.
+    own = 2 * sum(lengths)
+    assert real <= own
+    order = list(range(len(lengths)))
+    random.Random(0).shuffle(order)
+    random_slots = sum(2 * len(b) * max(lengths[i] for i in b) for b in
+                       (order[j:j + batch] for j in range(0, len(order), batch)))
+    assert slots - own < 0.25 * (random_slots - own), (slots, own, random_slots)

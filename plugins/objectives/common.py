@@ -26,9 +26,13 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 def preference_arguments(setup: Any, config_class: type, **values: Any) -> Any:
     """``config_class`` for ``setup`` with what every preference trainer needs here: rows
     already cut to ``model.max_seq_length`` (the collator cuts a too-long completion's end),
-    dropout off as TRL recommends, and none of the trainer's own preprocessing processes."""
-    return setup.arguments(config_class, max_length=int(setup.config.model.max_seq_length),
-                           remove_unused_columns=False, dataset_num_proc=None, **values)
+    dropout off as TRL recommends, none of the trainer's own preprocessing processes, and
+    batches drawn in length groups as unpacked SFT rows are (``sft``'s seeded sampler): a
+    batch of pairs pads every row to its longest, and on chat data of every length a random
+    batch is mostly padding. ``values`` may say otherwise (KTO's KL estimate needs its order)."""
+    return setup.arguments(config_class, **{
+        "max_length": int(setup.config.model.max_seq_length), "remove_unused_columns": False,
+        "dataset_num_proc": None, "train_sampling_strategy": "group_by_length", **values})
 
 
 def _check_columns(dataset: Any, needed: tuple[str, ...], trainer: str) -> None:
