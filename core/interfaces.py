@@ -218,6 +218,12 @@ class DatasetFormat(Plugin):
         calls :meth:`to_conversation`. Errors as in :meth:`to_conversation`."""
         return None
 
+    def plain_turns(self, row: Mapping[str, Any], options: Any = None) -> list[tuple[str, str]] | None:
+        """Optional speed-up: ``row`` as ``(role, text)`` pairs when :meth:`to_conversation` would return exactly
+        those as plain :class:`Message` objects (nothing else set, no tools); None, the default, whenever in doubt:
+        the core then calls :meth:`to_conversation`, which also names any error."""
+        return None
+
     def to_preference(self, row: Mapping[str, Any], options: Any = None) -> Preference:
         """A ``pair`` or ``labelled`` format's row as a :class:`Preference`. The core checks the
         prompt and each completion like any conversation, and that a pair's completions differ.
@@ -246,6 +252,12 @@ class ChatTemplate(Plugin):
     ignore them. Rendered text is tokenized *without* adding special tokens, so a template
     that wants a BOS token puts it in its text.
     """
+
+    def render_plain(self, turns: Sequence[tuple[str, str]], tokenizer: Any = None) -> list[str] | None:
+        """Optional speed-up: :meth:`render` of plain ``(role, text)`` turns (:meth:`DatasetFormat.plain_turns`) as
+        texts alternating untrained and trained, the first untrained (``""`` where one is empty), with the text and
+        trained characters of :meth:`render`'s segments. None, the default: the core calls :meth:`render`."""
+        return None
 
     def configure(self, options: Any) -> "ChatTemplate":
         """This template with the run's ``template.<name>`` options applied (``options`` is an

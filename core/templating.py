@@ -280,25 +280,37 @@ class TurnTemplate(ChatTemplate):
         segments = self._turns(messages, tokenizer)
         return segments + [Segment(self.final, False)] if self.final else segments
 
+    def render_plain(self, turns: Sequence[tuple[str, str]], tokenizer: Any = None) -> list[str] | None:
+        # A subclass with its own render (a system turn folded in, a refusal) renders plain turns that way too.
+        if type(self).render is not TurnTemplate.render:
+            return None
+        pieces = self._pieces([(r, t.strip()) for r, t in turns] if self.trim else turns, tokenizer)
+        pieces[-1] += self.final
+        return pieces
+
     def _turns(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
         messages = self._trimmed(as_messages(messages))
         self._refuse_tools(messages)
+        pieces = self._pieces([(m.role, m.content) for m in messages], tokenizer)
+        return [Segment(text, i % 2 == 1) for i, text in enumerate(pieces) if text]
+
+    def _pieces(self, turns: Sequence[tuple[str, str]], tokenizer: Any) -> list[str]:
+        """The text of ``(role, content)`` turns as texts alternating untrained and trained, the first untrained."""
         eot = end_of_turn(self, tokenizer)
         head = self.bos
-        if self.default_system is not None and (not messages or messages[0].role != "system"):
+        if self.default_system is not None and (not turns or turns[0][0] != "system"):
             head += self.system.prefix + self.default_system + self.system.suffix
-        # Per conversation, not per turn: each role's Turn looked up once, the assistant's untrained prefix and
-        # suffix made Segments once (they are immutable), empty texts left out at the end.
-        turns = {role: getattr(self, role) for role in ("system", "user", "assistant")}
-        opening, closing = Segment(self.assistant.prefix, False), Segment(self.assistant.suffix, False)
-        segments = [Segment(head, False)]
-        for message in messages:
-            turn = turns.get(message.role) or self._turn(message.role)
-            if message.role == "assistant":
-                segments += (opening, Segment(message.content + eot, True), closing)
+        pieces: list[str] = []
+        untrained = [head]  # what lies between two answers, joined once
+        for role, content in turns:
+            if role == "assistant":
+                pieces += ("".join(untrained) + self.assistant.prefix, content + eot)
+                untrained = [self.assistant.suffix]
             else:
-                segments.append(Segment(turn.prefix + message.content + turn.suffix, False))
-        return [s for s in segments if s.text]
+                turn = self._turn(role)
+                untrained += (turn.prefix, content, turn.suffix)
+        pieces.append("".join(untrained))
+        return pieces
 
     def generation_prompt(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         return segments_text(self._turns(messages, tokenizer)) + self.assistant.prefix

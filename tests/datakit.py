@@ -105,3 +105,16 @@ def faulty_rows(n: int, *, words: int, empty: int, robot: int, unread: int, unde
             row["source"] = "unread column"
         rows.append(row)
     return rows
+
+
+def piece_marking_tokenizer() -> Any:
+    """A SentencePiece-style tokenizer that prefixes every separately encoded piece with a word boundary and
+    merges ``==``: ``x=`` + ``=y`` is ``▁ x == y`` whole, ``▁x = ▁= y`` in pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581x": 1, "=": 2, "==": 3, "y": 4, "\u2581": 5, "x": 6, "\u2581=": 7}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("=", "=")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    backend.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")

@@ -10,7 +10,7 @@ from sft.engine.data import build_datasets, read_rows
 from sft.core.interfaces import Message
 from sft.testing import write_jsonl
 
-from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer
+from datakit import FIXTURES, data_config, decoded_spans, fresh_tokenizer, piece_marking_tokenizer
 
 
 def _build(model_dir, dataset, *overrides, tokenizer=None):
@@ -166,17 +166,10 @@ def test_straddled_answer_starts_are_found_whatever_the_order_of_the_spans():
 
 def test_a_tokenizer_that_marks_each_piece_keeps_the_whole_text_encoding():
     """A SentencePiece-style tokenizer prefixes every separately encoded piece with a word boundary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
     from sft.core.interfaces import Segment
     from sft.core.templating import encode_rendered
 
-    vocab = {"<unk>": 0, "\u2581x": 1, "=": 2, "==": 3, "y": 4, "\u2581": 5, "x": 6, "\u2581=": 7}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("=", "=")], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
-    backend.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokenizer = piece_marking_tokenizer()
     [(ids, mask)] = encode_rendered(tokenizer, [[Segment("x=", False), Segment("=y", True)]])
     assert tokenizer.decode(ids) == "x==y"
     # in pieces it would decode as "x= =y"; the whole text's tokens are kept, the straddling "==" trained

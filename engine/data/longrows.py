@@ -35,6 +35,8 @@ from typing import Any
 from sft.core.interfaces import Segment
 from sft.core.templating import encode_rendered, segments_text
 
+from .plain import Pieces, encode_plain
+
 __all__ = ["LongRows", "BLOCK"]
 
 #: Characters of a kept-whole raw-text document tokenized at once.
@@ -88,13 +90,18 @@ class LongRows:
         """True when a text of ``text_chars`` characters certainly has more than ``max_len + 1`` tokens."""
         return text_chars > self.sure
 
-    def encode(self, rendered: Sequence[Sequence[Segment]], whole: Sequence[bool] = ()) -> list[Encoded]:
-        """:func:`encode_rendered` of each row, far too long ones cut first (``whole[i]``: kept whole, in blocks)."""
+    def encode(self, rendered: Sequence[Sequence[Segment] | Pieces], whole: Sequence[bool] = ()) -> list[Encoded]:
+        """:func:`encode_rendered` of each row, far too long ones cut first (``whole[i]``: kept whole, in blocks);
+        a plain render (:class:`.plain.Pieces`) masked at its boundaries where they tell (:func:`.plain.encode_plain`)."""
         kept_whole = list(whole) + [False] * (len(rendered) - len(whole))
-        long = {i for i, segs in enumerate(rendered)
-                if _chars(segs) > (BLOCK if kept_whole[i] else self.sure)}
-        short = [i for i in range(len(rendered)) if i not in long]
         out: list[Encoded | None] = [None] * len(rendered)
+        plain = [i for i, r in enumerate(rendered) if isinstance(r, Pieces) and sum(map(len, r)) <= self.sure]
+        for i, enc in zip(plain, encode_plain(self.tokenizer, [rendered[i] for i in plain], self.train_on)):
+            out[i] = enc
+        rendered = [r.segments() if isinstance(r, Pieces) and out[i] is None else r for i, r in enumerate(rendered)]
+        long = {i for i, segs in enumerate(rendered)
+                if out[i] is None and _chars(segs) > (BLOCK if kept_whole[i] else self.sure)}
+        short = [i for i in range(len(rendered)) if out[i] is None and i not in long]
         for i, enc in zip(short, encode_rendered(self.tokenizer, [rendered[i] for i in short], self.train_on)):
             out[i] = enc
         for i in sorted(long):

@@ -19,7 +19,7 @@ from typing import Any
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import content_parts, parse_tool_call, parse_tools, refuse_media, require_list, require_text
+from sft.core.formats import MEDIA_COLUMNS, content_parts, parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import ROLES, Conversation, DatasetFormat, Message
 
 __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
@@ -28,6 +28,8 @@ __all__ = ["Messages", "MessagesOptions", "register_dataset_formats"]
 _REASONING_KEYS = ("reasoning_content", "reasoning")
 #: The keys of a message this format reads (others, such as LLaMA-Factory's loss_weight, are counted).
 _READ = {"role", "content", "tool_calls", "tool_call_id", "name", *_REASONING_KEYS}
+#: The roles a turn of plain text may have (a tool result answers a call: not plain).
+_PLAIN_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -55,7 +57,29 @@ class Messages(DatasetFormat):
         nested = {k for m in turns if isinstance(m, Mapping) for k, v in m.items() if k not in _READ and v is not None}
         return [*super().unread(row, options), *(f"{key}[].{k}" for k in sorted(nested))]
 
+    def plain_turns(self, row: Mapping[str, Any], options: Any = None) -> list[tuple[str, str]] | None:
+        o = options or MessagesOptions()
+        items = row.get(o.messages_key)
+        if type(items) is not list or not items or row.get(o.tools_key) is not None or any(map(row.get, MEDIA_COLUMNS)):
+            return None
+        out = []
+        for item in items:
+            if type(item) is not dict:
+                return None
+            role, content = item.get("role"), item.get("content")
+            if role not in _PLAIN_ROLES or type(content) is not str or not content.strip():
+                return None
+            # Keys beyond role and content (a Hub dataset's columns are all there, None) must add nothing to the turn.
+            if len(item) > 2 and (item.get("tool_calls") or any(item.get(k) is not None for k in _REASONING_KEYS)
+                                  or item.get("tool_call_id") not in (None, "") or item.get("name") not in (None, "")):
+                return None
+            out.append((role, content))
+        return out
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
+        plain = self.plain_turns(row, options)
+        if plain is not None:  # nearly every row
+            return [Message(role, text) for role, text in plain]
         o = options or MessagesOptions()
         refuse_media(row)
         key = o.messages_key

@@ -23,7 +23,7 @@ from typing import Any, List
 from sft.core import hookimpl
 from sft.core.config import opt
 from sft.core.errors import DataError, did_you_mean
-from sft.core.formats import parse_tool_call, parse_tools, refuse_media, require_list, require_text
+from sft.core.formats import MEDIA_COLUMNS, parse_tool_call, parse_tools, refuse_media, require_list, require_text
 from sft.core.interfaces import Conversation, DatasetFormat, Message
 
 __all__ = ["ShareGPT", "ShareGPTOptions", "register_dataset_formats"]
@@ -65,22 +65,38 @@ class ShareGPT(DatasetFormat):
                   for k, v in t.items() if k not in read and v is not None}
         return [*super().unread(row, options), *(f"{o.conversations_key}[].{k}" for k in sorted(nested))]
 
+    def plain_turns(self, row: Mapping[str, Any], options: Any = None) -> list[tuple[str, str]] | None:
+        o: ShareGPTOptions = options or ShareGPTOptions()
+        turns = row.get(o.conversations_key)
+        if type(turns) is not list or not turns or row.get(o.tools_key) is not None or any(map(row.get, MEDIA_COLUMNS)):
+            return None
+        roles = _roles(o)
+        role_key, content_key = o.role_key, o.content_key
+        out = []
+        for turn in turns:
+            if type(turn) is not dict:
+                return None
+            # A known speaker (not a call) and non-empty text: the turns to_conversation appends as they are.
+            speaker, value = turn.get(role_key), turn.get(content_key)
+            role = roles.get(speaker) if type(speaker) is str else None
+            if role is None or role == "call" or type(value) is not str or not value.strip() or not speaker.strip():
+                return None
+            out.append((role, value))
+        system = row.get(o.system_key)
+        if system is None or system == "":
+            return out
+        return [("system", system), *out] if type(system) is str and system.strip() and out[0][0] != "system" else None
+
     def to_conversation(self, row: Mapping[str, Any], options: Any = None) -> list[Message]:
+        plain = self.plain_turns(row, options)
+        if plain is not None:  # nearly every row
+            return [Message(role, text) for role, text in plain]
         o: ShareGPTOptions = options or ShareGPTOptions()
         refuse_media(row)
         roles = _roles(o)
         turns = require_list(row, o.conversations_key)
         messages: list[Message] = []
-        role_key, content_key = o.role_key, o.content_key
         for i, turn in enumerate(turns):
-            if type(turn) is dict:
-                # Nearly every turn: a dict of a known speaker and non-empty text, appended without the
-                # checks below that would pass it (a turn's field name is only made for an error).
-                speaker, value = turn.get(role_key), turn.get(content_key)
-                role = roles.get(speaker) if type(speaker) is str else None
-                if role is not None and role != "call" and type(value) is str and value.strip() and speaker.strip():
-                    messages.append(Message(role, value))
-                    continue
             where = f"{o.conversations_key}[{i}]"
             if not isinstance(turn, (dict, Mapping)):  # dict first: a plain type check, before the ABC's
                 raise DataError(f"expected an object with '{o.role_key}' and '{o.content_key}', got {turn!r:.60}", field=where)
