@@ -156,11 +156,16 @@ def attention_bench(tokenizer: Any) -> None:
 
 
 # -- training phases ------------------------------------------------------------------------
-KERNEL_GROUPS = (
+KERNEL_GROUPS = (  # first match wins: host<->device copies before the other copies
+    ("offload copies (host<->device)", ("memcpy htod", "memcpy dtoh", "memcpy hto", "memcpy dto")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "softmax")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas")),
+    ("optimizer (8-bit AdamW)", ("optimizer", "adam", "kpreconditionoptimizer")),
     ("dequant (NF4)", ("dequant", "kdequantize", "bnb")),
+    ("cross-entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll")),
+    ("norm/rope/swiglu (Triton)", ("rms", "rope", "swiglu", "geglu", "layernorm", "triton")),
     ("copy/cat/index", ("copy", "cat", "index", "gather", "scatter", "fill", "memcpy", "memset")),
+    ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled")),
 )
 
 

@@ -518,7 +518,7 @@ def worker(a: argparse.Namespace) -> None:
         try:
             if "@" in setup:  # long context: long-sft@32768 / long-unsloth@32768, batch 1, one such row a step
                 which, length = setup.split("@")
-                long = argparse.Namespace(**{**vars(a), "seq": int(length), "batch": 1, "warmup": 1, "steps": 2})
+                long = argparse.Namespace(**{**vars(a), "seq": int(length), "batch": 1, "warmup": 1, "steps": a.long_steps})
                 result = {"seq": int(length), **(run_sft(long, "default") if which == "long-sft" else run_unsloth(long))}
             else:
                 result = setups[setup]()
@@ -703,6 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="Measured steps after warm-up.")
     p.add_argument("--curve", default="0,8,16,24,32", help="checkpoint_skip_layers values for the curve.")
     p.add_argument("--curve-steps", type=int, default=3)
+    p.add_argument("--long-steps", type=int, default=2, help="Measured steps of a long-context setup (after 1 warm-up).")
     p.add_argument("--chat-rows", type=int, default=3000, help="Conversations in the chat workload.")
     p.add_argument("--chat-seed", type=int, default=0)
     p.add_argument("--chat-accumulation", type=int, default=2, help="Gradient accumulation of the chat setups.")
@@ -727,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, __file__, "--model-dir", str(a.model_dir), "--work", str(a.work), "--tokenizer", a.tokenizer,
             "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
-            "--curve", a.curve, "--curve-steps", str(a.curve_steps), "--chat-rows", str(a.chat_rows),
+            "--curve", a.curve, "--curve-steps", str(a.curve_steps), "--long-steps", str(a.long_steps), "--chat-rows", str(a.chat_rows),
             "--chat-seed", str(a.chat_seed), "--chat-accumulation", str(a.chat_accumulation)]
     if a.notebook_steps:
         base += ["--notebook-steps", str(a.notebook_steps)]
