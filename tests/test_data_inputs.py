@@ -247,13 +247,15 @@ def test_a_data_file_named_state_json_is_still_data(tmp_path):
     assert read_rows(str(folder))[0] == ROWS
 
 
+@pytest.mark.parametrize("text", [b'\xef\xbb\xbf{"a": 1}\r\n\r\n  \t\n{"a": "\xc3\xa9"}\r{"a": 3}\n\n{"a": 4}',
+                                  # no \r at all: line ends found by memchr, not the regex
+                                  b'{"a": 1}\n\n  \t\n{"a": "\xc3\xa9"}\n{"a": 3}\n\n{"a": 4}'], ids=["mixed-ends", "newlines"])
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 1 << 20])
-def test_json_lines_are_found_whatever_the_scan_block(tmp_path, monkeypatch, block):
+def test_json_lines_are_found_whatever_the_scan_block(tmp_path, monkeypatch, block, text):
     # A file is scanned a block at a time: a \r\n, a blank line or a row may straddle two blocks.
     import sft.engine.data.readers as readers
 
     monkeypatch.setattr(readers, "SCAN_BLOCK", block)
-    text = b'\xef\xbb\xbf{"a": 1}\r\n\r\n  \t\n{"a": "\xc3\xa9"}\r{"a": 3}\n\n{"a": 4}'
     path = tmp_path / "rows.jsonl"
     path.write_bytes(text)
     rows, refs = readers.read_file(path)
