@@ -33,7 +33,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|p
 
 __all__ = ["resolve_template", "prepare_tokenizer", "model_eos_token", "Turn", "TurnTemplate", "segments_text",
            "trained_text", "encode_rendered", "end_of_turn", "adds_bos", "as_messages", "chat_dicts", "REASONING_KEYS",
-           "reasoning_key", "try_render", "PROBE_TOOL", "token_runs"]
+           "reasoning_key", "try_render", "PROBE_TOOL", "token_runs", "direct_backend"]
 
 
 def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
@@ -513,15 +513,17 @@ def _trained_mask(flags: Any, spans: Any) -> list[int]:
     return mask.view(np.int8).tolist()  # a bool array viewed as 0/1 bytes, not copied
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """``(ids, offsets)`` per text, without special tokens.
-
-    Straight through the Rust backend when it has no truncation or padding set (the
-    transformers wrapper would build a BatchEncoding per row, ~20% of the time); else the
-    ordinary ``tokenizer(...)`` call.
-    """
+def direct_backend(tokenizer: Any) -> Any:
+    """``tokenizer``'s Rust tokenizer when texts may go straight through it (no truncation or padding set), else
+    None. Encoding through it skips the BatchEncoding the transformers wrapper builds per row (~20% of the time)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
+    return backend if backend is not None and backend.truncation is None and backend.padding is None else None
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """``(ids, offsets)`` per text, without special tokens: through :func:`direct_backend` where it may."""
+    backend = direct_backend(tokenizer)
+    if backend is not None:
         return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))

@@ -21,6 +21,7 @@ from typing import Any
 
 from sft.core.formats import THINK_OPEN
 from sft.core.interfaces import DatasetFormat, Segment
+from sft.core.templating import direct_backend
 
 __all__ = ["PlainTurns", "Pieces", "plain_turns", "encode_plain"]
 
@@ -69,10 +70,9 @@ def _plainly_valid(turns: Sequence[Any]) -> bool:
 def encode_plain(tokenizer: Any, rows: Sequence[Pieces], train_on: str) -> list[Encoded | None]:
     """``(ids, mask)`` of each plain render, the mask read off the tokens at its boundaries; None for a row whose
     boundaries do not tell (:func:`sft.core.templating.encode_rendered` encodes it, as every row was before)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = direct_backend(tokenizer)
     # Where encode_rendered would not use the Rust tokenizer's own batch (or refuses the tokenizer), it decides.
-    if not rows or not getattr(tokenizer, "is_fast", False) or backend is None or backend.truncation is not None \
-            or backend.padding is not None:
+    if not rows or not getattr(tokenizer, "is_fast", False) or backend is None:
         return [None] * len(rows)
     encodings = backend.encode_batch(["".join(pieces) for pieces in rows], add_special_tokens=False)
     if train_on == "all":
