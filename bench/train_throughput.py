@@ -20,6 +20,8 @@ the transformers baseline:
 - ``long-sft@L`` / ``long-unsloth@L``: one row of ``L`` tokens a step (batch 1, memory=default,
   1 warm-up step and 2 measured), ``sft run`` or the raw script: run several L, each in its own
   process (``--setups long-sft@32768,long-unsloth@32768,...``), for the longest that trains;
+  ``long-sft-tiled@L`` / ``long-unsloth-tiled@L``: the same with Unsloth's tiled MLP
+  (``training.memory=long`` / ``unsloth_tiled_mlp=True``);
 - ``sft-lora`` / ``sft-fp8`` / ``sft-fp8-sft``: ``sft run`` with ``model.method=lora`` (16-bit base) /
   ``fp8`` (the FP8 base on Unsloth's fused kernels) / ``fp8`` with ``SFT_FP8_KERNELS=sft``;
 - ``curve``: raw Unsloth with ``checkpoint_skip_layers = k`` for each ``--curve`` value, one
@@ -229,9 +231,18 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / GIB
 
 
+def host_peak_gib() -> float:
+    """The process's peak resident host memory: Unsloth offloads each layer's checkpointed input
+    to (pinned) host memory, 256 KiB a token for the 8B shape, which bounds long rows too."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
 # -- setups ---------------------------------------------------------------------------------
-def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[str, Any]:
-    """A plain Unsloth notebook: FastLanguageModel + get_peft_model + TRL's SFTTrainer."""
+def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None, tiled: bool = False) -> dict[str, Any]:
+    """A plain Unsloth notebook: FastLanguageModel + get_peft_model + TRL's SFTTrainer
+    (``tiled``: ``unsloth_tiled_mlp=True``, Unsloth's own switch for its tiled MLP)."""
     from unsloth import FastLanguageModel  # first: Unsloth patches transformers and TRL on import
 
     import torch
@@ -239,7 +250,8 @@ def run_unsloth(a: argparse.Namespace, curve: list[int] | None = None) -> dict[s
     from trl import SFTTrainer
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        str(a.model_dir), max_seq_length=a.seq, load_in_4bit=True, dtype=None, local_files_only=True)
+        str(a.model_dir), max_seq_length=a.seq, load_in_4bit=True, dtype=None, local_files_only=True,
+        unsloth_tiled_mlp=tiled)
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
         use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=True)
@@ -519,7 +531,9 @@ def worker(a: argparse.Namespace) -> None:
             if "@" in setup:  # long context: long-sft@32768 / long-unsloth@32768, batch 1, one such row a step
                 which, length = setup.split("@")
                 long = argparse.Namespace(**{**vars(a), "seq": int(length), "batch": 1, "warmup": 1, "steps": a.long_steps})
-                result = {"seq": int(length), **(run_sft(long, "default") if which == "long-sft" else run_unsloth(long))}
+                runs = {"long-sft": lambda: run_sft(long, "default"), "long-sft-tiled": lambda: run_sft(long, "long"),
+                        "long-unsloth": lambda: run_unsloth(long), "long-unsloth-tiled": lambda: run_unsloth(long, tiled=True)}
+                result = {"seq": int(length), **runs[which](), "host_peak_gib": host_peak_gib()}
             else:
                 result = setups[setup]()
         except Exception as exc:  # noqa: BLE001 - the next setup of a shared process still runs
@@ -607,17 +621,18 @@ def table(results: dict[str, dict[str, Any]], seq: int = 2048) -> str:
 
 def long_table(results: dict[str, dict[str, Any]]) -> str:
     """Long context (issue 29): each length tried at batch 1, memory=default; the longest that trained."""
-    lines = ["| setup | sequence | tokens/s | peak GiB | result |", "|---|---:|---:|---:|---|"]
+    lines = ["| setup | sequence | tokens/s | peak GiB | host peak GiB | result |", "|---|---:|---:|---:|---:|---|"]
     longest: dict[str, int] = {}
     for setup, r in results.items():
         if "@" not in setup:
             continue
         which, length = setup.split("@")
         if "error" in r:
-            lines.append(f"| {which} | {int(length):,} | | | failed: {r['error'][:80]} |")
+            lines.append(f"| {which} | {int(length):,} | | | | failed: {r['error'][:80]} |")
             continue
         longest[which] = max(longest.get(which, 0), int(length))
-        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | trained |")
+        host = f"{r['host_peak_gib']:.1f}" if "host_peak_gib" in r else "-"
+        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {host} | trained |")
     lines += ["", "longest trained: " + ", ".join(f"{k} {v:,}" for k, v in sorted(longest.items()))]
     return "\n".join(lines)
 

@@ -1,10 +1,12 @@
-"""The arithmetic of ``training.memory=auto`` (the probe itself runs in tests/gpu)."""
+"""The arithmetic of ``training.memory=auto`` and which backends take each policy (the probe and
+the tiled MLP themselves run in tests/gpu)."""
 
 from __future__ import annotations
 
 import pytest
 
 from sft.plugins.backends.memory import GIB, CheckpointPlan, choose_skip
+from sft.testing import run_sft, tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -32,3 +34,15 @@ def test_plan_describes_itself() -> None:
     assert plan.describe() == ("memory=auto: 8 of 32 layers checkpointed (budget 70.0 GiB, base 9.0 GiB, "
                                "2.0 GiB/layer, step peak 57.0 GiB)")
     assert plan.to_json()["skip"] == 24
+
+
+@pytest.mark.parametrize("memory", ["auto", "long"])
+def test_memory_policies_are_unsloths_and_refused_elsewhere(memory, tiny_model_dir, tmp_path, sft_plugin_manager):
+    args = [*tiny_overrides(tmp_path / "run", tiny_model_dir), f"training.memory={memory}"]
+    result = run_sft("validate", *args, "model.backend=transformers", check=False)
+    assert result.exit_code == 2, result.output
+    assert (f"training.memory: {memory}: plans Unsloth's checkpointing or tiled MLP, which this backend does not "
+            "have; use model.backend=unsloth (CUDA) or training.memory=default (backend 'transformers')") in result.output
+    # `sft validate` asks the named backend even where it cannot run: Unsloth takes both.
+    result = run_sft("validate", *args, "model.backend=unsloth", check=False)
+    assert "training.memory" not in result.output, result.output

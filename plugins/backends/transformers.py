@@ -63,6 +63,12 @@ class TransformersBackend(TrainingBackend):
     trained_positions_loss = True
     distributed_strategies = ("ddp", "fsdp2")
 
+    def config_problems(self, config: Any) -> list[tuple[str, str]]:
+        if config.training.memory != "default":
+            return [("training.memory", f"{config.training.memory}: plans Unsloth's checkpointing or tiled MLP, which "
+                     "this backend does not have; use model.backend=unsloth (CUDA) or training.memory=default")]
+        return []
+
     def distributed_reason(self, config: Any, strategy: str) -> str | None:
         reason = super().distributed_reason(config, strategy)
         if not reason and strategy == "fsdp2" and config.model.method == "fp8":

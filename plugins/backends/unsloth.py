@@ -113,9 +113,14 @@ class UnslothBackend(TrainingBackend):
             full_finetuning=method == "full",
             use_gradient_checkpointing=self._checkpointing(config),
             random_state=int(config.lora.random_state),
+            # training.memory=long: Unsloth's tiled MLP, which runs each MLP in row chunks (a
+            # chunk's intermediates are recomputed in backward), applied to every `.mlp` it finds.
+            unsloth_tiled_mlp=config.training.memory == "long",
             **({"device_map": placement} if placement is not None else {}),
             **pretrained_kwargs(config.model),
         )
+        if config.training.memory == "long":
+            report_tiled_mlp(model)
         return model, tokenizer
 
     @staticmethod
@@ -193,6 +198,27 @@ def to_fp8_base(model: Any) -> None:
         changed = use_sft_kernels_under_unsloth(model)
         notice(f"model.method=fp8: SFT_FP8_KERNELS=sft, {changed} fused LoRA projections back on PEFT's forward: "
                "the base products are sft's FP8 ones (input gradient in FP8 too)")
+
+
+def report_tiled_mlp(model: Any) -> None:
+    """Say how many decoder layers got Unsloth's tiled MLP; refuse a model where none did.
+
+    Unsloth tiles the modules whose name ends in ``.mlp``, ``.feed_forward`` and a few more,
+    and marks each with ``_unsloth_forward``; a family named otherwise would train untiled,
+    at default memory, with nothing said.
+    """
+    from unsloth_zoo.block_swap import find_decoder_layers
+
+    from sft.core.errors import ConfigError, ConfigProblem
+    from sft.core.notices import notice
+
+    layers = find_decoder_layers(model)
+    tiled = sum(any("_unsloth_forward" in vars(m) for m in layer.modules()) for layer in layers)
+    if not tiled:
+        raise ConfigError([ConfigProblem("training.memory", f"long: Unsloth's tiled MLP found no MLP module in the "
+                                         f"{len(layers)} decoder layers of this {type(model).__name__}; use "
+                                         "training.memory=default")])
+    notice(f"training.memory=long: Unsloth's tiled MLP on {tiled} of {len(layers)} decoder layers")
 
 
 def plan_checkpoint_skips(model: Any, config: Any) -> None:

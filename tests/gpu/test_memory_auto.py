@@ -1,4 +1,5 @@
-"""``training.memory=auto`` on Unsloth: the probe picks a plan, applies it, and leaves no trace."""
+"""``training.memory`` on Unsloth: auto's probe picks a plan, applies it, and leaves no trace;
+long tiles every MLP; both train what the default trains."""
 
 from __future__ import annotations
 
@@ -34,10 +35,18 @@ def _train(model_dir: Path, work: Path, memory: str) -> tuple[Path, str]:
     return out, proc.stderr
 
 
-def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, tmp_path: Path) -> None:
-    default, err_default = _train(small_llama_dir, tmp_path, "default")
-    assert "memory=auto" not in err_default
-    auto, err = _train(small_llama_dir, tmp_path, "auto")
+@pytest.fixture(scope="module")
+def default_run(small_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The run at training.memory=default that the others are compared with, and its folder."""
+    work = tmp_path_factory.mktemp("memory")
+    default, err = _train(small_llama_dir, work, "default")
+    assert "memory=auto" not in err and "tiled MLP" not in err
+    return default, work
+
+
+def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, default_run: tuple[Path, Path]) -> None:
+    default, work = default_run
+    auto, err = _train(small_llama_dir, work, "auto")
     plan = re.search(r"memory=auto: (\d+) of (\d+) layers checkpointed", err)
     assert plan, err[-2000:]
     # A 4-layer model with a batch of 4 x 128 tokens fits any GPU many times over.
@@ -48,6 +57,19 @@ def test_memory_auto_plans_and_matches_default(small_llama_dir: Path, tmp_path: 
     # The probe cleared its gradients and restored the RNG: the first step's loss (before any
     # update) is the default run's, and the runs stay together after it.
     a, d = _losses(auto), _losses(default)
+    assert len(a) == len(d) == 4
+    assert a[0] == pytest.approx(d[0], rel=1e-3)
+    assert a == pytest.approx(d, rel=3e-2)
+
+
+def test_memory_long_tiles_every_mlp_and_matches_default(small_llama_dir: Path,
+                                                         default_run: tuple[Path, Path]) -> None:
+    default, work = default_run
+    long, err = _train(small_llama_dir, work, "long")
+    assert "training.memory=long: Unsloth's tiled MLP on 4 of 4 decoder layers" in err, err[-2000:]
+    # Tiling splits the MLP's rows (hidden size 256: a batch of 4 x ~128 tokens is 2 chunks) and
+    # recomputes them in backward: the same products, so the same losses.
+    a, d = _losses(long), _losses(default)
     assert len(a) == len(d) == 4
     assert a[0] == pytest.approx(d[0], rel=1e-3)
     assert a == pytest.approx(d, rel=3e-2)
