@@ -615,24 +615,29 @@ def table(results: dict[str, dict[str, Any]], seq: int = 2048) -> str:
     if any(s in results for s in CHAT_LABELS):
         lines += ["", chat_table(results)]
     if any("@" in s for s in results):
-        lines += ["", long_table(results)]
+        lines += ["", long_table(results, bf16_peak)]
     return "\n".join(lines)
 
 
-def long_table(results: dict[str, dict[str, Any]]) -> str:
-    """Long context (issue 29): each length tried at batch 1, memory=default; the longest that trained."""
-    lines = ["| setup | sequence | tokens/s | peak GiB | host peak GiB | result |", "|---|---:|---:|---:|---:|---|"]
+def long_table(results: dict[str, dict[str, Any]], bf16_peak: float | None = None) -> str:
+    """Long context (issue 29): each length tried at batch 1; the achieved matrix rate (attention
+    grows with the row, :func:`flops_per_token`); the longest that trained."""
+    lines = ["| setup | sequence | tokens/s | TFLOP/s | % bf16 ceiling | peak GiB | host peak GiB | result |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     longest: dict[str, int] = {}
     for setup, r in results.items():
         if "@" not in setup:
             continue
         which, length = setup.split("@")
         if "error" in r:
-            lines.append(f"| {which} | {int(length):,} | | | | failed: {r['error'][:80]} |")
+            lines.append(f"| {which} | {int(length):,} | | | | | | failed: {r['error'][:80]} |")
             continue
         longest[which] = max(longest.get(which, 0), int(length))
         host = f"{r['host_peak_gib']:.1f}" if "host_peak_gib" in r else "-"
-        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {host} | trained |")
+        tflops = r["tokens_per_s"] * flops_per_token(int(length)) / 1e12
+        share = f"{100 * tflops / bf16_peak:.0f}%" if bf16_peak else "-"
+        lines.append(f"| {which} | {int(length):,} | {r['tokens_per_s']:,.0f} | {tflops:.0f} | {share} | "
+                     f"{r['peak_gib']:.2f} | {host} | trained |")
     lines += ["", "longest trained: " + ", ".join(f"{k} {v:,}" for k, v in sorted(longest.items()))]
     return "\n".join(lines)
 
