@@ -373,6 +373,63 @@ def test_reasoning_is_untrained_under_assistant_no_reasoning_whatever_its_shape(
     assert "think" not in without and "analysis" not in without, without
 
 
+def _inline(conversation: list[dict], written: str) -> list[dict]:
+    """``conversation`` with each reasoning_content moved into its answer as a think block, ``written`` so."""
+    return [{k: v for k, v in turn.items() if k != "reasoning_content"}
+            | {"content": written.format(turn["reasoning_content"], turn["content"])}
+            if "reasoning_content" in turn else turn for turn in conversation]
+
+
+@pytest.mark.parametrize("written", ["<think>\n{}\n</think>\n\n{}", "<think>{}</think>{}", "\n<think> {} </think>\n{}"])
+@pytest.mark.parametrize("case", ["reasoning", "multi_turn_reasoning"])
+@pytest.mark.parametrize("model_name, template_name", [
+    ("qwen3", "tokenizer"), ("qwen3", "qwen3"), ("qwen3.5", "tokenizer"), ("qwen3.6", "tokenizer"),
+    ("nemotron3", "tokenizer")])
+def test_an_answers_think_block_trains_as_a_reasoning_field_does(model_name, template_name, case, written, smollm2_dir):
+    """DeepSeek-R1's way of writing reasoning (a think block opening the answer, with or without newlines)
+    trains what a reasoning_content field trains on a model whose template rebuilds the block (Qwen3
+    rewrites its newlines and drops it from earlier turns), reasoning segments included."""
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    template = PM.get("chat_template", template_name)
+    fields = template.render(as_messages(CASES[case]), tokenizer)
+    inline = template.render(as_messages(_inline(CASES[case], written)), tokenizer)
+    assert [(s.text, s.trained, s.reasoning) for s in inline] == [(s.text, s.trained, s.reasoning) for s in fields]
+    assert any(s.reasoning for s in inline)
+
+
+@pytest.mark.parametrize("template_name", ["tokenizer", "qwen3"])
+def test_reasoning_repeated_in_a_later_turn_is_not_taken_for_the_dropped_one(template_name, smollm2_dir):
+    """Qwen3 drops earlier turns' reasoning; when a later turn reasons with the same words, the earlier turn
+    still ends at its own end of turn (it used to run on to the later one's, and the row was refused)."""
+    tokenizer = _tokenizer(smollm2_dir, "qwen3")
+    same = "Let me check the question."
+    conversation = [Q1, {**A1, "reasoning_content": same}, Q2, {**A2, "reasoning_content": same + " Twice."}]
+    segments = PM.get("chat_template", template_name).render(as_messages(conversation), tokenizer)
+    trained = [(s.text, s.reasoning) for s in segments if s.trained]
+    assert trained == [(A1["content"] + "<|im_end|>", False), (f"<think>\n{same} Twice.\n</think>\n\n", True),
+                       (A2["content"] + "<|im_end|>", False)]
+
+
+def test_a_think_block_the_template_writes_as_it_is_stays_text_marked_as_reasoning(smollm2_dir):
+    """A template without a reasoning format of its own (SmolLM2's ChatML) trains the block as written, and
+    assistant_no_reasoning leaves it out there too."""
+    tokenizer = fresh_tokenizer(smollm2_dir)
+    conversation = _inline(CASES["multi_turn_reasoning"], "<think>{}</think>{}")
+    segments = PM.get("chat_template", "tokenizer").render(as_messages(conversation), tokenizer)
+    assert segments_text(segments) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert [s.text for s in segments if s.reasoning] == [f"<think>{t['reasoning_content']}</think>"
+                                                         for t in CASES["multi_turn_reasoning"] if "reasoning_content" in t]
+
+
+@pytest.mark.parametrize("model_name", ["qwq", "r1-distill-qwen"])
+def test_a_template_that_cuts_the_think_block_still_refuses_it(model_name, smollm2_dir):
+    """QwQ's and R1-Distill's templates cut the think block out of every answer: refused, never trained without it."""
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    with pytest.raises(SftError, match="changes the text of assistant turn 1"):
+        PM.get("chat_template", "tokenizer").render(
+            as_messages(_inline(CASES["reasoning"], "<think>\n{}\n</think>\n\n{}")), tokenizer)
+
+
 @pytest.mark.parametrize("model_name, template_name, data", [
     ("gpt-oss", "tokenizer", "glaive_toolcall_en_demo.json"),
     ("qwen3.5", "tokenizer", "reason_tool_use_demo_50.jsonl"),

@@ -161,6 +161,30 @@ def test_chatml_refuses_reasoning_from_either_source_alike(row, tiny_model_dir, 
         build_datasets(data_config(tiny_model_dir, path, "template.name=chatml"), None, fresh_tokenizer(tiny_model_dir))
 
 
+@pytest.mark.parametrize("train_on", ["assistant", "assistant_no_reasoning"])
+def test_think_blocks_written_in_the_answer_train_as_reasoning_content_does_on_qwen3(train_on, tiny_model_dir, tmp_path):
+    """R1-style rows (`<think>...</think>` opening the answer, however spaced) prepare to the same tokens and masks
+    as the same rows with a reasoning_content field: none is refused, and assistant_no_reasoning leaves the
+    block untrained in both."""
+    from sft.engine.data import build_datasets
+
+    reasons = [f"{n} * 3 = {3 * n}, so the answer is {3 * n}." for n in range(12)]
+    fields = [_reasoning_row(f"{3 * n}.", r) for n, r in enumerate(reasons)]
+    inline = [_reasoning_row(f"<think>{r}</think>{3 * n}." if n % 2 else f"<think>\n{r}\n</think>\n\n{3 * n}.")
+              for n, r in enumerate(reasons)]
+    prepared = [build_datasets(data_config(tiny_model_dir, write_jsonl(tmp_path / f"{name}.jsonl", rows),
+                                           "template.name=qwen3", f"data.train_on={train_on}", "data.test_size=0"),
+                               None, fresh_tokenizer(tiny_model_dir), quiet=True)
+                for name, rows in (("fields", fields), ("inline", inline))]
+    assert [p.stats["train_rows"] for p in prepared] == [12, 12]
+    assert prepared[1].train["input_ids"] == prepared[0].train["input_ids"]
+    assert prepared[1].train["assistant_masks"] == prepared[0].train["assistant_masks"]
+    tokenizer = fresh_tokenizer(tiny_model_dir)
+    row = prepared[1].train[0]
+    trained = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m])
+    assert ("so the answer is" in trained) == (train_on == "assistant")
+
+
 # -- data ---------------------------------------------------------------------------------
 def test_messages_format_reads_the_openai_tool_schema():
     fmt = PM.get("dataset_format", "messages")

@@ -13,12 +13,13 @@ Not a plugin module (nothing registers here); template plugins import it, no oth
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sft.core.errors import SftError, as_user_error
 from sft.core.formats import has_reasoning
-from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
+from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
 from sft.core.templating import as_messages, chat_dicts
 from sft.core.timelimit import render_time_limit
 
@@ -56,9 +57,43 @@ def render_chat_template(chat_template: str, messages: Sequence[Message], genera
     return rendered[0]
 
 
+#: A user message at least this long is not found inside another turn's text by chance ("end" is in <|end|>).
+UNMISTAKABLE = 24
+
+
+class TurnRewritten(SftError):
+    """The chat_template writes an assistant turn's text otherwise than the row does."""
+
+
+def split_reasoning(message: Message) -> Message:
+    """``message`` with the think block its content opens with moved to ``reasoning``; else ``message`` itself.
+
+    Rows write reasoning either way: a ``reasoning_content`` field, or DeepSeek-R1's
+    ``<think>...</think>`` at the start of the answer, with or without newlines around it. Only a
+    content that opens with exactly one closed block is split, and only when an answer or a tool
+    call follows it (else the turn would be left with nothing to say).
+    """
+    if message.role != "assistant" or message.reasoning is not None or not isinstance(message.content, str):
+        return message
+    opening, closing = THINK
+    text = message.content.lstrip()
+    if not text.startswith(opening) or text.count(opening) != 1 or text.count(closing) != 1:
+        return message
+    inner, answer = text[len(opening):].split(closing)
+    if not (answer.strip() or message.tool_calls):
+        return message
+    return replace(message, content=answer.strip(), reasoning=inner.strip())
+
+
 def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | Sequence[str],
                    think: tuple[str, str] | None = THINK, specials: Sequence[str] = ()) -> list[Segment]:
     """Segments of ``apply(messages)`` with each assistant turn (text, tool calls, reasoning, its end) trained.
+
+    A row is rendered as written first. When the template rewrites a turn and the row's answers
+    open with think blocks, it is rendered again with those blocks as reasoning fields
+    (:func:`split_reasoning`): Qwen3's template, for one, rebuilds the block with its own newlines
+    and drops it from earlier turns, as it does a ``reasoning_content``. A template that renders
+    the block as written keeps it so (a model without a reasoning format learns it as text).
 
     Each assistant turn is found in the whole conversation's text, as the model's template renders
     it there (earlier turns may lose their reasoning, the last turn may end differently), never in
@@ -70,6 +105,20 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
     also when the generation prompt already opened it. Raises :class:`SftError` for a turn that
     cannot be located, that the template rewrites, or whose span would hold another turn's text.
     """
+    try:
+        return _segments(name, apply, messages, ends, think, specials)
+    except TurnRewritten as rewritten:
+        split = [split_reasoning(m) for m in messages]
+        if all(a is b for a, b in zip(split, messages)):
+            raise
+        try:
+            return _segments(name, apply, Conversation(split, tools_of(messages)), ends, think, specials)
+        except SftError:
+            raise rewritten from None
+
+
+def _segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | Sequence[str],
+              think: tuple[str, str] | None, specials: Sequence[str]) -> list[Segment]:
     ends = [ends] if isinstance(ends, str) else list(ends)
     full = apply(messages, False)
     segments: list[Segment] = []
@@ -198,17 +247,22 @@ class _Turn:
         where the text of the conversation up to this turn ends.
         """
         full = self.full
+        following = self.messages[self.i + 1] if self.i + 1 < len(self.messages) else None
+        # What a template leaves out (Qwen3 drops earlier turns' reasoning) is not looked for past the next
+        # question: the same words in a later turn ("Let me check." reasoning twice) are not this turn's.
+        asked = following.content.strip() if following is not None and following.role == "user" else ""
+        bound = full.find(asked, start) if len(asked) >= UNMISTAKABLE else -1
+        bound = bound if bound >= 0 else len(full)
         said, last = start, ""
         for piece in _pieces(self.message):
             at = full.find(piece, said)
-            if at >= 0:
+            if 0 <= at < bound:
                 said, last = at + len(piece), piece
         # A turn ends with one of ``ends``, or with the last token of one (Command R7B ends a call
         # <|END_ACTION|><|END_OF_TURN_TOKEN|>, an answer <|END_RESPONSE|><|END_OF_TURN_TOKEN|>).
         closers = {next((t for t in self.specials if e.endswith(t)), e) for e in ends}
         found = [(at, -len(e), e) for e in {*ends, *closers} if (at := full.find(e, said)) >= 0]
         close = min(found)[0] + len(min(found)[2]) if found else -1
-        following = self.messages[self.i + 1] if self.i + 1 < len(self.messages) else None
         if self.message.tool_calls and following is not None and following.role == "tool":
             result = full.find(following.content.strip(), said) if following.content.strip() else -1
             if close < 0 or 0 <= result < close:
@@ -235,8 +289,9 @@ class _Turn:
         """
         full = self.full
         span = full[start:end]
-        reasoning = (self.message.reasoning or "").strip()
-        said = _pieces(self.message)[1 if reasoning else 0:]
+        message = split_reasoning(self.message)  # a think block written in the answer is reasoning too
+        reasoning = (message.reasoning or "").strip()
+        said = _pieces(message)[1 if reasoning else 0:]
         first_said = min((at for p in said if (at := span.find(p)) >= 0), default=len(span))
         at = span.find(reasoning) if reasoning else -1
         if 0 <= at < first_said:
@@ -268,8 +323,8 @@ def _check_outside(name: str, i: int, messages: Sequence[Message], span: str) ->
     said = own.content + (own.reasoning or "") + "".join(str(c.arguments) + c.name for c in own.tool_calls)
     for j, other in enumerate(messages):
         text = other.content.strip()
-        # Tool results always; a user turn only when long enough not to match by chance ("end" in <|end|>).
-        if other.role not in ("tool", "user") or (other.role == "user" and len(text) < 24) or not text or text in said:
+        # Tool results always; a user turn only when long enough not to match by chance.
+        if other.role not in ("tool", "user") or (other.role == "user" and len(text) < UNMISTAKABLE) or not text or text in said:
             continue
         if text in span:
             fix = (" (Gemma 4 writes tool results before the text of the turn that called: give that turn "
@@ -287,7 +342,7 @@ def _check_span(name: str, i: int, message: Message, span: str) -> None:
         missing.append("its text")
     missing += [f"its call of '{c.name}'" for c in message.tool_calls if c.name not in span]
     if missing:
-        raise SftError(f"template '{name}': the chat_template changes the text of assistant turn {i} (it drops, "
+        raise TurnRewritten(f"template '{name}': the chat_template changes the text of assistant turn {i} (it drops, "
                        f"moves or rewrites {' and '.join(missing)}), so that turn cannot be trained as written")
 
 

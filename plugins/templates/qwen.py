@@ -51,7 +51,7 @@ class Qwen(_ChatMLTools):
 
 class Qwen3(_ChatMLTools):
     name = "qwen3"
-    version = "1"
+    version = "2"
     description = "Qwen3: ChatML, <think> reasoning (earlier turns' dropped), <tool_call> calls, <tool_response> results"
     asset = "qwen3.jinja"
     reasoning = True
