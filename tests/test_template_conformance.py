@@ -381,7 +381,7 @@ def _inline(conversation: list[dict], written: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("written", ["<think>\n{}\n</think>\n\n{}", "<think>{}</think>{}", "\n<think> {} </think>\n{}"])
-@pytest.mark.parametrize("case", ["reasoning", "multi_turn_reasoning"])
+@pytest.mark.parametrize("case", ["reasoning", "multi_turn_reasoning", "reasoning_tools_then_question"])
 @pytest.mark.parametrize("model_name, template_name", [
     ("qwen3", "tokenizer"), ("qwen3", "qwen3"), ("qwen3.5", "tokenizer"), ("qwen3.6", "tokenizer"),
     ("nemotron3", "tokenizer")])
@@ -391,8 +391,9 @@ def test_an_answers_think_block_trains_as_a_reasoning_field_does(model_name, tem
     rewrites its newlines and drops it from earlier turns), reasoning segments included."""
     tokenizer = _tokenizer(smollm2_dir, model_name)
     template = PM.get("chat_template", template_name)
-    fields = template.render(as_messages(CASES[case]), tokenizer)
-    inline = template.render(as_messages(_inline(CASES[case], written)), tokenizer)
+    tools = TOOLS if any("tool_calls" in t for t in CASES[case]) else None
+    fields = template.render(as_messages(CASES[case], tools), tokenizer)
+    inline = template.render(as_messages(_inline(CASES[case], written), tools), tokenizer)
     assert [(s.text, s.trained, s.reasoning) for s in inline] == [(s.text, s.trained, s.reasoning) for s in fields]
     assert any(s.reasoning for s in inline)
 
