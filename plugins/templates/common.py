@@ -324,7 +324,8 @@ def _check_outside(name: str, i: int, messages: Sequence[Message], span: str) ->
     for j, other in enumerate(messages):
         text = other.content.strip()
         # Tool results always; a user turn only when long enough not to match by chance.
-        if other.role not in ("tool", "user") or (other.role == "user" and len(text) < UNMISTAKABLE) or not text or text in said:
+        short = other.role == "user" and len(text) < UNMISTAKABLE
+        if other.role not in ("tool", "user") or short or not text or text in said:
             continue
         if text in span:
             fix = (" (Gemma 4 writes tool results before the text of the turn that called: give that turn "
@@ -342,8 +343,9 @@ def _check_span(name: str, i: int, message: Message, span: str) -> None:
         missing.append("its text")
     missing += [f"its call of '{c.name}'" for c in message.tool_calls if c.name not in span]
     if missing:
-        raise TurnRewritten(f"template '{name}': the chat_template changes the text of assistant turn {i} (it drops, "
-                       f"moves or rewrites {' and '.join(missing)}), so that turn cannot be trained as written")
+        raise TurnRewritten(f"template '{name}': the chat_template changes the text of assistant turn {i} (it "
+                            f"drops, moves or rewrites {' and '.join(missing)}), so that turn cannot be trained as "
+                            "written")
 
 
 class JinjaTemplate(ChatTemplate):
