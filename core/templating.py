@@ -33,7 +33,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|p
 
 __all__ = ["resolve_template", "prepare_tokenizer", "model_eos_token", "Turn", "TurnTemplate", "segments_text",
            "trained_text", "encode_rendered", "end_of_turn", "adds_bos", "as_messages", "chat_dicts", "REASONING_KEYS",
-           "reasoning_key", "try_render", "PROBE_TOOL", "token_runs", "direct_backend"]
+           "reasoning_key", "rendered_reasoning_key", "try_render", "PROBE_TOOL", "token_runs", "direct_backend"]
 
 
 def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
@@ -158,16 +158,20 @@ PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", 
     "type": "object", "properties": {}}}}
 
 #: chat_template (its JSON for a hub list of named templates) -> the key it reads reasoning from.
-_REASONING_KEY: dict[str, str] = {}
+_REASONING_KEY: dict[str, str | None] = {}
 
 
 def reasoning_key(tokenizer: Any) -> str:
+    """:func:`rendered_reasoning_key`, or ``reasoning_content`` for a template that renders none (a row's
+    reasoning is then refused, never dropped silently)."""
+    return rendered_reasoning_key(tokenizer) or REASONING_KEYS[0]
+
+
+def rendered_reasoning_key(tokenizer: Any) -> str | None:
     """The message key the tokenizer's chat_template reads reasoning from: the first of REASONING_KEYS it renders.
 
-    Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed (once per template) on an
-    answer, then on a tool call (Gemma 4 writes reasoning only there). A template that renders
-    none gets ``reasoning_content``; a row's reasoning is then refused, never dropped silently.
-    """
+    Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed (once per template) on an answer, then
+    on a tool call (Gemma 4 writes reasoning only there). None: it renders none."""
     source = tokenizer.chat_template
     source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
     if source not in _REASONING_KEY:
@@ -178,7 +182,7 @@ def reasoning_key(tokenizer: Any) -> str:
         _REASONING_KEY[source] = next(
             (key for answer, tools in probes for key in REASONING_KEYS
              if marker in try_render(tokenizer, [{"role": "user", "content": "SFTPROBEUSER"}, {**answer, key: marker}],
-                                     tools)), REASONING_KEYS[0])
+                                     tools)), None)
     return _REASONING_KEY[source]
 
 

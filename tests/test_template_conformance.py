@@ -384,11 +384,13 @@ def _inline(conversation: list[dict], written: str) -> list[dict]:
 @pytest.mark.parametrize("case", ["reasoning", "multi_turn_reasoning", "reasoning_tools_then_question"])
 @pytest.mark.parametrize("model_name, template_name", [
     ("qwen3", "tokenizer"), ("qwen3", "qwen3"), ("qwen3.5", "tokenizer"), ("qwen3.6", "tokenizer"),
-    ("nemotron3", "tokenizer")])
+    ("qwen3.8", "tokenizer"), ("nemotron3", "tokenizer"), ("gpt-oss", "tokenizer")])
 def test_an_answers_think_block_trains_as_a_reasoning_field_does(model_name, template_name, case, written, smollm2_dir):
     """DeepSeek-R1's way of writing reasoning (a think block opening the answer, with or without newlines)
-    trains what a reasoning_content field trains on a model whose template rebuilds the block (Qwen3
-    rewrites its newlines and drops it from earlier turns), reasoning segments included."""
+    trains what a reasoning_content field trains wherever the template has a reasoning format: Qwen3
+    rebuilds the block with its newlines and drops it from earlier turns, TRL's Qwen3.8 and Nemotron 3
+    would otherwise write it as text after an empty block of their own, gpt-oss as text in its final
+    message instead of its analysis one. Reasoning segments included."""
     tokenizer = _tokenizer(smollm2_dir, model_name)
     template = PM.get("chat_template", template_name)
     tools = TOOLS if any("tool_calls" in t for t in CASES[case]) else None
@@ -422,13 +424,26 @@ def test_a_think_block_the_template_writes_as_it_is_stays_text_marked_as_reasoni
                                                          for t in CASES["multi_turn_reasoning"] if "reasoning_content" in t]
 
 
-@pytest.mark.parametrize("model_name", ["qwq", "r1-distill-qwen"])
-def test_a_template_that_cuts_the_think_block_still_refuses_it(model_name, smollm2_dir):
-    """QwQ's and R1-Distill's templates cut the think block out of every answer: refused, never trained without it."""
-    tokenizer = _tokenizer(smollm2_dir, model_name)
-    with pytest.raises(SftError, match="changes the text of assistant turn 1"):
+def test_a_template_that_cuts_the_think_block_out_of_every_answer_refuses_it(smollm2_dir):
+    """R1-Distill's template cuts the block out of every answer: refused, never trained without it."""
+    tokenizer = _tokenizer(smollm2_dir, "r1-distill-qwen")
+    with pytest.raises(SftError, match="the chat_template renders no reasoning"):
         PM.get("chat_template", "tokenizer").render(
-            as_messages(_inline(CASES["reasoning"], "<think>\n{}\n</think>\n\n{}")), tokenizer)
+            as_messages(_inline(CASES["multi_turn_reasoning"], "<think>\n{}\n</think>\n\n{}")), tokenizer)
+
+
+@pytest.mark.parametrize("written", ["<think>\n{}\n</think>\n\n{}", "<think>{}</think>{}"])
+def test_qwq_trains_its_own_format_the_last_answers_block_after_the_prompts_think(written, smollm2_dir):
+    """QwQ has no reasoning field: its template keeps the last answer as written (its generation prompt opens
+    the block) and cuts the block out of earlier ones. That is what trains; the last block is reasoning."""
+    tokenizer = _tokenizer(smollm2_dir, "qwq")
+    conversation = _inline(CASES["multi_turn_reasoning"], written)
+    segments = PM.get("chat_template", "tokenizer").render(as_messages(conversation), tokenizer)
+    assert segments_text(segments) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    last, first = CASES["multi_turn_reasoning"][3], CASES["multi_turn_reasoning"][1]
+    [reasoning] = [s.text for s in segments if s.reasoning]
+    assert last["reasoning_content"] in reasoning and reasoning.rstrip("\n").endswith("</think>")
+    assert first["reasoning_content"] not in segments_text(segments)
 
 
 @pytest.mark.parametrize("model_name, template_name, data", [

@@ -23,7 +23,8 @@ from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, to
 from sft.core.templating import as_messages, chat_dicts
 from sft.core.timelimit import render_time_limit
 
-__all__ = ["JinjaTemplate", "jinja_segments", "special_tokens", "render_chat_template", "chatml_tools_ollama", "THINK"]
+__all__ = ["JinjaTemplate", "jinja_segments", "split_reasoning", "with_reasoning_fields", "special_tokens",
+           "render_chat_template", "chatml_tools_ollama", "THINK"]
 
 #: The delimiters of a reasoning block, as Qwen3, DeepSeek-R1 and most reasoning models write it.
 THINK = ("<think>", "</think>")
@@ -61,10 +62,6 @@ def render_chat_template(chat_template: str, messages: Sequence[Message], genera
 UNMISTAKABLE = 24
 
 
-class TurnRewritten(SftError):
-    """The chat_template writes an assistant turn's text otherwise than the row does."""
-
-
 def split_reasoning(message: Message) -> Message:
     """``message`` with the think block its content opens with moved to ``reasoning``; else ``message`` itself.
 
@@ -85,15 +82,23 @@ def split_reasoning(message: Message) -> Message:
     return replace(message, content=answer.strip(), reasoning=inner.strip())
 
 
+def with_reasoning_fields(messages: Sequence[Message]) -> Sequence[Message]:
+    """``messages`` with each answer's opening think block as its reasoning (:func:`split_reasoning`), for a
+    template with a reasoning format of its own, which then writes it its way (gpt-oss as its analysis
+    message, TRL's Qwen3 templates with their own newlines) rather than as text inside the answer."""
+    split = [split_reasoning(m) for m in messages]
+    return messages if all(a is b for a, b in zip(split, messages)) else Conversation(split, tools_of(messages))
+
+
 def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | Sequence[str],
                    think: tuple[str, str] | None = THINK, specials: Sequence[str] = ()) -> list[Segment]:
     """Segments of ``apply(messages)`` with each assistant turn (text, tool calls, reasoning, its end) trained.
 
-    A row is rendered as written first. When the template rewrites a turn and the row's answers
-    open with think blocks, it is rendered again with those blocks as reasoning fields
-    (:func:`split_reasoning`): Qwen3's template, for one, rebuilds the block with its own newlines
-    and drops it from earlier turns, as it does a ``reasoning_content``. A template that renders
-    the block as written keeps it so (a model without a reasoning format learns it as text).
+    A think block that opens an answer (DeepSeek-R1's way of writing reasoning) is the turn's
+    reasoning here, as a ``reasoning_content`` is (:func:`split_reasoning`): the template may
+    rebuild it or drop it from earlier turns (QwQ's), the turn's text must be there, and the block
+    is marked as reasoning. (``apply`` of a template with a reasoning format renders such a block
+    as the reasoning field, :func:`with_reasoning_fields`; others render the row as written.)
 
     Each assistant turn is found in the whole conversation's text, as the model's template renders
     it there (earlier turns may lose their reasoning, the last turn may end differently), never in
@@ -105,20 +110,6 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
     also when the generation prompt already opened it. Raises :class:`SftError` for a turn that
     cannot be located, that the template rewrites, or whose span would hold another turn's text.
     """
-    try:
-        return _segments(name, apply, messages, ends, think, specials)
-    except TurnRewritten as rewritten:
-        split = [split_reasoning(m) for m in messages]
-        if all(a is b for a, b in zip(split, messages)):
-            raise
-        try:
-            return _segments(name, apply, Conversation(split, tools_of(messages)), ends, think, specials)
-        except SftError:
-            raise rewritten from None
-
-
-def _segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | Sequence[str],
-              think: tuple[str, str] | None, specials: Sequence[str]) -> list[Segment]:
     ends = [ends] if isinstance(ends, str) else list(ends)
     full = apply(messages, False)
     segments: list[Segment] = []
@@ -128,10 +119,10 @@ def _segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | 
             continue
         turn = _Turn(name, apply, messages, i, full, specials)
         start = turn.start(pos)
-        _check_span(name, i, message, full[start:])  # what the turn says follows its start
+        _check_span(name, i, turn.message, full[start:])  # what the turn says follows its start
         end = turn.end(start, ends)
         span = full[start:end]
-        _check_span(name, i, message, span)
+        _check_span(name, i, turn.message, span)
         _check_outside(name, i, messages, span)
         segments.append(Segment(full[pos:start], False))
         cut = turn.reasoning_end(start, end, ends, think)
@@ -139,7 +130,8 @@ def _segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | 
         segments.append(Segment(full[cut:end], True))
         pos = end
     segments.append(Segment(full[pos:], False))
-    if any(m.reasoning for m in messages) and not any(m.reasoning.strip() in full for m in messages if m.reasoning):
+    reasoned = [m.reasoning.strip() for m in map(split_reasoning, messages) if m.reasoning]
+    if reasoned and not any(r in full for r in reasoned):
         raise SftError(f"template '{name}': the chat_template renders no reasoning, so this row's reasoning would be "
                        f"dropped; choose a template that has a reasoning format (qwen3, or tokenizer with a "
                        f"reasoning model such as Qwen3, gpt-oss or Nemotron 3)")
@@ -185,7 +177,8 @@ class _Turn:
                  specials: Sequence[str]):
         self.name, self.apply, self.messages, self.i, self.full = name, apply, messages, i, full
         self.specials = specials
-        self.message = messages[i]
+        #: what the turn says: its think block, if its content opens with one, as its reasoning
+        self.message = split_reasoning(messages[i])
         self.prompt = apply(messages[:i], True)  # the generation prompt of this turn
         self._header: str | None = None
 
@@ -289,9 +282,8 @@ class _Turn:
         """
         full = self.full
         span = full[start:end]
-        message = split_reasoning(self.message)  # a think block written in the answer is reasoning too
-        reasoning = (message.reasoning or "").strip()
-        said = _pieces(message)[1 if reasoning else 0:]
+        reasoning = (self.message.reasoning or "").strip()
+        said = _pieces(self.message)[1 if reasoning else 0:]
         first_said = min((at for p in said if (at := span.find(p)) >= 0), default=len(span))
         at = span.find(reasoning) if reasoning else -1
         if 0 <= at < first_said:
@@ -343,9 +335,8 @@ def _check_span(name: str, i: int, message: Message, span: str) -> None:
         missing.append("its text")
     missing += [f"its call of '{c.name}'" for c in message.tool_calls if c.name not in span]
     if missing:
-        raise TurnRewritten(f"template '{name}': the chat_template changes the text of assistant turn {i} (it "
-                            f"drops, moves or rewrites {' and '.join(missing)}), so that turn cannot be trained as "
-                            "written")
+        raise SftError(f"template '{name}': the chat_template changes the text of assistant turn {i} (it drops, "
+                       f"moves or rewrites {' and '.join(missing)}), so that turn cannot be trained as written")
 
 
 class JinjaTemplate(ChatTemplate):
@@ -368,6 +359,8 @@ class JinjaTemplate(ChatTemplate):
         return (Path(__file__).parent / "assets" / self.asset).read_text(encoding="utf-8").removesuffix("\n")
 
     def _apply(self, messages: Sequence[Message], generation: bool, tokenizer: Any = None) -> str:
+        if self.reasoning:
+            messages = with_reasoning_fields(messages)
         # The saved tokenizer renders jinja() with its own special tokens; so does training.
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else self.bos
         eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else self.eot
