@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .errors import DataError, did_you_mean
 from .interfaces import ROLES, Message, ToolCall, tools_of
 
-__all__ = ["MEDIA_COLUMNS", "refuse_media", "content_parts", "content_text", "require_text", "require_list",
+__all__ = ["split_reasoning", "MEDIA_COLUMNS", "refuse_media", "content_parts", "content_text", "require_text", "require_list",
            "validate_conversation", "parse_tools", "parse_tool_call", "parse_arguments", "present_field", "tool_names"]
 
 
@@ -195,6 +196,17 @@ def has_reasoning(message: Message) -> bool:
     sources follow one policy: a template without a reasoning format refuses the row either way."""
     return bool(message.reasoning) or (message.role == "assistant" and isinstance(message.content, str)
                                        and THINK_OPEN in message.content)
+
+
+def split_reasoning(message: Message) -> Message:
+    """``message`` with the one closed think block its content opens with as ``reasoning``, the rest as content
+    (when an answer or a call follows: DeepSeek-R1's way of writing reasoning); else ``message`` itself."""
+    text = message.content.lstrip() if message.role == "assistant" and message.reasoning is None else ""
+    if not text.startswith(THINK_OPEN) or text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
+        return message
+    inner, answer = text[len(THINK_OPEN):].split(THINK_CLOSE)
+    return replace(message, content=answer.strip(), reasoning=inner.strip()) if answer.strip() or message.tool_calls \
+        else message
 
 
 def _check_reasoning(message: Message, where: str) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .errors import ConfigError, ConfigProblem, SftError
-from .formats import has_reasoning
+from .formats import has_reasoning, split_reasoning
 from .interfaces import ChatTemplate, Conversation, Message, Segment, ToolCall, tools_of
 from .timelimit import TemplateTooSlow, render_time_limit
 
@@ -33,7 +33,7 @@ PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|p
 
 __all__ = ["resolve_template", "prepare_tokenizer", "model_eos_token", "Turn", "TurnTemplate", "segments_text",
            "trained_text", "encode_rendered", "end_of_turn", "adds_bos", "as_messages", "chat_dicts", "REASONING_KEYS",
-           "reasoning_key", "rendered_reasoning_key", "try_render", "PROBE_TOOL", "token_runs", "direct_backend"]
+           "rendered_reasoning_key", "try_render", "PROBE_TOOL", "direct_backend"]
 
 
 def resolve_template(cfg: Any, pm: "PluginManager | None" = None, tokenizer: Any = None) -> ChatTemplate:
@@ -161,17 +161,12 @@ PROBE_TOOL = {"type": "function", "function": {"name": "f", "description": "f", 
 _REASONING_KEY: dict[str, str | None] = {}
 
 
-def reasoning_key(tokenizer: Any) -> str:
-    """:func:`rendered_reasoning_key`, or ``reasoning_content`` for a template that renders none (a row's
-    reasoning is then refused, never dropped silently)."""
-    return rendered_reasoning_key(tokenizer) or REASONING_KEYS[0]
-
-
 def rendered_reasoning_key(tokenizer: Any) -> str | None:
     """The message key the tokenizer's chat_template reads reasoning from: the first of REASONING_KEYS it renders.
 
     Most read ``reasoning_content``; gpt-oss reads ``thinking``. Probed (once per template) on an answer, then
-    on a tool call (Gemma 4 writes reasoning only there). None: it renders none."""
+    on a tool call (Gemma 4 writes reasoning only there). None: it renders none (then a row's reasoning is
+    refused, never dropped silently)."""
     source = tokenizer.chat_template
     source = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
     if source not in _REASONING_KEY:
@@ -198,15 +193,17 @@ def try_render(tokenizer: Any, dicts: list[dict[str, Any]], tools: Any) -> str:
         return ""
 
 
-def chat_dicts(messages: Sequence[Message], reasoning_key: str = "reasoning_content") -> list[dict[str, Any]]:
+def chat_dicts(messages: Sequence[Message], reasoning_key: str | None = "reasoning_content") -> list[dict[str, Any]]:
     """The messages as the dicts HF chat templates read (OpenAI schema), with only the keys that are set.
 
     Keys are left out rather than set empty: Llama 3.1's template tests ``'tool_calls' in message``.
     Arguments stay objects, so a template's ``tojson`` writes them (Qwen2.5 always does).
-    ``reasoning_key`` is the key the template reads reasoning from (one of :data:`REASONING_KEYS`).
+    ``reasoning_key`` is the key the template reads reasoning from (one of :data:`REASONING_KEYS`); an
+    answer's opening think block goes there too (:func:`~sft.core.formats.split_reasoning`), for the
+    template to write its way. None: the template reads none; think blocks stay in the content.
     """
     out = []
-    for m in messages:
+    for m in messages if reasoning_key is None else map(split_reasoning, messages):
         item: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             item["tool_calls"] = [{**({"id": c.id} if c.id else {}), "type": "function",
@@ -216,7 +213,7 @@ def chat_dicts(messages: Sequence[Message], reasoning_key: str = "reasoning_cont
         if m.name is not None:
             item["name"] = m.name
         if m.reasoning is not None:
-            item[reasoning_key] = m.reasoning
+            item[reasoning_key or REASONING_KEYS[0]] = m.reasoning
         out.append(item)
     return out
 
@@ -531,15 +528,3 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], lis
         return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
-
-
-def token_runs(input_ids: Sequence[int], mask: Sequence[int]) -> list[tuple[bool, list[int]]]:
-    """Split a row into maximal runs of trained / untrained tokens: ``[(trained, ids), ...]``."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, flag in zip(input_ids, mask):
-        trained = bool(flag)
-        if runs and runs[-1][0] == trained:
-            runs[-1][1].append(token)
-        else:
-            runs.append((trained, [token]))
-    return runs

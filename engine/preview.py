@@ -18,9 +18,8 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-from sft.core.templating import token_runs
 
-__all__ = ["preview", "preview_data", "length_histogram"]
+__all__ = ["preview", "preview_data", "length_histogram", "token_runs"]
 
 
 def length_histogram(lengths: Sequence[int], bins: int = 10) -> list[dict[str, int]]:
@@ -162,3 +161,15 @@ def _print_rich(data: dict[str, Any], out: TextIO) -> None:
         bar = "█" * max(1 if b["count"] else 0, round(30 * b["count"] / peak))
         console.print(f"  {b['lo']:>6}–{b['hi']:<6} {bar} {b['count']}")
     console.print(describe_stats(stats))
+
+
+def token_runs(input_ids: Sequence[int], mask: Sequence[int]) -> list[tuple[bool, list[int]]]:
+    """Split a row into maximal runs of trained / untrained tokens: ``[(trained, ids), ...]``."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, flag in zip(input_ids, mask):
+        trained = bool(flag)
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return runs

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from sft.core.errors import SftError
 from sft.core.interfaces import ChatTemplate, Message, tools_of
-from sft.core.templating import chat_dicts, reasoning_key, segments_text
+from sft.core.templating import chat_dicts, rendered_reasoning_key, segments_text
 from sft.core.timelimit import render_time_limit
 
 __all__ = ["RenderDifference", "render_difference", "model_render", "check_template", "CONTEXT_CHARS"]
@@ -49,7 +49,7 @@ def model_render(model_tokenizer: Any, messages: Sequence[Message]) -> str:
         raise SftError("the model's tokenizer has no chat_template to check the rendering against")
     # Reasoning under the key the model's template reads (gpt-oss: thinking), as training passes it.
     with render_time_limit("the model tokenizer's own chat_template"):
-        return model_tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(model_tokenizer)),
+        return model_tokenizer.apply_chat_template(chat_dicts(messages, rendered_reasoning_key(model_tokenizer)),
                                                    tools=tools_of(messages) or None, tokenize=False)
 
 

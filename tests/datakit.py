@@ -30,7 +30,7 @@ def fresh_tokenizer(model_dir: Any):
 
 def decoded_spans(ids: list[int], mask: list[int], tokenizer: Any) -> list[str]:
     """The decoded text of each maximal run of trained tokens."""
-    from sft.core.templating import token_runs
+    from sft.engine.preview import token_runs
 
     return [tokenizer.decode(run, skip_special_tokens=False) for trained, run in token_runs(ids, mask) if trained]
 

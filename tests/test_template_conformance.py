@@ -260,7 +260,7 @@ def _generation_spans(model: Model, messages, reasoning_key: str, text: str) -> 
 def test_tokenizer_template_trains_what_the_models_template_renders(model_name, case, smollm2_dir):
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from sft.core.templating import reasoning_key
+    from sft.core.templating import rendered_reasoning_key
 
     model = MODELS[model_name]
     tokenizer = _tokenizer(smollm2_dir, model_name)
@@ -276,7 +276,7 @@ def test_tokenizer_template_trains_what_the_models_template_renders(model_name, 
         return
     assert (model_name, case) not in REFUSED, f"{model_name} renders {case}, which it was expected to refuse"
     text = segments_text(segments)
-    key = reasoning_key(tokenizer)
+    key = rendered_reasoning_key(tokenizer)
     [own], _ = render_jinja_template([chat_dicts(messages, key)], tools=TOOLS if has_tools else None,
                                      chat_template=(TEMPLATES / model.source).read_text(),
                                      bos_token=model.bos or "", eos_token=model.eos)
@@ -411,6 +411,17 @@ def test_reasoning_repeated_in_a_later_turn_is_not_taken_for_the_dropped_one(tem
     trained = [(s.text, s.reasoning) for s in segments if s.trained]
     assert trained == [(A1["content"] + "<|im_end|>", False), (f"<think>\n{same} Twice.\n</think>\n\n", True),
                        (A2["content"] + "<|im_end|>", False)]
+
+
+@pytest.mark.parametrize("model_name", ["gpt-oss", "qwen3.8", "qwq"])
+def test_check_template_reads_an_answers_think_block_as_training_does(model_name, smollm2_dir):
+    """`sft preview --check-template` hands the model's own template the think block as training does (its
+    reasoning field where it has one): a row trained as the model's template renders it shows no difference."""
+    from sft.engine.render_check import render_difference
+
+    tokenizer = _tokenizer(smollm2_dir, model_name)
+    messages = as_messages(_inline(CASES["multi_turn_reasoning"], "<think>{}</think>{}"))
+    assert render_difference(PM.get("chat_template", "tokenizer"), tokenizer, tokenizer, messages) is None
 
 
 def test_a_think_block_the_template_writes_as_it_is_stays_text_marked_as_reasoning(smollm2_dir):

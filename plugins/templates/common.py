@@ -13,18 +13,16 @@ Not a plugin module (nothing registers here); template plugins import it, no oth
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sft.core.errors import SftError, as_user_error
-from sft.core.formats import has_reasoning
-from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
+from sft.core.formats import has_reasoning, split_reasoning
+from sft.core.interfaces import ChatTemplate, Message, Segment, tools_of
 from sft.core.templating import as_messages, chat_dicts
 from sft.core.timelimit import render_time_limit
 
-__all__ = ["JinjaTemplate", "jinja_segments", "split_reasoning", "with_reasoning_fields", "special_tokens",
-           "render_chat_template", "chatml_tools_ollama", "THINK"]
+__all__ = ["JinjaTemplate", "jinja_segments", "special_tokens", "render_chat_template", "chatml_tools_ollama", "THINK"]
 
 #: The delimiters of a reasoning block, as Qwen3, DeepSeek-R1 and most reasoning models write it.
 THINK = ("<think>", "</think>")
@@ -62,43 +60,15 @@ def render_chat_template(chat_template: str, messages: Sequence[Message], genera
 UNMISTAKABLE = 24
 
 
-def split_reasoning(message: Message) -> Message:
-    """``message`` with the think block its content opens with moved to ``reasoning``; else ``message`` itself.
-
-    Rows write reasoning either way: a ``reasoning_content`` field, or DeepSeek-R1's
-    ``<think>...</think>`` at the start of the answer, with or without newlines around it. Only a
-    content that opens with exactly one closed block is split, and only when an answer or a tool
-    call follows it (else the turn would be left with nothing to say).
-    """
-    if message.role != "assistant" or message.reasoning is not None or not isinstance(message.content, str):
-        return message
-    opening, closing = THINK
-    text = message.content.lstrip()
-    if not text.startswith(opening) or text.count(opening) != 1 or text.count(closing) != 1:
-        return message
-    inner, answer = text[len(opening):].split(closing)
-    if not (answer.strip() or message.tool_calls):
-        return message
-    return replace(message, content=answer.strip(), reasoning=inner.strip())
-
-
-def with_reasoning_fields(messages: Sequence[Message]) -> Sequence[Message]:
-    """``messages`` with each answer's opening think block as its reasoning (:func:`split_reasoning`), for a
-    template with a reasoning format of its own, which then writes it its way (gpt-oss as its analysis
-    message, TRL's Qwen3 templates with their own newlines) rather than as text inside the answer."""
-    split = [split_reasoning(m) for m in messages]
-    return messages if all(a is b for a, b in zip(split, messages)) else Conversation(split, tools_of(messages))
-
-
 def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: str | Sequence[str],
                    think: tuple[str, str] | None = THINK, specials: Sequence[str] = ()) -> list[Segment]:
     """Segments of ``apply(messages)`` with each assistant turn (text, tool calls, reasoning, its end) trained.
 
     A think block that opens an answer (DeepSeek-R1's way of writing reasoning) is the turn's
-    reasoning here, as a ``reasoning_content`` is (:func:`split_reasoning`): the template may
-    rebuild it or drop it from earlier turns (QwQ's), the turn's text must be there, and the block
-    is marked as reasoning. (``apply`` of a template with a reasoning format renders such a block
-    as the reasoning field, :func:`with_reasoning_fields`; others render the row as written.)
+    reasoning here, as a ``reasoning_content`` is (:func:`~sft.core.formats.split_reasoning`): the
+    template may rebuild it or drop it from earlier turns (QwQ's), the turn's text must be there,
+    and the block is marked as reasoning. (A template with a reasoning format is handed such a
+    block as its reasoning field, :func:`~sft.core.templating.chat_dicts`.)
 
     Each assistant turn is found in the whole conversation's text, as the model's template renders
     it there (earlier turns may lose their reasoning, the last turn may end differently), never in
@@ -359,8 +329,6 @@ class JinjaTemplate(ChatTemplate):
         return (Path(__file__).parent / "assets" / self.asset).read_text(encoding="utf-8").removesuffix("\n")
 
     def _apply(self, messages: Sequence[Message], generation: bool, tokenizer: Any = None) -> str:
-        if self.reasoning:
-            messages = with_reasoning_fields(messages)
         # The saved tokenizer renders jinja() with its own special tokens; so does training.
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else self.bos
         eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else self.eot

@@ -27,10 +27,10 @@ from sft.core import hookimpl
 from sft.core.errors import SftError, as_user_error
 from sft.core.interfaces import ChatTemplate, Conversation, Message, Segment, tools_of
 from sft.core.templating import (PROBE_TOOL, Turn, TurnTemplate, as_messages, chat_dicts, model_eos_token,
-                                 reasoning_key, rendered_reasoning_key, try_render)
+                                 rendered_reasoning_key, try_render)
 from sft.core.timelimit import TemplateTooSlow, render_time_limit
 
-from .common import THINK, jinja_segments, special_tokens, with_reasoning_fields
+from .common import THINK, jinja_segments, special_tokens
 
 __all__ = ["TokenizerTemplate", "register_chat_templates"]
 
@@ -46,11 +46,9 @@ def _apply(tokenizer: Any, messages: Sequence[Message], generation: bool = False
         raise SftError(f"template 'tokenizer': the tokenizer of {_model_name(tokenizer)} has no chat_template; "
                        f"set template.name to a named template (chatml, llama3, ...)")
     tools = tools_of(messages) or None
-    if rendered_reasoning_key(tokenizer) is not None:
-        messages = with_reasoning_fields(messages)
     try:
         with render_time_limit(f"template 'tokenizer' (the chat_template of {_model_name(tokenizer)})"):
-            return tokenizer.apply_chat_template(chat_dicts(messages, reasoning_key(tokenizer)), tools=tools,
+            return tokenizer.apply_chat_template(chat_dicts(messages, rendered_reasoning_key(tokenizer)), tools=tools,
                                                  tokenize=False, add_generation_prompt=generation,
                                                  eos_token=model_eos_token(tokenizer))
     except TemplateTooSlow:
