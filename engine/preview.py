@@ -18,7 +18,6 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-
 __all__ = ["preview", "preview_data", "length_histogram", "token_runs"]
 
 

@@ -83,11 +83,13 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
     ends = [ends] if isinstance(ends, str) else list(ends)
     full = apply(messages, False)
     segments: list[Segment] = []
+    reasoned: list[str] = []  # each turn's reasoning, its opening think block included
     pos = 0
     for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
         turn = _Turn(name, apply, messages, i, full, specials)
+        reasoned += [turn.message.reasoning.strip()] if turn.message.reasoning else []
         start = turn.start(pos)
         _check_span(name, i, turn.message, full[start:])  # what the turn says follows its start
         end = turn.end(start, ends)
@@ -100,7 +102,6 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
         segments.append(Segment(full[cut:end], True))
         pos = end
     segments.append(Segment(full[pos:], False))
-    reasoned = [m.reasoning.strip() for m in map(split_reasoning, messages) if m.reasoning]
     if reasoned and not any(r in full for r in reasoned):
         raise SftError(f"template '{name}': the chat_template renders no reasoning, so this row's reasoning would be "
                        f"dropped; choose a template that has a reasoning format (qwen3, or tokenizer with a "
