@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import FloatNode, StringNode
@@ -53,7 +54,9 @@ def _read_yaml(path: str) -> dict:
     return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
 
 
-def _parse_overrides(overrides: Iterable[str]) -> tuple[dict, list[ConfigProblem]]:
+def _parse_overrides(overrides: Iterable[str], texts: dict[str, tuple[str, Any]] | None = None
+                     ) -> tuple[dict, list[ConfigProblem]]:
+    """``key=value`` strings as nested values (YAML-typed); ``texts`` collects each key's text and typed value."""
     problems: list[ConfigProblem] = []
     good: list[str] = []
     for item in overrides:
@@ -66,7 +69,30 @@ def _parse_overrides(overrides: Iterable[str]) -> tuple[dict, list[ConfigProblem
     except OmegaConfBaseException as exc:
         problems.append(ConfigProblem("", f"cannot parse overrides: {exc}"))
         parsed = {}
+    if texts is not None and parsed:
+        for item in good:
+            key, _, text = item.partition("=")
+            node: Any = parsed
+            for part in key.strip().split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            texts[key.strip()] = (text, node)
     return parsed, problems  # type: ignore[return-value]
+
+
+def _as_written(child: Any, value: Any, written: tuple[str, Any] | None) -> Any:
+    """A text key given on the command line keeps its text: YAML 1.1 reads ``0123`` as 83 and ``yes``/``on`` as true.
+
+    Only while ``value`` is still what that text parsed to (a later source may have replaced it);
+    ``true``/``false`` stay booleans (the choice keys spell them so), ``null`` stays None.
+    """
+    if written is None or value is None or written[1] != value:
+        return value
+    text = written[0]
+    takes_text = isinstance(child, StringNode) or (isinstance(child, ListConfig) and isinstance(value, list) and
+                                                   getattr(child._metadata, "element_type", None) is str)
+    if not takes_text or (isinstance(value, bool) and text.strip().lower() in ("true", "false")):
+        return value
+    return yaml.load(text, Loader=yaml.BaseLoader)  # every scalar as the text it is
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -186,8 +212,12 @@ def _suggest_key(key: str, keys: Iterable[str]) -> str:
     return did_you_mean(key, keys)
 
 
-def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProblem]) -> None:
-    """Assign ``raw`` onto ``schema`` key by key so that every bad key or value is reported."""
+def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProblem],
+           texts: dict[str, tuple[str, Any]] | None = None) -> None:
+    """Assign ``raw`` onto ``schema`` key by key so that every bad key or value is reported.
+
+    ``texts``: the command line's ``key=value`` texts (:func:`_parse_overrides`)."""
+    texts = texts or {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in schema:
@@ -200,7 +230,7 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
             if not isinstance(value, dict):
                 problems.append(ConfigProblem(path, f"expected a mapping of options, got {value!r}"))
             else:
-                _apply(child, value, path + ".", problems)
+                _apply(child, value, path + ".", problems, texts)
             continue
         element = getattr(child._metadata, "element_type", None) if isinstance(child, ListConfig) else None
         if dataclasses.is_dataclass(element) and isinstance(value, list):
@@ -215,6 +245,7 @@ def _apply(schema: DictConfig, raw: dict, prefix: str, problems: list[ConfigProb
                 items.append(node)
             schema[key] = items
             continue
+        value = _as_written(child, value, texts.get(path))
         if isinstance(child, FloatNode) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # `num_train_epochs=3` is a float field given as an int, as users write it
         if isinstance(child, StringNode) and isinstance(value, bool):
@@ -460,19 +491,21 @@ def load_config(
             node = node[part]
         node[parts[-1]] = value
         raw = deep_merge(raw, parsed)
-    parsed, parse_problems = _parse_overrides(overrides)
+    texts: dict[str, tuple[str, Any]] = {}
+    parsed, parse_problems = _parse_overrides(overrides, texts)
     problems += parse_problems
     raw = deep_merge(raw, parsed)
 
     schema = build_schema(pm)
     raw = _resolve_flat_keys(schema, raw)
+    given = raw
     preset = raw.get("preset")
     if isinstance(preset, str) and preset in PRESETS:
         raw = deep_merge(preset_values(preset), raw)  # beneath everything the user set
     raw = _publishers_of(raw, pm)
     if from_run is not None:
         raw = from_run(raw, problems)
-    _apply(schema, raw, "", problems)
+    _apply(schema, raw, "", problems, texts)
     _check_resolvers(schema, problems)
     from .data.cache import CACHE_OFF
 
@@ -484,7 +517,31 @@ def load_config(
     _check_consistency(schema, problems)
     if problems:
         raise ConfigError(problems, source=path)
+    _notice_unused_options(schema, given, pm)
     return schema
+
+
+def _notice_unused_options(cfg: DictConfig, given: dict, pm: "PluginManager") -> None:
+    """Say which options given for a plugin this run does not use do nothing (a YAML may keep them for
+    other runs, so it is a notice): ``export.gguf.quants`` without gguf in ``export.enabled``."""
+    from sft.core.interfaces import KINDS
+    from sft.core.notices import notice
+
+    for key, kind, is_list, extra in PLUGIN_NAME_KEYS:
+        chosen = OmegaConf.select(cfg, key)
+        used = set(chosen) if is_list else {chosen}
+        if used & set(extra):
+            continue  # `auto` picks the plugin when the run starts
+        section = KINDS[kind][2]
+        for name, obj in sorted(pm.registry(kind).items()):
+            options = (given.get(section) or {}).get(name)
+            if name in used or obj.options is None or not isinstance(options, dict):
+                continue
+            defaults = dataclasses.asdict(obj.options() if isinstance(obj.options, type) else obj.options)
+            changed = [k for k, v in options.items() if k in defaults and v != defaults[k]]
+            if changed:
+                notice(f"{', '.join(f'{section}.{name}.{k}' for k in changed)} set, but {kind.replace('_', ' ')} "
+                       f"'{name}' is not in {key} ({', '.join(map(str, used))}): it does nothing this run")
 
 
 #: The one-line advice for a resolver in a config (most often ``${oc.env:...}``).

@@ -57,6 +57,28 @@ def test_yaml_flags_and_overrides_in_order_of_precedence(tmp_path, pm):
     assert cfg.lora.r == 16  # untouched default
 
 
+def test_text_keys_keep_the_text_written_on_the_command_line(pm, capsys):
+    """YAML 1.1 would read 0123 as 83 (the run folder runs/83) and yes/on as true."""
+    cfg = load_config(overrides=["training.run_name=0123", "training.generation_prompt=yes",
+                                 "data.sharegpt.user=[on,human]", "training.packing=true", "model.revision=null",
+                                 ], pm=pm)
+    assert cfg.training.run_name == "0123" and cfg.training.generation_prompt == "yes"
+    assert list(cfg.data.sharegpt.user) == ["on", "human"]
+    assert cfg.training.packing == "true" and cfg.model.revision is None
+    with pytest.raises(ConfigError, match="training.packing: 'on' is not one of"):
+        load_config(overrides=["training.packing=on"], pm=pm)
+    assert "Implicit conversion" not in capsys.readouterr().err
+
+
+def test_options_of_a_plugin_the_run_does_not_use_get_a_notice(tmp_path, pm, capsys):
+    load_config(overrides=["export.gguf.quants=[q4_k_m,q8_0]"], pm=pm)
+    err = capsys.readouterr().err
+    assert "export.gguf.quants set, but exporter 'gguf' is not in export.enabled (lora): it does nothing" in err
+    load_config(overrides=["export.gguf.quants=[q4_k_m,q8_0]", "export.enabled=[lora,gguf]"], pm=pm)
+    load_config(overrides=["preset=embedded"], pm=pm)  # a preset's own options are not the user's
+    assert "does nothing" not in capsys.readouterr().err
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path, pm):
     path = tmp_path / "bad.yaml"
     path.write_text("training:\n  max_steps: 3\n  learning_rate: [1\n")

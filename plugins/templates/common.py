@@ -82,6 +82,7 @@ def jinja_segments(name: str, apply: Apply, messages: Sequence[Message], ends: s
     """
     ends = [ends] if isinstance(ends, str) else list(ends)
     full = apply(messages, False)
+    _check_system(name, messages, full)
     segments: list[Segment] = []
     reasoned: list[str] = []  # each turn's reasoning, its opening think block included
     pos = 0
@@ -297,6 +298,20 @@ def _check_outside(name: str, i: int, messages: Sequence[Message], span: str) ->
             raise SftError(f"template '{name}': the chat_template writes the {other.role} message {j} inside "
                            f"assistant turn {i}, so it would be trained{fix}; or choose a template that keeps "
                            f"{other.role} messages outside the model's turn")
+
+
+def _check_system(name: str, messages: Sequence[Message], full: str) -> None:
+    """A system prompt the template leaves out of the row is refused, not trained without.
+
+    Mistral v0.3's and Nemo's Jinja write it only before a final user turn (the generation
+    prompt), so a row that ends with an answer loses it; so did Phi-3-mini's first template.
+    """
+    for j, message in enumerate(messages):
+        if message.role == "system" and message.content.strip() and message.content.strip() not in full:
+            raise SftError(f"template '{name}': the chat_template leaves out system message {j} of this row, so it "
+                           f"would train without its system prompt; choose a template that writes it (mistral-v3 "
+                           f"or mistral-nemo for Mistral models, which put it before the last user turn as "
+                           f"Mistral's own tokenizer does)")
 
 
 def _check_span(name: str, i: int, message: Message, span: str) -> None:

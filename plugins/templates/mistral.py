@@ -17,7 +17,11 @@ first token, so the generation prompt ends exactly where training text continues
 transformers, so their text is what ``apply_chat_template`` writes and ``--check-template``
 agrees: v0.3 writes ``[INST] Hi[/INST] Hello</s>`` (the answer's leading space is the model's),
 Nemo ``[INST]Hi[/INST]Hello</s>``, and both put the system prompt (and the tool list) before the
-*last* user turn only. Tool calls are ``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the
+*last* user turn only. Their Jinja writes the system prompt only when that turn ends the
+conversation (the generation prompt) and drops it from a row that ends with an answer; here a
+training row gets it before its last user turn, as Mistral's own tokenizer (mistral-common) does
+for every V2/V3/Tekken conversation, so the model trains on the prompt it is served. Only those
+rows differ from the model's Jinja (``--check-template`` shows them). Tool calls are ``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the
 templates require call ids of 9 letters or digits (Mistral's tokenizer does), and refuse rows
 whose roles do not alternate. Mistral Small 3.x and Devstral (``[SYSTEM_PROMPT]`` turns, a long
 default system prompt) train with ``tokenizer`` on the model's own template.
@@ -25,10 +29,12 @@ default system prompt) train with ``tokenizer`` on the model's own template.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, Sequence
 
 from sft.core import hookimpl
-from sft.core.templating import Turn, adds_bos
+from sft.core.interfaces import Message, Segment, tools_of
+from sft.core.templating import Turn, adds_bos, as_messages
 
 from .common import JinjaTemplate
 from .first_user_system import FirstUserSystemTemplate
@@ -56,6 +62,9 @@ class _MistralJinja(JinjaTemplate):
     inst: str
     answer_space: str
 
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
+        return super().render(system_in_last_question(as_messages(messages)), tokenizer)
+
     def ollama_template(self, tokenizer: Any = None) -> str:
         # The Jinja writes the tokenizer's bos_token as text; llama.cpp adds it only when the GGUF says
         # add_bos_token, else the TEMPLATE writes it, as training did.
@@ -68,9 +77,23 @@ class _MistralJinja(JinjaTemplate):
                 "{{ end }}{{ end }}")
 
 
+def system_in_last_question(messages: Sequence[Message]) -> Sequence[Message]:
+    """A leading system prompt joined to the last user turn, as the Jinja joins it to a final one.
+
+    The model's Jinja tests ``loop.last``, so a row that ends with an answer would train without
+    its system prompt; mistral-common prepends it to the last user message whatever follows.
+    """
+    questions = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not messages or messages[0].role != "system" or not questions or questions[-1] == len(messages) - 1:
+        return messages
+    last = questions[-1]
+    joined = replace(messages[last], content=messages[0].content + "\n\n" + messages[last].content)
+    return as_messages([*messages[1:last], joined, *messages[last + 1:]], tools_of(messages))
+
+
 class MistralV3(_MistralJinja):
     name = "mistral-v3"
-    version = "1"
+    version = "2"
     description = "Mistral-7B-Instruct-v0.3's own template: [INST] Hi[/INST] Hello</s>, system before the last user turn"
     asset = "mistral-v0.3.jinja"
     inst = "[INST] "
@@ -79,7 +102,7 @@ class MistralV3(_MistralJinja):
 
 class MistralNemo(_MistralJinja):
     name = "mistral-nemo"
-    version = "1"
+    version = "2"
     description = "Mistral-Nemo-Instruct-2407's own template: [INST]Hi[/INST]Hello</s>, system before the last user turn"
     asset = "mistral-nemo.jinja"
     inst = "[INST]"

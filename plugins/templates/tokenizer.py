@@ -89,7 +89,7 @@ def _special_run(text: str, specials: Sequence[str]) -> list[str]:
 
 class TokenizerTemplate(ChatTemplate):
     name = "tokenizer"
-    version = "4"
+    version = "5"
     description = "the model tokenizer's own chat_template (each assistant turn found in the whole conversation's text)"
 
     def stop_tokens(self, tokenizer: Any = None) -> list[str]:
