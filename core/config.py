@@ -165,7 +165,7 @@ class TrainingConfig:
     fp16: Optional[bool] = opt(None, "fp16 mixed precision; None follows model.dtype.")
     memory: str = opt("default", "default: Unsloth's offloaded gradient checkpointing. auto: checkpoint only as many layers as free VRAM requires. long: default plus Unsloth's tiled MLP (the MLP in chunks of hidden-size tokens, recomputed in backward), for 32k+ token rows. auto and long: model.backend=unsloth (CUDA).", ["default", "auto", "long"])
     generation_prompt: Optional[str] = opt(None, "Prompt for the quick generation after training (default: the first eval row's user turn).")
-    generation_max_new_tokens: int = opt(48, "Tokens the quick generation may write.", ge=0)
+    generation_max_new_tokens: int = opt(48, "Tokens the quick generation may write; 0 skips the quick generation.", ge=0)
     stop_grace_seconds: float = opt(20.0, "On SIGTERM (Slurm, Kubernetes, docker stop), finish the step and save a checkpoint if that takes at most this long, else stop without one. docker stop waits 10 s, Kubernetes 30 s before SIGKILL.", ge=0)
 
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import FloatNode, StringNode
 
-from sft.core.config import (PLUGIN_NAME_KEYS, build_schema, describe_range, is_plain_name, iter_schema_fields)
+from sft.core.config import (PLUGIN_NAME_KEYS, DataConfig, build_schema, describe_range, is_plain_name, iter_schema_fields)
 from sft.core.errors import ConfigError, ConfigProblem, did_you_mean
 from sft.core.presets import PRESETS, preset_values
 
@@ -338,6 +338,12 @@ def _check_consistency(cfg: DictConfig, problems: list[ConfigProblem]) -> None:
             # NaN passes every comparison, and a huge weight lists each row that many times in memory.
             problems.append(ConfigProblem(f"data.datasets[{i}].weight", f"must be a number > 0 and <= "
                                                                         f"{MAX_SOURCE_WEIGHT:g}, got {source.weight}"))
+    replaced = [key for key, default in (("dataset", DataConfig.dataset), ("format", DataConfig.format),
+                                          ("split", DataConfig.split)) if d.datasets and d[key] != default]
+    for key in replaced:  # --dataset on the command line would otherwise lose to the YAML's data.datasets unread
+        problems.append(ConfigProblem(f"data.{key}", f"is replaced by data.datasets, which is given too: give each "
+                                                     f"source its own {'path' if key == 'dataset' else key} there, "
+                                                     f"or leave data.datasets out"))
     if d.datasets and d.eval_split is not None:
         problems.append(ConfigProblem("data.eval_split", "is for data.dataset; with data.datasets hold out rows with data.test_size"))
     _check_lora(cfg, problems)

@@ -579,6 +579,8 @@ def _quick_generation(cfg: "DictConfig", model: Any, tokenizer: Any, template: A
     from sft.core.interfaces import Message
 
     tick = time.perf_counter()
+    if cfg.training.generation_max_new_tokens == 0:
+        return {"prompt": None, "text": None, "seconds": 0.0}
     if cfg.training.generation_prompt:
         messages = [Message("user", str(cfg.training.generation_prompt))]
     else:

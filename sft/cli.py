@@ -427,7 +427,7 @@ def _sampling_options(func: Callable) -> Callable:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON file of tool specs (OpenAI function schema) the prompt declares.")
 @_sampling_options
@@ -442,7 +442,7 @@ def generate(run_dir: str, prompt: str, max_new_tokens: int, tools_file: str | N
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @_sampling_options
 @_trust_option
 def chat(run_dir: str, max_new_tokens: int, gguf: bool, **sampling) -> None:

@@ -16,9 +16,10 @@ REAL_ALPACA = SHARED / "fastchat_alpaca_cleaned_1000.json"
 
 
 def data_config(model_dir: Any, dataset: Any, *overrides: str, pm: Any = None):
-    """A validated config that reads ``dataset`` with ``model_dir``'s tokenizer; caching off unless overridden."""
-    return load_config(overrides=[f"model.name={model_dir}", f"data.dataset={dataset}", "data.cache_dir='off'",
-                                  *overrides], pm=pm)
+    """A validated config that reads ``dataset`` with ``model_dir``'s tokenizer; caching off unless overridden.
+    ``dataset`` None: the overrides give the data (``data.datasets``)."""
+    given = [] if dataset is None else [f"data.dataset={dataset}"]
+    return load_config(overrides=[f"model.name={model_dir}", *given, "data.cache_dir='off'", *overrides], pm=pm)
 
 
 def fresh_tokenizer(model_dir: Any):

@@ -188,7 +188,7 @@ def test_zstd_rows_keep_their_lines(tmp_path):
 def test_data_datasets_paths_take_the_new_inputs(smollm2_dir, tmp_path):
     inputs = _write_inputs(tmp_path, ROWS)
     sources = [{"path": inputs["parquet glob"], "format": "alpaca"}, {"path": str(inputs["jsonl.gz"]), "weight": 2}]
-    prepared = _build(smollm2_dir, "unused", f"data.datasets={json.dumps(sources)}")
+    prepared = _build(smollm2_dir, None, f"data.datasets={json.dumps(sources)}")
     assert [(s["source"], s["rows"], s["used"]) for s in prepared.stats["sources"]] == [
         (inputs["parquet glob"], 3, 3), (str(inputs["jsonl.gz"]), 3, 6)]
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from sft.engine.data import build_datasets, describe_stats
+from sft.engine.configuration import load_config
 from sft.core.errors import ConfigError
 from sft.testing import train_tiny, write_jsonl
 
@@ -83,7 +84,7 @@ def _mixed(tiny_model_dir, tmp_path, *overrides):
     sources = [{"path": str(FIXTURES / "alpaca.jsonl"), "format": "alpaca"},
                {"path": str(pairs), "weight": 0.5},
                {"path": "sft:identity", "split": "train[:4]", "weight": 2}]
-    return data_config(tiny_model_dir, "unused", f"data.datasets={json.dumps(sources)}", *overrides)
+    return data_config(tiny_model_dir, None, f"data.datasets={json.dumps(sources)}", *overrides)
 
 
 def test_several_datasets_mix_with_their_own_formats_weights_and_a_stated_seed(tiny_model_dir, tmp_path):
@@ -107,7 +108,7 @@ def test_several_datasets_mix_with_their_own_formats_weights_and_a_stated_seed(t
 def test_a_mixed_source_with_a_bad_format_or_weight_is_a_config_error(tiny_model_dir):
     sources = [{"path": "a.jsonl", "format": "alpacca"}, {"path": "b.jsonl", "weight": 0}]
     with pytest.raises(ConfigError) as err:
-        data_config(tiny_model_dir, "unused", f"data.datasets={json.dumps(sources)}", "data.eval_split=test")
+        data_config(tiny_model_dir, None, f"data.datasets={json.dumps(sources)}", "data.eval_split=test")
     text = str(err.value)
     assert "data.datasets[0].format: unknown dataset format 'alpacca' (did you mean 'alpaca'?)" in text
     assert "data.datasets[1].weight: must be a number > 0 and <= 1000, got 0.0" in text and "data.eval_split: is for data.dataset" in text
@@ -116,9 +117,21 @@ def test_a_mixed_source_with_a_bad_format_or_weight_is_a_config_error(tiny_model
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "-1", "1e9"])
 def test_a_weight_that_is_not_a_finite_bounded_number_is_a_config_error(tiny_model_dir, weight):
     with pytest.raises(ConfigError) as err:
-        data_config(tiny_model_dir, "unused", f"data.datasets=[{{path: a.jsonl}}, {{path: b.jsonl, weight: {weight}}}]")
+        data_config(tiny_model_dir, None, f"data.datasets=[{{path: a.jsonl}}, {{path: b.jsonl, weight: {weight}}}]")
     assert str(err.value).splitlines()[1:] == [
         f"  - data.datasets[1].weight: must be a number > 0 and <= 1000, got {float(weight)}"]
+
+
+def test_data_dataset_format_and_split_are_refused_beside_data_datasets(tiny_model_dir, tmp_path):
+    """--dataset given with a YAML that lists data.datasets would be silently unread; so would data.format/split."""
+    yaml_file = tmp_path / "mix.yaml"
+    yaml_file.write_text("data:\n  datasets: [{path: a.jsonl}, {path: b.jsonl, weight: 0.5}]\n  format: alpaca\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(yaml_file), ["data.split=train[:10]"], {"data.dataset": "c.jsonl"})
+    assert sorted(str(err.value).splitlines()[1:]) == [
+        f"  - data.{key}: is replaced by data.datasets, which is given too: give each source its own "
+        f"{'path' if key == 'dataset' else key} there, or leave data.datasets out" for key in ("dataset", "format", "split")]
+    assert load_config(str(yaml_file), ["data.format=auto"]).data.datasets[1].weight == 0.5
 
 
 def test_a_float_setting_that_is_not_finite_is_a_config_error(tiny_model_dir):

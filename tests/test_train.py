@@ -173,3 +173,18 @@ def test_an_epoch_run_announces_the_steps_it_takes(tiny_model_dir, tmp_path, cap
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     out = capsys.readouterr().out
     assert "step 4/4 " in out and "step 5/" not in out, out
+
+
+def test_generation_max_new_tokens_0_skips_the_quick_generation(tiny_model_dir, tiny_run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = train_tiny(tmp_path / "run", tiny_model_dir, "training.generation_max_new_tokens=0", steps=1, pm=PM)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["generation"]["prompt"] is None
+    assert "quick generation" not in capsys.readouterr().out
+    # `sft generate` has nothing to skip: 0 is refused before any model loads.
+    result = subprocess.run([sys.executable, "-m", "sft.cli", "generate", str(tiny_run), "Hi", "--max-new-tokens", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Invalid value for '--max-new-tokens': 0 is not in the range x>=1" in result.stderr
