@@ -188,6 +188,21 @@ def test_a_folder_without_the_split_lists_the_splits(smollm2_dir, tmp_path):
         _build(smollm2_dir, tmp_path, "data.eval_split=valid")
 
 
+def test_a_folder_file_of_no_split_is_an_error_and_other_files_are_named(smollm2_dir, tmp_path, capsys):
+    """Beside train.jsonl, tset.jsonl would be read by no split; a README is named as not read."""
+    write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    write_jsonl(tmp_path / "tset.jsonl", [GOOD])
+    (tmp_path / "README.md").write_text("about the data")
+    with pytest.raises(DataError, match=r"tset.jsonl belongs to no split \(did you mean 'test'\?\): beside train "
+                                        r"files, a file is read only when its name"):
+        _build(smollm2_dir, tmp_path)
+    (tmp_path / "tset.jsonl").rename(tmp_path / "test.jsonl")
+    assert len(_build(smollm2_dir, tmp_path, "data.eval_split=test").train) == 1
+    notices = [line for line in capsys.readouterr().err.splitlines() if "not read" in line]
+    assert notices and all(line.startswith(f"[sft] {tmp_path}: 1 file(s) not read, not .json/") and
+                           line.endswith(": README.md") for line in notices)
+
+
 def test_a_row_the_template_cannot_render_is_a_bad_row(smollm2_dir, tmp_path, sft_plugin_manager):
     from sft.core import hookimpl
     from sft.core.templating import Turn, TurnTemplate

@@ -176,9 +176,16 @@ def _folder_files(root: Path) -> list[Path]:
     files = [f for folder in saved for f in _saved_dataset_files(folder)]
     # A DatasetDict's dataset_dict.json (beside its split folders) names the splits; it holds no rows.
     dict_roots = {folder.parent for folder in saved}
-    files += [p for p in root.rglob("*") if p.is_file() and extension_of(p) and p.parent not in saved
-              and not (p.name == "dataset_dict.json" and p.parent in dict_roots)]
-    return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = [p for p in root.rglob("*") if p.is_file() and p.parent not in saved
+             and not (p.name == "dataset_dict.json" and p.parent in dict_roots)
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    unread = sorted(str(p.relative_to(root)) for p in found if not extension_of(p))
+    if unread:
+        from sft.core.notices import notice
+
+        notice(f"{root}: {len(unread)} file(s) not read, not {'/'.join(SUPPORTED_EXTENSIONS)}: "
+               f"{', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}")
+    return sorted([*files, *(p for p in found if extension_of(p))])
 
 
 def _local_files(source: Source, split: str, key: str) -> list[Path]:
@@ -201,7 +208,14 @@ def _local_files(source: Source, split: str, key: str) -> list[Path]:
         by_split.setdefault(_split_of(f, source.path) or "", []).append(f)
     if set(by_split) == {""}:
         by_split = {"train": files}  # no split names: every file is training data
-    by_split.pop("", None)
+    stray = by_split.pop("", [])
+    if stray:  # beside split-named files, a file of no split would be read by no split
+        first = stray[0].relative_to(source.path)
+        raise DataError(f"{first}{f' and {len(stray) - 1} more file(s) belong' if len(stray) > 1 else ' belongs'} to no "
+                        f"split{did_you_mean(first.stem.split('-')[0].split('_')[0].lower(), SPLIT_NAMES)}: beside "
+                        f"{', '.join(sorted(by_split))} files, a file is read only when its name (or its folder's) "
+                        f"starts with a split name (train-{first.name}); rename it or move it out",
+                        source=str(source.path))
     if split not in by_split:
         raise ConfigError([ConfigProblem(key, f"the folder {source.path} has no split '{split}'"
                                               f"{did_you_mean(split, by_split)}; splits: {', '.join(sorted(by_split))}")])
