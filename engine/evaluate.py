@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from sft.core.errors import SftError, did_you_mean
+from sft.core.errors import ConfigError, ConfigProblem, SftError, UnknownPluginError, did_you_mean
 from .metrics import eval_number as _num
 from .metrics import print_eval
 from sft.core.notices import notice
@@ -99,7 +99,7 @@ def resolve_tasks(tasks: Sequence[str], task_manager: Any = None) -> list[str]:
                             f"sft_knowledge, a .yaml path is a task file in lm-eval's format, and `lm-eval ls tasks` "
                             f"lists lm-eval's own")
     if problems:
-        raise SftError("; ".join(problems))
+        raise ConfigError([ConfigProblem("--tasks", problem) for problem in problems])
     return resolved
 
 
@@ -200,8 +200,7 @@ def _exported_models(context: Any, exporters: Sequence[str] | None) -> list[Any]
     models = []
     for name in names:
         if name not in registered:
-            raise SftError(f"--exporter: unknown exporter '{name}'{did_you_mean(name, registered)}; "
-                           f"available: {', '.join(registered)}")
+            raise UnknownPluginError("exporter", name, registered, "--exporter")
         offered = pm.get("exporter", name).eval_models(context) if run.export_dir(name).is_dir() else []
         if not offered and exporters is not None:
             raise SftError(f"{run.root} has no '{name}' export that sft eval can score; write it with: "

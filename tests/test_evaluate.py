@@ -145,11 +145,11 @@ metric_list:
 
 def test_bad_input_gets_a_clear_error(tiny_run: Path, tmp_path: Path):
     result = run_sft("eval", tiny_run, "--tasks", "missing.yaml", check=False)
-    assert result.exit_code == 1 and "task file not found: missing.yaml" in result.output
+    assert result.exit_code == 2 and "--tasks: task file not found: missing.yaml" in result.output
     result = run_sft("eval", tiny_run, "--exporter", "gguf", check=False)
     assert result.exit_code == 1 and f"sft export {tiny_run} --exporter gguf" in result.output
     result = run_sft("eval", tiny_run, "--exporter", "guff", check=False)
-    assert result.exit_code == 1 and "unknown exporter 'guff' (did you mean 'gguf'?)" in result.output
+    assert result.exit_code == 2 and "--exporter: unknown exporter 'guff' (did you mean 'gguf'?)" in result.output
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     result = run_sft("eval", empty, check=False)
@@ -202,5 +202,5 @@ def test_an_after_export_task_that_cannot_run_stops_the_run_before_training(tmp_
                                                                            sft_plugin_manager):
     out = tmp_path / "run"
     result = run_sft("run", *tiny_overrides(out, tiny_model_dir), "eval.after_export=[missing.yaml]", check=False)
-    assert result.exit_code == 1 and "task file not found: missing.yaml" in result.output
+    assert result.exit_code == 2 and "--tasks: task file not found: missing.yaml" in result.output
     assert not (out / "adapter").exists()

@@ -170,6 +170,26 @@ def test_data_of_another_kind_is_refused_naming_both(tmp_path, tiny_model_dir, t
         build_datasets(_cfg(tmp_path, tiny_model_dir, path, f"objective.name={objective}"), None, tiny_tokenizer)
 
 
+@pytest.mark.parametrize("demo, found", [
+    (KTO_DEMO, r"\(messages, label\) hold completions labelled desirable or not .* read by 'kto', as well as "
+               r"conversations, read by 'messages'; train them with --objective kto .* or set data.format=messages"),
+    (DPO_DEMO, r"\(conversations, chosen, rejected\) hold preference pairs .* read by "
+     r"'sharegpt_pairs', .* --objective dpo, orpo or simpo .* or set data.format=sharegpt to train"),
+])
+def test_preference_files_are_not_read_as_conversations_unasked(tmp_path, tiny_model_dir, tiny_tokenizer, demo, found):
+    """LLaMA-Factory's KTO rows are OpenAI messages plus a label: read as conversations, the undesirable
+    answers would train as targets; its DPO rows would be refused for the wrong reason ("no assistant turn")."""
+    if not demo.exists():
+        pytest.skip("the shared data is absent")
+    with pytest.raises(DataError, match=found):
+        build_datasets(_cfg(tmp_path, tiny_model_dir, demo), None, tiny_tokenizer)
+    fmt = "messages" if demo == KTO_DEMO else "sharegpt"
+    if fmt == "messages":  # asked for by name, the conversations train (the label column is named as unread)
+        data = build_datasets(_cfg(tmp_path, tiny_model_dir, demo, f"data.format={fmt}"), None, tiny_tokenizer,
+                              quiet=True)
+        assert data.stats["train_rows"] > 50  # the rest are longer than the tiny run's 256 tokens
+
+
 def test_preview_shows_each_completion_with_its_scored_tokens(tmp_path, tiny_model_dir):
     from sft.engine.preview import preview_data
 

@@ -104,6 +104,15 @@ def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str],
     shown = ", ".join(columns[:12]) or "none"
     if not matches and others:
         raise _wrong_kind(cfg, others[0][0], row_kind, f"{key}=auto found", source)
+    if matches and others and row_kind == "conversation":
+        # Preference columns beside a conversation (LLaMA-Factory's KTO rows: messages + label) would train
+        # the rejected answers as targets; the user says which reading is meant.
+        (fmt, _), (other, _) = matches[0], others[0]
+        fitting = sorted(n for n, o in pm.registry("objective").items() if o.row_kind == other.row_kind)
+        raise DataError(f"{key}=auto: the columns ({shown}) hold {ROW_KIND_WORDS[other.row_kind]}, read by "
+                        f"'{other.name}', as well as conversations, read by '{fmt.name}'; train them with "
+                        f"--objective {', '.join(fitting[:-1]) + ' or ' * (len(fitting) > 1) + fitting[-1] if fitting else '...'} (docs/preference.md), or set "
+                        f"{key}={fmt.name} to train the conversations as they are", source=source or None)
     if not matches:
         available = ", ".join(sorted(n for n, f in pm.registry("dataset_format").items() if f.row_kind == row_kind))
         kind = "" if row_kind == "conversation" else f" (formats of {ROW_KIND_WORDS[row_kind]})"
