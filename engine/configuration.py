@@ -522,9 +522,17 @@ def load_config(
     _check_plugin_names(schema, pm, problems)
     _check_consistency(schema, problems)
     if problems:
-        raise ConfigError(problems, source=path)
+        raise ConfigError(problems, source=_where(path, problems, [*texts, *(flags or {})]))
     _notice_unused_options(schema, given, pm)
     return schema
+
+
+def _where(path: str | None, problems: Sequence[ConfigProblem], given: Sequence[str]) -> str | None:
+    """Where the problems are: the YAML file, the command line (keys given as flags or key=value), or both."""
+    on_line = [any(g == p.key or g.startswith(p.key + ".") for g in given) for p in problems]
+    if path is None or not any(on_line):
+        return path
+    return "the command line" if all(on_line) else f"{path} and the command line"
 
 
 def _notice_unused_options(cfg: DictConfig, given: dict, pm: "PluginManager") -> None:

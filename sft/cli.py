@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -84,6 +85,11 @@ def _logger_list(path: str | None, overrides: list[str], loggers: tuple[str, ...
     enabled = list(base if base is not None else LoggersConfig().enabled)
     for name in (*loggers, *(["-console"] if no_console else [])):
         if name.startswith("-"):
+            if name[1:] not in enabled:  # removing what is not there would leave a misspelt logger on
+                from sft.core.errors import did_you_mean
+
+                raise click.UsageError(f"--logger {name}: '{name[1:]}' is not among the loggers "
+                                       f"({', '.join(enabled) or 'none'}){did_you_mean(name[1:], enabled)}")
             enabled = [n for n in enabled if n != name[1:]]
         elif name not in enabled:
             enabled.append(name)
@@ -103,7 +109,8 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
         elif path is None and arg.endswith((".yaml", ".yml")):
             path = arg
         else:
-            raise click.UsageError(f"expected CONFIG.yaml or key=value, got {arg!r}")
+            hint = f" (a dataset: --dataset {arg})" if Path(arg).suffix in (".json", ".jsonl", ".csv", ".parquet") else ""
+            raise click.UsageError(f"expected CONFIG.yaml or key=value, got {arg!r}{hint}")
     flags = {
         key: value
         for key, value in {

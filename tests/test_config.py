@@ -79,6 +79,19 @@ def test_options_of_a_plugin_the_run_does_not_use_get_a_notice(tmp_path, pm, cap
     assert "does nothing" not in capsys.readouterr().err
 
 
+def test_errors_say_whether_they_are_in_the_file_or_on_the_command_line(tmp_path, pm):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  max_stpes: 3\n")
+    for overrides, where in ((["lora.r=4"], f"in {path}:"), (["lora.rr=4"], f"in {path} and the command line:")):
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), overrides, pm=pm)
+        assert str(info.value).splitlines()[0].endswith(where)
+    path.write_text("training:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["training.max_stpes=3"], {"lora.rr": 4}, pm=pm)
+    assert str(info.value).splitlines()[0] == "2 config error(s) in the command line:"
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path, pm):
     path = tmp_path / "bad.yaml"
     path.write_text("training:\n  max_steps: 3\n  learning_rate: [1\n")
@@ -115,3 +128,10 @@ def test_nothing_heavy_loads_before_the_config_is_valid():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_command_line_slips_get_one_line_with_the_fix():
+    result = _sft("validate", "--logger", "-consol")
+    assert result.returncode == 2 and "'consol' is not among the loggers (console) (did you mean 'console'?)" in result.stderr
+    result = _sft("run", "data.jsonl")
+    assert result.returncode == 2 and "got 'data.jsonl' (a dataset: --dataset data.jsonl)" in result.stderr

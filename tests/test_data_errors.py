@@ -180,6 +180,14 @@ def test_bad_split_settings_name_the_key(overrides, message, smollm2_dir):
         _build(smollm2_dir, FIXTURES / "sharegpt.json", *overrides)
 
 
+def test_a_missing_eval_file_and_an_empty_slice_are_named_as_such(smollm2_dir, tmp_path):
+    """Not "a single file has only the split 'train', not 'nope.jsonl'" nor "the file is empty"."""
+    with pytest.raises(DataError, match=r"^nope.jsonl: no such file or folder$"):
+        _build(smollm2_dir, FIXTURES / "sharegpt.json", "data.eval_split=nope.jsonl")
+    with pytest.raises(DataError, match=r"sharegpt.json: data.split=train\[:0\] selects no rows$"):
+        _build(smollm2_dir, FIXTURES / "sharegpt.json", "data.split=train[:0]")
+
+
 def test_a_folder_without_the_split_lists_the_splits(smollm2_dir, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [GOOD])
     write_jsonl(tmp_path / "validation.jsonl", [GOOD])

@@ -558,7 +558,9 @@ class _Source:
     weight: float = 1.0
 
 
-def _no_rows(source: Any) -> str:
+def _no_rows(source: Any, src: "_Source") -> str:
+    if "[" in src.split:  # the slice took every row away, not the file
+        return f"{src.key}.split={src.split} selects no rows"
     one_file = source.kind == "local" and source.path is not None and source.path.is_file()
     return "the file is empty: it has no rows" if one_file else "the dataset has no rows"
 
@@ -625,7 +627,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if src.format == "auto" and columns is None:
             rows, refs = read_split(source, src.split, split_key, handle)
             if not rows:  # before detection, which would find no format for the columns "(none)"
-                raise DataError(_no_rows(source), source=source.describe())
+                raise DataError(_no_rows(source, src), source=source.describe())
             columns = columns_of(rows)
         fmt, fmt_options = resolve_format(cfg, pm, columns or [], source.describe(), src.format, f"{src.key}.format",
                                           row_kind=row_kind)
@@ -682,7 +684,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
-            raise DataError(_no_rows(source), source=source.describe())
+            raise DataError(_no_rows(source, src), source=source.describe())
         skipped_before, first = len(bad.errors), len(produced)
         produced += _prepare_rows(rows, refs, fmt, fmt_options, state, bad, spool, counts)
         picked = _weighted(len(produced) - first, src.weight, seed)
@@ -789,7 +791,7 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
         if rows is None:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
-            raise DataError(_no_rows(source), source=source.describe())
+            raise DataError(_no_rows(source, src), source=source.describe())
         skipped_before = len(bad.errors)
         convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
         picked = _weighted(len(convs), src.weight, seed)

@@ -84,8 +84,10 @@ def _is_glob(spec: str) -> bool:
 
 
 def names_local_files(spec: str) -> bool:
-    """True when ``spec`` names local data (an existing path or a glob) rather than a split name."""
-    return Path(str(spec)).expanduser().exists() or _is_glob(str(spec))
+    """True when ``spec`` names local data (a path or a glob) rather than a split name: it exists, or it is
+    spelled as a path (a data file's extension, a ``/``), so a missing file is named as missing."""
+    path = Path(str(spec)).expanduser()
+    return path.exists() or _is_glob(str(spec)) or bool(extension_of(path)) or "/" in str(spec)
 
 
 def _glob_files(pattern: str) -> list[Path]:
