@@ -55,8 +55,7 @@ def content_parts(value: Any, field: str) -> tuple[Any, str | None, list[Any]]:
 
     Parts are ``{"type": "text", "text": ...}`` (OpenAI) or ``{"type": ..., "value": ...}``
     (LLaMA-Factory's v1 files, whose assistant turns hold ``reasoning`` and ``tool_call`` parts,
-    the latter a JSON call). Text parts are joined, reasoning parts too; a part of another type
-    (``image_url``, ``input_audio``) is refused, as :func:`refuse_media` does.
+    the latter a JSON call). Text parts are joined, reasoning parts too; other parts are refused, as media are.
     """
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, Mapping) for p in value):
         return value, None, []
@@ -66,9 +65,10 @@ def content_parts(value: Any, field: str) -> tuple[Any, str | None, list[Any]]:
     for i, part in enumerate(value):
         text = part.get("text", part.get("value"))
         kind = part.get("type", "text" if text is not None else None)
-        if kind not in ("text", "reasoning", "tool_call") or not isinstance(text, str):
-            raise DataError(f"a content part of type {kind!r}: sft fine-tunes text-only models and reads text, "
-                            f"reasoning and tool_call parts", field=f"{field}[{i}]")
+        if kind not in (known := ("text", "reasoning", "tool_call")) or not isinstance(text, str):
+            raise DataError(f"a {kind} part has no text under 'text' or 'value' (present: {', '.join(map(str, part))})"
+                            if kind in known else f"a content part of type {kind!r}{did_you_mean(str(kind), known)}: "
+                            f"sft fine-tunes text-only models and reads text, reasoning and tool_call parts", field=f"{field}[{i}]")
         if kind == "tool_call":
             try:
                 calls.append(json.loads(text))

@@ -77,6 +77,12 @@ def test_content_part_lists_are_read_and_non_text_parts_refused(tiny_model_dir, 
                            {"role": "assistant", "content": "A cat."}]}]
     with pytest.raises(DataError, match=r"field 'messages\[0\].content\[0\]': a content part of type 'image_url'"):
         _build(tiny_model_dir, write_jsonl(tmp_path / "image.jsonl", image))
+    # A misspelt key or type is named as such, not as a part sft cannot read.
+    for part, said in (({"type": "text", "txt": "Hi"}, r"a text part has no text under 'text' or 'value' \(present: type, txt\)"),
+                       ({"type": "txt", "text": "Hi"}, r"a content part of type 'txt' \(did you mean 'text'\?\)")):
+        rows = [{"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "A cat."}]}]
+        with pytest.raises(DataError, match=said):
+            _build(tiny_model_dir, write_jsonl(tmp_path / "typo.jsonl", rows))
 
 
 def test_a_column_no_format_reads_is_counted_and_named(tiny_model_dir, capsys):
