@@ -85,6 +85,14 @@ def test_content_part_lists_are_read_and_non_text_parts_refused(tiny_model_dir, 
             _build(tiny_model_dir, write_jsonl(tmp_path / "typo.jsonl", rows))
 
 
+def test_a_speakers_name_is_counted_as_unread_and_a_tool_results_is_read(tiny_model_dir, tmp_path):
+    """No template renders a user's `name` (OpenAI's multi-user field); a tool result's names its call."""
+    rows = [{"messages": [{"role": "user", "content": "Hi", "name": "bob"}, {"role": "assistant", "content": "Hello"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "name": ""}]}]
+    prepared, _ = _build(tiny_model_dir, write_jsonl(tmp_path / "named.jsonl", rows))
+    assert prepared.stats["unread_columns"] == {"messages[].name (messages)": 1}
+
+
 def test_a_column_no_format_reads_is_counted_and_named(tiny_model_dir, capsys):
     """FastChat's ShareGPT rows carry an `id`; it is not trained, and the run says so."""
     if not REAL_SHAREGPT.exists():

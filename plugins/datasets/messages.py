@@ -40,7 +40,7 @@ class MessagesOptions:
 
 class Messages(DatasetFormat):
     name = "messages"
-    version = "3"
+    version = "4"
     description = "OpenAI messages: [{role: system|user|assistant|tool, content, tool_calls, reasoning_content}], tools"
     options = MessagesOptions
 
@@ -54,7 +54,9 @@ class Messages(DatasetFormat):
     def unread(self, row: Mapping[str, Any], options: Any = None) -> list[str]:
         key = (options or MessagesOptions()).messages_key
         turns = row.get(key) if isinstance(row.get(key), list) else []
-        nested = {k for m in turns if isinstance(m, Mapping) for k, v in m.items() if k not in _READ and v is not None}
+        # A tool result's name says which call it answers; a user's or assistant's name no template renders.
+        nested = {k for m in turns if isinstance(m, Mapping) for k, v in m.items() if v not in (None, "") and
+                  (k not in _READ or (k == "name" and m.get("role") != "tool"))}
         return [*super().unread(row, options), *(f"{key}[].{k}" for k in sorted(nested))]
 
     def plain_turns(self, row: Mapping[str, Any], options: Any = None) -> list[tuple[str, str]] | None:
