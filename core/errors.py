@@ -24,9 +24,10 @@ __all__ = [
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """Return " (did you mean 'x'?)" for the closest candidate, or "" when none is close."""
-    matches = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
+    """Return " (did you mean 'x'?)" for the closest candidate, case aside (GGUF, ChatML), or "" when none is close."""
+    by_lower = {str(c).lower(): str(c) for c in candidates}
+    matches = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[matches[0]]}'?)" if matches else ""
 
 
 class SftError(Exception):

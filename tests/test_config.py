@@ -46,6 +46,8 @@ def test_bad_choice_and_unknown_plugin_get_did_you_mean(pm):
     text = str(info.value)
     assert "'cosin' is not one of" in text and "did you mean 'cosine'" in text
     assert "unknown chat template 'chatmll' (did you mean 'chatml'?)" in text
+    with pytest.raises(ConfigError, match=r"unknown exporter 'GGUF' \(did you mean 'gguf'\?\)"):
+        load_config(overrides=["export.enabled=[GGUF]"], pm=pm)
 
 
 def test_yaml_flags_and_overrides_in_order_of_precedence(tmp_path, pm):

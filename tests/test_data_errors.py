@@ -37,6 +37,18 @@ def test_jsonl_syntax_error_names_file_and_line(smollm2_dir, tmp_path):
         _build(smollm2_dir, path)
 
 
+def test_a_json_array_saved_as_jsonl_is_named_as_such(smollm2_dir, tmp_path):
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps([GOOD, GOOD], indent=2))
+    with pytest.raises(DataError, match=rf"^{path}:1: invalid JSON: .*; the file looks like one JSON array, which a "
+                                        rf"\.json file holds"):
+        _build(smollm2_dir, path)
+    path.write_text(json.dumps([GOOD, GOOD]) + "\n")  # one line holding an array is a row that is a list
+    with pytest.raises(DataError) as err:
+        _build(smollm2_dir, path)
+    assert "looks like one JSON array" not in str(err.value)
+
+
 def test_csv_with_a_missing_value_names_the_line_row_and_field(smollm2_dir, tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text('instruction,input,output\nSay hi,,hi\n"Two\nlines",,\n')
@@ -172,6 +184,7 @@ def test_unknown_sources_are_named(dataset, error, message, smollm2_dir):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.split=test"], r"data.split: a single file has only the split 'train', not 'test'"),
+    (["data.split=trian"], r"data.split: a single file has only the split 'train', not 'trian' \(did you mean 'train'\?\)$"),
     (["data.split=train[x:]"], r"data.split: 'train\[x:\]' is not a split like"),
     (["data.test_size=3.0"], r"data.test_size: 3.0 leaves no training rows out of 3"),
 ])

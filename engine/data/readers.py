@@ -321,7 +321,11 @@ class JsonLines(Sequence):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=self.src, line=line) from None
+            # A pretty-printed JSON array saved as .jsonl opens with a lone "[" (or "[{"): say what it is.
+            array = line == 1 and text.lstrip().startswith("[") and not text.rstrip().endswith("]")
+            hint = "; the file looks like one JSON array, which a .json file holds (JSON Lines is one row a line)"
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno}){hint if array else ''}", source=self.src,
+                            line=line) from None
 
 
 class RowChain(Sequence):

@@ -198,8 +198,8 @@ def _local_files(source: Source, split: str, key: str) -> list[Path]:
                             source=str(source.path))
         if split != "train":
             what = "a glob of files has" if source.files is not None else "a single file has"
-            raise ConfigError([ConfigProblem(key, f"{what} only the split 'train', not '{split}' "
-                                                  f"(use a folder with {split}.jsonl, or data.test_size)")])
+            hint = did_you_mean(split, ["train"]) or f" (use a folder with {split}.jsonl, or data.test_size)"
+            raise ConfigError([ConfigProblem(key, f"{what} only the split 'train', not '{split}'{hint}")])
         return source.files if source.files is not None else [source.path]
     assert source.path is not None
     files = _folder_files(source.path)
