@@ -111,6 +111,9 @@ def _load_config(args, model, dataset, format_, template, exporters, loggers, ou
         else:
             hint = f" (a dataset: --dataset {arg})" if Path(arg).suffix in (".json", ".jsonl", ".csv", ".parquet") else ""
             raise click.UsageError(f"expected CONFIG.yaml or key=value, got {arg!r}{hint}")
+    for flag, value in (("--output", output), ("--dataset", dataset), ("--model", model)):
+        if value is not None and not str(value).strip():  # an unset shell variable; not "use the default"
+            raise click.UsageError(f"{flag} is empty")
     flags = {
         key: value
         for key, value in {
@@ -228,7 +231,7 @@ def validate(**kwargs) -> None:
 
 @cli.command()
 @_config_args
-@click.option("-n", "--samples", default=3, show_default=True, help="Rendered samples to show.")
+@click.option("-n", "--samples", default=3, show_default=True, type=click.IntRange(min=1), help="Rendered samples to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check-template", is_flag=True,
               help="Compare every row's trained text with the model tokenizer's own chat_template, token for token "

@@ -137,3 +137,7 @@ def test_command_line_slips_get_one_line_with_the_fix():
     assert result.returncode == 2 and "'consol' is not among the loggers (console) (did you mean 'console'?)" in result.stderr
     result = _sft("run", "data.jsonl")
     assert result.returncode == 2 and "got 'data.jsonl' (a dataset: --dataset data.jsonl)" in result.stderr
+    result = _sft("validate", "--output", "")
+    assert result.returncode == 2 and "--output is empty" in result.stderr
+    result = _sft("preview", "-n", "-1")
+    assert result.returncode == 2 and "Invalid value for '-n' / '--samples': -1 is not in the range x>=1" in result.stderr
