@@ -665,6 +665,12 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), flags: dict
         from sft.core.plugins import get_plugin_manager
 
         pm = get_plugin_manager()
+    saved = read_yaml(str(path)).get("data") or {}
+    if saved.get("datasets"):
+        # A mixed run saved before data.dataset/format/split beside data.datasets were refused: they were
+        # unread then, and the run stays usable.
+        flags = {"data.dataset": DataConfig.dataset, "data.format": DataConfig.format, "data.split": DataConfig.split,
+                 **(flags or {})}
     cfg = load_config(str(path), overrides=overrides, flags=flags, pm=pm)
     if (loads_model and cfg.model.trust_remote_code and not trust_remote_code
             and not given_on_command_line(overrides, "model.trust_remote_code")):

@@ -132,6 +132,10 @@ def test_data_dataset_format_and_split_are_refused_beside_data_datasets(tiny_mod
         f"  - data.{key}: is replaced by data.datasets, which is given too: give each source its own "
         f"{'path' if key == 'dataset' else key} there, or leave data.datasets out" for key in ("dataset", "format", "split")]
     assert load_config(str(yaml_file), ["data.format=auto"]).data.datasets[1].weight == 0.5
+    # A run saved before this was refused stays usable (sft export, eval): the keys were unread then.
+    from sft.engine.configuration import load_run_config
+
+    assert load_run_config(yaml_file, loads_model=False).data.format == "auto"
 
 
 def test_a_float_setting_that_is_not_finite_is_a_config_error(tiny_model_dir):
