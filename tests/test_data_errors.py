@@ -37,6 +37,16 @@ def test_jsonl_syntax_error_names_file_and_line(smollm2_dir, tmp_path):
         _build(smollm2_dir, path)
 
 
+def test_a_format_option_naming_a_column_no_row_has_gets_a_notice(smollm2_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add 2 and 2.", "input": "", "output": "4"}])
+    _build(smollm2_dir, path, "data.alpaca.query=inptu", "data.alpaca.system=sys_prompt")
+    err = capsys.readouterr().err
+    assert f"data.alpaca.query=inptu: {path} has no column 'inptu' (did you mean 'input'?), so that option reads nothing" in err
+    assert f"data.alpaca.system=sys_prompt: {path} has no column 'sys_prompt', so that option reads nothing" in err
+    _build(smollm2_dir, path, "data.alpaca.query=input")
+    assert "reads nothing" not in capsys.readouterr().err
+
+
 def test_a_json_array_saved_as_jsonl_is_named_as_such(smollm2_dir, tmp_path):
     path = tmp_path / "array.jsonl"
     path.write_text(json.dumps([GOOD, GOOD], indent=2))

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError
+from sft.core.errors import ConfigError, ConfigProblem, DataError, SftError, did_you_mean
 from sft.core.formats import validate_conversation
 from sft.core.interfaces import ChatTemplate, DatasetFormat, Message, Segment
 from sft.core.notices import notice
@@ -558,6 +558,19 @@ class _Source:
     weight: float = 1.0
 
 
+def _notice_absent_columns(fmt: DatasetFormat, options: Any, rows: Sequence[Any], described: str) -> None:
+    """A format option set to a column no row has reads nothing (``data.alpaca.system=sys_prompt``): say so."""
+    if options is None or not dataclasses.is_dataclass(options):
+        return
+    columns, read = set(columns_of(rows)), set(fmt.read_columns(options))
+    defaults = type(options)()
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, str) and value != getattr(defaults, f.name) and value in read and value not in columns:
+            notice(f"data.{fmt.name}.{f.name}={value}: {described} has no column '{value}'"
+                   f"{did_you_mean(value, columns)}, so that option reads nothing")
+
+
 def _no_rows(source: Any, src: "_Source") -> str:
     if "[" in src.split:  # the slice took every row away, not the file
         return f"{src.key}.split={src.split} selects no rows"
@@ -685,6 +698,7 @@ def build_datasets(cfg: Any, pm: "PluginManager | None", tokenizer: Any, *, temp
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
             raise DataError(_no_rows(source, src), source=source.describe())
+        _notice_absent_columns(fmt, fmt_options, rows, source.describe())
         skipped_before, first = len(bad.errors), len(produced)
         produced += _prepare_rows(rows, refs, fmt, fmt_options, state, bad, spool, counts)
         picked = _weighted(len(produced) - first, src.weight, seed)
@@ -792,6 +806,7 @@ def _prepared_preferences(cfg: Any, template: ChatTemplate, tokenizer: Any, bad:
             rows, refs = read_split(source, src.split, f"{src.key}.split", handle)
         if not rows:
             raise DataError(_no_rows(source, src), source=source.describe())
+        _notice_absent_columns(fmt, fmt_options, rows, source.describe())
         skipped_before = len(bad.errors)
         convs, kept_refs = _normalize_rows(rows, refs, fmt, fmt_options, bad, processes)
         picked = _weighted(len(convs), src.weight, seed)
