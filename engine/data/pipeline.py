@@ -109,10 +109,11 @@ def resolve_format(cfg: Any, pm: "PluginManager | None", columns: Sequence[str],
         # the rejected answers as targets; the user says which reading is meant.
         (fmt, _), (other, _) = matches[0], others[0]
         fitting = sorted(n for n, o in pm.registry("objective").items() if o.row_kind == other.row_kind)
+        objectives = ", ".join(fitting[:-1]) + " or " * (len(fitting) > 1) + fitting[-1] if fitting else "..."
         raise DataError(f"{key}=auto: the columns ({shown}) hold {ROW_KIND_WORDS[other.row_kind]}, read by "
                         f"'{other.name}', as well as conversations, read by '{fmt.name}'; train them with "
-                        f"--objective {', '.join(fitting[:-1]) + ' or ' * (len(fitting) > 1) + fitting[-1] if fitting else '...'} (docs/preference.md), or set "
-                        f"{key}={fmt.name} to train the conversations as they are", source=source or None)
+                        f"--objective {objectives} (docs/preference.md), or set {key}={fmt.name} to train the "
+                        f"conversations as they are", source=source or None)
     if not matches:
         available = ", ".join(sorted(n for n, f in pm.registry("dataset_format").items() if f.row_kind == row_kind))
         kind = "" if row_kind == "conversation" else f" (formats of {ROW_KIND_WORDS[row_kind]})"

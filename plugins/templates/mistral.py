@@ -21,8 +21,8 @@ Nemo ``[INST]Hi[/INST]Hello</s>``, and both put the system prompt (and the tool 
 conversation (the generation prompt) and drops it from a row that ends with an answer; here a
 training row gets it before its last user turn, as Mistral's own tokenizer (mistral-common) does
 for every V2/V3/Tekken conversation, so the model trains on the prompt it is served. Only those
-rows differ from the model's Jinja (``--check-template`` shows them). Tool calls are ``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the
-templates require call ids of 9 letters or digits (Mistral's tokenizer does), and refuse rows
+rows differ from the model's Jinja (``--check-template`` shows them). Tool calls are
+``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the templates require call ids of 9 letters or digits (Mistral's tokenizer does), and refuse rows
 whose roles do not alternate. Mistral Small 3.x and Devstral (``[SYSTEM_PROMPT]`` turns, a long
 default system prompt) train with ``tokenizer`` on the model's own template.
 """
