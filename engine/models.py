@@ -96,10 +96,11 @@ def resolve_model(name: str, revision: str | None = None) -> str:
         return str(Path(name).expanduser())
     if name.startswith("sft:"):
         if name[4:] not in EMBEDDED_MODELS:
-            from sft.core.errors import did_you_mean
+            from sft.core.errors import ConfigError, ConfigProblem, did_you_mean
 
-            raise SftError(f"model.name: no embedded model '{name}'{did_you_mean(name[4:], list(EMBEDDED_MODELS))}; "
-                           f"available: {', '.join('sft:' + n for n in EMBEDDED_MODELS)}")
+            embedded = [f"sft:{n}" for n in EMBEDDED_MODELS]
+            raise ConfigError([ConfigProblem("model.name", f"no embedded model '{name}'{did_you_mean(name, embedded)}; "
+                                                           f"available: {', '.join(embedded)}")])
         return str(embedded_model_dir())
     return _hub_model(name, revision)
 

@@ -32,8 +32,8 @@ def test_the_embedded_model_has_its_own_name_and_is_the_default(smollm2_dir):
 
     assert DEFAULT_MODEL == "sft:smollm2" and load_config().model.name == "sft:smollm2"
     assert resolve_model("sft:smollm2") == str(smollm2_dir)
-    with pytest.raises(SftError, match=r"no embedded model 'sft:smolm2' \(did you mean 'smollm2'\?\)"):
-        resolve_model("sft:smolm2")
+    with pytest.raises(ConfigError, match=r"model.name: no embedded model 'sft:smolm2' \(did you mean 'sft:smollm2'\?\)"):
+        resolve_model("sft:smolm2")  # a config error: exit 2, like any other wrong value
 
 
 def _offline(monkeypatch, cache: Path) -> None:
