@@ -563,7 +563,7 @@ def _notice_absent_columns(fmt: DatasetFormat, options: Any, rows: Sequence[Any]
     """A format option set to a column no row has reads nothing (``data.alpaca.system=sys_prompt``): say so."""
     if options is None or not dataclasses.is_dataclass(options):
         return
-    columns, read = set(columns_of(rows)), set(fmt.read_columns(options))
+    columns, read = set(columns_of(rows)), set(fmt.read_columns(options) or ())  # None: the format does not say
     defaults = type(options)()
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
