@@ -20,8 +20,9 @@ Nemo ``[INST]Hi[/INST]Hello</s>``, and both put the system prompt (and the tool 
 *last* user turn only. Their Jinja writes the system prompt only when that turn ends the
 conversation (the generation prompt) and drops it from a row that ends with an answer; here a
 training row gets it before its last user turn, as Mistral's own tokenizer (mistral-common) does
-for every V2/V3/Tekken conversation, so the model trains on the prompt it is served. Only those
-rows differ from the model's Jinja (``--check-template`` shows them). Tool calls are
+for every V2/V3/Tekken conversation, so the model trains on the prompt it is served; the Jinja
+here (trained and saved) says so in one test, the generation prompt is unchanged, and only rows
+with a system prompt differ from the model's own Jinja (``--check-template`` shows them). Tool calls are
 ``[TOOL_CALLS]`` JSON, results ``[TOOL_RESULTS]``; the templates require call ids of 9 letters or digits (Mistral's tokenizer does), and refuse rows
 whose roles do not alternate. Mistral Small 3.x and Devstral (``[SYSTEM_PROMPT]`` turns, a long
 default system prompt) train with ``tokenizer`` on the model's own template.
@@ -29,12 +30,10 @@ default system prompt) train with ``tokenizer`` on the model's own template.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from sft.core import hookimpl
-from sft.core.interfaces import Message, Segment, tools_of
-from sft.core.templating import Turn, adds_bos, as_messages
+from sft.core.templating import Turn, adds_bos
 
 from .common import JinjaTemplate
 from .first_user_system import FirstUserSystemTemplate
@@ -62,8 +61,19 @@ class _MistralJinja(JinjaTemplate):
     inst: str
     answer_space: str
 
-    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> list[Segment]:
-        return super().render(system_in_last_question(as_messages(messages)), tokenizer)
+    def source(self, tokenizer: Any = None) -> str:
+        # The model's Jinja writes the system prompt when `loop.last` (the generation prompt) and drops it
+        # from a row that ends with an answer; mistral-common prepends it to the last user message whatever
+        # follows. Here the Jinja does what mistral-common does: the same generation prompt, and a training
+        # row (and the saved tokenizer) keep the system prompt before their last question.
+        text = super().source(tokenizer)
+        last = ('{%- set ns_last = namespace(user=-1) %}{%- for m in loop_messages %}{%- if m["role"] == "user" %}'
+                '{%- set ns_last.user = loop.index0 %}{%- endif %}{%- endfor %}\n')
+        anchor = '{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}\n'
+        test = "{%- if loop.last and system_message is defined %}"
+        assert anchor in text and text.count(test) == 1, f"{self.asset} changed"
+        return text.replace(anchor, anchor + last).replace(
+            test, "{%- if loop.index0 == ns_last.user and system_message is defined %}")
 
     def ollama_template(self, tokenizer: Any = None) -> str:
         # The Jinja writes the tokenizer's bos_token as text; llama.cpp adds it only when the GGUF says
@@ -75,20 +85,6 @@ class _MistralJinja(JinjaTemplate):
                 "{{ .Content }}[/INST]"
                 '{{ else if eq .Role "assistant" }}' + self.answer_space + "{{ .Content }}{{ if not $last }}</s>{{ end }}"
                 "{{ end }}{{ end }}")
-
-
-def system_in_last_question(messages: Sequence[Message]) -> Sequence[Message]:
-    """A leading system prompt joined to the last user turn, as the Jinja joins it to a final one.
-
-    The model's Jinja tests ``loop.last``, so a row that ends with an answer would train without
-    its system prompt; mistral-common prepends it to the last user message whatever follows.
-    """
-    questions = [i for i, m in enumerate(messages) if m.role == "user"]
-    if not messages or messages[0].role != "system" or not questions or questions[-1] == len(messages) - 1:
-        return messages
-    last = questions[-1]
-    joined = replace(messages[last], content=messages[0].content + "\n\n" + messages[last].content)
-    return as_messages([*messages[1:last], joined, *messages[last + 1:]], tools_of(messages))
 
 
 class MistralV3(_MistralJinja):
