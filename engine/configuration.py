@@ -555,7 +555,7 @@ def _notice_unused_options(cfg: DictConfig, given: dict, pm: "PluginManager") ->
             changed = [k for k, v in options.items() if k in defaults and v != defaults[k]]
             if changed:
                 notice(f"{', '.join(f'{section}.{name}.{k}' for k in changed)} set, but {kind.replace('_', ' ')} "
-                       f"'{name}' is not in {key} ({', '.join(map(str, used))}): it does nothing this run")
+                       f"'{name}' is not in {key} ({', '.join(sorted(map(str, used)))}): it does nothing this run")
 
 
 #: The one-line advice for a resolver in a config (most often ``${oc.env:...}``).
